@@ -1,0 +1,1 @@
+"""virtblk.vhost_user."""
