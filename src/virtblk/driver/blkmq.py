@@ -1,0 +1,352 @@
+"""The queueing layer between the ``Disk`` and the virtqueues: tags, hardware queues, BUSY.
+
+This is the part of blk-mq the seed driver leans on.  A :class:`HardwareQueue` owns one
+virtqueue and a fixed set of tags.  Each tag has a request header and a status byte in
+shared memory, allocated once, so submitting a request writes 17 bytes and a descriptor
+chain and allocates nothing.  Submission and completion follow ``virtio_queue_rq`` and
+``virtblk_done``:
+
+* a request that does not fit in the ring is parked (BUSY) and resubmitted, in order, when
+  completions free descriptors (the seed stops the hardware queue and restarts it from
+  ``virtblk_done``);
+* the device is notified only for the last request of a batch (``bd->last``), and only when
+  ``kick_prepare`` says it wants to be;
+* completions are drained with callbacks disabled, then re-enabled with a race check.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from virtblk.errors import DeviceGoneError, status_error
+from virtblk.spec import RequestHeader, Status
+from virtblk.virtio.memory import BufferAllocator, GuestMemory
+from virtblk.virtio.split import DriverVirtqueue, QueueFull
+
+Segments = Sequence[tuple[int, int]]
+"""Buffers in guest memory as ``(guest physical address, length)`` pairs."""
+
+CompletionCallback = Callable[["Request"], None]
+
+_SLOT = 32  # per-tag shared area: 16-byte header, status byte at 16, padding
+_EVENTFD_ONE = (1).to_bytes(8, "little")
+_STATUS_PENDING = 0xFF  # not a valid status: a device that completes without writing one shows
+
+
+class Request:
+    """One in-flight virtio-blk request, reused per tag (no per-I/O object churn).
+
+    ``status`` and ``written`` are valid once ``done`` is true; ``user_data`` is the caller's.
+    """
+
+    __slots__ = (
+        "callback",
+        "done",
+        "in_bufs",
+        "out_bufs",
+        "sector",
+        "status",
+        "tag",
+        "type",
+        "user_data",
+        "written",
+    )
+
+    def __init__(self, tag: int) -> None:
+        self.tag = tag
+        self.type = 0
+        self.sector = 0
+        self.out_bufs: Segments = ()
+        self.in_bufs: Segments = ()
+        self.user_data: Any = None
+        self.callback: CompletionCallback | None = None
+        self.status = _STATUS_PENDING
+        self.written = 0
+        self.done = False
+
+    def error(self, what: str) -> OSError | None:
+        """The OSError this request's status maps to (the seed's ``virtblk_result``), or None."""
+        if self.status == Status.OK:
+            return None
+        return status_error(self.status, what)
+
+
+class HardwareQueue:
+    """One virtqueue with its tags, notification fds and completion handling.
+
+    Thread-safe: any number of threads may submit and wait; one of the waiters polls the
+    call eventfd at a time and completes requests for everyone.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        vq: DriverVirtqueue,
+        memory: GuestMemory,
+        allocator: BufferAllocator,
+        *,
+        depth: int,
+        kick_fd: int,
+        call_fd: int,
+        hangup_fd: int | None = None,
+    ) -> None:
+        self.index = index
+        self.name = f"req.{index}"
+        self.vq = vq
+        self.depth = depth
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self._hangup_fd = hangup_fd
+        self._memory = memory
+        self._allocator = allocator
+        self._slots_gpa = allocator.alloc(depth * _SLOT, align=64)
+        self._slots = memory.view(self._slots_gpa, depth * _SLOT)
+        self._requests = [Request(tag) for tag in range(depth)]
+        self._free_tags = list(range(depth - 1, -1, -1))
+        self._busy: collections.deque[Request] = collections.deque()
+        self._unkicked = False
+        self.cond = threading.Condition()
+        self._poller_active = False
+        self.broken: BaseException | None = None
+        self.stats_submitted = 0
+        self.stats_busy = 0
+        self.stats_kicks = 0
+        self.stats_interrupts = 0
+        self._poll = select.poll()
+        self._poll.register(call_fd, select.POLLIN)
+        if hangup_fd is not None:
+            self._poll.register(hangup_fd, select.POLLRDHUP)
+
+    # -- tags ---------------------------------------------------------------------------
+    def get_tag(self, timeout: float | None = None) -> Request:
+        """Take a free tag, waiting for completions when all are in use (blk-mq sleeps too)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while not self._free_tags:
+                self._check_broken()
+                self._wait_locked(deadline)
+            req = self._requests[self._free_tags.pop()]
+        req.done = False
+        req.status = _STATUS_PENDING
+        req.written = 0
+        return req
+
+    def put_tag(self, req: Request) -> None:
+        """Return a completed request's tag."""
+        with self.cond:
+            self._free_tags.append(req.tag)
+            self.cond.notify_all()
+
+    @property
+    def tags_free(self) -> int:
+        """How many tags are not in use."""
+        return len(self._free_tags)
+
+    # -- submission -----------------------------------------------------------------------
+    def submit(
+        self,
+        req: Request,
+        type_: int,
+        sector: int,
+        out_bufs: Segments = (),
+        in_bufs: Segments = (),
+        *,
+        callback: CompletionCallback | None = None,
+        user_data: Any = None,
+        last: bool = True,
+    ) -> None:
+        """Queue ``req`` on the ring; notify the device if ``last`` (end of a batch).
+
+        ``out_bufs`` are data the device reads (after the header), ``in_bufs`` data it
+        writes (before the status byte).  A ring that is full parks the request (BUSY); it
+        goes out, in order, as completions free room.
+        """
+        req.type = type_
+        req.sector = sector
+        req.out_bufs = out_bufs
+        req.in_bufs = in_bufs
+        req.callback = callback
+        req.user_data = user_data
+        base = req.tag * _SLOT
+        RequestHeader.FORMAT.pack_into(self._slots, base, type_, 0, sector)
+        self._slots[base + 16] = _STATUS_PENDING
+        with self.cond:
+            self._check_broken()
+            if self._busy or not self._add_locked(req):
+                self._busy.append(req)
+                self.stats_busy += 1
+            if last:
+                self._kick_locked()
+
+    def kick(self) -> None:
+        """Notify the device of everything queued since the last kick, if it wants it."""
+        with self.cond:
+            self._kick_locked()
+
+    def _add_locked(self, req: Request) -> bool:
+        hdr = self._slots_gpa + req.tag * _SLOT
+        out = [(hdr, RequestHeader.SIZE), *req.out_bufs]
+        in_ = [*req.in_bufs, (hdr + 16, 1)]
+        try:
+            self.vq.add(out, in_, req.tag)
+        except QueueFull:
+            return False
+        self.stats_submitted += 1
+        self._unkicked = True
+        return True
+
+    def _kick_locked(self) -> None:
+        if not self._unkicked:
+            return
+        self._unkicked = False
+        if self.vq.kick_prepare():
+            self.stats_kicks += 1
+            try:
+                os.write(self.kick_fd, _EVENTFD_ONE)
+            except BlockingIOError:
+                pass  # the counter is saturated: the device has a wakeup pending anyway
+
+    # -- completion -------------------------------------------------------------------------
+    def process_completions(self) -> int:
+        """Drain the used ring (``virtblk_done``); returns how many requests completed."""
+        with self.cond:
+            return self._drain_locked()
+
+    def _drain_locked(self) -> int:
+        completed: list[Request] = []
+        vq = self.vq
+        while True:
+            vq.disable_cb()
+            for tag, written in vq.get_used():
+                req = self._requests[tag]
+                req.written = written
+                # A used length of 0 means the device did not write the status byte (it
+                # rejected the chain): report it as an I/O error, not as whatever was there.
+                req.status = self._slots[tag * _SLOT + 16] if written >= 1 else Status.IOERR
+                completed.append(req)
+            if vq.enable_cb():
+                break
+        if completed:
+            # In case the queue is stopped waiting for ring space (the seed restarts it).
+            while self._busy and self._add_locked(self._busy[0]):
+                self._busy.popleft()
+            self._kick_locked()
+            for req in completed:
+                req.done = True
+                if req.callback is not None:
+                    req.callback(req)
+            self.cond.notify_all()
+        return len(completed)
+
+    def wait_for(self, req: Request, timeout: float | None = None) -> None:
+        """Block until ``req`` completes (any waiter may complete it for us)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while not req.done:
+                self._check_broken()
+                self._wait_locked(deadline)
+
+    def wait_any(self, timeout: float | None = None) -> int:
+        """Wait for at least one completion (or the timeout); returns how many completed."""
+        with self.cond:
+            n = self._drain_locked()
+            if n:
+                return n
+            self._check_broken()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            return self._wait_locked(deadline)
+
+    def _wait_locked(self, deadline: float | None) -> int:
+        """Poll the call eventfd once (as the poller) or wait for the current poller."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"{self.name}: no completion before the timeout")
+        if self._poller_active:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.cond.wait(remaining)
+            return 0
+        self._poller_active = True
+        self.cond.release()
+        try:
+            events = self._poll_once(deadline)
+        finally:
+            self.cond.acquire()
+            self._poller_active = False
+        if events:
+            self.stats_interrupts += 1
+        n = self._drain_locked()
+        self.cond.notify_all()
+        return n
+
+    def _poll_once(self, deadline: float | None) -> bool:
+        timeout_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        got_call = False
+        for fd, ev in self._poll.poll(timeout_ms):
+            if fd == self.call_fd:
+                got_call = True
+                try:
+                    os.read(self.call_fd, 8)
+                except BlockingIOError:
+                    pass  # the device made the fd nonblocking and someone read it first
+            elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                self.fail(DeviceGoneError(errno.ECONNRESET, f"{self.name}: the device went away"))
+        return got_call
+
+    # -- failure and teardown -------------------------------------------------------------
+    def fail(self, exc: BaseException) -> None:
+        """Mark the queue broken: every waiter and every later call raises ``exc``."""
+        if self.broken is None:
+            self.broken = exc
+
+    def _check_broken(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+
+    def in_flight(self) -> int:
+        """Requests submitted (or parked as BUSY) and not yet completed."""
+        return self.depth - len(self._free_tags)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every request on this queue has completed (used by freeze and close)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            self._kick_locked()
+            while any(not r.done for r in self._requests if r.tag not in self._free_tags):
+                self._check_broken()
+                self._wait_locked(deadline)
+
+    def abort_all(self) -> None:
+        """Complete every request still in flight with IOERR (after a reset or a dead peer)."""
+        with self.cond:
+            for tag in self.vq.detach_unused():
+                req = self._requests[tag]
+                req.status = Status.IOERR
+                req.done = True
+                if req.callback is not None:
+                    req.callback(req)
+            while self._busy:
+                req = self._busy.popleft()
+                req.status = Status.IOERR
+                req.done = True
+                if req.callback is not None:
+                    req.callback(req)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """Release the shared slots; the fds belong to the caller that created them."""
+        self._poll.unregister(self.call_fd)
+        self._slots.release()
+        self._allocator.free(self._slots_gpa)
+
+
+def raise_for(req: Request, what: str) -> None:
+    """Raise the request's error, if it failed."""
+    exc = req.error(what)
+    if exc is not None:
+        raise exc

@@ -1,0 +1,408 @@
+"""Probe a virtio-blk device over vhost-user: what the seed's ``virtblk_probe`` does.
+
+Negotiate features (we offer only what we implement and require VERSION_1), read the
+configuration space, share our memory, set up one virtqueue per hardware queue, and
+expose the device's properties the way the Linux driver derives them (block size,
+topology, geometry with the sd fallback, cache mode, read-only, limits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from virtblk.driver.blkmq import HardwareQueue
+from virtblk.errors import FeatureNotNegotiatedError, NegotiationError
+from virtblk.spec import SECTOR_SIZE, BlkConfig, Feature, has_feature
+from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
+from virtblk.vhost_user.messages import ProtocolFeature
+from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
+from virtblk.virtio.split import DriverVirtqueue, VringAddrs
+
+log = logging.getLogger("virtblk.driver")
+
+DRIVER_FEATURES = (
+    Feature.VERSION_1.mask
+    | Feature.RING_INDIRECT_DESC.mask
+    | Feature.RING_EVENT_IDX.mask
+    | Feature.BLK_SIZE_MAX.mask
+    | Feature.BLK_SEG_MAX.mask
+    | Feature.BLK_GEOMETRY.mask
+    | Feature.BLK_RO.mask
+    | Feature.BLK_BLK_SIZE.mask
+    | Feature.BLK_FLUSH.mask
+    | Feature.BLK_TOPOLOGY.mask
+    | Feature.BLK_CONFIG_WCE.mask
+    | Feature.BLK_MQ.mask
+    | Feature.BLK_DISCARD.mask
+    | Feature.BLK_WRITE_ZEROES.mask
+    | Feature.BLK_SECURE_ERASE.mask
+    | Feature.BLK_LIFETIME.mask
+)
+"""Every feature this driver implements.  OUT_FUA is experimental and opt-in."""
+
+PROTOCOL_FEATURES = (
+    (1 << ProtocolFeature.MQ)
+    | (1 << ProtocolFeature.REPLY_ACK)
+    | (1 << ProtocolFeature.CONFIG)
+    | (1 << ProtocolFeature.BACKEND_REQ)
+)
+"""vhost-user protocol features the frontend uses."""
+
+DEFAULT_MEMORY_SIZE = 256 << 20
+"""Shared memory for rings and bounce buffers; a memfd, so untouched pages cost nothing."""
+
+MAX_CAPACITY_SECTORS = (1 << 64) - 1
+"""``sector_t`` is 64-bit here; a larger capacity cannot be expressed and is truncated."""
+
+CACHE_TYPES = ("write through", "write back")
+"""The seed's ``virtblk_cache_types``: index 1 means the device has a volatile cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Legacy CHS geometry (``virtblk_getgeo``)."""
+
+    cylinders: int
+    heads: int
+    sectors: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """I/O topology in bytes, as the seed hands it to the block layer."""
+
+    physical_block_size: int
+    alignment_offset: int
+    min_io_size: int
+    opt_io_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may carry, from the device's limits."""
+
+    max_segments: int
+    max_segment_size: int
+    max_discard_sectors: int
+    max_discard_seg: int
+    discard_sector_alignment: int
+    max_write_zeroes_sectors: int
+    max_write_zeroes_seg: int
+    write_zeroes_may_unmap: bool
+    max_secure_erase_sectors: int
+    max_secure_erase_seg: int
+    secure_erase_sector_alignment: int
+
+
+ConfigCallback = Callable[[int, int], None]
+"""Called with (old size, new size) in bytes after a config change that resized the disk."""
+
+
+def string_get_size(size: int, base: int) -> str:
+    """Linux ``string_get_size`` style: ``8.00 GiB`` (base 2) or ``8.59 GB`` (base 10)."""
+    units = (
+        ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+        if base == 2
+        else ("B", "kB", "MB", "GB", "TB", "PB", "EB")
+    )
+    div = 1024 if base == 2 else 1000
+    value = float(size)
+    unit = 0
+    while value >= div and unit < len(units) - 1:
+        value /= div
+        unit += 1
+    if unit == 0:
+        return f"{size} B"
+    return f"{value:.3g} {units[unit]}" if value >= 100 else f"{value:.2f} {units[unit]}"
+
+
+class VirtioBlk:
+    """A probed virtio-blk device: negotiated features, config, hardware queues.
+
+    This is the driver core under :class:`virtblk.Disk`; it knows the device, not files.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        num_queues: int | None = None,
+        queue_size: int = 256,
+        queue_depth: int | None = None,
+        memory_size: int = DEFAULT_MEMORY_SIZE,
+        extra_features: int = 0,
+        reply_timeout: float = 10.0,
+    ) -> None:
+        self._sock = sock
+        self.frontend = VhostUserFrontend(sock, timeout=reply_timeout)
+        self._lock = threading.RLock()  # one vhost-user request at a time
+        self._config_callbacks: list[ConfigCallback] = []
+        self._requested_queues = num_queues
+        self.queue_size = queue_size
+        self._queue_depth = queue_depth
+        self._wanted = DRIVER_FEATURES | extra_features
+        self._backend_channel: BackendChannel | None = None
+        self.queues: list[HardwareQueue] = []
+        self._fds: list[int] = []
+        self.region = MemoryRegion.create(memory_size, name="virtblk-driver")
+        self.memory = GuestMemory([self.region])
+        self.allocator = BufferAllocator(self.region)
+        try:
+            self._negotiate()
+            self._start_queues()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- probe ------------------------------------------------------------------------------
+    def _negotiate(self) -> None:
+        fe = self.frontend
+        fe.set_owner()
+        self.offered_features = fe.get_features()
+        if not has_feature(self.offered_features, Feature.VERSION_1):
+            raise NegotiationError(
+                "device does not offer VIRTIO_F_VERSION_1; legacy devices are not supported"
+            )
+        self.protocol_features = 0
+        if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
+            self.protocol_features = fe.get_protocol_features() & PROTOCOL_FEATURES
+            fe.set_protocol_features(self.protocol_features)
+        if not self._has_protocol(ProtocolFeature.CONFIG):
+            raise NegotiationError(
+                "device cannot expose its config space (no VHOST_USER_PROTOCOL_F_CONFIG): "
+                "the capacity is unknown"
+            )
+        self.device_max_queues = (
+            fe.get_queue_num() if self._has_protocol(ProtocolFeature.MQ) else 1
+        )
+        self.features = self.offered_features & self._wanted
+        vhost_bit = self.offered_features & Feature.VHOST_USER_PROTOCOL_FEATURES.mask
+        fe.set_features(self.features | vhost_bit)
+        self.config = self._read_config()
+        if self._has_protocol(ProtocolFeature.BACKEND_REQ):
+            self._backend_channel = BackendChannel(self._on_config_change)
+            fe.set_backend_req_fd(self._backend_channel.remote_fd)
+            self._backend_channel.close_remote()
+
+    def _has_protocol(self, feature: int) -> bool:
+        return bool(self.protocol_features & (1 << feature))
+
+    def has(self, feature: Feature) -> bool:
+        """True when ``feature`` was negotiated."""
+        return has_feature(self.features, feature)
+
+    def require(self, feature: Feature, what: str) -> None:
+        """Refuse, up front, a request the device did not agree to (the seed never sends it)."""
+        if not self.has(feature):
+            raise FeatureNotNegotiatedError(
+                f"{what} needs VIRTIO_{feature.name}, which the device does not offer"
+            )
+
+    def _read_config(self) -> BlkConfig:
+        with self._lock:
+            return BlkConfig.unpack(self.frontend.get_config(BlkConfig.SIZE))
+
+    def _num_vqs(self) -> int:
+        available = self.config.num_queues if self.has(Feature.BLK_MQ) else 1
+        available = max(1, min(available, self.device_max_queues))
+        if self._requested_queues is None:
+            return min(available, os.cpu_count() or 1)
+        if self._requested_queues < 1 or self._requested_queues > available:
+            raise NegotiationError(
+                f"{self._requested_queues} queues requested; the device offers {available}"
+            )
+        return self._requested_queues
+
+    @property
+    def sg_elems(self) -> int:
+        """Data segments one request may use (``seg_max``; at least one, whatever they say)."""
+        seg_max = self.config.seg_max if self.has(Feature.BLK_SEG_MAX) else 0
+        return max(1, min(seg_max, self.queue_size - 2))
+
+    def _depth(self) -> int:
+        if self._queue_depth is not None:
+            return max(1, min(self._queue_depth, self.queue_size))
+        # Default queue sizing fills the ring, but without indirect descs a request uses
+        # at least 2 descriptors.
+        depth = self.queue_size
+        if not self.has(Feature.RING_INDIRECT_DESC):
+            depth //= 2
+        return depth
+
+    def _start_queues(self) -> None:
+        fe = self.frontend
+        fe.set_mem_table([self.region])
+        uva_offset = self.region.user_addr - self.region.guest_phys_addr
+        depth = self._depth()
+        for index in range(self._num_vqs()):
+            addrs = VringAddrs.allocate(self.allocator, self.queue_size)
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._fds.append(kick)
+            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._fds.append(call)
+            vq = DriverVirtqueue(
+                self.memory,
+                addrs,
+                event_idx=self.has(Feature.RING_EVENT_IDX),
+                indirect=self.has(Feature.RING_INDIRECT_DESC),
+                allocator=self.allocator,
+                max_tokens=depth,
+                max_chain=self.sg_elems + 2,
+            )
+            fe.set_vring_num(index, self.queue_size)
+            fe.set_vring_base(index, 0)
+            fe.set_vring_addr(
+                index,
+                desc=addrs.desc + uva_offset,
+                used=addrs.used + uva_offset,
+                avail=addrs.avail + uva_offset,
+            )
+            fe.set_vring_call(index, call)
+            fe.set_vring_kick(index, kick)
+            if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
+                fe.set_vring_enable(index, True)
+            self.queues.append(
+                HardwareQueue(
+                    index,
+                    vq,
+                    self.memory,
+                    self.allocator,
+                    depth=depth,
+                    kick_fd=kick,
+                    call_fd=call,
+                    hangup_fd=self._sock.fileno(),
+                )
+            )
+
+    # -- properties the seed derives -----------------------------------------------------------
+    @property
+    def logical_block_size(self) -> int:
+        """``blk_size`` when offered, else 512."""
+        if self.has(Feature.BLK_BLK_SIZE) and self.config.blk_size:
+            return self.config.blk_size
+        return SECTOR_SIZE
+
+    @property
+    def capacity_sectors(self) -> int:
+        """Capacity in 512-byte sectors (always in the config space)."""
+        cap = self.config.capacity
+        if cap > MAX_CAPACITY_SECTORS:
+            log.warning("Capacity %d too large: truncating", cap)
+            cap = MAX_CAPACITY_SECTORS
+        return cap
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return self.capacity_sectors * SECTOR_SIZE
+
+    @property
+    def read_only(self) -> bool:
+        """The host says the disk is read-only, and the driver obeys."""
+        return self.has(Feature.BLK_RO)
+
+    @property
+    def writeback(self) -> bool:
+        """The seed's ``virtblk_get_cache_mode``: config ``wce``, else the FLUSH feature."""
+        if self.has(Feature.BLK_CONFIG_WCE):
+            return bool(self.config.writeback)
+        return self.has(Feature.BLK_FLUSH)
+
+    def set_writeback(self, writeback: bool) -> None:
+        """Switch the device cache (``cache_type`` store); needs CONFIG_WCE."""
+        self.require(Feature.BLK_CONFIG_WCE, "switching the cache mode")
+        with self._lock:
+            self.frontend.set_config(BlkConfig.OFFSET_WRITEBACK, bytes([int(writeback)]))
+            self.config = self._read_config()
+
+    @property
+    def geometry(self) -> Geometry:
+        """The host's CHS geometry, else the sd fallback (64 heads, 32 sectors)."""
+        if self.has(Feature.BLK_GEOMETRY):
+            c = self.config
+            return Geometry(c.cylinders, c.heads, c.sectors)
+        return Geometry(self.capacity_sectors >> 11, 1 << 6, 1 << 5)
+
+    @property
+    def topology(self) -> Topology:
+        """Physical block size, alignment offset, minimum and optimal I/O size in bytes."""
+        bs = self.logical_block_size
+        if not self.has(Feature.BLK_TOPOLOGY):
+            return Topology(bs, 0, 0, 0)
+        c = self.config
+        return Topology(
+            bs * (1 << c.physical_block_exp),
+            bs * c.alignment_offset,
+            bs * c.min_io_size,
+            bs * c.opt_io_size,
+        )
+
+    @property
+    def limits(self) -> Limits:
+        """Request limits; unlimited (``2**32 - 1``) where the device names none."""
+        c = self.config
+        size_max = c.size_max if self.has(Feature.BLK_SIZE_MAX) and c.size_max else (1 << 32) - 1
+        return Limits(
+            max_segments=self.sg_elems,
+            max_segment_size=size_max,
+            max_discard_sectors=c.max_discard_sectors,
+            max_discard_seg=max(1, c.max_discard_seg),
+            discard_sector_alignment=c.discard_sector_alignment,
+            max_write_zeroes_sectors=c.max_write_zeroes_sectors,
+            max_write_zeroes_seg=max(1, c.max_write_zeroes_seg),
+            write_zeroes_may_unmap=bool(c.write_zeroes_may_unmap),
+            max_secure_erase_sectors=c.max_secure_erase_sectors,
+            max_secure_erase_seg=max(1, c.max_secure_erase_seg),
+            secure_erase_sector_alignment=c.secure_erase_sector_alignment,
+        )
+
+    # -- config change -----------------------------------------------------------------------
+    def on_config_change(self, callback: ConfigCallback) -> None:
+        """Register ``callback(old_size, new_size)``, called after a resize."""
+        self._config_callbacks.append(callback)
+
+    def refresh_config(self) -> None:
+        """Re-read the config space (what the seed's ``virtblk_config_changed_work`` does).
+
+        Called on CONFIG_CHANGE_MSG; also callable by hand for devices that resize
+        without telling (qemu-storage-daemon 7.2 after QMP ``block_resize``).
+        """
+        old = self.size
+        self.config = self._read_config()
+        new = self.size
+        if new != old:
+            log.info(
+                "new size: %d %d-byte logical blocks (%s/%s)",
+                new // self.logical_block_size,
+                self.logical_block_size,
+                string_get_size(new, 10),
+                string_get_size(new, 2),
+            )
+            for callback in self._config_callbacks:
+                callback(old, new)
+
+    def _on_config_change(self) -> None:
+        try:
+            self.refresh_config()
+        except Exception:
+            log.exception("re-reading the config space after a config change failed")
+
+    # -- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Tear down the queues, the connection and the shared memory."""
+        for q in self.queues:
+            q.close()
+        self.queues = []
+        if self._backend_channel is not None:
+            self._backend_channel.close()
+            self._backend_channel = None
+        self.frontend.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self.memory.close()
