@@ -1,0 +1,182 @@
+"""Turn a descriptor chain into a virtio-blk request, trusting nothing in it.
+
+With VERSION_1 (ANY_LAYOUT) the framing is not fixed by descriptors: the 16-byte header
+is the first 16 device-readable bytes wherever they lie, the status is the last
+device-writable byte, and the data is what remains on the side the request type uses.
+Data is handed on as ``memoryview`` slices of guest memory, never copied.
+
+A chain that cannot be a valid request raises ``MalformedRequest`` naming what is wrong;
+it carries the status byte when the chain has one, so the device can still answer IOERR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+from virtblk.spec import DiscardSegment, RequestHeader, RequestType
+
+HEADER_SIZE = RequestHeader.SIZE
+_HEADER = RequestHeader.FORMAT
+
+# Request directions; a type outside all of them is answered UNSUPP without looking at data.
+DEVICE_WRITES = frozenset({RequestType.IN, RequestType.GET_ID, RequestType.GET_LIFETIME})
+DEVICE_READS = frozenset({RequestType.OUT, RequestType.OUT_FUA})
+SEGMENTED = frozenset({RequestType.DISCARD, RequestType.WRITE_ZEROES, RequestType.SECURE_ERASE})
+NO_DATA = frozenset({RequestType.FLUSH})
+SECTOR_MULTIPLE = frozenset({RequestType.IN, RequestType.OUT, RequestType.OUT_FUA})
+KNOWN = DEVICE_WRITES | DEVICE_READS | SEGMENTED | NO_DATA
+
+
+class ChainLike(Protocol):
+    """The attributes of ``virtblk.virtio.split.DescriptorChain`` a request needs."""
+
+    @property
+    def head(self) -> int: ...
+    @property
+    def readable(self) -> list[memoryview]: ...
+    @property
+    def writable(self) -> list[memoryview]: ...
+    @property
+    def readable_len(self) -> int: ...
+    @property
+    def writable_len(self) -> int: ...
+
+
+class MalformedRequest(ValueError):
+    """The chain breaks the request format; ``status`` is None when there is no writable byte
+    (the chain can then only be returned with used length 0)."""
+
+    def __init__(self, reason: str, status: memoryview | None, head: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.head = head
+
+
+@dataclasses.dataclass(slots=True)
+class BlkRequest:
+    """One parsed request. ``data`` is the payload on the side the type uses:
+    device-readable bytes after the header, or device-writable bytes before the status."""
+
+    head: int
+    type: int
+    ioprio: int
+    sector: int
+    data: list[memoryview]
+    data_len: int
+    status: memoryview
+
+
+def _skip(views: Sequence[memoryview], skip: int) -> list[memoryview]:
+    """The views after their first ``skip`` bytes (empty views dropped)."""
+    out: list[memoryview] = []
+    for view in views:
+        n = len(view)
+        if skip >= n:
+            skip -= n
+            continue
+        out.append(view[skip:] if skip else view)
+        skip = 0
+    return out
+
+
+def _take(views: Sequence[memoryview], keep: int) -> list[memoryview]:
+    """The first ``keep`` bytes of the views (empty views dropped)."""
+    out: list[memoryview] = []
+    for view in views:
+        if keep <= 0:
+            break
+        n = len(view)
+        if n == 0:
+            continue
+        out.append(view if n <= keep else view[:keep])
+        keep -= n
+    return out
+
+
+def _read_header(readable: Sequence[memoryview]) -> tuple[int, int, int]:
+    first = readable[0]
+    if len(first) >= HEADER_SIZE:
+        return _HEADER.unpack_from(first)
+    raw = b"".join(bytes(v) for v in _take(readable, HEADER_SIZE))
+    return _HEADER.unpack(raw)
+
+
+def _status_byte(writable: Sequence[memoryview]) -> memoryview | None:
+    for view in reversed(writable):
+        n = len(view)
+        if n:
+            return view[n - 1 :]
+    return None
+
+
+def type_name(value: int) -> str:
+    """A request type's spec name, or the number for types the spec does not define."""
+    try:
+        return RequestType(value).name
+    except ValueError:
+        return f"type {value:#x}"
+
+
+def parse_request(chain: ChainLike) -> BlkRequest:
+    """Frame ``chain`` as a request; raise ``MalformedRequest`` with the reason if it is not one.
+
+    An unknown type (including one with the legacy barrier bit) is not malformed: it
+    parses with empty data and the device answers UNSUPP.
+    """
+    writable_len = chain.writable_len
+    readable_len = chain.readable_len
+    status = _status_byte(chain.writable) if writable_len else None
+    if status is None:
+        raise MalformedRequest(
+            f"chain {chain.head} has no device-writable byte for the status "
+            f"({readable_len} readable bytes)", None, chain.head)
+    if readable_len < HEADER_SIZE:
+        raise MalformedRequest(
+            f"chain {chain.head} has {readable_len} device-readable bytes, "
+            f"too few for the {HEADER_SIZE}-byte request header", status, chain.head)
+    rtype, ioprio, sector = _read_header(chain.readable)
+    if rtype not in KNOWN:
+        return BlkRequest(chain.head, rtype, ioprio, sector, [], 0, status)
+
+    out_extra = readable_len - HEADER_SIZE
+    in_extra = writable_len - 1
+    name = RequestType(rtype).name
+    if rtype in DEVICE_WRITES:
+        if out_extra:
+            raise MalformedRequest(
+                f"{name} request (chain {chain.head}) carries {out_extra} device-readable "
+                f"bytes after the header; it takes none", status, chain.head)
+        data, data_len = _take(chain.writable, in_extra), in_extra
+    elif rtype in NO_DATA:
+        if out_extra or in_extra:
+            raise MalformedRequest(
+                f"{name} request (chain {chain.head}) carries data ({out_extra} readable, "
+                f"{in_extra} writable bytes); it takes none", status, chain.head)
+        data, data_len = [], 0
+    else:
+        if in_extra:
+            raise MalformedRequest(
+                f"{name} request (chain {chain.head}) has {in_extra} device-writable bytes "
+                f"besides the status; it takes none", status, chain.head)
+        data, data_len = _skip(chain.readable, HEADER_SIZE), out_extra
+
+    if rtype in SECTOR_MULTIPLE and data_len % 512:
+        raise MalformedRequest(
+            f"{name} request (chain {chain.head}) has {data_len} data bytes, "
+            f"not a multiple of 512", status, chain.head)
+    if rtype in SEGMENTED and (data_len == 0 or data_len % DiscardSegment.SIZE):
+        raise MalformedRequest(
+            f"{name} request (chain {chain.head}) has a {data_len}-byte payload, not a "
+            f"positive multiple of the {DiscardSegment.SIZE}-byte segment", status, chain.head)
+    return BlkRequest(chain.head, rtype, ioprio, sector, data, data_len, status)
+
+
+def read_segments(req: BlkRequest) -> list[DiscardSegment]:
+    """Decode the DISCARD/WRITE_ZEROES/SECURE_ERASE segments (small: copying is fine)."""
+    raw = b"".join(bytes(v) for v in req.data)
+    size = DiscardSegment.SIZE
+    fmt = DiscardSegment.FORMAT
+    return [DiscardSegment(*fmt.unpack_from(raw, pos)) for pos in range(0, len(raw), size)]
