@@ -13,7 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from virtblk.driver.blkmq import HardwareQueue, Request, raise_for
 from virtblk.driver.naming import DiskIndex
@@ -33,6 +33,9 @@ from virtblk.spec import (
 CHUNK = 4 << 20
 """Bytes staged through shared memory per round when the caller's buffers are private."""
 
+if TYPE_CHECKING:
+    from virtblk.embedded import EmbeddedDevice
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -50,6 +53,8 @@ class Disk:
         self._thread_queue = threading.local()
         self._next_queue = 0
         self._serial: str | None = None
+        self.embedded_device: EmbeddedDevice | None = None
+        """The device this disk started (``Disk.embedded``), else None."""
         self._index = DiskIndex.acquire()
         self.name = DiskIndex.name(self._index)
 
@@ -130,28 +135,35 @@ class Disk:
         ``device_options`` go to :class:`virtblk.device.options.DeviceOptions` (``serial``,
         ``read_only``, ``blk_size``...).  The device stops when the disk is closed.
         """
-        from virtblk.embedded import start_device
+        from virtblk.device.options import DeviceOptions
+        from virtblk.embedded import start_embedded
 
-        sock, stop = start_device(
-            size=size,
-            backend=backend,
-            path=path,
-            mode=mode,
-            num_queues=num_queues,
-            queue_size=queue_size,
-            **device_options,
+        read_only = bool(device_options.pop("read_only", False))
+        embedded = start_embedded(
+            DeviceOptions(
+                backend=backend,
+                size=size,
+                path=path,
+                read_only=read_only,
+                num_queues=num_queues,
+                queue_size=queue_size,
+                device=device_options,
+            ),
+            mode,
         )
         try:
-            return cls.from_socket(
-                sock,
+            disk = cls.from_socket(
+                embedded.sock,
                 num_queues=num_queues,
                 queue_size=queue_size,
                 queue_depth=queue_depth,
-                on_close=stop,
+                on_close=embedded.stop,
             )
         except BaseException:
-            stop()
+            embedded.stop()
             raise
+        disk.embedded_device = embedded
+        return disk
 
     # -- properties ---------------------------------------------------------------------------
     @property

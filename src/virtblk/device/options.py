@@ -1,0 +1,54 @@
+"""How a device is described before it exists: one place for `virtblk serve` and the
+embedded device to turn options into a backend and a :class:`BlkDevice`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
+from virtblk.device.blk import BlkDevice
+
+BackendKind = Literal["memory", "null", "file"]
+
+
+@dataclasses.dataclass
+class DeviceOptions:
+    """A backend (``memory`` / ``null`` need ``size``; ``file`` needs ``path``, and creates
+    the image with ``size`` when it does not exist) plus :class:`BlkDevice` settings."""
+
+    backend: BackendKind = "memory"
+    size: int | None = None
+    path: str | None = None
+    read_only: bool = False
+    num_queues: int = 1
+    queue_size: int = 256
+    device: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def make_backend(self) -> Backend:
+        """Open or create the storage."""
+        if self.backend == "file":
+            if not self.path:
+                raise ValueError("the file backend needs a path")
+            return FileBackend(self.path, read_only=self.read_only, create_size=self.size)
+        if self.size is None or self.size <= 0:
+            raise ValueError(f"the {self.backend} backend needs a size > 0")
+        if self.backend == "memory":
+            return MemoryBackend(self.size)
+        if self.backend == "null":
+            return NullBackend(self.size)
+        raise ValueError(f"unknown backend {self.backend!r}: use memory, null or file")
+
+    def build(self) -> BlkDevice:
+        """The device over a new backend."""
+        return BlkDevice(
+            self.make_backend(),
+            num_queues=self.num_queues,
+            queue_size=self.queue_size,
+            read_only=self.read_only,
+            **self.device,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form, to hand the description to a child process."""
+        return dataclasses.asdict(self)
