@@ -16,7 +16,7 @@ class VirtblkError(Exception):
     """Base of every virtblk-specific error."""
 
 
-class IOError_(OSError, VirtblkError):  # noqa: N801 - OSError subclass named after its errno family
+class BlockIOError(OSError, VirtblkError):
     """A request the device completed with a non-OK status."""
 
 
@@ -35,9 +35,9 @@ class FeatureNotNegotiatedError(VirtblkError):
 def status_error(status: int, what: str) -> OSError:
     """Map a virtio-blk status to the errno the Linux driver uses, as an exception."""
     if status == Status.UNSUPP:
-        return IOError_(errno.ENOTTY, f"{what}: device answered UNSUPP")
+        return BlockIOError(errno.ENOTTY, f"{what}: device answered UNSUPP")
     try:
         name = Status(status).name
     except ValueError:
         name = f"unknown status {status}"
-    return IOError_(errno.EIO, f"{what}: device answered {name}")
+    return BlockIOError(errno.EIO, f"{what}: device answered {name}")

@@ -1,10 +1,8 @@
-"""Shared helpers: a descriptor chain built from plain buffers, as the device sees one."""
+"""Test helpers: a descriptor chain built from plain buffers, as the device sees one."""
 
 from __future__ import annotations
 
 import dataclasses
-
-import pytest
 
 from virtblk.spec import RequestHeader
 
@@ -37,8 +35,3 @@ def chain(
 
 def header(rtype: int, sector: int = 0, ioprio: int = 0) -> bytes:
     return RequestHeader(rtype, ioprio, sector).pack()
-
-
-@pytest.fixture
-def make_chain() -> object:
-    return chain

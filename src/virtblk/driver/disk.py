@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from virtblk.driver.blkmq import HardwareQueue, Request, raise_for
 from virtblk.driver.naming import DiskIndex
 from virtblk.driver.virtio_blk import CACHE_TYPES, Geometry, Limits, Topology, VirtioBlk
-from virtblk.errors import IOError_
+from virtblk.errors import BlockIOError
 from virtblk.spec import (
     SECTOR_SHIFT,
     SECTOR_SIZE,
@@ -286,7 +286,7 @@ class Disk:
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> int:
         """Write ``buffers`` (in order) at ``offset``; returns the bytes written."""
         if self.read_only:
-            raise IOError_(errno.EROFS, f"{self.name}: the device is read-only")
+            raise BlockIOError(errno.EROFS, f"{self.name}: the device is read-only")
         views = [memoryview(b).cast("B") for b in buffers]
         return self._rw(True, views, offset)
 
@@ -504,7 +504,7 @@ class Disk:
     def _get_id(self) -> bytes:
         try:
             return self._command(RequestType.GET_ID, VIRTIO_BLK_ID_BYTES, "GET_ID")
-        except IOError_:
+        except BlockIOError:
             return b""  # "Unsupported? Make it empty." (virtblk_serial_show)
 
     # -- lifecycle ---------------------------------------------------------------------------------
