@@ -1,0 +1,213 @@
+"""The test harness itself, proved against the real peers it drives."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from .guest import (
+    CpioWriter,
+    GuestError,
+    GuestKernel,
+    GuestTimeout,
+    modinfo_depends,
+    run_guest,
+    script_archive,
+)
+from .plugin import QsdFactory
+from .qsd import QemuStorageDaemon, QmpError, QsdError
+
+MiB = 1 << 20
+
+
+def _cpio_listing(archive: bytes) -> list[str]:
+    """What cpio(1) itself reads from an archive: the independent check of our writer."""
+    result = subprocess.run(
+        ["cpio", "-itv", "--quiet"], input=archive, capture_output=True, check=True
+    )
+    return result.stdout.decode().splitlines()
+
+
+def test_cpio_writer_output_is_read_by_cpio() -> None:
+    writer = CpioWriter()
+    writer.directory("dev")
+    writer.char_device("dev/console", 5, 1)
+    writer.file("init", b"#!/bin/sh\n", mode=0o755)
+    archive = writer.finish()
+    assert len(archive) % 512 == 0
+    listing = _cpio_listing(archive)
+    assert [line.split()[-1] for line in listing] == ["dev", "dev/console", "init"]
+    assert listing[1].startswith("crw-------") and "5,   1" in listing[1]
+    assert listing[2].startswith("-rwxr-xr-x")
+
+
+def test_script_archive_holds_the_script() -> None:
+    archive = script_archive("echo hello\n")
+    listing = _cpio_listing(archive)
+    assert len(listing) == 1 and listing[0].startswith("-rwxr-xr-x")
+    assert listing[0].endswith(" test.sh")
+    extracted = subprocess.run(
+        ["cpio", "-i", "--quiet", "--to-stdout", "test.sh"], input=archive, capture_output=True
+    )
+    assert extracted.stdout == b"echo hello\n"
+
+
+NEVER_SKIP_CHILD = textwrap.dedent(
+    """
+    import pytest
+
+    @pytest.mark.interop
+    def test_interop_skips_in_call():
+        pytest.skip("no daemon here")
+
+    @pytest.mark.guest
+    @pytest.mark.skipif(True, reason="no kernel here")
+    def test_guest_skips_in_setup():
+        pass
+
+    def test_plain_skip():
+        pytest.skip("plain tests may skip")
+
+    @pytest.mark.interop
+    @pytest.mark.xfail(reason="known bug", strict=True)
+    def test_interop_xfail():
+        assert False
+    """
+)
+
+
+def test_skipped_interop_and_guest_tests_fail(tmp_path: Path) -> None:
+    (tmp_path / "test_child.py").write_text(NEVER_SKIP_CHILD)
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nmarkers =\n    interop: x\n    guest: x\naddopts = --strict-markers\n"
+    )
+    tests_dir = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{tests_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "peers.plugin", "-p", "no:cacheprovider",
+         "-rA", "test_child.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    out = child.stdout
+    assert child.returncode == 1, out
+    assert "FAILED test_child.py::test_interop_skips_in_call" in out
+    assert "must run, but it was skipped" in out and "no daemon here" in out
+    assert "ERROR test_child.py::test_guest_skips_in_setup" in out
+    assert "no kernel here" in out
+    assert "SKIPPED [1] test_child.py" in out and "plain tests may skip" in out
+    assert "XFAIL test_child.py::test_interop_xfail" in out
+
+
+@pytest.mark.interop
+def test_qsd_file_export_accepts_and_answers_qmp(qsd_factory: QsdFactory, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 * MiB))
+    daemon = qsd_factory(image=image, num_queues=2)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(daemon.socket_path))
+    exports = daemon.qmp("query-block-exports")
+    assert exports == [
+        {"id": "exp0", "type": "vhost-user-blk", "node-name": "disk0", "shutting-down": False}
+    ]
+    # block_resize is what later tests use to change the device under the driver.
+    daemon.qmp("block_resize", node_name="disk0", size=16 * MiB)
+    assert image.stat().st_size == 16 * MiB
+    with pytest.raises(QmpError, match="CommandNotFound"):
+        daemon.qmp("no-such-command")
+
+
+@pytest.mark.interop
+def test_qsd_null_export_reports_its_size(qsd_factory: QsdFactory) -> None:
+    daemon = qsd_factory(null_size=64 * MiB, read_zeroes=False, writable=False)
+    nodes = daemon.qmp("query-named-block-nodes", flat=True)
+    (node,) = [node for node in nodes if node["node-name"] == "disk0"]
+    assert node["drv"] == "null-co"
+    assert node["image"]["virtual-size"] == 64 * MiB
+
+
+@pytest.mark.interop
+def test_qsd_start_failure_carries_the_daemons_stderr(sock_dir: Path) -> None:
+    missing = sock_dir / "missing.img"
+    daemon = QemuStorageDaemon(sock_dir / "vu.sock", image=missing)
+    with pytest.raises(QsdError, match=r"(?s)exited with status 1.*missing\.img"):
+        daemon.start()
+    assert daemon.process is not None and daemon.process.returncode == 1
+
+
+@pytest.mark.guest
+def test_guest_kernel_modules_carry_their_dependencies(guest_kernel: GuestKernel) -> None:
+    modules = guest_kernel.vmlinuz.parent / "modules"
+    blk = (modules / "virtio_blk.ko").read_bytes()
+    assert sorted(modinfo_depends(blk)) == ["virtio", "virtio_ring"]
+    order = (modules / "load-order").read_text().split()
+    assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_blk")
+
+
+GUEST_IO_SCRIPT = """
+set -e
+dd if=/dev/urandom of=/tmp/pattern bs=4096 count=256 2>/dev/null
+dd if=/tmp/pattern of=/dev/vda bs=4096 seek=256 oflag=direct conv=notrunc 2>/dev/null
+dd if=/dev/vda of=/tmp/readback bs=4096 skip=256 count=256 iflag=direct 2>/dev/null
+cmp /tmp/pattern /tmp/readback
+echo "md5=$(md5sum < /tmp/pattern | cut -d' ' -f1)"
+echo "size=$(cat /sys/block/vda/size)"
+echo "serial=$(cat /sys/block/vda/serial)"
+echo "lbs=$(cat /sys/block/vda/queue/logical_block_size)"
+echo "ro=$(cat /sys/block/vda/ro)"
+echo "mq=$(ls /sys/block/vda/mq | wc -l)"
+"""
+
+
+@pytest.mark.guest
+def test_guest_does_direct_io_on_a_qsd_disk(
+    guest_kernel: GuestKernel, qsd_factory: QsdFactory, tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(32 * MiB))
+    daemon = qsd_factory(image=image, num_queues=2)
+
+    result = run_guest(
+        GUEST_IO_SCRIPT, disks=[str(daemon.socket_path)], num_queues=2, smp=2,
+        kernel=guest_kernel, timeout=90,
+    )  # fmt: skip
+
+    assert result.rc == 0, result.console
+    facts = dict(line.split("=", 1) for line in result.output.splitlines() if "=" in line)
+    assert facts["size"] == str(32 * MiB // 512)
+    assert facts["serial"] == "vhost_user_blk"  # qsd's GET_ID answer, whatever the image
+    assert facts["lbs"] == "512"
+    assert facts["ro"] == "0"
+    assert facts["mq"] == "2"
+    on_host = image.read_bytes()[1 * MiB : 2 * MiB]
+    assert hashlib.md5(on_host).hexdigest() == facts["md5"]
+    assert on_host != bytes(MiB)
+    print(f"guest run took {result.elapsed:.1f} s")
+
+
+@pytest.mark.guest
+def test_guest_returns_the_scripts_status_and_output(guest_kernel: GuestKernel) -> None:
+    result = run_guest("echo to-stdout; echo to-stderr >&2; exit 3", kernel=guest_kernel)
+    assert result.rc == 3
+    assert result.output == "to-stdout\nto-stderr\n"
+    assert "VIRTBLK-GUEST-EXIT=3" in result.console
+
+
+@pytest.mark.guest
+def test_guest_that_cannot_start_raises_with_qemus_stderr(
+    guest_kernel: GuestKernel, sock_dir: Path
+) -> None:
+    with pytest.raises(GuestError, match=r"(?s)without VIRTBLK-GUEST-EXIT.*nobody-listens"):
+        run_guest("true", disks=[str(sock_dir / "nobody-listens.sock")], kernel=guest_kernel)
+
+
+@pytest.mark.guest
+def test_guest_past_its_timeout_is_killed(guest_kernel: GuestKernel) -> None:
+    with pytest.raises(GuestTimeout, match="still running after 2 s"):
+        run_guest("sleep 600", kernel=guest_kernel, timeout=2)
