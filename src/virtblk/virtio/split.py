@@ -1,0 +1,794 @@
+"""Split virtqueues (VIRTIO 1.x section 2.7), both the driver and the device side.
+
+A split virtqueue is three areas in guest memory: the descriptor table (16-byte
+``addr, len, flags, next`` entries), the available ring the driver fills with chain heads,
+and the used ring the device fills with ``(id, len)`` completions.  The two ends share
+nothing else, so each side keeps its own shadow state and only the ring indices cross.
+
+Rules both sides follow here:
+
+* Ring indices, flags and event fields are accessed as ONE aligned 16-bit load or store
+  (a ``memoryview.cast('H')``); byte-wise access tears under a concurrent peer.
+* Entries are written before the index that publishes them (x86 keeps stores in order,
+  and Python executes them in program order).  Where the spec needs a full barrier
+  (publish an index, then read the peer's event/flags), an uncontended lock round trip
+  provides one: it is a locked instruction on x86.
+* The device side trusts nothing the driver wrote: ``DeviceVirtqueue.pop`` checks every
+  index and address and raises only ``ChainError`` or ``RingError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Final, NoReturn
+
+from virtblk.spec import (
+    VIRTQUEUE_MAX_SIZE,
+    VRING_AVAIL_ALIGN,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_ALIGN,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_DESC_SIZE,
+    VRING_USED_ALIGN,
+    VRING_USED_ELEM_SIZE,
+    VRING_USED_F_NO_NOTIFY,
+)
+from virtblk.virtio.memory import BufferAllocator, GuestMemory, GuestMemoryError
+
+__all__ = [
+    "ChainError",
+    "DescriptorChain",
+    "DeviceProtocolError",
+    "DeviceVirtqueue",
+    "DriverVirtqueue",
+    "QueueFull",
+    "RingError",
+    "VirtqueueError",
+    "VringAddrs",
+    "ring_sizes",
+]
+
+_DESC: Final = struct.Struct("<QIHH")
+_U16: Final = 0xFFFF
+
+
+class VirtqueueError(Exception):
+    """Base of the errors a virtqueue raises about the peer's or the caller's misuse."""
+
+
+class ChainError(VirtqueueError):
+    """One malformed descriptor chain; its avail entry is consumed, the queue still works.
+
+    ``head`` is the chain's head index, to return with ``add_used(head, 0)``; it is None
+    when the avail entry held an index outside the descriptor table, which cannot be
+    returned to the driver at all.
+    """
+
+    def __init__(self, head: int | None, reason: str) -> None:
+        self.head = head
+        self.reason = reason
+        where = "avail entry" if head is None else f"chain at head {head}"
+        super().__init__(f"{where}: {reason}")
+
+
+class RingError(VirtqueueError):
+    """The ring itself is unusable (e.g. avail idx ran ahead); broken until reset."""
+
+
+class DeviceProtocolError(VirtqueueError):
+    """The device broke the used-ring protocol; the driver queue is now broken.
+
+    ``completed`` holds the valid ``(token, written_len)`` completions that the same
+    ``get_used`` call read before the bad entry: the caller still owns completing them.
+    """
+
+    def __init__(self, message: str, completed: list[tuple[int, int]] | None = None) -> None:
+        super().__init__(message)
+        self.completed: list[tuple[int, int]] = completed or []
+
+
+class QueueFull(VirtqueueError):
+    """Not enough free descriptors for the chain; complete something and retry."""
+
+
+def _check_num(num: int) -> None:
+    if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
+        raise ValueError(f"queue size {num} must be a power of two in 1..{VIRTQUEUE_MAX_SIZE}")
+
+
+def ring_sizes(num: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor table, avail ring, used ring) for ``num`` entries.
+
+    The avail and used sizes include the trailing ``used_event``/``avail_event`` fields,
+    which exist in memory whether or not EVENT_IDX is negotiated.
+    """
+    _check_num(num)
+    return VRING_DESC_SIZE * num, 6 + 2 * num, 6 + VRING_USED_ELEM_SIZE * num
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VringAddrs:
+    """Where a queue's three areas live (guest-physical addresses) and its size."""
+
+    num: int
+    desc: int
+    avail: int
+    used: int
+
+    @classmethod
+    def allocate(cls, allocator: BufferAllocator, num: int) -> VringAddrs:
+        """Carve the three areas out of ``allocator`` with the spec's alignments."""
+        desc_size, avail_size, used_size = ring_sizes(num)
+        return cls(
+            num=num,
+            desc=allocator.alloc(desc_size, VRING_DESC_ALIGN),
+            avail=allocator.alloc(avail_size, VRING_AVAIL_ALIGN),
+            used=allocator.alloc(used_size, VRING_USED_ALIGN),
+        )
+
+
+class _Barrier:
+    """A full memory barrier: an uncontended lock round trip is a locked instruction."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        self._lock.acquire()
+        self._lock.release()
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+_TABLE_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _table_struct(count: int) -> struct.Struct:
+    packer = _TABLE_STRUCTS.get(count)
+    if packer is None:
+        packer = _TABLE_STRUCTS[count] = struct.Struct("<" + "QIHH" * count)
+    return packer
+
+
+class DriverVirtqueue:
+    """The driver's end of a split virtqueue, like Linux ``virtio_ring.c``.
+
+    Requests are identified by a caller-chosen ``token`` in ``range(max_tokens)`` (a
+    blk-mq tag).  With ``indirect``, every token owns a preallocated indirect table of
+    ``max_chain`` entries, so a multi-buffer request costs one ring descriptor and no
+    allocation.  ``add`` only fills the ring; ``kick_prepare`` publishes and says whether
+    the device wants a notification, so the caller can batch.
+
+    The constructor zeroes the three ring areas: create the queue before telling the
+    device its addresses.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        addrs: VringAddrs,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        allocator: BufferAllocator,
+        max_chain: int,
+        max_tokens: int | None = None,
+    ) -> None:
+        """Set up shadow state; ``max_tokens`` defaults to the queue size."""
+        num = addrs.num
+        _check_num(num)
+        if max_chain < 1:
+            raise ValueError(f"max_chain {max_chain} must be at least 1")
+        if max_tokens is None:
+            max_tokens = num
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+        desc_size, avail_size, used_size = ring_sizes(num)
+        self.addrs = addrs
+        self.num = num
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.max_chain = max_chain
+        self.max_tokens = max_tokens
+        self._mask = num - 1
+        self._allocator = allocator
+        self._desc = memory.view(addrs.desc, desc_size)
+        avail = memory.view(addrs.avail, avail_size)
+        used = memory.view(addrs.used, used_size)
+        for area in (self._desc, avail, used):
+            area[:] = bytes(len(area))
+        self._avail_h = avail.cast("H")
+        self._used_h = used.cast("H")
+        self._used_i = used[: 4 + VRING_USED_ELEM_SIZE * num].cast("I")
+        self._used_event_i = 2 + num  # avail.used_event, in 16-bit units
+        self._avail_event_i = 2 + 4 * num  # used.avail_event, in 16-bit units
+        self._barrier = _Barrier()
+
+        self._free: list[int] = list(range(num - 1, -1, -1))  # a stack: pop() gives 0 first
+        self._token_of_head: list[int] = [-1] * num
+        self._writable_of_head: list[int] = [0] * num
+        self._chain_of_head: list[list[int] | None] = [None] * num
+        self._token_busy = bytearray(max_tokens)
+        self._in_flight = 0
+        self._avail_shadow = 0
+        self._num_added = 0
+        self._last_used = 0
+        self._broken: str | None = None
+
+        self._table_stride = VRING_DESC_SIZE * max_chain
+        self._tables_base = 0  # gpa of token 0's indirect table
+        self._tables = memoryview(b"")
+        if indirect:
+            self._tables_base = allocator.alloc(self._table_stride * max_tokens, VRING_DESC_ALIGN)
+            self._tables = memory.view(self._tables_base, self._table_stride * max_tokens)
+
+    # -- state
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors in the ring."""
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        """Chains added and not yet returned by ``get_used`` (nor detached)."""
+        return self._in_flight
+
+    @property
+    def broken(self) -> bool:
+        """True once the device broke the protocol; ``add`` then refuses."""
+        return self._broken is not None
+
+    # -- submission
+
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]],
+        token: int,
+    ) -> None:
+        """Queue one chain: ``out`` (device-readable) then ``in_`` (device-writable) buffers.
+
+        Buffers are ``(gpa, length)``.  Not visible to the device until ``kick_prepare``.
+        Raises ``QueueFull`` when descriptors run out (nothing is changed then).
+        """
+        # The hot path: everything inline, one struct call for the whole indirect table.
+        if self._broken is not None or not 0 <= token < self.max_tokens or self._token_busy[token]:
+            self._reject_token(token)
+        count = len(out) + len(in_)
+        try:
+            if count > 1 and self.indirect:
+                if count > self.max_chain:
+                    raise ValueError(f"chain of {count} buffers exceeds max_chain {self.max_chain}")
+                free = self._free
+                if not free:
+                    raise QueueFull("no free descriptor")
+                args: list[int] = []
+                nxt = 1
+                for gpa, length in out:
+                    args += (gpa, length, VRING_DESC_F_NEXT, nxt)
+                    nxt += 1
+                written = 0
+                for gpa, length in in_:
+                    args += (gpa, length, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, nxt)
+                    written += length
+                    nxt += 1
+                args[-2] -= VRING_DESC_F_NEXT  # the last entry ends the chain
+                args[-1] = 0
+                offset = token * self._table_stride
+                packer = _TABLE_STRUCTS.get(count) or _table_struct(count)
+                packer.pack_into(self._tables, offset, *args)
+                head = free.pop()
+                _DESC.pack_into(
+                    self._desc,
+                    head * VRING_DESC_SIZE,
+                    self._tables_base + offset,
+                    count * VRING_DESC_SIZE,
+                    VRING_DESC_F_INDIRECT,
+                    0,
+                )
+                self._chain_of_head[head] = None
+            elif count:
+                head, written = self._add_direct(out, in_, count)
+            else:
+                raise ValueError("a chain needs at least one buffer")
+        except struct.error as exc:
+            raise ValueError(f"buffer address or length out of range: {exc}") from exc
+        self._token_of_head[head] = token
+        self._writable_of_head[head] = written
+        self._token_busy[token] = 1
+        self._in_flight += 1
+        shadow = self._avail_shadow
+        self._avail_h[2 + (shadow & self._mask)] = head
+        self._avail_shadow = (shadow + 1) & _U16
+        self._num_added += 1
+
+    def _add_direct(
+        self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]], count: int
+    ) -> tuple[int, int]:
+        if count > self.num:
+            raise ValueError(f"chain of {count} buffers exceeds the queue size {self.num}")
+        free = self._free
+        if len(free) < count:
+            raise QueueFull(f"{count} descriptors needed, {len(free)} free")
+        descs = free[-count:]
+        n_out = len(out)
+        written = 0
+        table = self._desc
+        for k in range(count):
+            if k < n_out:
+                gpa, length = out[k]
+                flags = 0
+            else:
+                gpa, length = in_[k - n_out]
+                flags = VRING_DESC_F_WRITE
+                written += length
+            last = k + 1 == count
+            # A struct.error here leaves the free list untouched: descs are taken below.
+            _DESC.pack_into(
+                table,
+                descs[k] * VRING_DESC_SIZE,
+                gpa,
+                length,
+                flags if last else flags | VRING_DESC_F_NEXT,
+                0 if last else descs[k + 1],
+            )
+        del free[-count:]
+        head = descs[0]
+        self._chain_of_head[head] = descs if count > 1 else None
+        return head, written
+
+    def indirect_table(self, token: int) -> memoryview:
+        """The token's own indirect table (``max_chain`` 16-byte descriptors), for
+        ``add_indirect``.  Requires ``indirect=True``."""
+        if not self.indirect:
+            raise ValueError("the queue was created without indirect descriptors")
+        if not 0 <= token < self.max_tokens:
+            raise ValueError(f"token {token} outside 0..{self.max_tokens - 1}")
+        offset = token * self._table_stride
+        return self._tables[offset : offset + self._table_stride]
+
+    def add_indirect(self, token: int, count: int, writable_len: int) -> None:
+        """Queue the chain the caller already wrote in ``indirect_table(token)``.
+
+        The fast path for callers that keep a prebuilt table per tag and patch only what
+        changes: entries ``0..count-1`` must be spec descriptors chained with ``NEXT`` and
+        ``next = i + 1``, device-readable ones first.  ``writable_len`` is the total length
+        of the WRITE entries: completions claiming more are rejected.
+        """
+        if self._broken is not None or not 0 <= token < self.max_tokens or self._token_busy[token]:
+            self._reject_token(token)
+        if not self.indirect:
+            raise ValueError("the queue was created without indirect descriptors")
+        if not 1 <= count <= self.max_chain:
+            raise ValueError(f"count {count} outside 1..{self.max_chain}")
+        if not self._free:
+            raise QueueFull("no free descriptor")
+        head = self._free.pop()
+        _DESC.pack_into(
+            self._desc,
+            head * VRING_DESC_SIZE,
+            self._tables_base + token * self._table_stride,
+            count * VRING_DESC_SIZE,
+            VRING_DESC_F_INDIRECT,
+            0,
+        )
+        self._chain_of_head[head] = None
+        self._publish_entry(head, token, writable_len)
+
+    def _reject_token(self, token: int) -> NoReturn:
+        if self._broken is not None:
+            raise DeviceProtocolError(f"queue is broken: {self._broken}")
+        if not 0 <= token < self.max_tokens:
+            raise ValueError(f"token {token} outside 0..{self.max_tokens - 1}")
+        raise ValueError(f"token {token} is already in flight")
+
+    def _publish_entry(self, head: int, token: int, written: int) -> None:
+        """Record the chain and put its head in the avail ring (index not yet published)."""
+        self._token_of_head[head] = token
+        self._writable_of_head[head] = written
+        self._token_busy[token] = 1
+        self._in_flight += 1
+        shadow = self._avail_shadow
+        self._avail_h[2 + (shadow & self._mask)] = head
+        self._avail_shadow = (shadow + 1) & _U16
+        self._num_added += 1
+
+    def kick_prepare(self) -> bool:
+        """Publish everything added so far; True if the device asked to be notified."""
+        new = self._avail_shadow
+        added = self._num_added
+        self._avail_h[1] = new
+        self._num_added = 0
+        if not added:
+            return False
+        self._barrier()  # the device must see idx before we read its suppression state
+        if self.event_idx:
+            event = self._used_h[self._avail_event_i]
+            return ((new - event - 1) & _U16) < added
+        return not self._used_h[0] & VRING_USED_F_NO_NOTIFY
+
+    # -- completion
+
+    def pending(self) -> bool:
+        """True when the device has used entries we have not read yet."""
+        return self._used_h[1] != self._last_used
+
+    def get_used(self, limit: int = 0) -> list[tuple[int, int]]:
+        """Take new completions, ``(token, written_len)``, at most ``limit`` (0: all).
+
+        Frees their descriptors.  Raises ``DeviceProtocolError`` (and breaks the queue)
+        for an id outside the table or not in flight, a length above the chain's writable
+        bytes, or a used idx that ran ahead of what is in flight.
+        """
+        if self._broken is not None:
+            raise DeviceProtocolError(f"queue is broken: {self._broken}")
+        last = self._last_used
+        new = self._used_h[1]
+        n = (new - last) & _U16
+        if not n:
+            return []
+        if n > self._in_flight:
+            self._fail(f"used idx {new} is {n} entries past {last}, {self._in_flight} in flight")
+        if limit and n > limit:
+            n = limit
+        num = self.num
+        start = last & self._mask
+        used_i = self._used_i
+        if start + n <= num:
+            vals = used_i[1 + 2 * start : 1 + 2 * (start + n)].tolist()
+        else:
+            vals = used_i[1 + 2 * start : 1 + 2 * num].tolist()
+            vals += used_i[1 : 1 + 2 * (start + n - num)].tolist()
+        token_of_head = self._token_of_head
+        writable_of_head = self._writable_of_head
+        chain_of_head = self._chain_of_head
+        token_busy = self._token_busy
+        free = self._free
+        done: list[tuple[int, int]] = []
+        for i in range(0, 2 * n, 2):
+            head = vals[i]
+            written = vals[i + 1]
+            if head >= num:
+                self._fail(f"used id {head} is outside the queue (size {num})", done)
+            token = token_of_head[head]
+            if token < 0:
+                self._fail(f"used id {head} is not in flight", done)
+            if written > writable_of_head[head]:
+                self._fail(
+                    f"used len {written} for id {head} exceeds the chain's "
+                    f"{writable_of_head[head]} writable bytes",
+                    done,
+                )
+            token_of_head[head] = -1
+            chain = chain_of_head[head]
+            if chain is None:
+                free.append(head)
+            else:
+                free.extend(chain)
+                chain_of_head[head] = None
+            token_busy[token] = 0
+            done.append((token, written))
+            self._last_used = (self._last_used + 1) & _U16
+        self._in_flight -= n
+        return done
+
+    def _fail(self, reason: str, done: list[tuple[int, int]] | None = None) -> NoReturn:
+        if done:
+            self._in_flight -= len(done)
+        self._broken = reason
+        raise DeviceProtocolError(f"device protocol violation: {reason}", done)
+
+    def detach_unused(self) -> list[int]:
+        """Forget every chain still in flight and return their tokens (after a reset)."""
+        tokens: list[int] = []
+        for head, token in enumerate(self._token_of_head):
+            if token < 0:
+                continue
+            tokens.append(token)
+            self._token_of_head[head] = -1
+            chain = self._chain_of_head[head]
+            if chain is None:
+                self._free.append(head)
+            else:
+                self._free.extend(chain)
+                self._chain_of_head[head] = None
+            self._token_busy[token] = 0
+        self._in_flight = 0
+        return tokens
+
+    # -- interrupt suppression
+
+    def disable_cb(self) -> None:
+        """Ask the device not to interrupt (a hint: it may still do so)."""
+        if self.event_idx:
+            # As far from the in-flight window as a 16-bit index gets.
+            self._avail_h[self._used_event_i] = (self._last_used + 0x8000) & _U16
+        else:
+            self._avail_h[0] = VRING_AVAIL_F_NO_INTERRUPT
+
+    def enable_cb(self) -> bool:
+        """Ask for an interrupt at the next completion.
+
+        Returns False when completions are already pending: the device may have used them
+        before it saw this request, so the caller must drain again (``virtblk_done``).
+        """
+        if self.event_idx:
+            self._avail_h[self._used_event_i] = self._last_used
+        else:
+            self._avail_h[0] = 0
+        self._barrier()
+        return self._used_h[1] == self._last_used
+
+    def close(self) -> None:
+        """Give the indirect tables back to the allocator (the rings belong to the caller)."""
+        if self.indirect and self._tables:
+            self._tables.release()
+            self._tables = memoryview(b"")
+            self._allocator.free(self._tables_base)
+
+
+# ---------------------------------------------------------------------------- device
+
+
+@dataclasses.dataclass(slots=True)
+class DescriptorChain:
+    """One validated request: device-readable buffers, then device-writable ones.
+
+    Zero-length descriptors are dropped from the lists (they carry no bytes).
+    """
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+    readable_len: int
+    writable_len: int
+
+
+class DeviceVirtqueue:
+    """The device's end of a split virtqueue, like rust-vmm's ``virtio-queue``.
+
+    ``pop`` returns validated chains; ``add_used`` writes completions that only become
+    visible to the driver at ``flush_used`` (one index store per batch); then
+    ``needs_notification`` says whether to signal the call eventfd.  ``max_indirect``
+    bounds an indirect table's entries (default: the queue size, as VIRTIO 1.0 says).
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        addrs: VringAddrs,
+        *,
+        event_idx: bool,
+        last_avail_idx: int = 0,
+        used_idx: int = 0,
+        max_indirect: int | None = None,
+    ) -> None:
+        """Attach to rings the driver set up; raises RingError if they are not in memory."""
+        num = addrs.num
+        if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
+            raise RingError(f"queue size {num} is not a power of two in 1..{VIRTQUEUE_MAX_SIZE}")
+        for name, addr, align in (
+            ("descriptor table", addrs.desc, VRING_DESC_ALIGN),
+            ("avail ring", addrs.avail, VRING_AVAIL_ALIGN),
+            ("used ring", addrs.used, VRING_USED_ALIGN),
+        ):
+            if addr % align:
+                raise RingError(f"{name} at {addr:#x} is not {align}-byte aligned")
+        if not 0 <= last_avail_idx <= _U16 or not 0 <= used_idx <= _U16:
+            raise RingError(f"ring indices {last_avail_idx}, {used_idx} are not 16-bit")
+        extra = 2 if event_idx else 0
+        try:
+            self._desc = memory.view(addrs.desc, VRING_DESC_SIZE * num)
+            avail = memory.view(addrs.avail, 4 + 2 * num + extra)
+            used = memory.view(addrs.used, 4 + VRING_USED_ELEM_SIZE * num + extra)
+        except GuestMemoryError as exc:
+            raise RingError(f"ring not in guest memory: {exc}") from exc
+        self.addrs = addrs
+        self.num = num
+        self.event_idx = event_idx
+        self.max_indirect = num if max_indirect is None else max_indirect
+        self._memory = memory
+        self._mask = num - 1
+        self._avail_h = avail.cast("H")
+        self._used_h = used.cast("H")
+        self._used_i = used[: 4 + VRING_USED_ELEM_SIZE * num].cast("I")
+        self._used_event_i = 2 + num
+        self._avail_event_i = 2 + 4 * num
+        self._barrier = _Barrier()
+        self._last_avail = last_avail_idx
+        self._used_shadow = used_idx  # entries written by add_used
+        self._used_published = used_idx  # the idx the driver can see
+        self._signalled: int | None = None  # used idx at the last notification decision
+        self._notify_enabled = True
+        self._broken: str | None = None
+
+    @property
+    def last_avail_idx(self) -> int:
+        """The next avail index to pop (vhost-user GET_VRING_BASE)."""
+        return self._last_avail
+
+    @property
+    def used_idx(self) -> int:
+        """The used index including entries not yet flushed."""
+        return self._used_shadow
+
+    @property
+    def broken(self) -> bool:
+        """True after a RingError: the queue serves nothing until it is recreated."""
+        return self._broken is not None
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, validated, or None when the ring is empty.
+
+        Raises ``ChainError`` for a malformed chain (its entry is consumed: answer it with
+        ``add_used(err.head, 0)`` when ``err.head`` is not None, then pop again) and
+        ``RingError`` when the avail index is impossible (the queue is then broken).
+        """
+        if self._broken is not None:
+            raise RingError(f"queue is broken: {self._broken}")
+        avail_h = self._avail_h
+        avail_idx = avail_h[1]
+        last = self._last_avail
+        pending = (avail_idx - last) & _U16
+        if not pending:
+            return None
+        if pending > self.num:
+            self._broken = (
+                f"avail idx {avail_idx} is {pending} entries past {last}, more than the "
+                f"queue size {self.num}"
+            )
+            raise RingError(self._broken)
+        head = avail_h[2 + (last & self._mask)]
+        last = (last + 1) & _U16
+        self._last_avail = last
+        if self.event_idx and self._notify_enabled:
+            self._used_h[self._avail_event_i] = last
+        if head >= self.num:
+            raise ChainError(None, f"head index {head} is outside the queue (size {self.num})")
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        """Follow and check one chain; every descriptor is read exactly once."""
+        view = self._memory.view
+        unpack = _DESC.unpack_from
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        readable_len = 0
+        writable_len = 0
+        seen_write = False
+        table = self._desc
+        limit = self.num
+        in_indirect = False
+        index = head
+        count = 0
+        while True:
+            count += 1
+            if count > limit:
+                what = "indirect table" if in_indirect else "chain"
+                raise ChainError(head, f"{what} loops or is longer than {limit} descriptors")
+            addr, length, flags, nxt = unpack(table, index * VRING_DESC_SIZE)
+            if flags & VRING_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise ChainError(head, "INDIRECT descriptor inside an indirect table")
+                if flags & VRING_DESC_F_NEXT:
+                    raise ChainError(head, f"descriptor {index} has both INDIRECT and NEXT")
+                if length == 0 or length % VRING_DESC_SIZE:
+                    raise ChainError(
+                        head, f"indirect table length {length} is not a non-zero multiple of 16"
+                    )
+                entries = length // VRING_DESC_SIZE
+                if entries > self.max_indirect:
+                    raise ChainError(
+                        head,
+                        f"indirect table of {entries} entries exceeds {self.max_indirect}",
+                    )
+                try:
+                    table = view(addr, length)
+                except GuestMemoryError as exc:
+                    raise ChainError(head, f"indirect table: {exc}") from None
+                in_indirect = True
+                limit = entries
+                index = 0
+                count = 0
+                continue
+            if flags & VRING_DESC_F_WRITE:
+                seen_write = True
+                if length:
+                    try:
+                        writable.append(view(addr, length))
+                    except GuestMemoryError as exc:
+                        raise ChainError(head, f"buffer: {exc}") from None
+                    writable_len += length
+            else:
+                if seen_write:
+                    raise ChainError(
+                        head, "device-readable descriptor after a device-writable one"
+                    )
+                if length:
+                    try:
+                        readable.append(view(addr, length))
+                    except GuestMemoryError as exc:
+                        raise ChainError(head, f"buffer: {exc}") from None
+                    readable_len += length
+            if not flags & VRING_DESC_F_NEXT:
+                return DescriptorChain(head, readable, writable, readable_len, writable_len)
+            if nxt >= limit:
+                what = "indirect table" if in_indirect else "queue"
+                raise ChainError(head, f"next index {nxt} is outside the {what} (size {limit})")
+            index = nxt
+
+    def pop_many(self, limit: int) -> list[DescriptorChain | ChainError]:
+        """Up to ``limit`` pops in one call; malformed chains come back as their ChainError
+        (already consumed) so one bad request does not hide the good ones behind it."""
+        out: list[DescriptorChain | ChainError] = []
+        while len(out) < limit:
+            try:
+                chain = self.pop()
+            except ChainError as exc:
+                out.append(exc)
+                continue
+            if chain is None:
+                break
+            out.append(chain)
+        return out
+
+    def add_used(self, head: int, length: int) -> None:
+        """Record a completion: ``length`` bytes written into the chain at ``head``.
+
+        Not visible to the driver until ``flush_used``.
+        """
+        if not 0 <= head < self.num:
+            raise ValueError(f"head {head} is outside the queue (size {self.num})")
+        if not 0 <= length <= 0xFFFFFFFF:
+            raise ValueError(f"used length {length} is not a 32-bit value")
+        slot = 1 + 2 * (self._used_shadow & self._mask)
+        self._used_i[slot] = head
+        self._used_i[slot + 1] = length
+        self._used_shadow = (self._used_shadow + 1) & _U16
+
+    def flush_used(self) -> None:
+        """Publish every completion added so far with one used idx store."""
+        if self._used_published != self._used_shadow:
+            self._used_h[1] = self._used_shadow
+            self._used_published = self._used_shadow
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what ``flush_used`` published since
+        the last call (False when nothing new was published)."""
+        new = self._used_published
+        old = self._signalled
+        if old == new:
+            return False
+        self._barrier()  # the used idx store must be visible before we read used_event
+        self._signalled = new
+        if self.event_idx:
+            if old is None:
+                return True  # no earlier decision to compare with (fresh or reconnected)
+            event = self._avail_h[self._used_event_i]
+            return ((new - event - 1) & _U16) < ((new - old) & _U16)
+        return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick while we are polling anyway (a hint)."""
+        self._notify_enabled = False
+        if not self.event_idx:
+            self._used_h[0] = VRING_USED_F_NO_NOTIFY
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; True when more is already available (pop again first)."""
+        self._notify_enabled = True
+        if self.event_idx:
+            self._used_h[self._avail_event_i] = self._last_avail
+        else:
+            self._used_h[0] = 0
+        self._barrier()
+        return self._avail_h[1] != self._last_avail
