@@ -1,0 +1,64 @@
+"""``virtblk info``: what a vhost-user-blk device offers and what we negotiated with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import click
+
+from virtblk.driver.disk import Disk
+from virtblk.spec import Feature, feature_names
+from virtblk.util import human_size
+from virtblk.vhost_user.messages import protocol_feature_names
+
+
+def describe(disk: Disk) -> dict[str, Any]:
+    """Everything ``info`` reports, as a JSON-able dict."""
+    dev = disk.device
+    c = dev.config
+    return {
+        "name": disk.name,
+        "capacity_bytes": disk.size,
+        "capacity": human_size(disk.size),
+        "capacity_sectors": dev.capacity_sectors,
+        "logical_block_size": disk.logical_block_size,
+        "read_only": disk.read_only,
+        "serial": disk.serial,
+        "cache_mode": disk.cache_mode,
+        "num_queues": disk.num_queues,
+        "device_num_queues": c.num_queues if dev.has(Feature.BLK_MQ) else 1,
+        "device_max_queues": dev.device_max_queues,
+        "queue_size": dev.queue_size,
+        "queue_depth": dev.queues[0].depth if dev.queues else 0,
+        "features_offered": feature_names(dev.offered_features),
+        "features_negotiated": feature_names(dev.features),
+        "protocol_features": protocol_feature_names(dev.protocol_features),
+        "geometry": dataclasses.asdict(disk.geometry),
+        "topology": dataclasses.asdict(disk.topology),
+        "limits": dataclasses.asdict(disk.limits),
+    }
+
+
+@click.command()
+@click.argument("socket_path", metavar="SOCKET")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait.")
+def info(socket_path: str, as_json: bool, timeout: float) -> None:
+    """Show a device's features, capacity, limits, serial, cache mode, topology and queues."""
+    try:
+        with Disk.connect(socket_path, timeout=timeout) as disk:
+            data = describe(disk)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = " ".join(value) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key.replace('_', ' '):<{width}}  {value}")

@@ -1,0 +1,88 @@
+"""Random sequences of writes, reads and flushes through a Disk match a bytearray model."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from virtblk import Disk
+
+SECTORS = 256  # a 128 KiB disk: small enough that writes collide often
+SIZE = SECTORS * 512
+
+
+class DiskModel(RuleBasedStateMachine):
+    """The disk must behave exactly like a bytearray of the same size."""
+
+    backend = "memory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = tempfile.TemporaryDirectory()
+        path = None
+        if self.backend == "file":
+            path = str(Path(self.tmp.name) / "img")
+            Path(path).write_bytes(bytes(SIZE))
+        self.disk = Disk.embedded(size=SIZE, backend=self.backend, path=path, mode="thread")
+        self.model = bytearray(SIZE)
+
+    extent = st.integers(0, SECTORS - 1).flatmap(
+        lambda start: st.tuples(st.just(start), st.integers(1, min(64, SECTORS - start)))
+    )
+
+    @rule(extent=extent, seed=st.integers(0, 255))
+    def write(self, extent: tuple[int, int], seed: int) -> None:
+        start, count = extent
+        data = bytes((seed + i) % 256 for i in range(count * 512))
+        self.disk.pwrite(data, start * 512)
+        self.model[start * 512 : (start + count) * 512] = data
+
+    @rule(extent=extent, pieces=st.integers(1, 4))
+    def writev(self, extent: tuple[int, int], pieces: int) -> None:
+        start, count = extent
+        data = bytes((start * 7 + i) % 251 for i in range(count * 512))
+        cut = sorted({0, len(data)} | {len(data) * k // pieces for k in range(1, pieces)})
+        bufs = [data[a:b] for a, b in zip(cut, cut[1:], strict=False)]
+        self.disk.pwritev(bufs, start * 512)
+        self.model[start * 512 : (start + count) * 512] = data
+
+    @rule(extent=extent)
+    def read(self, extent: tuple[int, int]) -> None:
+        start, count = extent
+        got = self.disk.pread(count * 512, start * 512)
+        assert got == self.model[start * 512 : (start + count) * 512]
+
+    @rule()
+    def flush(self) -> None:
+        self.disk.flush()
+
+    @rule(extent=extent)
+    def write_zeroes(self, extent: tuple[int, int]) -> None:
+        start, count = extent
+        self.disk.write_zeroes(start * 512, count * 512)
+        self.model[start * 512 : (start + count) * 512] = bytes(count * 512)
+
+    @invariant()
+    def size_is_stable(self) -> None:
+        assert self.disk.size == SIZE
+
+    def teardown(self) -> None:
+        try:
+            assert self.disk.pread(SIZE, 0) == self.model
+        finally:
+            self.disk.close()
+            self.tmp.cleanup()
+
+
+class FileDiskModel(DiskModel):
+    backend = "file"
+
+
+TestMemoryDiskModel = DiskModel.TestCase
+TestMemoryDiskModel.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+TestFileDiskModel = FileDiskModel.TestCase
+TestFileDiskModel.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
