@@ -26,7 +26,6 @@ DEVICE_READS = frozenset({RequestType.OUT, RequestType.OUT_FUA})
 SEGMENTED = frozenset({RequestType.DISCARD, RequestType.WRITE_ZEROES, RequestType.SECURE_ERASE})
 NO_DATA = frozenset({RequestType.FLUSH})
 SECTOR_MULTIPLE = frozenset({RequestType.IN, RequestType.OUT, RequestType.OUT_FUA})
-KNOWN = DEVICE_WRITES | DEVICE_READS | SEGMENTED | NO_DATA
 
 
 class ChainLike(Protocol):
@@ -112,12 +111,22 @@ def _status_byte(writable: Sequence[memoryview]) -> memoryview | None:
     return None
 
 
+_TYPE_NAMES = {int(t): t.name for t in RequestType}
+
+# What each known type carries, looked up once per request.
+_WRITES, _READS, _SEGMENTS, _NONE = range(4)
+_KIND = {
+    **{int(t): _WRITES for t in DEVICE_WRITES},
+    **{int(t): _READS for t in DEVICE_READS},
+    **{int(t): _SEGMENTS for t in SEGMENTED},
+    **{int(t): _NONE for t in NO_DATA},
+}
+
+
 def type_name(value: int) -> str:
     """A request type's spec name, or the number for types the spec does not define."""
-    try:
-        return RequestType(value).name
-    except ValueError:
-        return f"type {value:#x}"
+    name = _TYPE_NAMES.get(value)
+    return name if name is not None else f"type {value:#x}"
 
 
 def parse_request(chain: ChainLike) -> BlkRequest:
@@ -126,52 +135,54 @@ def parse_request(chain: ChainLike) -> BlkRequest:
     An unknown type (including one with the legacy barrier bit) is not malformed: it
     parses with empty data and the device answers UNSUPP.
     """
+    head = chain.head
+    writable = chain.writable
     writable_len = chain.writable_len
     readable_len = chain.readable_len
-    status = _status_byte(chain.writable) if writable_len else None
+    status = _status_byte(writable) if writable_len else None
     if status is None:
         raise MalformedRequest(
-            f"chain {chain.head} has no device-writable byte for the status "
-            f"({readable_len} readable bytes)", None, chain.head)
+            f"chain {head} has no device-writable byte for the status "
+            f"({readable_len} readable bytes)", None, head)
     if readable_len < HEADER_SIZE:
         raise MalformedRequest(
-            f"chain {chain.head} has {readable_len} device-readable bytes, "
-            f"too few for the {HEADER_SIZE}-byte request header", status, chain.head)
+            f"chain {head} has {readable_len} device-readable bytes, "
+            f"too few for the {HEADER_SIZE}-byte request header", status, head)
     rtype, ioprio, sector = _read_header(chain.readable)
-    if rtype not in KNOWN:
-        return BlkRequest(chain.head, rtype, ioprio, sector, [], 0, status)
+    kind = _KIND.get(rtype)
+    if kind is None:
+        return BlkRequest(head, rtype, ioprio, sector, [], 0, status)
 
     out_extra = readable_len - HEADER_SIZE
     in_extra = writable_len - 1
-    name = RequestType(rtype).name
-    if rtype in DEVICE_WRITES:
-        if out_extra:
-            raise MalformedRequest(
-                f"{name} request (chain {chain.head}) carries {out_extra} device-readable "
-                f"bytes after the header; it takes none", status, chain.head)
-        data, data_len = _take(chain.writable, in_extra), in_extra
-    elif rtype in NO_DATA:
-        if out_extra or in_extra:
-            raise MalformedRequest(
-                f"{name} request (chain {chain.head}) carries data ({out_extra} readable, "
-                f"{in_extra} writable bytes); it takes none", status, chain.head)
-        data, data_len = [], 0
-    else:
+    if kind in (_READS, _SEGMENTS):
         if in_extra:
             raise MalformedRequest(
-                f"{name} request (chain {chain.head}) has {in_extra} device-writable bytes "
-                f"besides the status; it takes none", status, chain.head)
+                f"{type_name(rtype)} request (chain {head}) has {in_extra} device-writable "
+                f"bytes besides the status; it takes none", status, head)
         data, data_len = _skip(chain.readable, HEADER_SIZE), out_extra
+    elif kind == _WRITES:
+        if out_extra:
+            raise MalformedRequest(
+                f"{type_name(rtype)} request (chain {head}) carries {out_extra} "
+                f"device-readable bytes after the header; it takes none", status, head)
+        data, data_len = _take(writable, in_extra), in_extra
+    else:
+        if out_extra or in_extra:
+            raise MalformedRequest(
+                f"{type_name(rtype)} request (chain {head}) carries data ({out_extra} "
+                f"readable, {in_extra} writable bytes); it takes none", status, head)
+        data, data_len = [], 0
 
-    if rtype in SECTOR_MULTIPLE and data_len % 512:
+    if data_len & 511 and rtype in SECTOR_MULTIPLE:
         raise MalformedRequest(
-            f"{name} request (chain {chain.head}) has {data_len} data bytes, "
-            f"not a multiple of 512", status, chain.head)
-    if rtype in SEGMENTED and (data_len == 0 or data_len % DiscardSegment.SIZE):
+            f"{type_name(rtype)} request (chain {head}) has {data_len} data bytes, "
+            f"not a multiple of 512", status, head)
+    if kind == _SEGMENTS and (data_len == 0 or data_len % DiscardSegment.SIZE):
         raise MalformedRequest(
-            f"{name} request (chain {chain.head}) has a {data_len}-byte payload, not a "
-            f"positive multiple of the {DiscardSegment.SIZE}-byte segment", status, chain.head)
-    return BlkRequest(chain.head, rtype, ioprio, sector, data, data_len, status)
+            f"{type_name(rtype)} request (chain {head}) has a {data_len}-byte payload, not a "
+            f"positive multiple of the {DiscardSegment.SIZE}-byte segment", status, head)
+    return BlkRequest(head, rtype, ioprio, sector, data, data_len, status)
 
 
 def read_segments(req: BlkRequest) -> list[DiscardSegment]:
