@@ -259,7 +259,7 @@ def _read_module(path: Path) -> bytes:
     raise GuestError(f"cannot decompress {path} (no zstd in the standard library)")
 
 
-def _resolve_modules(moddir: Path, wanted: Sequence[str]) -> list[tuple[str, bytes]]:
+def resolve_modules(moddir: Path, wanted: Sequence[str]) -> list[tuple[str, bytes]]:
     """`wanted` plus their dependencies, dependencies first, builtin modules left out."""
     files: dict[str, Path] = {}
     for path in (moddir / "kernel").rglob("*.ko*"):
@@ -357,7 +357,7 @@ def _extract_kernel(deb: Path, kernel_dir: Path, version: str) -> None:
     try:
         _run(["dpkg", "-x", str(deb), str(scratch)])
         moddir = scratch / "lib" / "modules" / version
-        modules = _resolve_modules(moddir, GUEST_MODULES)
+        modules = resolve_modules(moddir, GUEST_MODULES)
         staging = kernel_dir.with_name(kernel_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "modules").mkdir(parents=True)

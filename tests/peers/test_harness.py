@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from .guest import (
     GuestKernel,
     GuestTimeout,
     modinfo_depends,
+    prepare_guest_kernel,
+    resolve_modules,
     run_guest,
     script_archive,
 )
@@ -211,3 +214,26 @@ def test_guest_that_cannot_start_raises_with_qemus_stderr(
 def test_guest_past_its_timeout_is_killed(guest_kernel: GuestKernel) -> None:
     with pytest.raises(GuestTimeout, match="still running after 2 s"):
         run_guest("sleep 600", kernel=guest_kernel, timeout=2)
+
+
+@pytest.mark.guest
+def test_compressed_and_builtin_modules_are_resolved(
+    guest_kernel: GuestKernel, tmp_path: Path
+) -> None:
+    """Kernels that ship .ko.xz, or build a dependency in, still give loadable modules."""
+    prepared = guest_kernel.vmlinuz.parent / "modules"
+    kernel = tmp_path / "kernel" / "drivers"
+    kernel.mkdir(parents=True)
+    blk = (prepared / "virtio_blk.ko").read_bytes()
+    (kernel / "virtio_blk.ko.xz").write_bytes(lzma.compress(blk))
+    (kernel / "virtio.ko").write_bytes((prepared / "virtio.ko").read_bytes())
+    (tmp_path / "modules.builtin").write_text("kernel/drivers/virtio/virtio_ring.ko\n")
+    resolved = resolve_modules(tmp_path, ["virtio_blk"])
+    assert [name for name, _ in resolved] == ["virtio", "virtio_blk"]
+    assert resolved[1][1] == blk
+
+
+def test_incomplete_cache_is_an_error_that_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "current").write_text("6.1.0-0-amd64\n")
+    with pytest.raises(GuestError, match=f"delete {tmp_path}"):
+        prepare_guest_kernel(tmp_path)
