@@ -44,8 +44,14 @@ class RawRing:
         self.used_i = used[: 4 + 8 * num].cast("I")
 
     # driver's view
+    @staticmethod
+    def write_desc_into(
+        table: memoryview, index: int, addr: int, length: int, flags: int = 0, nxt: int = 0
+    ) -> None:
+        DESC.pack_into(table, 16 * index, addr, length, flags, nxt)
+
     def write_desc(self, index: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
-        DESC.pack_into(self.desc, 16 * index, addr, length, flags, nxt)
+        self.write_desc_into(self.desc, index, addr, length, flags, nxt)
 
     def read_desc(self, index: int) -> tuple[int, int, int, int]:
         return DESC.unpack_from(self.desc, 16 * index)  # type: ignore[no-any-return]

@@ -607,7 +607,8 @@ class DeviceVirtqueue:
         self._last_avail = last_avail_idx
         self._used_shadow = used_idx  # entries written by add_used
         self._used_published = used_idx  # the idx the driver can see
-        self._signalled: int | None = None  # used idx at the last notification decision
+        self._signalled = used_idx  # used idx at the last notification decision
+        self._signalled_before = False
         self._notify_enabled = True
         self._broken: str | None = None
 
@@ -771,8 +772,11 @@ class DeviceVirtqueue:
         self._barrier()  # the used idx store must be visible before we read used_event
         self._signalled = new
         if self.event_idx:
-            if old is None:
-                return True  # no earlier decision to compare with (fresh or reconnected)
+            if not self._signalled_before:
+                # No earlier decision to compare with (fresh or reconnected queue): a
+                # spurious interrupt is harmless, a missed one hangs the driver.
+                self._signalled_before = True
+                return True
             event = self._avail_h[self._used_event_i]
             return ((new - event - 1) & _U16) < ((new - old) & _U16)
         return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
