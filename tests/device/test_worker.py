@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -217,4 +218,24 @@ def test_stop_returns_the_avail_index_and_restart_resumes(
     assert dev.stats()["queues"][0]["running"]  # type: ignore[index]
     dev.reset()
     assert dev.running_queues() == []
+    drv.close()
+
+
+def test_closed_kick_fd_does_not_spin_and_stop_still_works(
+    dev: BlkDevice, memory: tuple[GuestMemory, BufferAllocator],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    drv = Driver(*memory, event_idx=True)
+    kick, writer = os.pipe()
+    os.close(writer)  # poll reports POLLHUP for the reader at once, and would forever
+    devq = DeviceVirtqueue(drv.memory, drv.addrs, event_idx=True)
+    with caplog.at_level(logging.ERROR, "virtblk.device"):
+        dev.start_queue(0, devq, kick, drv.call)
+        cpu_before = time.process_time()
+        select.select([], [], [], 0.3)
+        cpu_used = time.process_time() - cpu_before
+        assert dev.stop_queue(0) == 0
+    assert cpu_used < 0.15, f"worker spun: {cpu_used:.2f}s CPU in 0.3s"
+    assert f"kick fd {kick} failed" in caplog.text
+    os.close(kick)
     drv.close()

@@ -602,9 +602,15 @@ class _QueueWorker(threading.Thread):
             while True:
                 events = poller.poll()
                 kicked = False
-                for fd, _ in events:
+                for fd, mask in events:
                     if fd == self._stop_fd:
                         return
+                    if mask & (select.POLLNVAL | select.POLLERR | select.POLLHUP):
+                        # A closed kick fd would wake us forever: wait for stop instead.
+                        log.error("queue %d: kick fd %d failed (poll mask %#x); waiting "
+                                  "for the queue to be stopped", self.index, fd, mask)
+                        poller.unregister(fd)
+                        continue
                     kicked = True
                 if kicked:
                     self._drain_kick()
@@ -628,7 +634,8 @@ class _QueueWorker(threading.Thread):
             self.stats.broken = True
             log.error("queue %d: ring unusable, queue stopped until restarted: %s",
                       self.index, exc)
-            poller.unregister(self.kick_fd)
+            with contextlib.suppress(KeyError):  # already gone if the kick fd failed
+                poller.unregister(self.kick_fd)
         except Exception:
             self.stats.internal_errors += 1
             log.exception("queue %d: internal error while serving", self.index)
