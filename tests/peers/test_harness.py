@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .guest import (
+from peers.guest import (
     CpioWriter,
     GuestError,
     GuestKernel,
@@ -24,8 +24,8 @@ from .guest import (
     run_guest,
     script_archive,
 )
-from .plugin import QsdFactory
-from .qsd import QemuStorageDaemon, QmpError, QsdError
+from peers.plugin import QsdFactory
+from peers.qsd import QemuStorageDaemon, QmpError, QsdError
 
 MiB = 1 << 20
 
