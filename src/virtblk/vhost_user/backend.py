@@ -1,0 +1,808 @@
+"""The device side of vhost-user as a sans-IO state machine over a ``VhostUserDevice``.
+
+``BackendConnection`` is fed the bytes and fds the frontend sent (``receive_data``) and
+hands back, one at a time, replies to send and protocol violations (``next_event``); or it
+is given decoded messages directly (``handle``).  It owns everything the frontend hands
+over: the memory table (mapped into a ``GuestMemory``), the per-ring state and every fd,
+and it drives the device: ``start_queue`` when a ring becomes ready, ``stop_queue`` on
+GET_VRING_BASE, ``reset`` when the session ends.
+
+Ring life cycle (vhost-user.rst "Ring states", as libvhost-user implements it): a ring is
+*started* by SET_VRING_KICK and *stopped* by GET_VRING_BASE; it is *enabled* from the
+start when VHOST_USER_F_PROTOCOL_FEATURES was not acked, else only after
+SET_VRING_ENABLE(1).  The device runs the ring while it is started and enabled; for a
+block device "started but disabled" (process without side effects) means "not serving".
+
+Errors: every check the spec allows us is made (ring index below ``num_queues``, ring size
+a power of two up to 32768, ring addresses inside the memory table, memory regions not
+overlapping and not more than GET_MAX_MEM_SLOTS, ring/memory requests only after
+SET_OWNER as the kernel's vhost requires, features that were offered).  A bad message is
+answered if an answer is due (a NACK when REPLY_ACK asked for one) and then reported as a
+``ProtocolViolation`` event.  The state machine stays consistent, but our server drops the
+connection on the first violation, as qemu-storage-daemon does: a frontend that sends
+garbage is not trusted with the device.  Requests the device itself refuses (a config
+read past its end, a config write it rejects) are answered with a failure, not a
+violation.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from virtblk.spec import VIRTQUEUE_MAX_SIZE, Feature, has_feature
+from virtblk.vhost_user.codec import CLOSED, Decoder, Event, Sentinel, encode
+from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.messages import (
+    Ack,
+    AddMemReg,
+    Channel,
+    ConfigChangeMsg,
+    GetConfig,
+    GetConfigFailed,
+    GetConfigReply,
+    GetFeatures,
+    GetFeaturesReply,
+    GetInflightFd,
+    GetInflightFdReply,
+    GetMaxMemSlots,
+    GetMaxMemSlotsReply,
+    GetProtocolFeatures,
+    GetProtocolFeaturesReply,
+    GetQueueNum,
+    GetQueueNumReply,
+    GetVringBase,
+    GetVringBaseReply,
+    Message,
+    ProtocolFeature,
+    RemMemReg,
+    ResetDevice,
+    ResetOwner,
+    SetBackendReqFd,
+    SetConfig,
+    SetFeatures,
+    SetInflightFd,
+    SetMemTable,
+    SetOwner,
+    SetProtocolFeatures,
+    SetVringAddr,
+    SetVringBase,
+    SetVringCall,
+    SetVringEnable,
+    SetVringErr,
+    SetVringKick,
+    SetVringNum,
+    protocol_feature_names,
+)
+from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from virtblk.virtio.split import DeviceVirtqueue, RingError, VringAddrs
+
+__all__ = [
+    "DEFAULT_MAX_MEM_SLOTS",
+    "DEFAULT_PROTOCOL_FEATURES",
+    "BackendConnection",
+    "ProtocolViolation",
+    "VhostUserDevice",
+    "inflight_queue_size",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ.mask
+    | ProtocolFeature.REPLY_ACK.mask
+    | ProtocolFeature.BACKEND_REQ.mask
+    | ProtocolFeature.CONFIG.mask
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
+    | ProtocolFeature.RESET_DEVICE.mask
+)
+"""What we offer by default.  INFLIGHT_SHMFD is handled but not offered: we cannot yet
+resume in-flight requests from the buffer, and offering it would promise that we can."""
+SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask
+DEFAULT_MAX_MEM_SLOTS = 32
+"""Regions we accept (libvhost-user's VHOST_USER_MAX_RAM_SLOTS)."""
+
+_INFLIGHT_ALIGN = 64
+_INFLIGHT_QUEUE_HEADER = 16  # QueueRegionSplit: features u64, version, desc_num, ... u16
+_INFLIGHT_DESC_STATE = 16  # DescStateSplit
+
+
+class VhostUserDevice(Protocol):
+    """What a device model offers the vhost-user backend (``BlkDevice`` implements it).
+
+    ``features`` includes VHOST_USER_F_PROTOCOL_FEATURES.  ``start_queue`` serves ``vq``
+    (kicks arrive on ``kick_fd``; ``call_fd`` is -1 when the frontend polls instead of
+    taking notifications); the fds stay owned by the connection.  ``stop_queue`` stops
+    serving and returns the next avail index.  ``config_changed`` is installed by the
+    connection: the device calls it when its config space changed by itself.
+    """
+
+    features: int
+    num_queues: int
+    config_changed: Callable[[], None] | None
+
+    def config(self) -> bytes: ...
+    def set_config(self, offset: int, data: bytes) -> None: ...
+    def set_features(self, features: int) -> None: ...
+    def start_queue(self, index: int, vq: DeviceVirtqueue, kick_fd: int, call_fd: int) -> None: ...
+    def stop_queue(self, index: int) -> int: ...
+    def reset(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The frontend broke the protocol; the caller should drop the connection."""
+
+    error: ProtocolError
+
+
+BackendEvent = Message | ProtocolViolation | Sentinel
+
+
+def inflight_queue_size(queue_size: int) -> int:
+    """Bytes of one split queue's inflight region: header + one DescStateSplit per entry,
+    rounded to 64 (vhost-user.rst "Inflight I/O tracking")."""
+    raw = _INFLIGHT_QUEUE_HEADER + _INFLIGHT_DESC_STATE * queue_size
+    return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclasses.dataclass
+class _Vring:
+    """What the frontend told us about one ring (addresses are frontend user addresses)."""
+
+    num: int = 0
+    base: int = 0
+    desc_uva: int | None = None
+    avail_uva: int | None = None
+    used_uva: int | None = None
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    started: bool = False  # SET_VRING_KICK seen, no GET_VRING_BASE since
+    enabled: bool | None = None  # None: never set by SET_VRING_ENABLE
+    running: bool = False  # the device serves it
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            _close(getattr(self, name))
+            setattr(self, name, None)
+
+
+_NEEDS_OWNER = (
+    SetFeatures, SetMemTable, AddMemReg, RemMemReg, SetVringNum, SetVringAddr, SetVringBase,
+    GetVringBase, SetVringKick, SetVringCall, SetVringErr, SetVringEnable, GetInflightFd,
+    SetInflightFd, ResetOwner, ResetDevice,
+)  # fmt: skip
+_NEEDS_PROTOCOL_FEATURE: dict[type[Message], ProtocolFeature] = {
+    GetConfig: ProtocolFeature.CONFIG,
+    SetConfig: ProtocolFeature.CONFIG,
+    SetBackendReqFd: ProtocolFeature.BACKEND_REQ,
+    GetMaxMemSlots: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    AddMemReg: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    RemMemReg: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    GetInflightFd: ProtocolFeature.INFLIGHT_SHMFD,
+    SetInflightFd: ProtocolFeature.INFLIGHT_SHMFD,
+    ResetDevice: ProtocolFeature.RESET_DEVICE,
+}
+
+
+def _message_fds(message: Message) -> list[int]:
+    fds: list[int] = []
+    for name in ("fd", "fds"):
+        value = getattr(message, name, None)
+        if isinstance(value, int):
+            fds.append(value)
+        elif isinstance(value, tuple):
+            fds.extend(value)
+    return fds
+
+
+class BackendConnection:
+    """One frontend session over ``device``.
+
+    Not thread-safe except ``config_changed`` (called by device threads), which only
+    queues a message for the backend channel and calls ``wakeup``.
+    """
+
+    def __init__(
+        self,
+        device: VhostUserDevice,
+        *,
+        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+    ) -> None:
+        """Serve ``device``, offering ``protocol_features`` (a subset of what we support)."""
+        unsupported = protocol_features & ~SUPPORTED_PROTOCOL_FEATURES
+        if unsupported:
+            raise ValueError(
+                f"protocol features not implemented: {protocol_feature_names(unsupported)}"
+            )
+        self.device = device
+        self.offered_protocol_features = protocol_features
+        self.max_mem_slots = max_mem_slots
+        self.protocol_features = 0
+        """What SET_PROTOCOL_FEATURES enabled."""
+        self.acked_features: int | None = None
+        """What SET_FEATURES acknowledged (None before)."""
+        self.owned = False
+        self.memory: GuestMemory | None = None
+        self.vrings = [_Vring() for _ in range(device.num_queues)]
+        self.backend_req_fd: int | None = None
+        self.inflight_fd: int | None = None
+        self.wakeup: Callable[[], None] = lambda: None
+        """Called (from any thread) when ``backend_data_to_send`` has something."""
+        self._decoder = Decoder(Channel.MAIN)
+        self._backend_decoder = Decoder(Channel.BACKEND)
+        self._events: collections.deque[BackendEvent] = collections.deque()
+        self._unowned_fds: list[int] = []
+        self._backend_lock = threading.Lock()
+        self._backend_outbox: list[tuple[bytes, list[int]]] = []
+        self.backend_acks_pending = 0
+        self.closed = False
+        device.config_changed = self.config_changed
+
+    # ------------------------------------------------------------------ byte interface
+
+    def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Feed what the main socket returned (``b""`` at EOF); takes ownership of fds."""
+        self._decoder.receive_data(data, fds)
+
+    def next_event(self) -> BackendEvent:
+        """The next reply to send, a ProtocolViolation, NEED_DATA or CLOSED.
+
+        Replies may borrow fds the connection keeps (GET_INFLIGHT_FD): send, do not close.
+        """
+        while not self._events:
+            try:
+                event: Event = self._decoder.next_event()
+            except ProtocolError as exc:
+                return ProtocolViolation(exc)
+            if not isinstance(event, Message):
+                return event
+            if event.IS_REPLY:
+                _close_all(_message_fds(event))
+                return ProtocolViolation(
+                    ProtocolError(f"frontend sent a reply ({event.name}) on the main channel")
+                )
+            self._process(event)
+        return self._events.popleft()
+
+    def _process(self, message: Message) -> None:
+        try:
+            reply = self.handle(message)
+        except ProtocolError as exc:
+            if self._wants_ack(message):
+                self._events.append(Ack(message.code, 1))
+            self._events.append(ProtocolViolation(exc))
+            return
+        if reply is not None:
+            self._events.append(reply)
+
+    def _wants_ack(self, message: Message) -> bool:
+        return bool(getattr(message, "need_reply", False)) and bool(
+            self.protocol_features & ProtocolFeature.REPLY_ACK.mask
+        )
+
+    # ------------------------------------------------------------------ message interface
+
+    def handle(self, message: Message) -> Message | None:
+        """Apply one frontend request; return the reply to send, if any.
+
+        Raises ProtocolError for a request the protocol forbids; the message's fds are
+        then closed.  When REPLY_ACK asked for an ack and the request has no reply of its
+        own, the reply is an ``Ack``.
+        """
+        self._unowned_fds = _message_fds(message)
+        try:
+            self._check_allowed(message)
+            reply = self._dispatch(message)
+        finally:
+            fds, self._unowned_fds = self._unowned_fds, []
+            _close_all(fds)  # rejected messages' fds, and REM_MEM_REG's stray fd
+        if reply is None and self._wants_ack(message):
+            return Ack(message.code, 0)
+        if isinstance(reply, _Nack):
+            return Ack(message.code, 1) if self._wants_ack(message) else None
+        return reply
+
+    def _take(self, fd: int) -> int:
+        """Take ownership of a message's fd (it will not be closed after handling)."""
+        self._unowned_fds.remove(fd)
+        return fd
+
+    def _check_allowed(self, message: Message) -> None:
+        if isinstance(message, _NEEDS_OWNER) and not self.owned:
+            raise ProtocolError(f"{message.name} before SET_OWNER")
+        feature = _NEEDS_PROTOCOL_FEATURE.get(type(message))
+        if feature is not None and not self.protocol_features & feature.mask:
+            raise ProtocolError(
+                f"{message.name} needs protocol feature {feature.name}, not negotiated"
+            )
+
+    def _dispatch(self, message: Message) -> Message | _Nack | None:
+        match message:
+            case GetFeatures():
+                return GetFeaturesReply(self.device.features)
+            case SetFeatures(value=features):
+                self._set_features(features)
+            case GetProtocolFeatures():
+                return GetProtocolFeaturesReply(self.offered_protocol_features)
+            case SetProtocolFeatures(value=features):
+                self._set_protocol_features(features)
+            case SetOwner():
+                self.owned = True
+            case ResetOwner():
+                self._stop_all_rings()
+            case ResetDevice():
+                self._reset_device()
+            case GetQueueNum():
+                return GetQueueNumReply(self.device.num_queues)
+            case GetMaxMemSlots():
+                return GetMaxMemSlotsReply(self.max_mem_slots)
+            case SetMemTable():
+                self._set_mem_table(message)
+            case AddMemReg():
+                self._add_mem_reg(message)
+            case RemMemReg():
+                self._rem_mem_reg(message)
+            case SetVringNum(index=index, num=num):
+                self._set_vring_num(index, num)
+            case SetVringBase(index=index, num=num):
+                self._set_vring_base(index, num)
+            case SetVringAddr():
+                self._set_vring_addr(message)
+            case GetVringBase(index=index):
+                return GetVringBaseReply(index, self._get_vring_base(index))
+            case SetVringKick(index=index, fd=fd):
+                self._set_vring_kick(index, fd)
+            case SetVringCall(index=index, fd=fd):
+                self._set_vring_call(index, fd)
+            case SetVringErr(index=index, fd=fd):
+                ring = self._ring(index, "SET_VRING_ERR")
+                _close(ring.err_fd)
+                ring.err_fd = None if fd is None else self._take(fd)
+            case SetVringEnable(index=index, enable=enable):
+                self._set_vring_enable(index, enable)
+            case GetConfig():
+                return self._get_config(message)
+            case SetConfig():
+                return self._set_config(message)
+            case SetBackendReqFd(fd=fd):
+                self._close_backend_channel()
+                self.backend_req_fd = self._take(fd)
+            case GetInflightFd():
+                return self._get_inflight_fd(message)
+            case SetInflightFd():
+                self._set_inflight_fd(message)
+            case _:
+                raise ProtocolError(f"{message.name} is not supported by this backend")
+        return None
+
+    # ------------------------------------------------------------------ features
+
+    def _set_features(self, features: int) -> None:
+        extra = features & ~self.device.features
+        if extra:
+            raise ProtocolError(
+                f"SET_FEATURES {features:#x} acks bits never offered: {extra:#x} "
+                f"(offered {self.device.features:#x})"
+            )
+        try:
+            self.device.set_features(features)
+        except ValueError as exc:
+            raise ProtocolError(f"SET_FEATURES {features:#x}: device refused: {exc}") from exc
+        self.acked_features = features
+
+    def _set_protocol_features(self, features: int) -> None:
+        extra = features & ~self.offered_protocol_features
+        if extra:
+            raise ProtocolError(
+                f"SET_PROTOCOL_FEATURES enables {protocol_feature_names(extra)}, never offered"
+            )
+        self.protocol_features = features
+
+    @property
+    def event_idx(self) -> bool:
+        """VIRTIO_F_RING_EVENT_IDX was acked."""
+        return self.acked_features is not None and has_feature(
+            self.acked_features, Feature.RING_EVENT_IDX
+        )
+
+    def _rings_start_enabled(self) -> bool:
+        acked = self.acked_features or 0
+        return not has_feature(acked, Feature.VHOST_USER_PROTOCOL_FEATURES)
+
+    # ------------------------------------------------------------------ memory
+
+    def _set_mem_table(self, message: SetMemTable) -> None:
+        if len(message.regions) > self.max_mem_slots:
+            raise ProtocolError(
+                f"SET_MEM_TABLE: {len(message.regions)} regions, at most {self.max_mem_slots}"
+            )
+        memory = GuestMemory()
+        try:
+            for desc, fd in zip(message.regions, message.fds, strict=True):
+                region = MemoryRegion.map_fd(
+                    self._take(fd),
+                    size=desc.memory_size,
+                    mmap_offset=desc.mmap_offset,
+                    guest_phys_addr=desc.guest_phys_addr,
+                    user_addr=desc.userspace_addr,
+                )
+                try:
+                    memory.add(region)
+                except GuestMemoryError:
+                    region.close()
+                    raise
+        except GuestMemoryError as exc:
+            memory.close()
+            raise ProtocolError(f"SET_MEM_TABLE: {exc}") from exc
+        paused = self._pause_running()
+        old, self.memory = self.memory, memory
+        if old is not None:
+            old.close()
+        self._resume(paused)
+
+    def _add_mem_reg(self, message: AddMemReg) -> None:
+        count = len(self.memory.regions) if self.memory is not None else 0
+        if count >= self.max_mem_slots:
+            raise ProtocolError(f"ADD_MEM_REG: all {self.max_mem_slots} memory slots are used")
+        desc = message.region
+        try:
+            region = MemoryRegion.map_fd(
+                self._take(message.fd),
+                size=desc.memory_size,
+                mmap_offset=desc.mmap_offset,
+                guest_phys_addr=desc.guest_phys_addr,
+                user_addr=desc.userspace_addr,
+            )
+        except GuestMemoryError as exc:
+            raise ProtocolError(f"ADD_MEM_REG: {exc}") from exc
+        paused = self._pause_running()
+        try:
+            if self.memory is None:
+                self.memory = GuestMemory()
+            self.memory.add(region)
+        except GuestMemoryError as exc:
+            region.close()
+            raise ProtocolError(f"ADD_MEM_REG: {exc}") from exc
+        finally:
+            self._resume(paused)
+
+    def _rem_mem_reg(self, message: RemMemReg) -> None:
+        desc = message.region
+        match = [
+            r
+            for r in (self.memory.regions if self.memory is not None else ())
+            if r.guest_phys_addr == desc.guest_phys_addr
+            and r.size == desc.memory_size
+            and r.user_addr == desc.userspace_addr
+        ]
+        if self.memory is None or not match:
+            raise ProtocolError(
+                f"REM_MEM_REG: no region at gpa {desc.guest_phys_addr:#x} size "
+                f"{desc.memory_size:#x} user address {desc.userspace_addr:#x}"
+            )
+        paused = self._pause_running()
+        self.memory.remove(desc.guest_phys_addr, desc.memory_size).close()
+        self._resume(paused)
+
+    # ------------------------------------------------------------------ rings
+
+    def _ring(self, index: int, what: str) -> _Vring:
+        if not 0 <= index < len(self.vrings):
+            raise ProtocolError(
+                f"{what}: ring index {index} out of range "
+                f"(the device has {len(self.vrings)} queues)"
+            )
+        return self.vrings[index]
+
+    @staticmethod
+    def _not_running(index: int, ring: _Vring, what: str) -> None:
+        if ring.running:
+            raise ProtocolError(f"{what}: ring {index} is running; stop it with GET_VRING_BASE")
+
+    def _set_vring_num(self, index: int, num: int) -> None:
+        ring = self._ring(index, "SET_VRING_NUM")
+        self._not_running(index, ring, "SET_VRING_NUM")
+        if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
+            raise ProtocolError(
+                f"SET_VRING_NUM: ring {index} size {num} is not a power of two "
+                f"in 1..{VIRTQUEUE_MAX_SIZE}"
+            )
+        ring.num = num
+
+    def _set_vring_base(self, index: int, base: int) -> None:
+        ring = self._ring(index, "SET_VRING_BASE")
+        self._not_running(index, ring, "SET_VRING_BASE")
+        if base > 0xFFFF:
+            raise ProtocolError(f"SET_VRING_BASE: ring {index} base {base} is not a 16-bit index")
+        ring.base = base
+
+    def _set_vring_addr(self, message: SetVringAddr) -> None:
+        ring = self._ring(message.index, "SET_VRING_ADDR")
+        self._not_running(message.index, ring, "SET_VRING_ADDR")
+        if self.memory is None:
+            raise ProtocolError(f"SET_VRING_ADDR for ring {message.index} before a memory table")
+        uvas = (message.desc_user_addr, message.avail_user_addr, message.used_user_addr)
+        self._translate(message.index, max(ring.num, 1), *uvas)
+        ring.desc_uva, ring.avail_uva, ring.used_uva = uvas
+
+    def _translate(self, index: int, num: int, desc: int, avail: int, used: int) -> VringAddrs:
+        """Ring user addresses -> guest addresses; the whole of each area must be mapped."""
+        assert self.memory is not None
+        areas = (
+            ("descriptor table", desc, 16 * num, 16),
+            ("avail ring", avail, 6 + 2 * num, 2),
+            ("used ring", used, 6 + 8 * num, 4),
+        )
+        gpas: list[int] = []
+        for name, uva, length, align in areas:
+            try:
+                gpa = self.memory.user_to_guest(uva, length)
+            except GuestMemoryError as exc:
+                raise ProtocolError(f"ring {index} {name}: {exc}") from exc
+            if gpa % align:
+                raise ProtocolError(f"ring {index} {name} at {gpa:#x} is not {align}-aligned")
+            gpas.append(gpa)
+        return VringAddrs(num=num, desc=gpas[0], avail=gpas[1], used=gpas[2])
+
+    def _set_vring_kick(self, index: int, fd: int | None) -> None:
+        ring = self._ring(index, "SET_VRING_KICK")
+        if fd is None:
+            raise ProtocolError(f"SET_VRING_KICK: ring {index} without a kick fd (polling mode)")
+        self._stop_ring(index)  # a new kick fd for a running ring: restart it on the new fd
+        _close(ring.kick_fd)
+        ring.kick_fd = self._take(fd)
+        ring.started = True
+        self._maybe_start(index)
+
+    def _set_vring_call(self, index: int, fd: int | None) -> None:
+        ring = self._ring(index, "SET_VRING_CALL")
+        # The device has no "swap the call fd" hook: restart the ring around the change.
+        was_running = self._stop_ring(index)
+        _close(ring.call_fd)
+        ring.call_fd = None if fd is None else self._take(fd)
+        if was_running:
+            self._maybe_start(index)
+
+    def _set_vring_enable(self, index: int, enable: bool) -> None:
+        ring = self._ring(index, "SET_VRING_ENABLE")
+        ring.enabled = enable
+        if enable:
+            self._maybe_start(index)
+        else:
+            self._stop_ring(index)
+
+    def _get_vring_base(self, index: int) -> int:
+        ring = self._ring(index, "GET_VRING_BASE")
+        self._stop_ring(index)
+        ring.started = False
+        _close(ring.kick_fd)
+        _close(ring.call_fd)
+        ring.kick_fd = ring.call_fd = None
+        return ring.base
+
+    def _maybe_start(self, index: int) -> None:
+        """Start the device on ring ``index`` if it is started, enabled and complete."""
+        ring = self.vrings[index]
+        enabled = ring.enabled if ring.enabled is not None else self._rings_start_enabled()
+        if ring.running or not ring.started or not enabled:
+            return
+        if self.memory is None or ring.num == 0 or ring.desc_uva is None:
+            raise ProtocolError(
+                f"ring {index} started without "
+                + ("a memory table" if self.memory is None else "its size and addresses")
+            )
+        assert ring.avail_uva is not None and ring.used_uva is not None
+        assert ring.kick_fd is not None
+        addrs = self._translate(index, ring.num, ring.desc_uva, ring.avail_uva, ring.used_uva)
+        # The used index lives in guest memory: read it (one aligned 16-bit load) so a
+        # restarted ring continues where the device left off.
+        used_idx = int(self.memory.view(addrs.used + 2, 2).cast("H")[0])
+        try:
+            vq = DeviceVirtqueue(
+                self.memory,
+                addrs,
+                event_idx=self.event_idx,
+                last_avail_idx=ring.base,
+                used_idx=used_idx,
+            )
+        except RingError as exc:
+            raise ProtocolError(f"ring {index}: {exc}") from exc
+        call_fd = -1 if ring.call_fd is None else ring.call_fd
+        try:
+            self.device.start_queue(index, vq, ring.kick_fd, call_fd)
+        except ValueError as exc:
+            raise ProtocolError(f"ring {index}: the device refused to start it: {exc}") from exc
+        ring.running = True
+
+    def _stop_ring(self, index: int) -> bool:
+        """Stop the device on ring ``index`` (remembering where to resume); True if it ran."""
+        ring = self.vrings[index]
+        if not ring.running:
+            return False
+        ring.base = self.device.stop_queue(index)
+        ring.running = False
+        return True
+
+    def _pause_running(self) -> list[int]:
+        return [index for index in range(len(self.vrings)) if self._stop_ring(index)]
+
+    def _resume(self, indices: list[int]) -> None:
+        for index in indices:
+            self._maybe_start(index)
+
+    def _stop_all_rings(self) -> None:
+        for index, ring in enumerate(self.vrings):
+            self._stop_ring(index)
+            ring.started = False
+            ring.close_fds()
+
+    def _reset_device(self) -> None:
+        self._stop_all_rings()
+        self.device.reset()
+        self.acked_features = None
+        self.vrings = [_Vring() for _ in range(self.device.num_queues)]
+
+    # ------------------------------------------------------------------ config, inflight
+
+    def _get_config(self, message: GetConfig) -> Message:
+        config = self.device.config()
+        end = message.offset + message.size
+        if end > len(config):
+            log.warning(
+                "GET_CONFIG offset %d size %d is past the %d-byte config space",
+                message.offset,
+                message.size,
+                len(config),
+            )
+            return GetConfigFailed()
+        return GetConfigReply(message.offset, config[message.offset : end], message.flags)
+
+    def _set_config(self, message: SetConfig) -> _Nack | None:
+        try:
+            self.device.set_config(message.offset, message.data)
+        except ValueError as exc:
+            log.warning("SET_CONFIG offset %d refused: %s", message.offset, exc)
+            return _NACK
+        return None
+
+    def _get_inflight_fd(self, message: GetInflightFd) -> Message:
+        """A zeroed memfd laid out for split queues.  We hand it over and keep it, but do
+        not yet track requests in it nor resume from it after a reconnect."""
+        if not 1 <= message.num_queues <= len(self.vrings):
+            raise ProtocolError(
+                f"GET_INFLIGHT_FD for {message.num_queues} queues; the device has "
+                f"{len(self.vrings)}"
+            )
+        size = message.queue_size
+        if not 1 <= size <= VIRTQUEUE_MAX_SIZE or size & (size - 1):
+            raise ProtocolError(f"GET_INFLIGHT_FD: queue size {size} is not a power of two")
+        mmap_size = message.num_queues * inflight_queue_size(size)
+        fd = os.memfd_create("virtblk-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, mmap_size)
+        except OSError:
+            os.close(fd)
+            raise
+        _close(self.inflight_fd)
+        self.inflight_fd = fd
+        return GetInflightFdReply(mmap_size, 0, message.num_queues, size, fd)
+
+    def _set_inflight_fd(self, message: SetInflightFd) -> None:
+        """Keep the buffer the frontend returns (resuming from it is not implemented)."""
+        if message.num_queues > len(self.vrings):
+            raise ProtocolError(
+                f"SET_INFLIGHT_FD for {message.num_queues} queues; the device has "
+                f"{len(self.vrings)}"
+            )
+        needed = message.num_queues * inflight_queue_size(message.queue_size)
+        if message.mmap_size < needed:
+            raise ProtocolError(
+                f"SET_INFLIGHT_FD: buffer of {message.mmap_size} bytes, {needed} needed for "
+                f"{message.num_queues} queues of {message.queue_size}"
+            )
+        _close(self.inflight_fd)
+        self.inflight_fd = self._take(message.fd)
+
+    # ------------------------------------------------------------------ backend channel
+
+    def config_changed(self) -> None:
+        """Device hook: tell the frontend its config changed (CONFIG_CHANGE_MSG).
+
+        Only queued here; the shell sends it on ``backend_req_fd`` (never blocking a
+        device thread on the frontend, which may answer with GET_CONFIG first).
+        """
+        needed = ProtocolFeature.CONFIG.mask | ProtocolFeature.BACKEND_REQ.mask
+        if self.protocol_features & needed != needed or self.backend_req_fd is None:
+            log.info("config changed, but the frontend cannot be told (no backend channel)")
+            return
+        need_reply = bool(self.protocol_features & ProtocolFeature.REPLY_ACK.mask)
+        with self._backend_lock:
+            self._backend_outbox.append(encode(ConfigChangeMsg(need_reply=need_reply)))
+            if need_reply:
+                self.backend_acks_pending += 1
+        self.wakeup()
+
+    def backend_data_to_send(self) -> list[tuple[bytes, list[int]]]:
+        """Messages queued for the backend channel, oldest first (drains the queue)."""
+        with self._backend_lock:
+            out, self._backend_outbox = self._backend_outbox, []
+        return out
+
+    def receive_backend_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Feed what the backend channel returned: the frontend's acks.
+
+        Raises ProtocolError for anything else; the shell then closes the channel.
+        """
+        self._backend_decoder.receive_data(data, fds)
+        while True:
+            event = self._backend_decoder.next_event()
+            if not isinstance(event, Message):
+                if event is CLOSED:
+                    self._close_backend_channel()
+                return
+            if not isinstance(event, Ack):
+                _close_all(_message_fds(event))
+                raise ProtocolError(f"frontend sent {event.name} on the backend channel")
+            with self._backend_lock:
+                self.backend_acks_pending = max(0, self.backend_acks_pending - 1)
+            if not event.ok:
+                log.warning("frontend answered %s with status %d", event.name, event.status)
+
+    def _close_backend_channel(self) -> None:
+        _close(self.backend_req_fd)
+        self.backend_req_fd = None
+        self._backend_decoder.close()
+        self._backend_decoder = Decoder(Channel.BACKEND)
+
+    def close_backend_channel(self) -> None:
+        """Forget the backend channel (it broke); config changes are then only logged."""
+        self._close_backend_channel()
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """The session ended: stop the device, reset it, unmap memory, close every fd."""
+        if self.closed:
+            return
+        self.closed = True
+        self.device.config_changed = None
+        try:
+            self._stop_all_rings()
+            self.device.reset()
+        finally:
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
+            self._close_backend_channel()
+            _close(self.inflight_fd)
+            self.inflight_fd = None
+            self._decoder.close()
+            self._backend_decoder.close()
+            self._events.clear()
+
+
+class _Nack:
+    """Internal marker: the device refused; answer a failure when an ack is due."""
+
+
+_NACK = _Nack()
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        _close(fd)
