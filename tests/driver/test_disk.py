@@ -112,9 +112,10 @@ def test_discard_and_write_zeroes(disk: Disk) -> None:
 
 
 def test_missing_feature_is_a_clear_error() -> None:
-    with Disk.embedded(size=MiB, backend="null") as d:
-        with pytest.raises(FeatureNotNegotiatedError, match="LIFETIME"):
-            _ = d.lifetime
+    with Disk.embedded(size=MiB, backend="null") as d, pytest.raises(
+        FeatureNotNegotiatedError, match="LIFETIME"
+    ):
+        _ = d.lifetime
 
 
 def test_disks_get_distinct_names() -> None:

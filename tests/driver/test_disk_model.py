@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class DiskModel(RuleBasedStateMachine):
         start, count = extent
         data = bytes((start * 7 + i) % 251 for i in range(count * 512))
         cut = sorted({0, len(data)} | {len(data) * k // pieces for k in range(1, pieces)})
-        bufs = [data[a:b] for a, b in zip(cut, cut[1:], strict=False)]
+        bufs = [data[a:b] for a, b in itertools.pairwise(cut)]
         self.disk.pwritev(bufs, start * 512)
         self.model[start * 512 : (start + count) * 512] = data
 

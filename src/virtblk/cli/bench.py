@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import click
@@ -90,7 +91,7 @@ def bench(
                 )
             )
             assert disk.embedded_device is not None
-            device_cpu = disk.embedded_device.cpu_seconds
+            device_cpu: Callable[[], float] | None = disk.embedded_device.cpu_seconds
             target = f"embedded {backend} device, {human_size(disk.size)}"
         else:
             disk = stack.enter_context(Disk.connect(socket_path, queue_size=queue_size))
@@ -122,11 +123,12 @@ def format_result(r: BenchResult, target: str) -> str:
     pct = r.percentiles()
     lat_us = ", ".join(f"p{p:g}={pct[p] / 1000:.1f}" for p in PERCENTILES if p >= 50)
     mean = r.lat_ns.mean() / 1000 if len(r.lat_ns) else 0.0
+    worst = r.lat_ns.max() / 1000 if len(r.lat_ns) else 0.0
     lines = [
         f"{c.rw}: bs={c.bs} iodepth={c.iodepth} on {target}",
         f"  IOPS={r.iops:,.0f}  BW={r.bandwidth / (1 << 20):,.1f}MiB/s  "
         f"({r.ios} I/Os in {r.elapsed:.2f}s, {r.errors} errors)",
-        f"  clat (us): mean={mean:.1f}, {lat_us}, max={r.lat_ns.max() / 1000 if len(r.lat_ns) else 0:.1f}",
+        f"  clat (us): mean={mean:.1f}, {lat_us}, max={worst:.1f}",
     ]
     cpu = f"  CPU per I/O: driver {r.driver_cpu_per_io_us:.2f} us"
     if r.device_cpu_per_io_us is not None:

@@ -9,7 +9,7 @@ import click
 from virtblk.util import parse_size
 
 
-class SizeParam(click.ParamType):
+class SizeParam(click.ParamType[int]):
     """A byte size with fio-style binary units (``4k``, ``64M``, ``1G``)."""
 
     name = "size"

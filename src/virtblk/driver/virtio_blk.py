@@ -185,9 +185,8 @@ class VirtioBlk:
         fe.set_features(self.features | vhost_bit)
         self.config = self._read_config()
         if self._has_protocol(ProtocolFeature.BACKEND_REQ):
-            self._backend_channel = BackendChannel(self._on_config_change)
-            fe.set_backend_req_fd(self._backend_channel.remote_fd)
-            self._backend_channel.close_remote()
+            self._backend_channel = fe.open_backend_channel(self._on_config_change)
+            self._backend_channel.start()
 
     def _has_protocol(self, feature: int) -> bool:
         return bool(self.protocol_features & (1 << feature))
@@ -258,9 +257,9 @@ class VirtioBlk:
             fe.set_vring_base(index, 0)
             fe.set_vring_addr(
                 index,
-                desc=addrs.desc + uva_offset,
-                used=addrs.used + uva_offset,
-                avail=addrs.avail + uva_offset,
+                desc_uva=addrs.desc + uva_offset,
+                used_uva=addrs.used + uva_offset,
+                avail_uva=addrs.avail + uva_offset,
             )
             fe.set_vring_call(index, call)
             fe.set_vring_kick(index, kick)
@@ -387,6 +386,12 @@ class VirtioBlk:
                 callback(old, new)
 
     def _on_config_change(self) -> None:
+        """CONFIG_CHANGE_MSG arrived: re-read the config in a worker thread, as the seed
+        queues ``config_work``.  Re-reading here would send GET_CONFIG before we have
+        acknowledged the message, which deadlocks a device that waits for that ack."""
+        threading.Thread(target=self._config_work, name="virtblk-config", daemon=True).start()
+
+    def _config_work(self) -> None:
         try:
             self.refresh_config()
         except Exception:

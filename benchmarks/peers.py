@@ -1,0 +1,148 @@
+"""Our driver against qemu-storage-daemon and against our own device, in one run.
+
+Both devices serve a null backend over vhost-user from their own process; our driver
+runs the same 4 KiB random-read load against each, at each depth, and we read every
+process's CPU time from /proc.  Figures are printed as ratios against the daemon measured
+in the same run (machines are noisy), plus a JSON record (``--json FILE``).
+
+    python benchmarks/peers.py [--runtime 5] [--depths 1,32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from virtblk import Disk
+from virtblk.bench import BenchConfig, run_bench
+from virtblk.util import process_cpu_seconds
+
+SIZE = 1 << 30
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not create {path}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def qemu_storage_daemon(tmp: Path, num_queues: int = 1) -> Iterator[tuple[str, int]]:
+    """qemu-storage-daemon exporting a null-co device; yields (socket, pid)."""
+    sock = tmp / "qsd.sock"
+    proc = subprocess.Popen(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=null-co,node-name=f,size={SIZE},read-zeroes=off",
+            "--export",
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
+            f"addr.path={sock},writable=on,num-queues={num_queues}",
+        ]
+    )
+    try:
+        _wait_for_socket(sock, proc, "qemu-storage-daemon")
+        yield str(sock), proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def virtblk_serve(tmp: Path, num_queues: int = 1) -> Iterator[tuple[str, int]]:
+    """``virtblk serve --null``; yields (socket, pid)."""
+    sock = tmp / "virtblk.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "virtblk",
+            "serve",
+            "--socket",
+            str(sock),
+            "--null",
+            str(SIZE),
+            "--num-queues",
+            str(num_queues),
+        ]
+    )
+    try:
+        _wait_for_socket(sock, proc, "virtblk serve")
+        yield str(sock), proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def measure(sock: str, pid: int, depth: int, runtime: float) -> dict[str, object]:
+    """One bench run of our driver against the device on ``sock``."""
+    with Disk.connect(sock, num_queues=1) as disk:
+        cfg = BenchConfig(rw="randread", bs=4096, iodepth=depth, runtime=runtime)
+        result = run_bench(disk, cfg, device_cpu=lambda: process_cpu_seconds(pid))
+    return result.summary()
+
+
+def main() -> int:
+    """Run the comparison and print it."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", type=float, default=5.0)
+    ap.add_argument("--depths", default="1,32")
+    ap.add_argument("--json", dest="json_path")
+    args = ap.parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for depth in depths:
+            for name, peer in (("qemu-storage-daemon", qemu_storage_daemon), ("virtblk", virtblk_serve)):
+                with peer(tmp) as (sock, pid):
+                    row = measure(sock, pid, depth, args.runtime)
+                row["device"] = name
+                rows.append(row)
+    print(f"{'device':<20} {'depth':>5} {'IOPS':>10} {'drv us/IO':>10} {'dev us/IO':>10}")
+    for r in rows:
+        print(
+            f"{r['device']:<20} {r['iodepth']:>5} {r['iops']:>10,.0f} "
+            f"{r['driver_cpu_us_per_io']:>10.2f} {r['device_cpu_us_per_io']:>10.2f}"
+        )
+    print("\nratios (same run):")
+    ratios = []
+    for depth in depths:
+        q = next(r for r in rows if r["device"] == "qemu-storage-daemon" and r["iodepth"] == depth)
+        v = next(r for r in rows if r["device"] == "virtblk" and r["iodepth"] == depth)
+        ratio = {
+            "iodepth": depth,
+            "virtblk_iops_over_qsd": round(float(v["iops"]) / float(q["iops"]), 3),  # type: ignore[arg-type]
+            "virtblk_device_cpu_over_qsd": round(
+                float(v["device_cpu_us_per_io"]) / float(q["device_cpu_us_per_io"]), 3  # type: ignore[arg-type]
+            ),
+            "driver_cpu_over_qsd_device_cpu": round(
+                float(q["driver_cpu_us_per_io"]) / float(q["device_cpu_us_per_io"]), 3  # type: ignore[arg-type]
+            ),
+        }
+        ratios.append(ratio)
+        print(
+            f"  depth {depth}: our device IOPS = {ratio['virtblk_iops_over_qsd']}x the daemon's; "
+            f"our device CPU/IO = {ratio['virtblk_device_cpu_over_qsd']}x the daemon's; "
+            f"our driver CPU/IO = {ratio['driver_cpu_over_qsd_device_cpu']}x the daemon's"
+        )
+    record = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "runs": rows, "ratios": ratios}
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
