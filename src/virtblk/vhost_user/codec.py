@@ -178,7 +178,8 @@ class Decoder:
                 f"header of {request_name(code, self.channel)}: version {flags & VERSION_MASK}, "
                 f"only version 1 exists (flags {flags:#x})"
             )
-        unknown = flags & ~(VERSION_MASK | Flag.REPLY | Flag.NEED_REPLY)
+        unknown = flags & ~(VERSION_MASK | int(Flag.REPLY) | int(Flag.NEED_REPLY))  # ints: ~ on
+        # an IntFlag only complements the defined bits
         if unknown:
             raise ProtocolError(
                 f"header of {request_name(code, self.channel)}: unknown flag bits {unknown:#x}"

@@ -312,7 +312,7 @@ class Message:
     the header alone so a bad size is refused before its payload is buffered.
     """
 
-    CODE: ClassVar[int]
+    CODE: ClassVar[int] = 0  # Ack overrides ``code`` instead
     CHANNEL: ClassVar[Channel] = Channel.MAIN
     IS_REPLY: ClassVar[bool] = False
     SIZES: ClassVar[tuple[int, int]] = (0, 0)
@@ -321,6 +321,11 @@ class Message:
     def code(self) -> int:
         """The header's request field."""
         return self.CODE
+
+    @property
+    def channel(self) -> Channel:
+        """The channel the message travels on."""
+        return self.CHANNEL
 
     @property
     def name(self) -> str:
