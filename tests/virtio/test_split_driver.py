@@ -126,13 +126,20 @@ def test_queue_full_and_token_misuse(guest: Guest) -> None:
 
 
 def test_indirect_chain_limits(guest: Guest) -> None:
-    vq, _ = make(guest, num=2, indirect=True, max_chain=3, max_tokens=4)
-    with pytest.raises(ValueError, match="max_chain"):
+    vq, _ = make(guest, num=4, indirect=True, max_chain=3, max_tokens=5)
+    with pytest.raises(ValueError, match="max_chain 3"):
         vq.add([(0x1000, 1)] * 4, [], token=0)
-    vq.add([(0x1000, 1)] * 3, [], token=0)
-    vq.add([(0x1000, 1)] * 3, [], token=1)
+    for token in range(4):
+        vq.add([(0x1000, 1)] * 3, [], token=token)  # one ring descriptor each
     with pytest.raises(QueueFull):
-        vq.add([(0x1000, 1)] * 2, [], token=2)
+        vq.add([(0x1000, 1)] * 2, [], token=4)
+
+
+def test_an_indirect_chain_is_bounded_by_the_queue_size_too(guest: Guest) -> None:
+    vq, _ = make(guest, num=2, indirect=True, max_chain=8)
+    with pytest.raises(ValueError, match="queue size 2"):
+        vq.add([(0x1000, 1)] * 3, [], token=0)
+    vq.add([(0x1000, 1)] * 2, [], token=0)
 
 
 def test_get_used_returns_tokens_and_frees_descriptors(guest: Guest) -> None:

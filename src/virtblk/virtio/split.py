@@ -224,6 +224,8 @@ class DriverVirtqueue:
         self._broken: str | None = None
 
         self._table_stride = VRING_DESC_SIZE * max_chain
+        # The spec bounds every chain, indirect ones included, by the queue size.
+        self._table_limit = min(max_chain, num)
         self._tables_base = 0  # gpa of token 0's indirect table
         self._tables = memoryview(b"")
         if indirect:
@@ -266,8 +268,11 @@ class DriverVirtqueue:
         count = len(out) + len(in_)
         try:
             if count > 1 and self.indirect:
-                if count > self.max_chain:
-                    raise ValueError(f"chain of {count} buffers exceeds max_chain {self.max_chain}")
+                if count > self._table_limit:
+                    raise ValueError(
+                        f"chain of {count} buffers exceeds max_chain {self.max_chain} "
+                        f"or the queue size {self.num}"
+                    )
                 free = self._free
                 if not free:
                     raise QueueFull("no free descriptor")
@@ -368,8 +373,8 @@ class DriverVirtqueue:
             self._reject_token(token)
         if not self.indirect:
             raise ValueError("the queue was created without indirect descriptors")
-        if not 1 <= count <= self.max_chain:
-            raise ValueError(f"count {count} outside 1..{self.max_chain}")
+        if not 1 <= count <= self._table_limit:
+            raise ValueError(f"count {count} outside 1..{self._table_limit}")
         if not self._free:
             raise QueueFull("no free descriptor")
         head = self._free.pop()
