@@ -168,7 +168,8 @@ class DriverVirtqueue:
     the device wants a notification, so the caller can batch.
 
     The constructor zeroes the three ring areas: create the queue before telling the
-    device its addresses.
+    device its addresses.  Not thread-safe: one thread owns a queue (a blk-mq hardware
+    queue), as in Linux where the caller holds the queue lock.
     """
 
     def __init__(
@@ -565,6 +566,7 @@ class DeviceVirtqueue:
     visible to the driver at ``flush_used`` (one index store per batch); then
     ``needs_notification`` says whether to signal the call eventfd.  ``max_indirect``
     bounds an indirect table's entries (default: the queue size, as VIRTIO 1.0 says).
+    Not thread-safe: one worker thread owns a queue.
     """
 
     def __init__(
