@@ -291,3 +291,17 @@ def test_reply_ack_can_be_declined() -> None:
         assert served.frontend.get_queue_num() == 2
     finally:
         served.close()
+
+
+def test_module_level_serve_connected_serves_one_session() -> None:
+    from virtblk.vhost_user.server import serve_connected
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    device = RecordingDevice()
+    thread = threading.Thread(target=serve_connected, args=(theirs, device), daemon=True)
+    thread.start()
+    with VhostUserFrontend(ours, timeout=5) as frontend:
+        negotiate(frontend)
+        assert frontend.get_queue_num() == 2
+    thread.join(timeout=5)
+    assert not thread.is_alive() and device.resets == 1

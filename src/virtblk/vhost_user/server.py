@@ -36,7 +36,7 @@ from virtblk.vhost_user.codec import encode as encode_message
 from virtblk.vhost_user.errors import ProtocolError
 from virtblk.vhost_user.messages import MAX_FDS, Message
 
-__all__ = ["VhostUserServer"]
+__all__ = ["VhostUserServer", "serve_connected"]
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,26 @@ class VhostUserServer:
     def _new_device(self) -> VhostUserDevice:
         assert self._device_factory is not None
         return self._device_factory()
+
+
+def serve_connected(
+    sock: socket.socket,
+    device: VhostUserDevice,
+    *,
+    protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+    max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+) -> None:
+    """Serve one frontend on a connected socket (a socketpair end) until it leaves.
+
+    Takes ownership of ``sock``; the device is reset when the session ends.
+    """
+    server = VhostUserServer(
+        None, device, protocol_features=protocol_features, max_mem_slots=max_mem_slots
+    )
+    try:
+        server.serve_connected(sock)
+    finally:
+        server.close()
 
 
 class _Session:
