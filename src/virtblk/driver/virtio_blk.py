@@ -99,6 +99,15 @@ class Limits:
     secure_erase_sector_alignment: int
 
 
+_CONFIG_BASE_END = 36  # capacity ... num_queues
+_CONFIG_END = (
+    (Feature.BLK_ZONED, 96),
+    (Feature.BLK_SECURE_ERASE, 72),
+    (Feature.BLK_WRITE_ZEROES, 60),
+    (Feature.BLK_DISCARD, 48),
+)
+"""Where the config space ends for the furthest feature negotiated (largest first)."""
+
 ConfigCallback = Callable[[int, int], None]
 """Called with (old size, new size) in bytes after a config change that resized the disk."""
 
@@ -202,9 +211,20 @@ class VirtioBlk:
                 f"{what} needs VIRTIO_{feature.name}, which the device does not offer"
             )
 
+    def _config_size(self) -> int:
+        """How much config space to read: up to the last field our features use.
+
+        Devices size their config space by feature, as QEMU does, and refuse a larger read
+        (qemu-storage-daemon 7.2 has 60 bytes); fields past the end read as zero.
+        """
+        for feature, end in _CONFIG_END:
+            if self.has(feature):
+                return end
+        return _CONFIG_BASE_END
+
     def _read_config(self) -> BlkConfig:
         with self._lock:
-            return BlkConfig.unpack(self.frontend.get_config(BlkConfig.SIZE))
+            return BlkConfig.unpack(self.frontend.get_config(self._config_size()))
 
     def _num_vqs(self) -> int:
         available = self.config.num_queues if self.has(Feature.BLK_MQ) else 1
