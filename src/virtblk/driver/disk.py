@@ -128,13 +128,17 @@ class Disk:
         num_queues: int = 1,
         queue_size: int = 256,
         queue_depth: int | None = None,
+        experimental_fua: bool = False,
         **device_options: Any,
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
 
-        ``device_options`` go to :class:`virtblk.device.options.DeviceOptions` (``serial``,
-        ``read_only``, ``blk_size``...).  The device stops when the disk is closed.
+        ``device_options`` go to :class:`virtblk.device.blk.BlkDevice` (``serial``,
+        ``read_only``, ``blk_size``, ``seg_max``...).  ``experimental_fua`` makes both ends
+        use VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is closed.
         """
+        if experimental_fua:
+            device_options["fua"] = True
         from virtblk.device.options import DeviceOptions
         from virtblk.embedded import start_embedded
 
@@ -157,6 +161,7 @@ class Disk:
                 num_queues=num_queues,
                 queue_size=queue_size,
                 queue_depth=queue_depth,
+                experimental_fua=experimental_fua,
                 on_close=embedded.stop,
             )
         except BaseException:
@@ -271,9 +276,12 @@ class Disk:
         self.preadv([out], offset)
         return bytes(out)
 
-    def pwrite(self, data: Buffer, offset: int) -> int:
-        """Write ``data`` at ``offset``; returns the bytes written."""
-        return self.pwritev([data], offset)
+    def pwrite(self, data: Buffer, offset: int, *, fua: bool = False) -> int:
+        """Write ``data`` at ``offset``; returns the bytes written.
+
+        ``fua`` (experimental, VIRTIO_BLK_F_OUT_FUA) makes this write durable on completion
+        without flushing the whole cache."""
+        return self.pwritev([data], offset, fua=fua)
 
     def preadv(self, buffers: Sequence[Buffer], offset: int) -> int:
         """Read into ``buffers`` (in order) from ``offset``; returns the bytes read."""
@@ -283,12 +291,14 @@ class Disk:
                 raise TypeError("preadv needs writable buffers")
         return self._rw(False, views, offset)
 
-    def pwritev(self, buffers: Sequence[Buffer], offset: int) -> int:
+    def pwritev(self, buffers: Sequence[Buffer], offset: int, *, fua: bool = False) -> int:
         """Write ``buffers`` (in order) at ``offset``; returns the bytes written."""
         if self.read_only:
             raise BlockIOError(errno.EROFS, f"{self.name}: the device is read-only")
+        if fua:
+            self._dev.require(Feature.BLK_OUT_FUA, "a FUA write (experimental)")
         views = [memoryview(b).cast("B") for b in buffers]
-        return self._rw(True, views, offset)
+        return self._rw(True, views, offset, fua=fua)
 
     def flush(self) -> None:
         """Make every completed write durable (FLUSH; a no-op for a write-through device
@@ -384,7 +394,7 @@ class Disk:
         step = self.limits.max_segment_size
         return [(a, min(step, gpa + length - a)) for a in range(gpa, gpa + length, step)]
 
-    def _rw(self, write: bool, views: list[memoryview], offset: int) -> int:
+    def _rw(self, write: bool, views: list[memoryview], offset: int, *, fua: bool = False) -> int:
         total = sum(len(v) for v in views)
         what = f"{self.name}: {'write' if write else 'read'}"
         self._check_range(offset, total, what)
@@ -398,7 +408,7 @@ class Disk:
             for g, v in zip(direct, views, strict=True):
                 assert g is not None
                 segs.extend(self._segments(g, len(v)))
-            self._transfer(write, segs, offset, what)
+            self._transfer(write, segs, offset, what, fua)
             return total
         done = 0
         staged = _Cursor(views)
@@ -409,7 +419,7 @@ class Disk:
                 bounce = memory.view(gpa, n)
                 if write:
                     staged.copy_out(bounce)
-                self._transfer(write, self._segments(gpa, n), offset + done, what)
+                self._transfer(write, self._segments(gpa, n), offset + done, what, fua)
                 if not write:
                     staged.copy_in(bounce)
                 bounce.release()
@@ -418,11 +428,15 @@ class Disk:
             done += n
         return total
 
-    def _transfer(self, write: bool, segs: list[tuple[int, int]], offset: int, what: str) -> None:
+    def _transfer(
+        self, write: bool, segs: list[tuple[int, int]], offset: int, what: str, fua: bool = False
+    ) -> None:
         """Split ``segs`` into requests of at most ``max_segments`` and run them together."""
         q = self._queue()
         per = self.limits.max_segments
-        type_ = RequestType.OUT if write else RequestType.IN
+        type_ = RequestType.IN
+        if write:
+            type_ = RequestType.OUT_FUA if fua else RequestType.OUT
         reqs: list[Request] = []
         sector = offset >> SECTOR_SHIFT
         try:
