@@ -13,6 +13,15 @@ from virtblk.spec import Feature, feature_names
 from virtblk.util import human_size
 from virtblk.vhost_user.messages import protocol_feature_names
 
+#: Bits a vhost-user device may offer that are not virtio features, so ``Feature`` has no
+#: name for them.  qemu-storage-daemon 7.2 offers bit 26 (dirty-page logging for
+#: migration); naming it keeps ``info`` from printing a mysterious "bit 26".
+_VHOST_BITS = {"bit 26": "VHOST_F_LOG_ALL"}
+
+
+def _names(bits: int) -> list[str]:
+    return [_VHOST_BITS.get(name, name) for name in feature_names(bits)]
+
 
 def describe(disk: Disk) -> dict[str, Any]:
     """Everything ``info`` reports, as a JSON-able dict."""
@@ -32,12 +41,14 @@ def describe(disk: Disk) -> dict[str, Any]:
         "device_max_queues": dev.device_max_queues,
         "queue_size": dev.queue_size,
         "queue_depth": dev.queues[0].depth if dev.queues else 0,
-        "features_offered": feature_names(dev.offered_features),
-        "features_negotiated": feature_names(dev.features),
+        "features_offered": _names(dev.offered_features),
+        "features_negotiated": _names(dev.features),
         "protocol_features": protocol_feature_names(dev.protocol_features),
         "geometry": dataclasses.asdict(disk.geometry),
         "topology": dataclasses.asdict(disk.topology),
         "limits": dataclasses.asdict(disk.limits),
+        # The raw config space as read (fields of features not negotiated read as 0).
+        "config": dataclasses.asdict(c),
     }
 
 
