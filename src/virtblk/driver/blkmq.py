@@ -214,12 +214,17 @@ class HardwareQueue:
                 pass  # the counter is saturated: the device has a wakeup pending anyway
 
     # -- completion -------------------------------------------------------------------------
-    def process_completions(self) -> int:
-        """Drain the used ring (``virtblk_done``); returns how many requests completed."""
-        with self.cond:
-            return self._drain_locked()
+    def process_completions(self, *, rearm: bool = True) -> int:
+        """Drain the used ring (``virtblk_done``); returns how many requests completed.
 
-    def _drain_locked(self) -> int:
+        ``rearm=False`` leaves device notifications disabled afterwards: a polling queue
+        (libblkio's poll queues) reaps by reading the used ring, so the device need not
+        signal the call eventfd at all.
+        """
+        with self.cond:
+            return self._drain_locked(rearm)
+
+    def _drain_locked(self, rearm: bool = True) -> int:
         completed: list[Request] = []
         vq = self.vq
         while True:
@@ -231,7 +236,7 @@ class HardwareQueue:
                 # rejected the chain): report it as an I/O error, not as whatever was there.
                 req.status = self._slots[tag * _SLOT + 16] if written >= 1 else Status.IOERR
                 completed.append(req)
-            if vq.enable_cb():
+            if not rearm or vq.enable_cb():
                 break
         if completed:
             # In case the queue is stopped waiting for ring space (the seed restarts it).
