@@ -318,37 +318,17 @@ class Disk:
     def discard(self, offset: int, length: int) -> None:
         """Tell the device the range is unused (DISCARD)."""
         self._dev.require(Feature.BLK_DISCARD, "discard")
-        lim = self.limits
-        self._ranges(
-            RequestType.DISCARD, offset, length, lim.max_discard_sectors, lim.max_discard_seg, 0
-        )
+        self._ranges(RequestType.DISCARD, offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Zero the range (WRITE_ZEROES); ``unmap`` lets the device deallocate it."""
         self._dev.require(Feature.BLK_WRITE_ZEROES, "write_zeroes")
-        lim = self.limits
-        flags = 1 if unmap else 0
-        self._ranges(
-            RequestType.WRITE_ZEROES,
-            offset,
-            length,
-            lim.max_write_zeroes_sectors,
-            lim.max_write_zeroes_seg,
-            flags,
-        )
+        self._ranges(RequestType.WRITE_ZEROES, offset, length, unmap=unmap)
 
     def secure_erase(self, offset: int, length: int) -> None:
         """Erase the range so it cannot be recovered (SECURE_ERASE)."""
         self._dev.require(Feature.BLK_SECURE_ERASE, "secure_erase")
-        lim = self.limits
-        self._ranges(
-            RequestType.SECURE_ERASE,
-            offset,
-            length,
-            lim.max_secure_erase_sectors,
-            lim.max_secure_erase_seg,
-            0,
-        )
+        self._ranges(RequestType.SECURE_ERASE, offset, length)
 
     # -- internals ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -365,7 +345,10 @@ class Disk:
             self._thread_queue.q = q
         return q
 
-    def _check_range(self, offset: int, length: int, what: str) -> None:
+    def check_range(self, offset: int, length: int, what: str) -> None:
+        """Refuse I/O on a closed disk, negative, misaligned or past the end (ValueError);
+        public so that other front ends (``virtblk.aio``, the queue API) apply the same
+        rules."""
         self._check_open()
         bs = self.logical_block_size
         if offset < 0 or length < 0:
@@ -394,10 +377,45 @@ class Disk:
         step = self.limits.max_segment_size
         return [(a, min(step, gpa + length - a)) for a in range(gpa, gpa + length, step)]
 
+    def request_segments(self, gpa: int, length: int) -> list[list[tuple[int, int]]]:
+        """One contiguous shared buffer as the segment lists of the requests that carry it:
+        segments of at most ``size_max``, at most ``seg_max`` per request (how blk-mq
+        splits a bio by the queue limits)."""
+        segs = self._segments(gpa, length)
+        per = self.limits.max_segments
+        return [segs[i : i + per] for i in range(0, len(segs), per)]
+
+    def range_payloads(
+        self, type_: RequestType, offset: int, length: int, *, unmap: bool = False
+    ) -> list[bytes]:
+        """The payloads (packed segments) of the DISCARD / WRITE_ZEROES / SECURE_ERASE
+        requests covering a checked range, split by the device's sector and segment
+        limits."""
+        lim = self.limits
+        max_sectors, max_seg = {
+            RequestType.DISCARD: (lim.max_discard_sectors, lim.max_discard_seg),
+            RequestType.WRITE_ZEROES: (lim.max_write_zeroes_sectors, lim.max_write_zeroes_seg),
+            RequestType.SECURE_ERASE: (lim.max_secure_erase_sectors, lim.max_secure_erase_seg),
+        }[type_]
+        max_sectors = max_sectors or 0xFFFFFFFF
+        flags = 1 if unmap else 0
+        sector = offset >> SECTOR_SHIFT
+        remaining = length >> SECTOR_SHIFT
+        segs: list[DiscardSegment] = []
+        while remaining:
+            n = min(remaining, max_sectors)
+            segs.append(DiscardSegment(sector, n, flags))
+            sector += n
+            remaining -= n
+        return [
+            b"".join(s.pack() for s in segs[i : i + max_seg])
+            for i in range(0, len(segs), max(1, max_seg))
+        ]
+
     def _rw(self, write: bool, views: list[memoryview], offset: int, *, fua: bool = False) -> int:
         total = sum(len(v) for v in views)
         what = f"{self.name}: {'write' if write else 'read'}"
-        self._check_range(offset, total, what)
+        self.check_range(offset, total, what)
         if total == 0:
             return 0
         memory = self._dev.memory
@@ -460,33 +478,13 @@ class Disk:
                     q.put_tag(req)
 
     def _ranges(
-        self,
-        type_: RequestType,
-        offset: int,
-        length: int,
-        max_sectors: int,
-        max_seg: int,
-        flags: int,
+        self, type_: RequestType, offset: int, length: int, *, unmap: bool = False
     ) -> None:
-        """DISCARD / WRITE_ZEROES / SECURE_ERASE: split by the device's sector and segment
-        limits; each request carries up to ``max_seg`` segments."""
+        """DISCARD / WRITE_ZEROES / SECURE_ERASE, one request per payload, in order."""
         what = f"{self.name}: {type_.name.lower()}"
-        self._check_range(offset, length, what)
-        if length == 0:
-            return
-        max_sectors = max_sectors or 0xFFFFFFFF
-        sector = offset >> SECTOR_SHIFT
-        remaining = length >> SECTOR_SHIFT
-        segs: list[DiscardSegment] = []
-        while remaining:
-            n = min(remaining, max_sectors)
-            segs.append(DiscardSegment(sector, n, flags))
-            sector += n
-            remaining -= n
+        self.check_range(offset, length, what)
         q = self._queue()
-        for i in range(0, len(segs), max_seg):
-            group = segs[i : i + max_seg]
-            payload = b"".join(s.pack() for s in group)
+        for payload in self.range_payloads(type_, offset, length, unmap=unmap):
             gpa = self._alloc(len(payload))
             req = q.get_tag()
             try:
