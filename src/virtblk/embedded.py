@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="virtblk-device: %(message)s")
     fd, spec = int(argv[0]), json.loads(argv[1])
     sock = socket.socket(fileno=fd)
-    _serve(sock, DeviceOptions(**spec).build())
+    _serve(sock, DeviceOptions.from_dict(spec).build())
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
+from virtblk.spec import Lifetime
 
 BackendKind = Literal["memory", "null", "file"]
 
@@ -52,3 +53,14 @@ class DeviceOptions:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, to hand the description to a child process."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceOptions:
+        """The inverse of :meth:`to_dict`: JSON turned the ``lifetime`` struct into a dict
+        (and ``geometry`` into a list), which the device needs back as they were."""
+        device = dict(data.get("device", {}))
+        if isinstance(device.get("lifetime"), dict):
+            device["lifetime"] = Lifetime(**device["lifetime"])
+        if isinstance(device.get("geometry"), list):
+            device["geometry"] = tuple(device["geometry"])
+        return cls(**{**data, "device": device})
