@@ -1,0 +1,260 @@
+"""Our driver against our device, ``virtblk serve`` run as a real process on a Unix socket.
+
+The embedded device (a socketpair) is tested elsewhere; this is the deployment shape:
+a listening socket file, a server that outlives its frontends, signals, permissions.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from interop.serve_process import ServeProcess
+from virtblk import Disk
+from virtblk.errors import BlockIOError, FeatureNotNegotiatedError
+from virtblk.spec import Lifetime, RequestType, Status
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+SERIAL = "virtblk-interop"
+
+
+def _host_read(image: Path, offset: int, length: int) -> bytes:
+    with image.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+@pytest.fixture(params=["file", "memory", "null"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=[1, 2], ids=["1queue", "2queues"])
+def num_queues(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+@pytest.fixture
+def server(sock_dir: Path, image: Path, kind: str, num_queues: int) -> Iterator[ServeProcess]:
+    backend = {
+        "file": ["--file", str(image)],
+        "memory": ["--memory", str(SIZE)],
+        "null": ["--null", str(SIZE)],
+    }[kind]
+    args = [*backend, "--num-queues", str(num_queues), "--serial", SERIAL]
+    with ServeProcess(sock_dir / "vb.sock", args) as proc:
+        yield proc
+
+
+def test_every_request_type(server: ServeProcess, kind: str, image: Path, num_queues: int) -> None:
+    stores = kind != "null"
+    with Disk.connect(str(server.socket_path), num_queues=num_queues) as disk:
+        assert disk.size == SIZE
+        assert disk.num_queues == num_queues
+        assert disk.serial == SERIAL  # GET_ID
+        assert disk.logical_block_size == 512
+        for name in ("BLK_FLUSH", "BLK_DISCARD", "BLK_WRITE_ZEROES", "BLK_SECURE_ERASE"):
+            assert name in disk.features
+
+        data = os.urandom(6 * MiB)  # two staging chunks
+        assert disk.pwrite(data, MiB) == len(data)  # OUT
+        got = disk.pread(len(data), MiB)  # IN
+        assert got == (data if stores else bytes(len(data)))
+        disk.flush()  # FLUSH
+        if kind == "file":
+            assert _host_read(image, MiB, len(data)) == data
+
+        # WRITE_ZEROES without and with unmap, then SECURE_ERASE, then DISCARD: each on its
+        # own MiB of the pattern; the MiB around them must stay intact.
+        disk.write_zeroes(2 * MiB, MiB)
+        disk.write_zeroes(3 * MiB, MiB, unmap=True)
+        disk.secure_erase(4 * MiB, MiB)
+        disk.discard(5 * MiB, MiB)
+        disk.flush()
+        for start in (2, 3, 4):
+            assert disk.pread(MiB, start * MiB) == bytes(MiB), f"MiB {start} not zeroed"
+        if stores:
+            assert disk.pread(MiB, MiB) == data[:MiB]
+            assert disk.pread(MiB, 6 * MiB) == data[5 * MiB :]
+        if kind == "file":
+            assert _host_read(image, 2 * MiB, 3 * MiB) == bytes(3 * MiB)
+            assert _host_read(image, MiB, MiB) == data[:MiB]
+            assert _host_read(image, 6 * MiB, MiB) == data[5 * MiB :]
+
+        # GET_LIFETIME: serve offers no lifetime, so the driver refuses it up front...
+        with pytest.raises(FeatureNotNegotiatedError):
+            _ = disk.lifetime
+        # ...and the device answers UNSUPP when asked anyway.
+        q = disk.device.queues[0]
+        gpa = disk.device.allocator.alloc(Lifetime.SIZE)
+        req = q.get_tag()
+        q.submit(req, RequestType.GET_LIFETIME, 0, in_bufs=[(gpa, Lifetime.SIZE)])
+        q.wait_for(req, timeout=10)
+        assert req.status == Status.UNSUPP
+        q.put_tag(req)
+        disk.device.allocator.free(gpa)
+
+
+def test_get_lifetime_on_the_embedded_device() -> None:
+    """serve has no lifetime option: GET_LIFETIME is exercised on the embedded device."""
+    wear = Lifetime(pre_eol_info=1, device_lifetime_est_typ_a=3, device_lifetime_est_typ_b=7)
+    with Disk.embedded(size=MiB, backend="memory", lifetime=wear) as disk:
+        assert "BLK_LIFETIME" in disk.features
+        assert disk.lifetime == wear
+
+
+def test_two_threads_use_both_queues(sock_dir: Path, image: Path) -> None:
+    import threading
+
+    with (
+        ServeProcess(sock_dir / "vb.sock", ["--file", str(image), "--num-queues", "2"]) as srv,
+        Disk.connect(str(srv.socket_path), num_queues=2) as disk,
+    ):
+        patterns = [os.urandom(128 * 1024) for _ in range(2)]
+        errors: list[BaseException] = []
+
+        def work(t: int) -> None:
+            try:
+                for i in range(16):
+                    offset = (8 + 4 * t) * MiB + i * 128 * 1024
+                    disk.pwrite(patterns[t], offset)
+                    if disk.pread(128 * 1024, offset) != patterns[t]:
+                        raise AssertionError(f"thread {t}: bad read-back at {offset}")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert [q.stats_submitted > 0 for q in disk.device.queues] == [True, True]
+        disk.flush()
+        assert _host_read(image, 12 * MiB, 128 * 1024) == patterns[1]
+
+
+def test_read_only(sock_dir: Path, image: Path) -> None:
+    data = os.urandom(MiB)
+    image.write_bytes(data + bytes(SIZE - MiB))
+    with (
+        ServeProcess(sock_dir / "vb.sock", ["--file", str(image), "--read-only"]) as srv,
+        Disk.connect(str(srv.socket_path)) as disk,
+    ):
+        assert disk.read_only
+        assert "BLK_RO" in disk.features
+        assert disk.pread(MiB, 0) == data
+        # The driver refuses up front...
+        with pytest.raises(BlockIOError) as refused:
+            disk.pwrite(bytes(512), 0)
+        assert refused.value.errno == errno.EROFS
+        # ...and the device refuses what gets past the driver: OUT and WRITE_ZEROES.
+        q = disk.device.queues[0]
+        buf = disk.buffer(4096)
+        buf[:] = b"\xa5" * 4096
+        gpa = disk.device.memory.guest_address_of(buf)
+        assert gpa is not None
+        req = q.get_tag()
+        q.submit(req, RequestType.OUT, 0, out_bufs=[(gpa, 4096)])
+        q.wait_for(req, timeout=10)
+        assert req.status == Status.IOERR
+        q.put_tag(req)
+        with pytest.raises(BlockIOError) as zeroing:
+            disk.write_zeroes(0, 4096)
+        assert zeroing.value.errno == errno.EIO
+        disk.free_buffer(buf)
+        assert disk.pread(MiB, 0) == data
+    assert _host_read(image, 0, MiB) == data
+
+
+def test_socket_file_is_private(sock_dir: Path) -> None:
+    with ServeProcess(sock_dir / "vb.sock", ["--memory", "1M"]) as srv:
+        mode = srv.socket_path.stat().st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+
+
+def test_sigterm_shuts_down_cleanly(sock_dir: Path, image: Path) -> None:
+    srv = ServeProcess(sock_dir / "vb.sock", ["--file", str(image)]).start()
+    try:
+        with Disk.connect(str(srv.socket_path)) as disk:
+            disk.pwrite(b"\x5a" * 4096, 0)
+        assert srv.terminate() == 0, srv.output
+        assert not srv.socket_path.exists()
+    finally:
+        srv.stop()
+
+
+def test_sigterm_with_a_frontend_connected(sock_dir: Path, image: Path) -> None:
+    """A connected, idle frontend does not keep the server from shutting down."""
+    srv = ServeProcess(sock_dir / "vb.sock", ["--file", str(image), "--num-queues", "2"]).start()
+    disk = Disk.connect(str(srv.socket_path), num_queues=2)
+    try:
+        disk.pwrite(b"\x5a" * 4096, 0)
+        assert srv.terminate() == 0, srv.output
+        assert not srv.socket_path.exists()
+    finally:
+        disk.close()
+        srv.stop()
+    assert _host_read(image, 0, 4096) == b"\x5a" * 4096
+
+
+#: A frontend in a child process: writes a pattern, reports it acknowledged, dies hard.
+_DYING_FRONTEND = textwrap.dedent(
+    """
+    import os, signal, sys
+    from virtblk import Disk
+    disk = Disk.connect(sys.argv[1], num_queues=int(sys.argv[2]))
+    pattern = bytes.fromhex(sys.argv[3]) * (1 << 14)
+    disk.pwrite(pattern, 1 << 20)
+    # One more request in flight, never waited for, when we die.
+    print("acknowledged", flush=True)
+    os.kill(os.getpid(), signal.SIG{how})
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["KILL", "TERM"])
+def test_dying_frontend_leaves_the_server_ready(sock_dir: Path, image: Path, how: str) -> None:
+    with ServeProcess(sock_dir / "vb.sock", ["--file", str(image), "--num-queues", "2"]) as srv:
+        for round_ in range(2):
+            pattern = os.urandom(64)
+            child = subprocess.run(
+                [
+                    sys.executable, "-c", _DYING_FRONTEND.format(how=how),
+                    str(srv.socket_path), "2", pattern.hex(),
+                ],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert child.returncode == -getattr(signal, f"SIG{how}"), child.stderr
+            assert child.stdout.strip() == "acknowledged"
+            # Acknowledged data is on the backend, without any flush.
+            expected = pattern * (1 << 14)
+            assert _host_read(image, MiB, len(expected)) == expected, f"round {round_}"
+            assert srv.process is not None and srv.process.poll() is None, srv.output
+        # The next frontend gets a working device, and sees what the dead one wrote.
+        with Disk.connect(str(srv.socket_path), num_queues=2) as disk:
+            assert disk.pread(len(expected), MiB) == expected
+            disk.pwrite(b"\x11" * 512, 0)
+            assert disk.pread(512, 0) == b"\x11" * 512
+        assert srv.terminate() == 0, srv.output
