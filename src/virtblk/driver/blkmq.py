@@ -112,6 +112,8 @@ class HardwareQueue:
         self._free_tags = list(range(depth - 1, -1, -1))
         self._busy: collections.deque[Request] = collections.deque()
         self._unkicked = False
+        self._frozen = False
+        self._stopped = False  # frozen and drained: the ring is the device's no more
         self.cond = threading.Condition()
         self._poller_active = False
         self.broken: BaseException | None = None
@@ -179,7 +181,7 @@ class HardwareQueue:
         self._slots[base + 16] = _STATUS_PENDING
         with self.cond:
             self._check_broken()
-            if self._busy or not self._add_locked(req):
+            if self._frozen or self._busy or not self._add_locked(req):
                 self._busy.append(req)
                 self.stats_busy += 1
             if last:
@@ -225,6 +227,8 @@ class HardwareQueue:
             return self._drain_locked(rearm)
 
     def _drain_locked(self, rearm: bool = True) -> int:
+        if self._stopped:
+            return 0
         completed: list[Request] = []
         vq = self.vq
         while True:
@@ -302,6 +306,33 @@ class HardwareQueue:
             elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                 self.fail(DeviceGoneError(errno.ECONNRESET, f"{self.name}: the device went away"))
         return got_call
+
+    # -- freeze and restore -----------------------------------------------------------------
+    def freeze(self, timeout: float | None = None) -> None:
+        """Stop issuing requests and wait for those on the ring to complete.
+
+        Requests submitted while frozen are parked, as BUSY ones are, and go out on
+        :meth:`thaw`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            self._frozen = True
+            self._kick_locked()
+            while self.vq.in_flight:
+                self._check_broken()
+                self._wait_locked(deadline)
+            # From here until thaw the ring memory is rebuilt under us: reap nothing.
+            self._stopped = True
+
+    def thaw(self, vq: DriverVirtqueue) -> None:
+        """Resume on ``vq`` (a fresh ring after a device reset) and send what was parked."""
+        with self.cond:
+            self.vq = vq
+            self._frozen = False
+            self._stopped = False
+            while self._busy and self._add_locked(self._busy[0]):
+                self._busy.popleft()
+            self._kick_locked()
+            self.cond.notify_all()
 
     # -- failure and teardown -------------------------------------------------------------
     def fail(self, exc: BaseException) -> None:

@@ -247,6 +247,24 @@ class Disk:
         """Call ``callback(old_size, new_size)`` when the device reports a new capacity."""
         self._dev.on_config_change(callback)
 
+    def freeze(self, timeout: float | None = None) -> None:
+        """Quiesce: wait for in-flight requests, stop the queues, reset the device.
+
+        I/O issued while frozen waits and completes after :meth:`restore` (the seed's
+        ``virtblk_freeze``, used around suspend)."""
+        self._check_open()
+        self._dev.freeze(timeout)
+
+    def restore(self) -> None:
+        """Negotiate with the device again and resume, sending the I/O that waited."""
+        self._check_open()
+        self._dev.restore()
+
+    @property
+    def frozen(self) -> bool:
+        """Between :meth:`freeze` and :meth:`restore`."""
+        return self._dev.frozen
+
     def refresh(self) -> None:
         """Re-read the device's config space (for devices that resize without notice)."""
         self._check_open()

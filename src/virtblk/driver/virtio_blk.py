@@ -50,14 +50,16 @@ PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.REPLY_ACK)
     | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.BACKEND_REQ)
+    | (1 << ProtocolFeature.RESET_DEVICE)
 )
 """vhost-user protocol features the frontend uses."""
 
 DEFAULT_MEMORY_SIZE = 256 << 20
 """Shared memory for rings and bounce buffers; a memfd, so untouched pages cost nothing."""
 
-MAX_CAPACITY_SECTORS = (1 << 64) - 1
-"""``sector_t`` is 64-bit here; a larger capacity cannot be expressed and is truncated."""
+MAX_CAPACITY_SECTORS = ((1 << 63) - 1) >> 9
+"""The largest capacity whose byte size fits a signed 64-bit file offset (``loff_t``):
+``Disk`` offsets are byte offsets, so a larger capacity is truncated with a warning."""
 
 CACHE_TYPES = ("write through", "write back")
 """The seed's ``virtblk_cache_types``: index 1 means the device has a volatile cache."""
@@ -113,21 +115,32 @@ ConfigCallback = Callable[[int, int], None]
 
 
 def string_get_size(size: int, base: int) -> str:
-    """Linux ``string_get_size`` style: ``8.00 GiB`` (base 2) or ``8.59 GB`` (base 10)."""
+    """Linux's ``string_get_size``: three significant digits, rounded half up, so
+    ``8.00 GiB`` / ``8.59 GB``, ``10.0 GiB``, ``512 MiB``; ``UNK`` past the units."""
     units = (
-        ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+        ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
         if base == 2
-        else ("B", "kB", "MB", "GB", "TB", "PB", "EB")
+        else ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
     )
     div = 1024 if base == 2 else 1000
-    value = float(size)
-    unit = 0
-    while value >= div and unit < len(units) - 1:
-        value /= div
+    unit = remainder = 0
+    while size >= div:
+        size, remainder = divmod(size, div)
         unit += 1
-    if unit == 0:
-        return f"{size} B"
-    return f"{value:.3g} {units[unit]}" if value >= 100 else f"{value:.2f} {units[unit]}"
+    digits = 0  # decimals printed: as many as keep three significant digits
+    scaled = size
+    while scaled * 10 < 1000:
+        scaled *= 10
+        digits += 1
+    if base == 2:
+        remainder = remainder * 1000 >> 10
+    remainder += (500, 50, 5, 0)[digits]  # round half up at the last printed digit
+    if remainder >= 1000:
+        remainder -= 1000
+        size += 1
+    fraction = f".{remainder:03d}"[: digits + 1] if digits else ""
+    name = units[unit] if unit < len(units) else "UNK"
+    return f"{size}{fraction} {name}"
 
 
 class VirtioBlk:
@@ -157,6 +170,8 @@ class VirtioBlk:
         self._wanted = DRIVER_FEATURES | extra_features
         self._backend_channel: BackendChannel | None = None
         self.queues: list[HardwareQueue] = []
+        self._vrings: list[tuple[VringAddrs, int, int]] = []  # ring memory, kick, call
+        self.frozen = False
         self._fds: list[int] = []
         self.region = MemoryRegion.create(memory_size, name="virtblk-driver")
         self.memory = GuestMemory([self.region])
@@ -254,9 +269,7 @@ class VirtioBlk:
         return depth
 
     def _start_queues(self) -> None:
-        fe = self.frontend
-        fe.set_mem_table([self.region])
-        uva_offset = self.region.user_addr - self.region.guest_phys_addr
+        self.frontend.set_mem_table([self.region])
         depth = self._depth()
         for index in range(self._num_vqs()):
             addrs = VringAddrs.allocate(self.allocator, self.queue_size)
@@ -264,27 +277,8 @@ class VirtioBlk:
             self._fds.append(kick)
             call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._fds.append(call)
-            vq = DriverVirtqueue(
-                self.memory,
-                addrs,
-                event_idx=self.has(Feature.RING_EVENT_IDX),
-                indirect=self.has(Feature.RING_INDIRECT_DESC),
-                allocator=self.allocator,
-                max_tokens=depth,
-                max_chain=self.sg_elems + 2,
-            )
-            fe.set_vring_num(index, self.queue_size)
-            fe.set_vring_base(index, 0)
-            fe.set_vring_addr(
-                index,
-                desc_uva=addrs.desc + uva_offset,
-                used_uva=addrs.used + uva_offset,
-                avail_uva=addrs.avail + uva_offset,
-            )
-            fe.set_vring_call(index, call)
-            fe.set_vring_kick(index, kick)
-            if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
-                fe.set_vring_enable(index, True)
+            self._vrings.append((addrs, kick, call))
+            vq = self._setup_vring(index, depth)
             self.queues.append(
                 HardwareQueue(
                     index,
@@ -298,6 +292,75 @@ class VirtioBlk:
                 )
             )
 
+    def _setup_vring(self, index: int, depth: int) -> DriverVirtqueue:
+        """A fresh (zeroed) ring for queue ``index``, announced to the device."""
+        fe = self.frontend
+        addrs, kick, call = self._vrings[index]
+        uva_offset = self.region.user_addr - self.region.guest_phys_addr
+        vq = DriverVirtqueue(
+            self.memory,
+            addrs,
+            event_idx=self.has(Feature.RING_EVENT_IDX),
+            indirect=self.has(Feature.RING_INDIRECT_DESC),
+            allocator=self.allocator,
+            max_tokens=depth,
+            max_chain=self.sg_elems + 2,
+        )
+        fe.set_vring_num(index, self.queue_size)
+        fe.set_vring_base(index, 0)
+        fe.set_vring_addr(
+            index,
+            desc_uva=addrs.desc + uva_offset,
+            used_uva=addrs.used + uva_offset,
+            avail_uva=addrs.avail + uva_offset,
+        )
+        fe.set_vring_call(index, call)
+        fe.set_vring_kick(index, kick)
+        if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
+            fe.set_vring_enable(index, True)
+        return vq
+
+    # -- freeze and restore (the seed's virtblk_freeze / virtblk_restore) ------------------------
+    def freeze(self, timeout: float | None = None) -> None:
+        """Wait for in-flight requests, stop the queues and reset the device.
+
+        Requests submitted while frozen wait (parked on their hardware queue) and complete
+        after :meth:`restore`."""
+        with self._lock:
+            if self.frozen:
+                return
+            for q in self.queues:
+                q.freeze(timeout)
+            for index in range(len(self.queues)):
+                self.frontend.get_vring_base(index)  # stops the ring on the device
+            if self._has_protocol(ProtocolFeature.RESET_DEVICE):
+                self.frontend.reset_device()
+            for q in self.queues:
+                q.vq.close()
+            self.frozen = True
+
+    def restore(self) -> None:
+        """Negotiate again, set the rings up afresh and resume the parked requests."""
+        with self._lock:
+            if not self.frozen:
+                return
+            fe = self.frontend
+            offered = fe.get_features()
+            if offered & self.features != self.features:
+                raise NegotiationError(
+                    f"after reset the device offers {offered:#x}, which lacks features "
+                    f"negotiated before ({self.features:#x})"
+                )
+            if self.protocol_features:
+                fe.set_protocol_features(self.protocol_features)
+            vhost_bit = offered & Feature.VHOST_USER_PROTOCOL_FEATURES.mask
+            fe.set_features(self.features | vhost_bit)
+            self.config = BlkConfig.unpack(fe.get_config(self._config_size()))
+            fe.set_mem_table([self.region])
+            for index, q in enumerate(self.queues):
+                q.thaw(self._setup_vring(index, q.depth))
+            self.frozen = False
+
     # -- properties the seed derives -----------------------------------------------------------
     @property
     def logical_block_size(self) -> int:
@@ -306,12 +369,17 @@ class VirtioBlk:
             return self.config.blk_size
         return SECTOR_SIZE
 
+    _truncated_capacity: int | None = None  # the too-large capacity last warned about
+
     @property
     def capacity_sectors(self) -> int:
-        """Capacity in 512-byte sectors (always in the config space)."""
+        """Capacity in 512-byte sectors (always in the config space), truncated to
+        ``MAX_CAPACITY_SECTORS`` with one warning per offending value."""
         cap = self.config.capacity
         if cap > MAX_CAPACITY_SECTORS:
-            log.warning("Capacity %d too large: truncating", cap)
+            if cap != self._truncated_capacity:
+                log.warning("Capacity %d too large: truncating to %d", cap, MAX_CAPACITY_SECTORS)
+                self._truncated_capacity = cap
             cap = MAX_CAPACITY_SECTORS
         return cap
 
@@ -391,16 +459,17 @@ class VirtioBlk:
         Called on CONFIG_CHANGE_MSG; also callable by hand for devices that resize
         without telling (qemu-storage-daemon 7.2 after QMP ``block_resize``).
         """
-        old = self.size
-        self.config = self._read_config()
-        new = self.size
+        with self._lock:  # the config work thread and a caller may refresh at once
+            old = self.size
+            self.config = self._read_config()
+            new = self.size
         if new != old:
+            bs = self.logical_block_size
             log.info(
-                "new size: %d %d-byte logical blocks (%s/%s)",
-                new // self.logical_block_size,
-                self.logical_block_size,
-                string_get_size(new, 10),
-                string_get_size(new, 2),
+                "new size: %d %d-byte logical blocks (%s/%s), old size: %d %d-byte logical "
+                "blocks (%s/%s)",
+                new // bs, bs, string_get_size(new, 10), string_get_size(new, 2),
+                old // bs, bs, string_get_size(old, 10), string_get_size(old, 2),
             )
             for callback in self._config_callbacks:
                 callback(old, new)

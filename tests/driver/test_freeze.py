@@ -1,0 +1,113 @@
+"""Freeze and restore: in-flight I/O drains, I/O issued while frozen waits, then completes."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from virtblk import Disk
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["thread", "process"])
+def disk(request: pytest.FixtureRequest) -> Iterator[Disk]:
+    with Disk.embedded(size=4 * MiB, mode=request.param) as d:
+        yield d
+
+
+def test_data_survives_freeze_and_restore(disk: Disk) -> None:
+    data = os.urandom(256 * 1024)
+    disk.pwrite(data, 0)
+    disk.freeze()
+    assert disk.frozen
+    disk.restore()
+    assert not disk.frozen
+    assert disk.pread(len(data), 0) == data
+    more = os.urandom(4096)
+    disk.pwrite(more, MiB)
+    assert disk.pread(4096, MiB) == more
+
+
+def test_io_issued_while_frozen_waits_then_completes(disk: Disk) -> None:
+    disk.freeze()
+    data = os.urandom(64 * 1024)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            disk.pwrite(data, 8192)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert not done.wait(0.5), "a write completed while the disk was frozen"
+    disk.restore()
+    assert done.wait(10)
+    t.join()
+    assert not errors
+    assert disk.pread(len(data), 8192) == data
+
+
+def test_freeze_twice_and_restore_twice_are_harmless(disk: Disk) -> None:
+    disk.freeze()
+    disk.freeze()
+    disk.restore()
+    disk.restore()
+    disk.pwrite(b"\7" * 512, 0)
+    assert disk.pread(512, 0) == b"\7" * 512
+
+
+def test_repeated_cycles_under_load(disk: Disk) -> None:
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    block = os.urandom(4096)
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            off = (i % 64) * 4096
+            try:
+                disk.pwrite(block, off)
+                assert disk.pread(4096, off) == block
+            except BaseException as exc:
+                failures.append(exc)
+                return
+            i += 1
+
+    t = threading.Thread(target=load)
+    t.start()
+    for _ in range(5):
+        disk.freeze()
+        disk.restore()
+    stop.set()
+    t.join(20)
+    assert not failures
+
+
+@pytest.mark.interop
+def test_freeze_and_restore_against_qemu_storage_daemon(qsd_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * MiB))
+    qsd = qsd_factory(image=str(image))
+    with Disk.connect(str(qsd.socket_path)) as d:
+        data = os.urandom(128 * 1024)
+        d.pwrite(data, 0)
+        d.freeze()
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (d.pwrite(data, MiB), done.set()))
+        t.start()
+        assert not done.wait(0.3)
+        d.restore()
+        assert done.wait(10)
+        t.join()
+        assert d.pread(len(data), 0) == data
+        assert d.pread(len(data), MiB) == data
+        d.flush()
+    assert image.read_bytes()[MiB : MiB + len(data)] == data
