@@ -39,19 +39,20 @@ def served_image(sock_dir: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     assert proc.wait(20) == 0
 
 
+N = REGION // 65536  # 64 KiB blocks per region
 SCRIPT = f"""
 set -e
 echo "queues=$(ls /sys/block/vda/mq | wc -l)"
 dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null
 dd if=/dev/urandom of=/tmp/b bs=1M count=4 2>/dev/null
-taskset 0x1 dd if=/tmp/a of=/dev/vda bs=64k seek={0 * REGION // 65536} oflag=direct 2>/dev/null &
+taskset 0x1 dd if=/tmp/a of=/dev/vda bs=64k seek=0 oflag=direct 2>/dev/null &
 A=$!
-taskset 0x2 dd if=/tmp/b of=/dev/vda bs=64k seek={1 * REGION // 65536} oflag=direct 2>/dev/null &
+taskset 0x2 dd if=/tmp/b of=/dev/vda bs=64k seek={N} oflag=direct 2>/dev/null &
 B=$!
 wait $A
 wait $B
-dd if=/dev/vda of=/tmp/ra bs=64k skip=0 count={REGION // 65536} iflag=direct 2>/dev/null
-dd if=/dev/vda of=/tmp/rb bs=64k skip={REGION // 65536} count={REGION // 65536} iflag=direct 2>/dev/null
+dd if=/dev/vda of=/tmp/ra bs=64k skip=0 count={N} iflag=direct 2>/dev/null
+dd if=/dev/vda of=/tmp/rb bs=64k skip={N} count={N} iflag=direct 2>/dev/null
 cmp /tmp/a /tmp/ra
 cmp /tmp/b /tmp/rb
 echo "md5a=$(md5sum /tmp/a | cut -d' ' -f1)"
