@@ -1,0 +1,422 @@
+"""``virtblk.aio``: the Disk for asyncio, thousands of requests in flight from one thread.
+
+The blocking :class:`~virtblk.Disk` parks a thread per outstanding request in
+``HardwareQueue.wait_for``.  Here the event loop does the waiting instead: each hardware
+queue's call eventfd is registered with ``loop.add_reader``, and when the device signals it
+the reader drains the used ring (the ``virtblk_done`` loop in ``process_completions``),
+whose per-request callbacks copy bounce buffers back, return tags and resolve futures.
+
+* Tags are a loop-side resource: when every tag of every queue is busy, a request awaits a
+  future in a FIFO of waiters, woken one per freed tag; the loop never blocks.
+* Submissions made during one loop iteration share one kick per queue (scheduled with
+  ``call_soon``), the asyncio equivalent of blk-mq's ``bd->last``.
+* A request is never larger than the device accepts in one go (``seg_max`` segments of
+  ``size_max`` bytes) nor than :data:`~virtblk.driver.disk.CHUNK`; bigger I/O is split into
+  such pieces, all in flight at once.  Private buffers are staged through bounce buffers from
+  the shared-memory allocator; buffers from :meth:`Disk.buffer` go to the device directly.
+* The device hanging up is noticed through an epoll set watching the vhost-user socket for
+  ``EPOLLRDHUP`` only, itself registered with the loop: every waiter gets
+  :class:`~virtblk.errors.DeviceGoneError`.
+
+An ``AsyncDisk`` owns its ``Disk``: do not use the disk's blocking methods at the same time
+(their waiters would drain completions on another thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import os
+import select
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from virtblk.driver.blkmq import HardwareQueue, Request, Segments
+from virtblk.driver.disk import CHUNK, Buffer, Disk
+from virtblk.errors import BlockIOError, DeviceGoneError, status_error
+from virtblk.spec import SECTOR_SHIFT, Feature, RequestType, Status
+
+_OK = int(Status.OK)
+
+
+class _Op:
+    """What the completion callback needs to finish one request."""
+
+    __slots__ = ("bounce", "dest", "fut", "queue", "what")
+
+    def __init__(
+        self,
+        fut: asyncio.Future[None],
+        queue: HardwareQueue,
+        what: str,
+        bounce: memoryview | None,
+        dest: memoryview | None,
+    ) -> None:
+        self.fut = fut
+        self.queue = queue
+        self.what = what
+        self.bounce = bounce
+        self.dest = dest
+
+
+class AsyncDisk:
+    """A :class:`Disk` driven from an asyncio event loop.
+
+    Create it inside a running loop (``AsyncDisk(disk)``, or the async constructors
+    :meth:`connect` and :meth:`embedded`); use ``async with`` or :meth:`aclose`.
+    """
+
+    def __init__(self, disk: Disk) -> None:
+        self.disk = disk
+        self._loop = asyncio.get_running_loop()
+        self._queues: list[HardwareQueue] = list(disk.device.queues)
+        self._memory = disk.device.memory
+        self._bs = disk.logical_block_size
+        lim = disk.limits
+        per_request = min(CHUNK, lim.max_segments * lim.max_segment_size)
+        self._max_piece = max(self._bs, per_request - per_request % self._bs)
+        self._tag_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._memory_waiters: list[asyncio.Future[None]] = []
+        self._in_flight: set[_Op] = set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._kick_scheduled = False
+        self._gone: BaseException | None = None
+        self._closed = False
+        for q in self._queues:
+            self._loop.add_reader(q.call_fd, self._on_call, q)
+        # EPOLLRDHUP only: the socket also carries replies to config requests, which must
+        # not wake us; a peer that shuts down (or dies) does.
+        self._hangup = select.epoll()
+        self._hangup.register(disk.device.frontend.fileno(), select.EPOLLRDHUP)
+        self._loop.add_reader(self._hangup.fileno(), self._on_hangup)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, socket_path: str, **options: Any) -> Self:
+        """``Disk.connect(socket_path, **options)`` (probing runs in a worker thread)."""
+        disk = await asyncio.to_thread(Disk.connect, socket_path, **options)
+        return cls(disk)
+
+    @classmethod
+    async def embedded(
+        cls,
+        size: int = 64 << 20,
+        backend: Literal["memory", "null", "file"] = "memory",
+        path: str | None = None,
+        **options: Any,
+    ) -> Self:
+        """``Disk.embedded(...)``: start our own device and connect to it."""
+        disk = await asyncio.to_thread(Disk.embedded, size, backend, path, **options)
+        return cls(disk)
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return self.disk.size
+
+    @property
+    def logical_block_size(self) -> int:
+        """The unit of I/O alignment."""
+        return self._bs
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the device refuses writes."""
+        return self.disk.read_only
+
+    def in_flight(self) -> int:
+        """Requests submitted and not completed yet (including ones whose caller gave up)."""
+        return len(self._in_flight)
+
+    # -- I/O ------------------------------------------------------------------------------------
+    async def read(self, length: int, offset: int) -> bytes:
+        """Read ``length`` bytes at ``offset``."""
+        out = bytearray(length)
+        await self.readinto(out, offset)
+        return bytes(out)
+
+    async def readinto(self, buffer: Buffer, offset: int) -> int:
+        """Read into ``buffer`` (zero-copy if it came from ``disk.buffer``); returns its size."""
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError("readinto needs a writable buffer")
+        return await self._rw(False, view, offset)
+
+    async def write(self, data: Buffer, offset: int) -> int:
+        """Write ``data`` at ``offset``; returns the bytes written."""
+        if self.read_only:
+            raise BlockIOError(errno.EROFS, f"{self.disk.name}: the device is read-only")
+        return await self._rw(True, memoryview(data).cast("B"), offset)
+
+    async def flush(self) -> None:
+        """FLUSH; a no-op on a device without the feature (its writes are durable)."""
+        self._check_usable()
+        if not self.disk.device.has(Feature.BLK_FLUSH):
+            return
+        fut = await self._start(RequestType.FLUSH, 0, (), (), f"{self.disk.name}: flush")
+        await fut
+
+    async def discard(self, offset: int, length: int) -> None:
+        """DISCARD the range, split by the device's discard limits."""
+        self.disk.device.require(Feature.BLK_DISCARD, "discard")
+        await self._ranges(RequestType.DISCARD, offset, length, unmap=False)
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """WRITE_ZEROES over the range; ``unmap`` lets the device deallocate it."""
+        self.disk.device.require(Feature.BLK_WRITE_ZEROES, "write_zeroes")
+        await self._ranges(RequestType.WRITE_ZEROES, offset, length, unmap=unmap)
+
+    async def _rw(self, write: bool, view: memoryview, offset: int) -> int:
+        what = f"{self.disk.name}: {'write' if write else 'read'}"
+        total = len(view)
+        self.disk.check_range(offset, total, what)
+        self._check_usable()
+        direct = self._memory.guest_address_of(view)
+        type_ = RequestType.OUT if write else RequestType.IN
+        futs: list[asyncio.Future[None]] = []
+        try:
+            for pos in range(0, total, self._max_piece):
+                n = min(self._max_piece, total - pos)
+                piece = view[pos : pos + n]
+                bounce = None
+                if direct is not None:
+                    gpa = direct + pos
+                else:
+                    bounce = await self._alloc(n)
+                    gpa = self._address(bounce)
+                    if write:
+                        bounce[:] = piece
+                (segs,) = self.disk.request_segments(gpa, n)
+                sector = (offset + pos) >> SECTOR_SHIFT
+                out, in_ = (segs, ()) if write else ((), segs)
+                dest = None if write or bounce is None else piece
+                futs.append(await self._start(type_, sector, out, in_, what, bounce, dest))
+        except BaseException:
+            for fut in futs:
+                fut.cancel()  # the caller gave up: nothing may land in its buffer later
+            raise
+        await self._gather(futs)
+        return total
+
+    async def _ranges(self, type_: RequestType, offset: int, length: int, *, unmap: bool) -> None:
+        what = f"{self.disk.name}: {type_.name.lower()}"
+        self.disk.check_range(offset, length, what)
+        self._check_usable()
+        futs: list[asyncio.Future[None]] = []
+        for payload in self.disk.range_payloads(type_, offset, length, unmap=unmap):
+            bounce = await self._alloc(len(payload))
+            bounce[:] = payload
+            seg = [(self._address(bounce), len(payload))]
+            futs.append(await self._start(type_, 0, seg, (), what, bounce, None))
+        await self._gather(futs)
+
+    async def _gather(self, futs: list[asyncio.Future[None]]) -> None:
+        """Wait for every piece (so none still writes into the caller's buffer), then
+        raise the first failure."""
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    # -- requests ---------------------------------------------------------------------------
+    async def _start(
+        self,
+        type_: int,
+        sector: int,
+        out: Segments,
+        in_: Segments,
+        what: str,
+        bounce: memoryview | None = None,
+        dest: memoryview | None = None,
+    ) -> asyncio.Future[None]:
+        """Take a tag (waiting on the loop if none is free) and queue one request; the
+        returned future resolves when the device completes it."""
+        try:
+            q, req = await self._get_tag()
+        except BaseException:
+            if bounce is not None:
+                self._free(bounce)
+            raise
+        fut: asyncio.Future[None] = self._loop.create_future()
+        op = _Op(fut, q, what, bounce, dest)
+        self._in_flight.add(op)
+        q.submit(req, type_, sector, out, in_, callback=self._complete, user_data=op, last=False)
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            self._loop.call_soon(self._kick)
+        return fut
+
+    async def _get_tag(self) -> tuple[HardwareQueue, Request]:
+        woken = False
+        while True:
+            self._check_usable()
+            # Requests that arrive while others wait queue behind them (FIFO, no starving).
+            if woken or not self._tag_waiters:
+                q = max(self._queues, key=lambda hq: hq.tags_free)
+                if q.tags_free:
+                    try:
+                        return q, q.get_tag(timeout=0)
+                    except TimeoutError:
+                        pass  # a thread outside the loop took it
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._tag_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_tag_waiter()  # pass the tag we were given to the next one
+                raise
+            woken = True
+
+    def _wake_tag_waiter(self) -> None:
+        while self._tag_waiters:
+            waiter = self._tag_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        for q in self._queues:
+            q.kick()
+
+    def _complete(self, req: Request) -> None:
+        """Per-request completion, called from ``process_completions`` in the reader."""
+        op: _Op = req.user_data
+        status = req.status
+        fut = op.fut
+        if op.bounce is not None:
+            if op.dest is not None and status == _OK and not fut.done():
+                op.dest[:] = op.bounce
+            self._free(op.bounce)
+        req.user_data = None
+        op.queue.put_tag(req)
+        self._in_flight.discard(op)
+        self._wake_tag_waiter()
+        if not self._in_flight:
+            _wake_all(self._idle_waiters)
+        if fut.done():
+            return  # cancelled by its caller
+        if self._gone is not None:
+            fut.set_exception(self._gone_error())
+        elif status == _OK:
+            fut.set_result(None)
+        else:
+            fut.set_exception(status_error(status, op.what))
+
+    # -- shared memory -----------------------------------------------------------------------
+    async def _alloc(self, size: int) -> memoryview:
+        """A bounce buffer; when shared memory is exhausted, wait for in-flight requests to
+        give theirs back (with nothing in flight, nothing will: MemoryError)."""
+        while True:
+            self._check_usable()
+            try:
+                return self.disk.buffer(size)
+            except MemoryError:
+                if not self._in_flight:
+                    raise
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._memory_waiters.append(waiter)
+            await waiter
+
+    def _free(self, bounce: memoryview) -> None:
+        self.disk.free_buffer(bounce)
+        _wake_all(self._memory_waiters)
+
+    def _address(self, view: memoryview) -> int:
+        gpa = self._memory.guest_address_of(view)
+        assert gpa is not None, "Disk.buffer() returned memory outside the shared region"
+        return gpa
+
+    # -- loop callbacks -----------------------------------------------------------------------
+    def _on_call(self, q: HardwareQueue) -> None:
+        """The device signalled ``q``'s call eventfd: reset it and reap."""
+        try:
+            os.read(q.call_fd, 8)
+        except BlockingIOError:
+            pass  # already read (the device makes the fd nonblocking, so may we)
+        try:
+            q.process_completions()
+        except Exception as exc:  # a device that broke the ring protocol
+            self._fail(exc)
+
+    def _on_hangup(self) -> None:
+        if self._hangup.poll(0):
+            self._fail(DeviceGoneError(errno.ECONNRESET, f"{self.disk.name}: the device went away"))
+
+    def _gone_error(self) -> BaseException:
+        gone = self._gone
+        assert gone is not None
+        if isinstance(gone, DeviceGoneError):
+            return DeviceGoneError(gone.errno, gone.strerror)  # a fresh traceback per waiter
+        return gone
+
+    def _fail(self, exc: BaseException) -> None:
+        """The device is gone or broken: fail every request and every waiter."""
+        if self._gone is not None:
+            return
+        self._gone = exc
+        self._unregister()
+        for q in self._queues:
+            q.fail(exc)
+            q.abort_all()  # completes each in-flight request through _complete
+        for waiter in [*self._tag_waiters, *self._memory_waiters]:
+            if not waiter.done():
+                waiter.set_exception(self._gone_error())
+        self._tag_waiters.clear()
+        self._memory_waiters.clear()
+        _wake_all(self._idle_waiters)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ValueError(f"I/O on closed disk {self.disk.name}")
+        if self._gone is not None:
+            raise self._gone_error()
+
+    def _unregister(self) -> None:
+        for q in self._queues:
+            self._loop.remove_reader(q.call_fd)
+        self._loop.remove_reader(self._hangup.fileno())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Wait for in-flight requests, then close the disk (and its embedded device)."""
+        if self._closed:
+            return
+        while self._in_flight and self._gone is None:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+        self._closed = True
+        if self._gone is None:
+            self._unregister()
+        self._hangup.close()
+        await asyncio.to_thread(self.disk.close)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<AsyncDisk {self.disk.name} in flight={len(self._in_flight)}>"
+
+
+def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    """Resolve (and forget) every waiter that is still waiting."""
+    pending = list(waiters)
+    waiters.clear()
+    for waiter in pending:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+__all__ = ["AsyncDisk"]
