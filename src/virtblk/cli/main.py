@@ -8,6 +8,7 @@ import sys
 import click
 
 from virtblk.cli.bench import bench
+from virtblk.cli.check import check
 from virtblk.cli.info import info
 from virtblk.cli.serve import serve
 
@@ -33,3 +34,4 @@ def main(log_level: str) -> None:
 main.add_command(serve)
 main.add_command(info)
 main.add_command(bench)
+main.add_command(check)
