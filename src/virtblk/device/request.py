@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
-from virtblk.spec import DiscardSegment, RequestHeader, RequestType
+from virtblk.spec import ZONE_APPEND_SECTOR, DiscardSegment, RequestHeader, RequestType
 
 HEADER_SIZE = RequestHeader.SIZE
 _HEADER = RequestHeader.FORMAT
@@ -25,7 +25,18 @@ DEVICE_WRITES = frozenset({RequestType.IN, RequestType.GET_ID, RequestType.GET_L
 DEVICE_READS = frozenset({RequestType.OUT, RequestType.OUT_FUA})
 SEGMENTED = frozenset({RequestType.DISCARD, RequestType.WRITE_ZEROES, RequestType.SECURE_ERASE})
 NO_DATA = frozenset({RequestType.FLUSH})
-SECTOR_MULTIPLE = frozenset({RequestType.IN, RequestType.OUT, RequestType.OUT_FUA})
+SECTOR_MULTIPLE = frozenset({RequestType.IN, RequestType.OUT, RequestType.OUT_FUA,
+                             RequestType.ZONE_APPEND})
+
+# Zoned request types (VIRTIO_BLK_F_ZONED) are framed only by a zoned device: any other
+# device answers them UNSUPP whatever their layout, as the spec requires.
+ZONED_DEVICE_WRITES = frozenset({RequestType.ZONE_REPORT})
+ZONED_NO_DATA = frozenset({RequestType.ZONE_OPEN, RequestType.ZONE_CLOSE,
+                           RequestType.ZONE_FINISH, RequestType.ZONE_RESET,
+                           RequestType.ZONE_RESET_ALL})
+ZONED_APPEND = frozenset({RequestType.ZONE_APPEND})
+"""Device-readable data, then ``append_sector`` (8 device-writable bytes) before the
+status: ``struct virtio_blk_req_za``."""
 
 
 class ChainLike(Protocol):
@@ -66,6 +77,8 @@ class BlkRequest:
     data: list[memoryview]
     data_len: int
     status: memoryview
+    reply: Sequence[memoryview] = ()
+    """ZONE_APPEND only: the 8 device-writable bytes for ``append_sector``."""
 
 
 def _skip(views: Sequence[memoryview], skip: int) -> list[memoryview]:
@@ -114,12 +127,18 @@ def _status_byte(writable: Sequence[memoryview]) -> memoryview | None:
 _TYPE_NAMES = {int(t): t.name for t in RequestType}
 
 # What each known type carries, looked up once per request.
-_WRITES, _READS, _SEGMENTS, _NONE = range(4)
+_WRITES, _READS, _SEGMENTS, _NONE, _APPEND = range(5)
 _KIND = {
     **{int(t): _WRITES for t in DEVICE_WRITES},
     **{int(t): _READS for t in DEVICE_READS},
     **{int(t): _SEGMENTS for t in SEGMENTED},
     **{int(t): _NONE for t in NO_DATA},
+}
+_ZONED_KIND = {
+    **_KIND,
+    **{int(t): _WRITES for t in ZONED_DEVICE_WRITES},
+    **{int(t): _NONE for t in ZONED_NO_DATA},
+    **{int(t): _APPEND for t in ZONED_APPEND},
 }
 
 
@@ -129,11 +148,12 @@ def type_name(value: int) -> str:
     return name if name is not None else f"type {value:#x}"
 
 
-def parse_request(chain: ChainLike) -> BlkRequest:
+def parse_request(chain: ChainLike, zoned: bool = False) -> BlkRequest:
     """Frame ``chain`` as a request; raise ``MalformedRequest`` with the reason if it is not one.
 
     An unknown type (including one with the legacy barrier bit) is not malformed: it
-    parses with empty data and the device answers UNSUPP.
+    parses with empty data and the device answers UNSUPP.  Zoned types are known only to
+    a ``zoned`` device.
     """
     head = chain.head
     writable = chain.writable
@@ -149,12 +169,13 @@ def parse_request(chain: ChainLike) -> BlkRequest:
             f"chain {head} has {readable_len} device-readable bytes, "
             f"too few for the {HEADER_SIZE}-byte request header", status, head)
     rtype, ioprio, sector = _read_header(chain.readable)
-    kind = _KIND.get(rtype)
+    kind = (_ZONED_KIND if zoned else _KIND).get(rtype)
     if kind is None:
         return BlkRequest(head, rtype, ioprio, sector, [], 0, status)
 
     out_extra = readable_len - HEADER_SIZE
     in_extra = writable_len - 1
+    reply: Sequence[memoryview] = ()
     if kind in (_READS, _SEGMENTS):
         if in_extra:
             raise MalformedRequest(
@@ -167,6 +188,14 @@ def parse_request(chain: ChainLike) -> BlkRequest:
                 f"{type_name(rtype)} request (chain {head}) carries {out_extra} "
                 f"device-readable bytes after the header; it takes none", status, head)
         data, data_len = _take(writable, in_extra), in_extra
+    elif kind == _APPEND:
+        if in_extra != ZONE_APPEND_SECTOR.size:
+            raise MalformedRequest(
+                f"{type_name(rtype)} request (chain {head}) has {in_extra} device-writable "
+                f"bytes before the status; append_sector needs {ZONE_APPEND_SECTOR.size}",
+                status, head)
+        data, data_len = _skip(chain.readable, HEADER_SIZE), out_extra
+        reply = _take(writable, in_extra)
     else:
         if out_extra or in_extra:
             raise MalformedRequest(
@@ -182,7 +211,7 @@ def parse_request(chain: ChainLike) -> BlkRequest:
         raise MalformedRequest(
             f"{type_name(rtype)} request (chain {head}) has a {data_len}-byte payload, not a "
             f"positive multiple of the {DiscardSegment.SIZE}-byte segment", status, head)
-    return BlkRequest(head, rtype, ioprio, sector, data, data_len, status)
+    return BlkRequest(head, rtype, ioprio, sector, data, data_len, status, reply)
 
 
 def read_segments(req: BlkRequest) -> list[DiscardSegment]:
