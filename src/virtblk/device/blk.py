@@ -31,6 +31,7 @@ from virtblk.device.request import (
     read_segments,
     type_name,
 )
+from virtblk.device.zoned import ZonedMemoryBackend, ZonedRequests
 from virtblk.spec import (
     DISCARD_FLAG_UNMAP,
     SECTOR_SHIFT,
@@ -168,6 +169,13 @@ class BlkDevice:
         self._default_writeback = writeback
         self._writeback = writeback
         self._negotiated: int | None = None
+        self.zoned = (ZonedRequests(backend, self)
+                      if isinstance(backend, ZonedMemoryBackend) else None)
+        """Zone state and zoned request execution when the backend is zoned, else None."""
+        if self.zoned is not None:
+            self.secure_erase_limits = SegmentLimits(
+                max_secure_erase_sectors, max_secure_erase_seg,
+                self.zoned.secure_erase_alignment)
         self.features = self._offered_features()
         self.config_changed: Callable[[], None] | None = None
         self._stats = [QueueStats() for _ in range(num_queues)]
@@ -186,6 +194,8 @@ class BlkDevice:
             self._handlers[RequestType.GET_LIFETIME] = self._do_get_lifetime
         if fua:
             self._handlers[RequestType.OUT_FUA] = self._do_out_fua
+        if self.zoned is not None:
+            self.zoned.install(self._handlers)
         self._apply_cache_mode()
 
     # ------------------------------------------------------------------ features, config
@@ -211,6 +221,8 @@ class BlkDevice:
         bits = 0
         for feature in offered:
             bits |= feature.mask
+        if self.zoned is not None:
+            bits = self.zoned.offered_features(bits)
         return bits
 
     @property
@@ -226,6 +238,8 @@ class BlkDevice:
                 f"driver accepted features the device did not offer: "
                 f"{', '.join(feature_names(extra))} (offered {self.features:#x}, "
                 f"got {features:#x})")
+        if self.zoned is not None:
+            self.zoned.check_features(features)
         self._negotiated = features
         if has_feature(features, Feature.BLK_CONFIG_WCE) and not has_feature(
                 features, Feature.BLK_FLUSH):
@@ -251,7 +265,7 @@ class BlkDevice:
         """The 96-byte configuration space as the driver reads it."""
         cylinders, heads, sectors = self.geometry or (0, 0, 0)
         phys_exp, align_off, min_io, opt_io = self.topology
-        return BlkConfig(
+        cfg = BlkConfig(
             capacity=self.capacity,
             size_max=self.size_max,
             seg_max=self.seg_max,
@@ -270,7 +284,10 @@ class BlkDevice:
             max_secure_erase_sectors=self.secure_erase_limits.max_sectors,
             max_secure_erase_seg=self.secure_erase_limits.max_seg,
             secure_erase_sector_alignment=self.secure_erase_limits.alignment,
-        ).pack()
+        )
+        if self.zoned is not None:
+            self.zoned.fill_config(cfg)
+        return cfg.pack()
 
     def set_config(self, offset: int, data: bytes) -> None:
         """A driver write to config space: only ``writeback`` is writable (with CONFIG_WCE)."""
@@ -359,7 +376,7 @@ class BlkDevice:
         """Parse, execute and answer one chain; returns the used length to report."""
         stats = self._stats[queue]
         try:
-            req = parse_request(chain)
+            req = parse_request(chain, self.zoned is not None)
         except MalformedRequest as exc:
             stats.malformed += 1
             log.warning("queue %d: malformed request: %s", queue, exc.reason)
