@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
+from virtblk.device.zoned import ZonedMemoryBackend
 from virtblk.spec import Lifetime
 
 BackendKind = Literal["memory", "null", "file"]
@@ -25,15 +26,22 @@ class DeviceOptions:
     num_queues: int = 1
     queue_size: int = 256
     device: dict[str, Any] = dataclasses.field(default_factory=dict)
+    zoned: dict[str, Any] | None = None
+    """Make the memory backend a host-managed zoned disk: :class:`ZonedMemoryBackend`
+    keyword arguments (``zone_size``, ``max_open_zones``...); None for a regular disk."""
 
     def make_backend(self) -> Backend:
         """Open or create the storage."""
+        if self.zoned is not None and self.backend != "memory":
+            raise ValueError(f"zoned devices use the memory backend, not {self.backend}")
         if self.backend == "file":
             if not self.path:
                 raise ValueError("the file backend needs a path")
             return FileBackend(self.path, read_only=self.read_only, create_size=self.size)
         if self.size is None or self.size <= 0:
             raise ValueError(f"the {self.backend} backend needs a size > 0")
+        if self.zoned is not None:
+            return ZonedMemoryBackend(self.size, **self.zoned)
         if self.backend == "memory":
             return MemoryBackend(self.size)
         if self.backend == "null":
