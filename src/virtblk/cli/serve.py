@@ -31,6 +31,13 @@ log = logging.getLogger("virtblk.serve")
 )
 @click.option("--serial", default="", help="GET_ID answer (at most 20 bytes).")
 @click.option("--blk-size", type=int, default=512, show_default=True, help="Logical block size.")
+@click.option("--zoned", is_flag=True, help="With --memory: a host-managed zoned disk.")
+@click.option("--zone-size", type=SIZE, default="4M", show_default=True, help="With --zoned.")
+@click.option("--zone-capacity", type=SIZE, help="With --zoned: writable bytes per zone.")
+@click.option("--max-open-zones", type=int, default=0, show_default=True, help="0: no limit.")
+@click.option("--max-active-zones", type=int, default=0, show_default=True, help="0: no limit.")
+@click.option("--conventional-zones", type=int, default=0, show_default=True,
+              help="With --zoned: this many randomly writable zones first.")
 def serve(
     socket_path: str,
     file_path: str | None,
@@ -42,6 +49,12 @@ def serve(
     queue_size: int,
     serial: str,
     blk_size: int,
+    zoned: bool,
+    zone_size: int,
+    zone_capacity: int | None,
+    max_open_zones: int,
+    max_active_zones: int,
+    conventional_zones: int,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
@@ -65,6 +78,12 @@ def serve(
     opts.num_queues = num_queues
     opts.queue_size = queue_size
     opts.device = {"serial": serial, "blk_size": blk_size}
+    if zoned:
+        if memory_size is None:
+            raise click.UsageError("--zoned needs --memory")
+        opts.zoned = {"zone_size": zone_size, "zone_capacity": zone_capacity,
+                      "max_open_zones": max_open_zones, "max_active_zones": max_active_zones,
+                      "conventional_zones": conventional_zones}
     try:
         device = opts.build()
     except (OSError, ValueError) as exc:
@@ -83,7 +102,7 @@ def serve(
     click.echo(
         f"virtblk: serving {opts.backend} {human_size(device.backend.size)} on {socket_path} "
         f"({num_queues} queue{'s' if num_queues > 1 else ''}"
-        f"{', read-only' if read_only else ''})",
+        f"{', read-only' if read_only else ''}{', zoned' if zoned else ''})",
         err=True,
     )
     try:
