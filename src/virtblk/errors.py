@@ -32,10 +32,59 @@ class FeatureNotNegotiatedError(VirtblkError):
     """A request needs a feature the device did not offer (the driver never sends it)."""
 
 
+class ZoneError(BlockIOError):
+    """A zoned device refused a request by its zone rules (one subclass per status)."""
+
+    status: Status
+
+
+class ZoneInvalidCommandError(ZoneError):
+    """ZONE_INVALID_CMD: not allowed for the zone's type or state, or not inside one zone."""
+
+    status = Status.ZONE_INVALID_CMD
+
+
+class ZoneUnalignedWriteError(ZoneError):
+    """ZONE_UNALIGNED_WP: a write not at the write pointer, or not ending on the write
+    granularity."""
+
+    status = Status.ZONE_UNALIGNED_WP
+
+
+class ZoneOpenResourceError(ZoneError):
+    """ZONE_OPEN_RESOURCE: the zone cannot open without exceeding max_open_zones."""
+
+    status = Status.ZONE_OPEN_RESOURCE
+
+
+class ZoneActiveResourceError(ZoneError):
+    """ZONE_ACTIVE_RESOURCE: the zone cannot become active without exceeding
+    max_active_zones."""
+
+    status = Status.ZONE_ACTIVE_RESOURCE
+
+
+# errno as Linux's blk_status_to_errno gives it for virtblk_result's block status.
+_ZONE_ERRORS: dict[int, tuple[type[ZoneError], int, str]] = {
+    Status.ZONE_INVALID_CMD: (ZoneInvalidCommandError, errno.EIO,
+                              "invalid command for the zone's type or state"),
+    Status.ZONE_UNALIGNED_WP: (ZoneUnalignedWriteError, errno.EIO,
+                               "write not at the zone's write pointer or granularity"),
+    Status.ZONE_OPEN_RESOURCE: (ZoneOpenResourceError, errno.ETOOMANYREFS,
+                                "too many open zones"),
+    Status.ZONE_ACTIVE_RESOURCE: (ZoneActiveResourceError, errno.EOVERFLOW,
+                                  "too many active zones"),
+}
+
+
 def status_error(status: int, what: str) -> OSError:
     """Map a virtio-blk status to the errno the Linux driver uses, as an exception."""
     if status == Status.UNSUPP:
         return BlockIOError(errno.ENOTTY, f"{what}: device answered UNSUPP")
+    zone = _ZONE_ERRORS.get(status)
+    if zone is not None:
+        cls, err, meaning = zone
+        return cls(err, f"{what}: device answered {Status(status).name} ({meaning})")
     try:
         name = Status(status).name
     except ValueError:
