@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 from virtblk.driver.blkmq import HardwareQueue
+from virtblk.driver.zoned import driver_features as zoned_driver_features
 from virtblk.errors import FeatureNotNegotiatedError, NegotiationError
 from virtblk.spec import SECTOR_SIZE, BlkConfig, Feature, has_feature
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
@@ -42,6 +43,7 @@ DRIVER_FEATURES = (
     | Feature.BLK_WRITE_ZEROES.mask
     | Feature.BLK_SECURE_ERASE.mask
     | Feature.BLK_LIFETIME.mask
+    | Feature.BLK_ZONED.mask
 )
 """Every feature this driver implements.  OUT_FUA is experimental and opt-in."""
 
@@ -205,6 +207,9 @@ class VirtioBlk:
             fe.get_queue_num() if self._has_protocol(ProtocolFeature.MQ) else 1
         )
         self.features = self.offered_features & self._wanted
+        if self.has(Feature.BLK_ZONED):
+            # The zoned model, read before accepting, decides on DISCARD (not with HM).
+            self.features = zoned_driver_features(self.features, self._read_config())
         vhost_bit = self.offered_features & Feature.VHOST_USER_PROTOCOL_FEATURES.mask
         fe.set_features(self.features | vhost_bit)
         self.config = self._read_config()
