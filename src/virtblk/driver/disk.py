@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from virtblk.driver.blkmq import HardwareQueue, Request, raise_for
 from virtblk.driver.naming import DiskIndex
 from virtblk.driver.virtio_blk import CACHE_TYPES, Geometry, Limits, Topology, VirtioBlk
-from virtblk.errors import BlockIOError
+from virtblk.driver.zoned import Zone, ZonedCharacteristics, ZoneManager, split_at_zones
+from virtblk.errors import BlockIOError, FeatureNotNegotiatedError
 from virtblk.spec import (
     SECTOR_SHIFT,
     SECTOR_SIZE,
@@ -57,6 +58,8 @@ class Disk:
         """The device this disk started (``Disk.embedded``), else None."""
         self._index = DiskIndex.acquire()
         self.name = DiskIndex.name(self._index)
+        self._zones = ZoneManager.probe(
+            dev, queue=self._queue, alloc=self._alloc, free=self._free, name=self.name)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -143,6 +146,7 @@ class Disk:
         from virtblk.embedded import start_embedded
 
         read_only = bool(device_options.pop("read_only", False))
+        zoned = device_options.pop("zoned", None)
         embedded = start_embedded(
             DeviceOptions(
                 backend=backend,
@@ -152,6 +156,7 @@ class Disk:
                 num_queues=num_queues,
                 queue_size=queue_size,
                 device=device_options,
+                zoned=zoned,
             ),
             mode,
         )
@@ -264,6 +269,54 @@ class Disk:
     def frozen(self) -> bool:
         """Between :meth:`freeze` and :meth:`restore`."""
         return self._dev.frozen
+
+    # -- zoned devices (VIRTIO_BLK_F_ZONED) -----------------------------------------------------
+    @property
+    def zoned(self) -> ZonedCharacteristics | None:
+        """The zoned characteristics (model, zone size, limits), or None for a regular disk."""
+        return None if self._zones is None else self._zones.characteristics
+
+    @property
+    def zone_size(self) -> int:
+        """Bytes per zone (the last may be smaller); 0 for a regular disk."""
+        return 0 if self._zones is None else self._zones.characteristics.zone_size
+
+    def _zone_ops(self, what: str) -> ZoneManager:
+        self._check_open()
+        if self._zones is None:
+            raise FeatureNotNegotiatedError(f"{self.name}: {what} needs a zoned device")
+        return self._zones
+
+    def report_zones(self, start_offset: int = 0, max_zones: int | None = None) -> list[Zone]:
+        """The zones from the one holding ``start_offset`` (ZONE_REPORT, paged)."""
+        return self._zone_ops("report_zones").report(start_offset, max_zones)
+
+    def zone_open(self, offset: int) -> None:
+        """Explicitly open the zone starting at ``offset`` (ZONE_OPEN)."""
+        self._zone_ops("zone_open").open(offset)
+
+    def zone_close(self, offset: int) -> None:
+        """Close the zone starting at ``offset`` (ZONE_CLOSE)."""
+        self._zone_ops("zone_close").close(offset)
+
+    def zone_finish(self, offset: int) -> None:
+        """Make the zone starting at ``offset`` full (ZONE_FINISH)."""
+        self._zone_ops("zone_finish").finish(offset)
+
+    def zone_reset(self, offset: int) -> None:
+        """Empty the zone starting at ``offset`` (ZONE_RESET)."""
+        self._zone_ops("zone_reset").reset(offset)
+
+    def zone_reset_all(self) -> None:
+        """Empty every sequential zone (ZONE_RESET_ALL)."""
+        self._zone_ops("zone_reset_all").reset_all()
+
+    def zone_append(self, data: Buffer, zone_offset: int) -> int:
+        """Append ``data`` to the zone at ``zone_offset`` (ZONE_APPEND); returns the byte
+        offset where the device wrote it."""
+        if self.read_only:
+            raise BlockIOError(errno.EROFS, f"{self.name}: the device is read-only")
+        return self._zone_ops("zone_append").append(data, zone_offset)
 
     def refresh(self) -> None:
         """Re-read the device's config space (for devices that resize without notice)."""
@@ -436,6 +489,12 @@ class Disk:
         self.check_range(offset, total, what)
         if total == 0:
             return 0
+        if self._zones is not None and offset // self.zone_size != (offset + total - 1) // \
+                self.zone_size:
+            # One request per zone, as Linux's chunk_sectors = zone size makes it.
+            for piece_offset, piece in split_at_zones(views, offset, self.zone_size):
+                self._rw(write, piece, piece_offset, fua=fua)
+            return total
         memory = self._dev.memory
         bs = self.logical_block_size
         direct = [memory.guest_address_of(v) for v in views]
