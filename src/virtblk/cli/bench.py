@@ -25,8 +25,20 @@ from virtblk.util import human_size, process_cpu_seconds
     help="I/O pattern (fio's words).",
 )
 @click.option("--bs", type=SIZE, default="4k", show_default=True, help="Block size.")
-@click.option("--iodepth", type=int, default=32, show_default=True, help="Requests in flight.")
-@click.option("--runtime", type=float, default=5.0, show_default=True, help="Seconds to run.")
+@click.option(
+    "--iodepth",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Requests in flight.",
+)
+@click.option(
+    "--runtime",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to run.",
+)
 @click.option("--size", type=SIZE, default=None, help="Bytes of the disk to use [whole disk].")
 @click.option("--offset", type=SIZE, default=0, help="Where the tested range starts.")
 @click.option(
@@ -72,6 +84,16 @@ def bench(
 
     Without SOCKET it starts our own device (in a child process) with --backend.
     """
+    # Checked here: the embedded device would only fail in its child process, and the
+    # driver would see nothing but a dropped connection.
+    if queue_size < 2 or queue_size & (queue_size - 1) or queue_size > 32768:
+        raise click.BadParameter(
+            f"{queue_size} is not a power of two in 2..32768", param_hint="--queue-size"
+        )
+    if socket_path is None and backend == "file" and file_path is None:
+        raise click.UsageError("--backend file needs --file IMAGE")
+    if (socket_path is not None or backend != "file") and file_path is not None:
+        raise click.UsageError("--file goes with --backend file (and no SOCKET)")
     cfg = BenchConfig(
         rw=rw,  # type: ignore[arg-type]
         bs=bs,
