@@ -1,0 +1,127 @@
+"""The ``virtblk`` command as users run it: the installed script, in a child process.
+
+Exit codes follow click: 0 success, 1 a runtime failure (``Error: ...``), 2 a usage
+error (with the ``Usage:`` line and what was wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from interop.serve_process import run_virtblk
+
+
+def test_top_level_help() -> None:
+    result = run_virtblk("--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage: virtblk" in result.stdout
+    for command in ("serve", "info", "bench"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), command
+
+
+def test_version() -> None:
+    result = run_virtblk("--version")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\d+\.\d+\.\d+", result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("serve", ["--socket", "--file", "--memory", "--null", "--read-only", "--num-queues",
+                   "--serial", "--blk-size"]),
+        ("bench", ["--rw", "--bs", "--iodepth", "--runtime", "--output-format", "--backend"]),
+        ("info", ["--json", "--timeout"]),
+    ],
+)  # fmt: skip
+def test_subcommand_help(command: str, options: list[str]) -> None:
+    result = run_virtblk(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"Usage: virtblk {command}" in result.stdout
+    missing = [option for option in options if option not in result.stdout]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--socket", "S", "--memory", "1M", "--null", "1M"],
+         "give exactly one of --file, --memory, --null"),
+        (["serve", "--socket", "S"], "give exactly one of --file, --memory, --null"),
+        (["serve", "--memory", "1M"], "Missing option '--socket'"),
+        (["serve", "--socket", "S", "--memory", "1M", "--serial", "x" * 21],
+         "--serial is at most 20 bytes"),
+        (["serve", "--socket", "S", "--memory", "1M", "--num-queues", "0"],
+         "--num-queues must be at least 1"),
+        (["serve", "--socket", "S", "--memory", "lots"], "--memory"),
+        (["bench", "--rw", "sideways"], "'sideways' is not one of"),
+        (["bench", "--iodepth", "0"], "--iodepth"),
+        (["bench", "--runtime", "0"], "--runtime"),
+        (["bench", "--bs", "1000"], "must be a multiple of 512"),
+        (["bench", "--queue-size", "100"], "not a power of two"),
+        (["bench", "--backend", "file"], "--backend file needs --file"),
+        (["bench", "--file", "x.img"], "--file goes with --backend file"),
+        (["info"], "Missing argument 'SOCKET'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)  # fmt: skip
+def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_virtblk(*args, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Usage: virtblk" in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_missing_image_without_size(tmp_path: Path) -> None:
+    """A runtime failure (not a usage error): exit 1 with the reason, no traceback."""
+    missing = tmp_path / "nothing.img"
+    result = run_virtblk("serve", "--socket", str(tmp_path / "s"), "--file", str(missing))
+    assert result.returncode == 1, result.stderr
+    assert "Error:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not missing.exists()
+
+
+def test_bench_prints_iops_and_latency() -> None:
+    result = run_virtblk("bench", "--runtime", "1", "--iodepth", "4")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "iodepth=4" in out
+    match = re.search(r"IOPS=([\d,]+)", out)
+    assert match is not None, out
+    assert int(match.group(1).replace(",", "")) > 0
+    assert re.search(r"clat \(us\): mean=[\d.]+, p50=[\d.]+.*p99=[\d.]+", out), out
+    assert "0 errors" in out
+
+
+def test_bench_json() -> None:
+    result = run_virtblk(
+        "bench", "--runtime", "1", "--iodepth", "4", "--rw", "randwrite",
+        "--backend", "memory", "--device-size", "16M", "--output-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["iops"] > 0
+    assert data["ios"] > 0
+    assert data["errors"] == 0
+    assert data["rw"] == "randwrite"
+    assert data["iodepth"] == 4
+    assert data["bs"] == 4096
+    assert data["lat_percentiles_ns"]["50.000000"] > 0
+    assert "memory" in data["target"]
+
+
+def test_bench_on_a_file(tmp_path: Path) -> None:
+    image = tmp_path / "bench.img"
+    result = run_virtblk(
+        "bench", "--runtime", "0.5", "--iodepth", "2", "--rw", "write", "--backend", "file",
+        "--file", str(image), "--device-size", "8M", "--output-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["iops"] > 0
+    assert image.stat().st_size == 8 << 20
