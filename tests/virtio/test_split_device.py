@@ -20,6 +20,7 @@ from virtblk.virtio.split import (
     DeviceVirtqueue,
     RingError,
     VringAddrs,
+    chain_of,
 )
 
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
@@ -414,3 +415,74 @@ def test_fuzz_random_bytes_in_the_whole_ring_area(noise: bytes, event_idx: bool)
                 continue
             except RingError:
                 break
+
+
+# The fast path (one in-order indirect table, read flat) must accept exactly the chains the
+# careful walker accepts, with the same buffers, and leave every other chain to it.
+fast_entry = st.tuples(
+    st.sampled_from([BUF, BUF + 0x100, REGION_GPA + REGION_SIZE - 8, 0, 1 << 40]),
+    st.sampled_from([0, 1, 8, 16, 512, 4096, 1 << 31]),
+    st.sampled_from([0, WRITE, NEXT, NEXT | WRITE, INDIRECT, NEXT | INDIRECT, 0x80 | NEXT]),
+    st.booleans() | st.integers(0, 8),  # True: next = i + 1
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries=st.lists(fast_entry, min_size=1, max_size=6),
+    head_flags=st.sampled_from([INDIRECT, INDIRECT | NEXT, INDIRECT | WRITE]),
+    extra_len=st.sampled_from([0, 0, 0, 8, 16]),
+    max_indirect=st.sampled_from([None, 2]),
+)
+def test_flat_fast_path_agrees_with_the_careful_walk(
+    entries: list[tuple[int, int, int, bool | int]],
+    head_flags: int,
+    extra_len: int,
+    max_indirect: int | None,
+) -> None:
+    with Guest() as g:
+        addrs = VringAddrs.allocate(g.allocator, NUM)
+        vq = DeviceVirtqueue(g.memory, addrs, event_idx=False, max_indirect=max_indirect)
+        raw = RawRing(g, addrs)
+        descs = [
+            (addr, length, flags, i + 1 if nxt is True else int(nxt))
+            for i, (addr, length, flags, nxt) in enumerate(entries)
+        ]
+        gpa = table(g, *descs, (0, 0, 0, 0))  # a spare zero entry for extra_len
+        raw.write_desc(2, gpa, 16 * len(descs) + extra_len, head_flags, 0)
+        raw.offer(2)
+        expected: DescriptorChain | ChainError
+        try:
+            expected = vq._walk_careful(2)  # the reference, bypassing the fast path
+        except ChainError as exc:
+            expected = exc
+        [got] = vq.pop_flat(4)
+        if isinstance(got, tuple):
+            assert isinstance(expected, DescriptorChain), expected
+            got = chain_of(got)
+        if isinstance(expected, ChainError):
+            assert isinstance(got, ChainError) and str(got) == str(expected)
+            return
+        assert isinstance(got, DescriptorChain)
+        for side in ("readable", "writable"):
+            mine, ref = getattr(got, side), getattr(expected, side)
+            assert [len(v) for v in mine] == [len(v) for v in ref]
+            assert all(g.memory.guest_address_of(a) == g.memory.guest_address_of(b)
+                       for a, b in zip(mine, ref, strict=True))
+        assert (got.head, got.readable_len, got.writable_len) == (
+            expected.head, expected.readable_len, expected.writable_len)
+
+
+def test_pop_flat_gives_the_common_shape_unsliced(guest: Guest) -> None:
+    vq, raw = make(guest)
+    descs = ((BUF, 16, NEXT, 1), (BUF + 0x100, 4096, NEXT | WRITE, 2), (BUF + 0x2000, 1, WRITE, 0))
+    raw.write_desc(0, table(guest, *descs), 48, INDIRECT, 0)
+    good_chain(raw, 4)  # a direct chain: not flat
+    raw.offer(0, 4)
+    flat, direct = vq.pop_flat(8)
+    assert isinstance(flat, tuple) and isinstance(direct, DescriptorChain)
+    head, view, base, values = flat
+    assert head == 0 and values == tuple(x for d in descs for x in d)
+    view[BUF + 0x2000 - base] = 0x5A  # the status byte, written through the flat view
+    assert guest.memory.view(BUF + 0x2000, 1)[0] == 0x5A
+    assert vq.last_avail_idx == 2 and vq.pop_flat(8) == []

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 from virtblk.device.backends import Backend, zero_fill
 from virtblk.device.request import (
+    HEADER_FORMAT,
+    HEADER_SIZE,
     BlkRequest,
     ChainLike,
     MalformedRequest,
@@ -37,6 +39,8 @@ from virtblk.spec import (
     SECTOR_SHIFT,
     SECTOR_SIZE,
     VIRTIO_BLK_ID_BYTES,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
     BlkConfig,
     DiscardSegment,
     Feature,
@@ -46,7 +50,7 @@ from virtblk.spec import (
     feature_names,
     has_feature,
 )
-from virtblk.virtio.split import ChainError, DeviceVirtqueue, RingError
+from virtblk.virtio.split import ChainError, DeviceVirtqueue, FlatChain, RingError, chain_of
 
 log = logging.getLogger("virtblk.device")
 
@@ -56,6 +60,8 @@ _ONE = (1).to_bytes(8, "little")
 # Plain ints for the per-request comparisons (enum attribute lookups cost more).
 _OK, _IOERR, _UNSUPP = int(Status.OK), int(Status.IOERR), int(Status.UNSUPP)
 _IN, _OUT, _OUT_FUA = int(RequestType.IN), int(RequestType.OUT), int(RequestType.OUT_FUA)
+_NEXT, _WRITE = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+_NEXT_WRITE = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
 
 CACHE_WRITE_BACK = "write back"
 CACHE_WRITE_THROUGH = "write through"
@@ -385,6 +391,35 @@ class BlkDevice:
             exc.status[0] = _IOERR
             stats.ioerr += 1
             return 1
+        return self._run(req, stats, queue)
+
+    def process_flat(self, flat: FlatChain, queue: int = 0) -> int:
+        """``process`` for a chain the virtqueue returned flat (already validated).
+
+        The common request, ``[header(16, R), data(R or W), status(1, W)]`` reading or
+        writing whole sectors, is framed here straight from the table: no intermediate
+        chain, no header view.  Any other shape goes through ``parse_request``, which
+        applies every rule and names what is wrong.
+        """
+        head, view, base, t = flat
+        if (len(t) == 12 and t[1] == HEADER_SIZE and t[2] == _NEXT and t[9] == 1
+                and t[10] == _WRITE):
+            data_len = t[5]
+            if data_len and not data_len & 511:
+                rtype, ioprio, sector = HEADER_FORMAT.unpack_from(view, t[0] - base)
+                dflags = t[6]
+                if (dflags == _NEXT_WRITE and rtype == _IN) or (
+                        dflags == _NEXT and rtype in (_OUT, _OUT_FUA)):
+                    d = t[4] - base
+                    s = t[8] - base
+                    return self._run(
+                        BlkRequest(head, rtype, ioprio, sector, [view[d : d + data_len]],
+                                   data_len, view[s : s + 1]),
+                        self._stats[queue], queue)
+        return self.process(chain_of(flat), queue)
+
+    def _run(self, req: BlkRequest, stats: QueueStats, queue: int) -> int:
+        """Execute a framed request, count it, write its status; the used length."""
         rtype = req.type
         name = type_name(rtype)
         requests = stats.requests
@@ -658,28 +693,38 @@ class _QueueWorker(threading.Thread):
             log.exception("queue %d: internal error while serving", self.index)
 
     def _serve(self) -> None:
-        """Drain the queue in batches until it stays empty with notifications enabled."""
+        """Drain the queue in batches until it stays empty with notifications enabled.
+
+        Each round pops every available chain at once (one avail idx load), answers them,
+        publishes the used idx once and signals at most once.  With EVENT_IDX the loop keeps
+        going while the driver keeps adding, and only re-arms notifications when a round
+        finds the ring empty.
+        """
         vq = self.vq
-        device = self.device
+        process = self.device.process
         index = self.index
         stats = self.stats
+        pop_flat = vq.pop_flat
+        process_flat = self.device.process_flat
+        add_used = vq.add_used
+        limit = vq.num
+        vq.disable_notifications()
         while True:
-            vq.disable_notifications()
             completed = 0
             try:
-                while True:
-                    try:
-                        chain = vq.pop()
-                    except ChainError as exc:
+                for chain in pop_flat(limit):
+                    if isinstance(chain, tuple):
+                        add_used(chain[0], process_flat(chain, index))
+                        completed += 1
+                        continue
+                    if isinstance(chain, ChainError):
                         stats.chain_errors += 1
-                        log.warning("queue %d: bad descriptor chain: %s", index, exc)
-                        if exc.head is not None:
-                            vq.add_used(exc.head, 0)
+                        log.warning("queue %d: bad descriptor chain: %s", index, chain)
+                        if chain.head is not None:
+                            add_used(chain.head, 0)
                             completed += 1
                         continue
-                    if chain is None:
-                        break
-                    vq.add_used(chain.head, device.process(chain, index))
+                    add_used(chain.head, process(chain, index))
                     completed += 1
             finally:
                 # Publish what was completed even if the ring broke mid-batch.
@@ -688,8 +733,11 @@ class _QueueWorker(threading.Thread):
                     stats.batches += 1
                     if vq.needs_notification():
                         self._notify()
+            if completed:
+                continue  # the driver may have added more meanwhile: look before re-arming
             if not vq.enable_notifications():
                 return
+            vq.disable_notifications()
 
     def _notify(self) -> None:
         if self.call_fd < 0:

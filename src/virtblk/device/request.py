@@ -18,7 +18,8 @@ from typing import Protocol
 from virtblk.spec import ZONE_APPEND_SECTOR, DiscardSegment, RequestHeader, RequestType
 
 HEADER_SIZE = RequestHeader.SIZE
-_HEADER = RequestHeader.FORMAT
+HEADER_FORMAT = RequestHeader.FORMAT
+_HEADER = HEADER_FORMAT
 
 # Request directions; a type outside all of them is answered UNSUPP without looking at data.
 DEVICE_WRITES = frozenset({RequestType.IN, RequestType.GET_ID, RequestType.GET_LIFETIME})

@@ -38,7 +38,7 @@ from virtblk.spec import (
     VRING_USED_ELEM_SIZE,
     VRING_USED_F_NO_NOTIFY,
 )
-from virtblk.virtio.memory import BufferAllocator, GuestMemory, GuestMemoryError
+from virtblk.virtio.memory import BufferAllocator, GuestMemory, GuestMemoryError, MemoryRegion
 
 __all__ = [
     "ChainError",
@@ -46,10 +46,12 @@ __all__ = [
     "DeviceProtocolError",
     "DeviceVirtqueue",
     "DriverVirtqueue",
+    "FlatChain",
     "QueueFull",
     "RingError",
     "VirtqueueError",
     "VringAddrs",
+    "chain_of",
     "ring_sizes",
 ]
 
@@ -559,6 +561,39 @@ class DescriptorChain:
     writable_len: int
 
 
+FlatChain = tuple[int, memoryview, int, tuple[int, ...]]
+"""A validated chain of the common shape, unsliced: ``(head, view, base, table)``.
+
+``table`` is the indirect table's raw ``addr, len, flags, next`` values, flattened; every
+buffer lies inside ``view``, which maps guest-physical ``base``: buffer ``i`` is
+``view[table[4*i] - base :][: table[4*i + 1]]``.  Device-readable entries come first.
+"""
+
+_Region = tuple[int, int, memoryview, "MemoryRegion | None"]
+_NO_REGION: _Region = (0, -1, memoryview(b""), None)
+
+
+def chain_of(flat: FlatChain) -> DescriptorChain:
+    """The ``DescriptorChain`` of a flat chain (zero-length buffers dropped, as ``pop`` does)."""
+    head, view, base, vals = flat
+    readable: list[memoryview] = []
+    writable: list[memoryview] = []
+    readable_len = 0
+    writable_len = 0
+    for k in range(0, len(vals), 4):
+        length = vals[k + 1]
+        if not length:
+            continue
+        start = vals[k] - base
+        if vals[k + 2] & VRING_DESC_F_WRITE:
+            writable.append(view[start : start + length])
+            writable_len += length
+        else:
+            readable.append(view[start : start + length])
+            readable_len += length
+    return DescriptorChain(head, readable, writable, readable_len, writable_len)
+
+
 class DeviceVirtqueue:
     """The device's end of a split virtqueue, like rust-vmm's ``virtio-queue``.
 
@@ -603,6 +638,8 @@ class DeviceVirtqueue:
         self.num = num
         self.event_idx = event_idx
         self.max_indirect = num if max_indirect is None else max_indirect
+        self._max_indirect_bytes = VRING_DESC_SIZE * self.max_indirect
+        self._region: _Region = _NO_REGION
         self._memory = memory
         self._mask = num - 1
         self._avail_h = avail.cast("H")
@@ -641,6 +678,16 @@ class DeviceVirtqueue:
         ``add_used(err.head, 0)`` when ``err.head`` is not None, then pop again) and
         ``RingError`` when the avail index is impossible (the queue is then broken).
         """
+        heads = self._take_heads(1)
+        if not heads:
+            return None
+        head = heads[0]
+        if head >= self.num:
+            raise ChainError(None, f"head index {head} is outside the queue (size {self.num})")
+        return self._walk(head)
+
+    def _take_heads(self, limit: int) -> list[int]:
+        """Consume up to ``limit`` avail entries with one avail idx load; their heads."""
         if self._broken is not None:
             raise RingError(f"queue is broken: {self._broken}")
         avail_h = self._avail_h
@@ -648,23 +695,116 @@ class DeviceVirtqueue:
         last = self._last_avail
         pending = (avail_idx - last) & _U16
         if not pending:
-            return None
+            return []
         if pending > self.num:
             self._broken = (
                 f"avail idx {avail_idx} is {pending} entries past {last}, more than the "
                 f"queue size {self.num}"
             )
             raise RingError(self._broken)
-        head = avail_h[2 + (last & self._mask)]
-        last = (last + 1) & _U16
+        n = pending if pending < limit else limit
+        start = 2 + (last & self._mask)
+        end = start + n
+        if end <= 2 + self.num:
+            heads = avail_h[start:end].tolist()
+        else:
+            heads = avail_h[start : 2 + self.num].tolist() + avail_h[2 : end - self.num].tolist()
+        last = (last + n) & _U16
         self._last_avail = last
         if self.event_idx and self._notify_enabled:
             self._used_h[self._avail_event_i] = last
-        if head >= self.num:
-            raise ChainError(None, f"head index {head} is outside the queue (size {self.num})")
-        return self._walk(head)
+        return heads
 
     def _walk(self, head: int) -> DescriptorChain:
+        """One chain: the flat fast path when it applies, else the careful walk."""
+        flat = self._flat(head, self._region_for_batch())
+        if flat is None:
+            return self._walk_careful(head)
+        return chain_of(flat)
+
+    def _region_for_batch(self) -> _Region:
+        """The region the fast path tries first, checked once per batch against the
+        memory table (a region the frontend removed must not be used any more)."""
+        region = self._region
+        regions = self._memory.regions
+        if region[3] is None or region[3] not in regions:
+            if not regions:
+                region = _NO_REGION
+            else:
+                biggest = max(regions, key=lambda r: r.size)
+                region = (biggest.guest_phys_addr, biggest.end, biggest.view, biggest)
+            self._region = region
+        return region
+
+    def _flat(self, head: int, region: _Region) -> FlatChain | None:
+        """The chain at ``head`` as a :data:`FlatChain`, or None when it is not the common
+        shape (then ``_walk_careful`` decides, and names any error).
+
+        Almost every request a driver sends is one INDIRECT descriptor whose table lists
+        its buffers in order (``next = i + 1``), all in one memory region.  Such a table is
+        read with a single unpack and checked entry by entry against the rules
+        ``_walk_careful`` applies, so both accept exactly the same chains.
+        """
+        addr, length, flags, _ = _DESC.unpack_from(self._desc, head * VRING_DESC_SIZE)
+        if flags != VRING_DESC_F_INDIRECT or length & 15:
+            return None
+        if not 0 < length <= self._max_indirect_bytes:
+            return None
+        base, end, view, _ = region
+        if addr < base or addr + length > end:
+            return None
+        n = length >> 4
+        vals = (_TABLE_STRUCTS.get(n) or _table_struct(n)).unpack_from(view, addr - base)
+        last = 4 * n - 4
+        seen_write = False
+        k = 0
+        while True:
+            flags = vals[k + 2]
+            if k != last:
+                if vals[k + 3] != (k >> 2) + 1 or not flags & VRING_DESC_F_NEXT:
+                    return None
+                flags ^= VRING_DESC_F_NEXT
+            if flags == VRING_DESC_F_WRITE:
+                seen_write = True
+            elif flags or seen_write:
+                return None  # unknown flags, or readable after writable
+            addr = vals[k]
+            if addr < base or addr + vals[k + 1] > end:
+                return None
+            if k == last:
+                return head, view, base, vals
+            k += 4
+
+    def pop_flat(self, limit: int) -> list[FlatChain | DescriptorChain | ChainError]:
+        """Like ``pop_many``, but chains of the common shape come back as a
+        :data:`FlatChain`: no per-buffer views are made, the caller slices what it needs.
+
+        Everything in a FlatChain is already validated (structure, flags, order, every
+        buffer inside ``view``); other chains come back as ``pop_many`` returns them.
+        """
+        out: list[FlatChain | DescriptorChain | ChainError] = []
+        num = self.num
+        heads = self._take_heads(limit)
+        if not heads:
+            return out
+        region = self._region_for_batch()
+        flat = self._flat
+        careful = self._walk_careful
+        for head in heads:
+            if head >= num:
+                out.append(ChainError(None, f"head index {head} is outside the queue (size {num})"))
+                continue
+            item = flat(head, region)
+            if item is not None:
+                out.append(item)
+                continue
+            try:
+                out.append(careful(head))
+            except ChainError as exc:
+                out.append(exc)
+        return out
+
+    def _walk_careful(self, head: int) -> DescriptorChain:
         """Follow and check one chain; every descriptor is read exactly once."""
         view = self._memory.view
         unpack = _DESC.unpack_from
@@ -736,18 +876,12 @@ class DeviceVirtqueue:
 
     def pop_many(self, limit: int) -> list[DescriptorChain | ChainError]:
         """Up to ``limit`` pops in one call; malformed chains come back as their ChainError
-        (already consumed) so one bad request does not hide the good ones behind it."""
-        out: list[DescriptorChain | ChainError] = []
-        while len(out) < limit:
-            try:
-                chain = self.pop()
-            except ChainError as exc:
-                out.append(exc)
-                continue
-            if chain is None:
-                break
-            out.append(chain)
-        return out
+        (already consumed) so one bad request does not hide the good ones behind it.
+
+        The avail index is read once and the heads are read as one slice: a batch costs
+        one shared-memory index load, not one per request.
+        """
+        return [chain_of(x) if isinstance(x, tuple) else x for x in self.pop_flat(limit)]
 
     def add_used(self, head: int, length: int) -> None:
         """Record a completion: ``length`` bytes written into the chain at ``head``.
