@@ -206,22 +206,6 @@ class Reply:
         return status_name(self.status)
 
 
-class _Driver(VirtioBlk):
-    """``VirtioBlk`` that can leave offered features unnegotiated (``withheld``).
-
-    The driver has no public switch for this; a check needs it to send a request whose
-    feature was offered but not negotiated.
-    """
-
-    def __init__(self, sock: socket.socket, *, withheld: int, **kwargs: Any) -> None:
-        self._withheld = withheld
-        super().__init__(sock, **kwargs)
-
-    def _negotiate(self) -> None:
-        self._wanted &= ~self._withheld
-        super()._negotiate()
-
-
 class Session:
     """One connection with negotiated features and one request queue."""
 
@@ -229,8 +213,12 @@ class Session:
         self.withheld = withheld
         self.timeout = timeout
         sock = _connect(path, timeout)
-        self.dev = _Driver(
-            sock, withheld=withheld, num_queues=1, queue_size=queue_size, reply_timeout=timeout
+        self.dev = VirtioBlk(
+            sock,
+            exclude_features=withheld,
+            num_queues=1,
+            queue_size=queue_size,
+            reply_timeout=timeout,
         )
         self.queue = self.dev.queues[0]
 

@@ -160,6 +160,7 @@ class VirtioBlk:
         queue_depth: int | None = None,
         memory_size: int = DEFAULT_MEMORY_SIZE,
         extra_features: int = 0,
+        exclude_features: int = 0,
         reply_timeout: float = 10.0,
     ) -> None:
         self._sock = sock
@@ -169,7 +170,9 @@ class VirtioBlk:
         self._requested_queues = num_queues
         self.queue_size = queue_size
         self._queue_depth = queue_depth
-        self._wanted = DRIVER_FEATURES | extra_features
+        # ``exclude_features`` leaves offered features unnegotiated (conformance checks
+        # send requests whose feature the device offered but we did not accept).
+        self._wanted = (DRIVER_FEATURES | extra_features) & ~exclude_features
         self._backend_channel: BackendChannel | None = None
         self.queues: list[HardwareQueue] = []
         self._vrings: list[tuple[VringAddrs, int, int]] = []  # ring memory, kick, call
