@@ -300,3 +300,54 @@ def test_feature_set_matches_notes(qsd_factory: QsdFactory) -> None:
     with Disk.connect(str(daemon.socket_path)) as disk:
         assert disk.device.offered_features == 0x175007E46
         assert not disk.device.offered_features & Feature.ANY_LAYOUT.mask
+
+
+def test_4096_byte_logical_blocks(qsd_factory: QsdFactory, image: Path) -> None:
+    daemon = qsd_factory(image=image, logical_block_size=4096)
+    with Disk.connect(str(daemon.socket_path)) as disk:
+        assert disk.logical_block_size == 4096
+        assert disk.size == IMAGE_SIZE
+        with pytest.raises(ValueError, match="logical block size 4096"):
+            disk.pwrite(bytes(512), 0)
+        with pytest.raises(ValueError, match="logical block size 4096"):
+            disk.pread(4096, 512)
+        data = os.urandom(5 * 4096)
+        disk.pwrite(data, 3 * 4096)  # sector numbers stay in 512-byte units: sector 24
+        disk.flush()
+        assert disk.pread(len(data), 3 * 4096) == data
+        assert _host_read(image, 3 * 4096, len(data)) == data
+        assert _host_read(image, 0, 3 * 4096) == bytes(3 * 4096)
+
+
+def test_read_only_export(qsd_factory: QsdFactory, image: Path) -> None:
+    content = os.urandom(MiB)
+    with image.open("r+b") as f:
+        f.write(content)
+    daemon = qsd_factory(image=image, writable=False)
+    with Disk.connect(str(daemon.socket_path)) as disk:
+        assert disk.read_only
+        assert "BLK_RO" in disk.features
+        assert disk.pread(MiB, 0) == content
+        with pytest.raises(OSError, match="read-only"):
+            disk.pwrite(bytes(512), 0)
+    assert _host_read(image, 0, MiB) == content
+
+
+def test_block_resize_is_invisible_to_frontends(qsd_factory: QsdFactory, image: Path) -> None:
+    """qemu-storage-daemon 7.2: QMP block_resize grows the image, but the export's config
+    space keeps the capacity it had at creation: no config-change message, and neither a
+    re-read (Disk.refresh) nor a new connection sees the new size."""
+    daemon = qsd_factory(image=image)
+    with Disk.connect(str(daemon.socket_path)) as disk:
+        seen: list[tuple[int, int]] = []
+        disk.on_resize(lambda old, new: seen.append((old, new)))
+        daemon.qmp("block_resize", node_name="disk0", size=2 * IMAGE_SIZE)
+        assert image.stat().st_size == 2 * IMAGE_SIZE
+        time.sleep(0.5)
+        disk.refresh()
+        assert disk.size == IMAGE_SIZE
+        assert seen == []
+        with pytest.raises(ValueError, match="past the end of the disk"):
+            disk.pwrite(bytes(4096), IMAGE_SIZE)
+    with Disk.connect(str(daemon.socket_path)) as disk:
+        assert disk.size == IMAGE_SIZE
