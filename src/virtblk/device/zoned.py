@@ -350,6 +350,20 @@ class ZoneTable:
             self._set_state(zone, ZoneState.IOPEN)
         return zone
 
+    def prepare_append(self, sector: int, nsectors: int) -> tuple[Zone, int]:
+        """Check a ZONE_APPEND to the zone starting at ``sector``: ``(zone, sector the
+        data goes to)``, the zone opened implicitly as for a write."""
+        zone = self.zone_of(sector)
+        if zone.start != sector or zone.type != ZoneType.SWR:
+            raise _fail(Status.ZONE_INVALID_CMD,
+                        f"ZONE_APPEND to sector {sector}: not the start of a sequential "
+                        f"write required zone")
+        if zone.state not in _WRITABLE:  # the write pointer is not valid
+            raise _fail(Status.ZONE_INVALID_CMD,
+                        f"ZONE_APPEND to zone {zone.index}, which is {zone.state.name}")
+        self.prepare_write(zone.wp, nsectors, "ZONE_APPEND")
+        return zone, zone.wp
+
     def complete_write(self, zone: Zone, nsectors: int) -> None:
         """Advance the write pointer after the data is stored; a zone at capacity is full."""
         zone.wp += nsectors
@@ -571,7 +585,8 @@ class ZonedRequests:
             if seg.flags:
                 return int(Status.UNSUPP), 1
             end = seg.sector + seg.num_sectors
-            if not self._in_range(seg.sector, seg.num_sectors):
+            if seg.num_sectors > limits.max_sectors or not self._in_range(
+                    seg.sector, seg.num_sectors):
                 return int(Status.IOERR), 1
             if seg.sector % table.zone_sectors or (
                     end % table.zone_sectors and end != table.capacity_sectors):
@@ -616,13 +631,7 @@ class ZonedRequests:
             return int(Status.IOERR), 1
         with table.lock:
             try:
-                zone = table.zone_of(req.sector)
-                if zone.start != req.sector or zone.type != ZoneType.SWR:
-                    raise _fail(Status.ZONE_INVALID_CMD,
-                                f"ZONE_APPEND to sector {req.sector}: not the start of a "
-                                f"sequential write required zone")
-                sector = zone.wp
-                table.prepare_write(sector, nsectors, "ZONE_APPEND")
+                zone, sector = table.prepare_append(req.sector, nsectors)
             except ZoneStatusError as exc:
                 return self._answer(exc)
             if nsectors:
