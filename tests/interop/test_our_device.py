@@ -13,6 +13,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 
 from interop.serve_process import ServeProcess
 from virtblk import Disk
-from virtblk.errors import BlockIOError, FeatureNotNegotiatedError
+from virtblk.errors import BlockIOError, DeviceGoneError, FeatureNotNegotiatedError
 from virtblk.spec import Lifetime, RequestType, Status
 
 pytestmark = pytest.mark.interop
@@ -124,8 +126,6 @@ def test_get_lifetime_on_the_embedded_device() -> None:
 
 
 def test_two_threads_use_both_queues(sock_dir: Path, image: Path) -> None:
-    import threading
-
     with (
         ServeProcess(sock_dir / "vb.sock", ["--file", str(image), "--num-queues", "2"]) as srv,
         Disk.connect(str(srv.socket_path), num_queues=2) as disk,
@@ -205,30 +205,71 @@ def test_sigterm_shuts_down_cleanly(sock_dir: Path, image: Path) -> None:
         srv.stop()
 
 
-def test_sigterm_with_a_frontend_connected(sock_dir: Path, image: Path) -> None:
-    """A connected, idle frontend does not keep the server from shutting down."""
+def test_sigterm_under_load(sock_dir: Path, image: Path) -> None:
+    """SIGTERM while a frontend streams writes on two queues: the server exits 0 and
+    removes its socket; the driver gets DeviceGoneError (no hang); acknowledged data stays."""
     srv = ServeProcess(sock_dir / "vb.sock", ["--file", str(image), "--num-queues", "2"]).start()
     disk = Disk.connect(str(srv.socket_path), num_queues=2)
+    outcomes: list[BaseException | None] = []
     try:
         disk.pwrite(b"\x5a" * 4096, 0)
+        started = threading.Barrier(3)
+
+        def stream(base: int) -> None:
+            chunk = os.urandom(MiB)
+            started.wait()
+            try:
+                while True:
+                    for i in range(4):
+                        disk.pwrite(chunk, base + i * MiB)
+            except BaseException as exc:
+                outcomes.append(exc)
+
+        threads = [
+            threading.Thread(target=stream, args=(base,), daemon=True)
+            for base in (8 * MiB, 16 * MiB)
+        ]
+        for thread in threads:
+            thread.start()
+        started.wait()
+        time.sleep(0.3)
         assert srv.terminate() == 0, srv.output
         assert not srv.socket_path.exists()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads), "the driver hung"
+        assert len(outcomes) == 2
+        assert all(isinstance(exc, DeviceGoneError) for exc in outcomes), outcomes
     finally:
-        disk.close()
+        closer = threading.Thread(target=disk.close, daemon=True)
+        closer.start()
+        closer.join(30)
+        assert not closer.is_alive(), "Disk.close hung after the server exited"
         srv.stop()
     assert _host_read(image, 0, 4096) == b"\x5a" * 4096
 
 
-#: A frontend in a child process: writes a pattern, reports it acknowledged, dies hard.
+#: A frontend in a child process: writes a pattern, reports it acknowledged, and dies hard
+#: while two threads (one per queue) keep writes in flight elsewhere on the disk.
 _DYING_FRONTEND = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, signal, sys, threading, time
     from virtblk import Disk
     disk = Disk.connect(sys.argv[1], num_queues=int(sys.argv[2]))
     pattern = bytes.fromhex(sys.argv[3]) * (1 << 14)
     disk.pwrite(pattern, 1 << 20)
-    # One more request in flight, never waited for, when we die.
     print("acknowledged", flush=True)
+    started = threading.Barrier(3)
+    def stream(base):
+        chunk = os.urandom(1 << 20)
+        started.wait()
+        while True:
+            for i in range(8):
+                disk.pwrite(chunk, base + (i << 20))
+    for base in (16 << 20, 24 << 20):
+        threading.Thread(target=stream, args=(base,), daemon=True).start()
+    started.wait()
+    time.sleep(0.2)
     os.kill(os.getpid(), signal.SIG{how})
     """
 )
