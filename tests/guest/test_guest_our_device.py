@@ -16,6 +16,7 @@ import pytest
 
 from interop.serve_process import ServeProcess
 from peers.guest import GuestKernel, GuestResult, run_guest
+from virtblk import Disk
 
 pytestmark = pytest.mark.guest
 
@@ -97,10 +98,15 @@ def test_guest_reads_and_writes_our_device(
             kernel=guest_kernel,
         )
         assert result.rc == 0, _fail_message(result, server)
-        # The server outlives the guest (QEMU disconnected) and is ready for the next one.
+        # The server outlives the guest (QEMU disconnected) and is ready for the next
+        # frontend: our driver reads what Linux wrote.
         assert server.process is not None and server.process.poll() is None
+        values = _values(result)
+        with Disk.connect(str(server.socket_path), num_queues=2) as disk:
+            assert disk.serial == SERIAL
+            pattern = disk.pread(MiB, MiB)
+        assert hashlib.md5(pattern).hexdigest() == values["PATTERN_MD5"]
         assert server.terminate() == 0, server.output
-    values = _values(result)
     assert values["SIZE"] == str(SIZE // 512)
     assert values["SERIAL"] == SERIAL
     assert values["RO"] == "0"
