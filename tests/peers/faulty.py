@@ -1,0 +1,68 @@
+"""Our device with injected faults, for driver error paths no healthy device produces.
+
+A real ``BlkDevice`` over a real vhost-user session (in a thread, on a socketpair); only
+``execute`` is overridden: requests at ``bad_sector`` answer IOERR, FLUSH answers UNSUPP
+when asked to, and a request at ``slow_sector`` is held until ``release`` is set.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from virtblk import Disk
+from virtblk.device.backends import MemoryBackend
+from virtblk.device.blk import BlkDevice
+from virtblk.device.request import BlkRequest
+from virtblk.spec import RequestType, Status
+from virtblk.vhost_user.server import serve_connected
+
+
+class FaultyDevice(BlkDevice):
+    """``BlkDevice`` with the faults described in the module docstring."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        bad_sector: int | None = None,
+        slow_sector: int | None = None,
+        unsupp_flush: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(MemoryBackend(size), **options)
+        self.bad_sector = bad_sector
+        self.slow_sector = slow_sector
+        self.unsupp_flush = unsupp_flush
+        self.release = threading.Event()
+
+    def execute(self, req: BlkRequest) -> tuple[int, int]:
+        if req.type == RequestType.FLUSH and self.unsupp_flush:
+            return int(Status.UNSUPP), 1
+        if req.type in (RequestType.IN, RequestType.OUT):
+            if req.sector == self.bad_sector:
+                return int(Status.IOERR), 1
+            if req.sector == self.slow_sector:
+                self.release.wait(30)
+        return super().execute(req)
+
+
+@contextmanager
+def faulty_disk(
+    size: int = 1 << 20, **options: Any
+) -> Iterator[tuple[Disk, FaultyDevice, socket.socket]]:
+    """A Disk on a FaultyDevice; yields (disk, device, the device's end of the socket)."""
+    device = FaultyDevice(size, **options)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    thread = threading.Thread(target=serve_connected, args=(theirs, device), daemon=True)
+    thread.start()
+    disk = Disk.from_socket(ours)
+    try:
+        yield disk, device, theirs
+    finally:
+        device.release.set()
+        disk.close()
+        thread.join(10)
