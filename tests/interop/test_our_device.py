@@ -7,7 +7,9 @@ a listening socket file, a server that outlives its frontends, signals, permissi
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from interop.serve_process import ServeProcess
+from interop.serve_process import ServeProcess, run_virtblk
 from virtblk import Disk
 from virtblk.errors import BlockIOError, DeviceGoneError, FeatureNotNegotiatedError
 from virtblk.spec import Lifetime, RequestType, Status
@@ -299,3 +301,24 @@ def test_dying_frontend_leaves_the_server_ready(sock_dir: Path, image: Path, how
             disk.pwrite(b"\x11" * 512, 0)
             assert disk.pread(512, 0) == b"\x11" * 512
         assert srv.terminate() == 0, srv.output
+
+
+def test_info_cli_reports_our_device(sock_dir: Path) -> None:
+    args = ["--memory", "8M", "--num-queues", "2", "--serial", SERIAL, "--blk-size", "4096"]
+    with ServeProcess(sock_dir / "vb.sock", args) as srv:
+        result = run_virtblk("info", str(srv.socket_path), "--json")
+        assert result.returncode == 0, result.stderr
+        info = json.loads(result.stdout)
+        assert info["serial"] == SERIAL
+        assert info["capacity_bytes"] == 8 * MiB
+        assert info["logical_block_size"] == 4096
+        assert info["device_max_queues"] == 2
+        assert info["config"]["blk_size"] == 4096
+        assert info["config"]["seg_max"] == 126
+        assert info["config"]["num_queues"] == 2
+        for name in ("BLK_SECURE_ERASE", "BLK_DISCARD", "BLK_WRITE_ZEROES", "BLK_MQ"):
+            assert name in info["features_offered"]
+        # The server is still there for the next frontend.
+        text = run_virtblk("info", str(srv.socket_path))
+        assert text.returncode == 0, text.stderr
+        assert re.search(rf"^serial\s+{SERIAL}$", text.stdout, re.MULTILINE), text.stdout
