@@ -337,10 +337,17 @@ class BlkDevice:
         return self._read_only
 
     def set_read_only(self, read_only: bool) -> None:
-        """Refuse (or accept again) writes, discards and erases from now on."""
+        """Refuse (or accept again) writes, discards and erases from now on.
+
+        VIRTIO_BLK_F_RO is fixed at negotiation, so a running driver learns it only from
+        failed writes (IOERR); the config change sent here prompts it to look again."""
         if not read_only and self.backend.read_only:
             raise ValueError("the backend is read-only; the device cannot accept writes")
+        changed = read_only != self._read_only
         self._read_only = read_only
+        if changed:
+            log.info("writes are now %s", "refused (IOERR)" if read_only else "accepted")
+            self._notify_config()
 
     @property
     def cache_mode(self) -> str:
