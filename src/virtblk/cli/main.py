@@ -9,6 +9,7 @@ import click
 
 from virtblk.cli.bench import bench
 from virtblk.cli.check import check
+from virtblk.cli.control import control
 from virtblk.cli.info import info
 from virtblk.cli.serve import serve
 
@@ -35,3 +36,4 @@ main.add_command(serve)
 main.add_command(info)
 main.add_command(bench)
 main.add_command(check)
+main.add_command(control)

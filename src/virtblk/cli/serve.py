@@ -4,14 +4,18 @@ driver use as their disk."""
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 import click
 
 from virtblk.cli.params import SIZE
+from virtblk.device.control import ControlServer
 from virtblk.device.options import DeviceOptions
+from virtblk.spec import Lifetime
 from virtblk.util import human_size
 from virtblk.vhost_user.server import VhostUserServer
 
@@ -38,6 +42,27 @@ log = logging.getLogger("virtblk.serve")
 @click.option("--max-active-zones", type=int, default=0, show_default=True, help="0: no limit.")
 @click.option("--conventional-zones", type=int, default=0, show_default=True,
               help="With --zoned: this many randomly writable zones first.")
+@click.option("--control", "control_path", type=click.Path(),
+              help="Also listen here for JSON-lines control requests (resize, set-read-only, "
+                   "set-cache-mode, stats, get-config); see `virtblk control`.")
+@click.option("--writeback/--writethrough", default=True, show_default=True,
+              help="Initial cache mode (the driver may switch it with CONFIG_WCE).")
+@click.option("--physical-block-size", type=SIZE,
+              help="Topology: a power-of-two multiple of --blk-size.")
+@click.option("--alignment-offset", type=SIZE, default=0, show_default=True,
+              help="Topology: bytes, a multiple of --blk-size.")
+@click.option("--min-io-size", type=SIZE, default=0, show_default=True,
+              help="Topology: bytes, a multiple of --blk-size.")
+@click.option("--opt-io-size", type=SIZE, default=0, show_default=True,
+              help="Topology: bytes, a multiple of --blk-size.")
+@click.option("--geometry", metavar="C/H/S", help="Offer VIRTIO_BLK_F_GEOMETRY with this CHS.")
+@click.option("--max-discard-sectors", type=int, help="Discard limit per segment (sectors).")
+@click.option("--max-discard-seg", type=int, help="Discard segments per request.")
+@click.option("--discard-alignment", type=int, help="Discard alignment (sectors).")
+@click.option("--max-write-zeroes-sectors", type=int, help="Write-zeroes limit (sectors).")
+@click.option("--max-write-zeroes-seg", type=int, help="Write-zeroes segments per request.")
+@click.option("--lifetime", metavar="PRE_EOL,A,B",
+              help="Offer VIRTIO_BLK_F_LIFETIME: pre-EOL info and the two wear estimates.")
 def serve(
     socket_path: str,
     file_path: str | None,
@@ -55,6 +80,19 @@ def serve(
     max_open_zones: int,
     max_active_zones: int,
     conventional_zones: int,
+    control_path: str | None,
+    writeback: bool,
+    physical_block_size: int | None,
+    alignment_offset: int,
+    min_io_size: int,
+    opt_io_size: int,
+    geometry: str | None,
+    max_discard_sectors: int | None,
+    max_discard_seg: int | None,
+    discard_alignment: int | None,
+    max_write_zeroes_sectors: int | None,
+    max_write_zeroes_seg: int | None,
+    lifetime: str | None,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
@@ -77,7 +115,22 @@ def serve(
     opts.read_only = read_only
     opts.num_queues = num_queues
     opts.queue_size = queue_size
-    opts.device = {"serial": serial, "blk_size": blk_size}
+    opts.device = {"serial": serial, "blk_size": blk_size, "writeback": writeback,
+                   **_topology(blk_size, physical_block_size, alignment_offset, min_io_size,
+                               opt_io_size)}
+    if geometry is not None:
+        opts.device["geometry"] = _geometry(geometry)
+    if lifetime is not None:
+        opts.device["lifetime"] = _lifetime(lifetime)
+    for name, value, top in (
+        ("max_discard_sectors", max_discard_sectors, 0xFFFFFFFF),
+        ("max_discard_seg", max_discard_seg, 0xFFFFFFFF),
+        ("discard_sector_alignment", discard_alignment, 0xFFFFFFFF),
+        ("max_write_zeroes_sectors", max_write_zeroes_sectors, 0xFFFFFFFF),
+        ("max_write_zeroes_seg", max_write_zeroes_seg, 0xFFFFFFFF),
+    ):
+        if value is not None:
+            opts.device[name] = _in_range(f"--{name.replace('_', '-')}", value, top)
     if zoned:
         if memory_size is None:
             raise click.UsageError("--zoned needs --memory")
@@ -92,6 +145,13 @@ def serve(
         server = VhostUserServer(socket_path, device)
     except OSError as exc:
         raise click.ClickException(str(exc)) from exc
+    control: ControlServer | None = None
+    if control_path is not None:
+        try:
+            control = ControlServer(control_path, device).start()
+        except OSError as exc:
+            server.close()
+            raise click.ClickException(f"control socket {control_path}: {exc}") from exc
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
@@ -102,12 +162,69 @@ def serve(
     click.echo(
         f"virtblk: serving {opts.backend} {human_size(device.backend.size)} on {socket_path} "
         f"({num_queues} queue{'s' if num_queues > 1 else ''}"
-        f"{', read-only' if read_only else ''}{', zoned' if zoned else ''})",
+        f"{', read-only' if read_only else ''}{', zoned' if zoned else ''}"
+        f", {device.cache_mode}"
+        f"{f', control {control_path}' if control_path else ''})",
         err=True,
     )
     try:
         server.serve_forever()
     finally:
+        if control is not None:
+            control.close()
         device.reset()
         device.backend.close()
     sys.exit(0)
+
+
+def _in_range(option: str, value: int, top: int, bottom: int = 0) -> int:
+    if not bottom <= value <= top:
+        raise click.UsageError(f"{option} must be in {bottom}..{top}, got {value}")
+    return value
+
+
+def _blocks(option: str, value: int, blk_size: int, top: int) -> int:
+    """Bytes on the command line, logical blocks in the config space."""
+    if value % blk_size:
+        raise click.UsageError(f"{option} {value} is not a multiple of --blk-size {blk_size}")
+    return _in_range(f"{option} (in {blk_size}-byte blocks)", value // blk_size, top)
+
+
+def _topology(
+    blk_size: int, physical: int | None, alignment: int, min_io: int, opt_io: int,
+) -> dict[str, Any]:
+    """The config's topology fields (``physical_block_exp``, the rest in logical blocks)."""
+    exp = 0
+    if physical is not None:
+        ratio, rest = divmod(physical, blk_size)
+        if rest or ratio < 1 or ratio & (ratio - 1):
+            raise click.UsageError(
+                f"--physical-block-size {physical} must be a power-of-two multiple of "
+                f"--blk-size {blk_size}")
+        exp = _in_range("--physical-block-size (as a power of two)", ratio.bit_length() - 1,
+                        0xFF)
+    return {
+        "physical_block_exp": exp,
+        "alignment_offset": _blocks("--alignment-offset", alignment, blk_size, 0xFF),
+        "min_io_size": _blocks("--min-io-size", min_io, blk_size, 0xFFFF),
+        "opt_io_size": _blocks("--opt-io-size", opt_io, blk_size, 0xFFFFFFFF),
+    }
+
+
+def _geometry(text: str) -> tuple[int, int, int]:
+    """``C/H/S`` with the config's widths: 16-bit cylinders, 8-bit heads and sectors."""
+    match = re.fullmatch(r"(\d+)/(\d+)/(\d+)", text.strip())
+    if match is None:
+        raise click.UsageError(f"--geometry {text!r} is not C/H/S (e.g. 1024/16/63)")
+    c, h, s = (int(g) for g in match.groups())
+    return (_in_range("--geometry cylinders", c, 0xFFFF),
+            _in_range("--geometry heads", h, 0xFF, 1),
+            _in_range("--geometry sectors", s, 0xFF, 1))
+
+
+def _lifetime(text: str) -> Lifetime:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise click.UsageError(f"--lifetime {text!r} is not PRE_EOL,A,B (e.g. 1,2,3)")
+    pre_eol, a, b = (_in_range("--lifetime values", int(p), 0xFFFF) for p in parts)
+    return Lifetime(pre_eol, a, b)
