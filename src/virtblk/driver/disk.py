@@ -389,22 +389,32 @@ class Disk:
     def discard(self, offset: int, length: int) -> None:
         """Tell the device the range is unused (DISCARD)."""
         self._dev.require(Feature.BLK_DISCARD, "discard")
+        self._check_writable("discard")
         self._ranges(RequestType.DISCARD, offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Zero the range (WRITE_ZEROES); ``unmap`` lets the device deallocate it."""
         self._dev.require(Feature.BLK_WRITE_ZEROES, "write_zeroes")
+        self._check_writable("write_zeroes")
         self._ranges(RequestType.WRITE_ZEROES, offset, length, unmap=unmap)
 
     def secure_erase(self, offset: int, length: int) -> None:
         """Erase the range so it cannot be recovered (SECURE_ERASE)."""
         self._dev.require(Feature.BLK_SECURE_ERASE, "secure_erase")
+        self._check_writable("secure_erase")
         self._ranges(RequestType.SECURE_ERASE, offset, length)
 
     # -- internals ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"I/O on closed disk {self.name}")
+
+    def _check_writable(self, what: str) -> None:
+        """A VIRTIO_BLK_F_RO disk is refused up front, as Linux's block layer does (EROFS).
+        A device made read-only at run time cannot say so (the bit is fixed at
+        negotiation): its writes fail with EIO instead."""
+        if self.read_only:
+            raise BlockIOError(errno.EROFS, f"{self.name}: {what}: the device is read-only")
 
     def _queue(self) -> HardwareQueue:
         """The hardware queue of the calling thread (blk-mq maps each CPU to one)."""

@@ -124,6 +124,8 @@ def string_get_size(size: int, base: int) -> str:
         if base == 2
         else ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
     )
+    if size == 0:
+        return "0 B"
     div = 1024 if base == 2 else 1000
     unit = remainder = 0
     while size >= div:
