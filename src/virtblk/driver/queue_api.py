@@ -247,8 +247,10 @@ class QueueHandle:
     def _spin(self, wanted: int, deadline: float | None) -> None:
         """Busy-poll the used ring; the call eventfd is never read."""
         idle = 0
+        q = self._q
         while len(self._ready) < wanted:
-            if self._reap():
+            # Peek at the used idx (one 16-bit load) before taking the queue lock.
+            if q.vq.pending() and self._reap():
                 self._submit()
                 idle = 0
                 continue
