@@ -25,7 +25,7 @@ import pytest
 from interop.serve_process import ServeProcess, run_virtblk
 from virtblk import Disk
 from virtblk.errors import BlockIOError, DeviceGoneError, FeatureNotNegotiatedError
-from virtblk.spec import Lifetime, RequestType, Status
+from virtblk.spec import DiscardSegment, Lifetime, RequestType, Status
 
 pytestmark = pytest.mark.interop
 
@@ -166,24 +166,33 @@ def test_read_only(sock_dir: Path, image: Path) -> None:
         assert disk.read_only
         assert "BLK_RO" in disk.features
         assert disk.pread(MiB, 0) == data
-        # The driver refuses up front...
+        # The driver refuses writes and zeroing up front...
         with pytest.raises(BlockIOError) as refused:
             disk.pwrite(bytes(512), 0)
         assert refused.value.errno == errno.EROFS
-        # ...and the device refuses what gets past the driver: OUT and WRITE_ZEROES.
+        with pytest.raises(BlockIOError) as refused:
+            disk.write_zeroes(0, 4096)
+        assert refused.value.errno == errno.EROFS
+        # ...and the device refuses what gets past the driver: OUT, WRITE_ZEROES, DISCARD.
         q = disk.device.queues[0]
         buf = disk.buffer(4096)
         buf[:] = b"\xa5" * 4096
         gpa = disk.device.memory.guest_address_of(buf)
         assert gpa is not None
-        req = q.get_tag()
-        q.submit(req, RequestType.OUT, 0, out_bufs=[(gpa, 4096)])
-        q.wait_for(req, timeout=10)
-        assert req.status == Status.IOERR
-        q.put_tag(req)
-        with pytest.raises(BlockIOError) as zeroing:
-            disk.write_zeroes(0, 4096)
-        assert zeroing.value.errno == errno.EIO
+        segment = DiscardSegment(0, 8, 0).pack()
+        requests = [
+            (RequestType.OUT, [(gpa, 4096)]),
+            (RequestType.WRITE_ZEROES, [(gpa + 2048, len(segment))]),
+            (RequestType.DISCARD, [(gpa + 2048, len(segment))]),
+        ]
+        for type_, out in requests:
+            if type_ != RequestType.OUT:
+                buf[2048 : 2048 + len(segment)] = segment
+            req = q.get_tag()
+            q.submit(req, type_, 0, out_bufs=out)
+            q.wait_for(req, timeout=10)
+            assert req.status == Status.IOERR, type_.name
+            q.put_tag(req)
         disk.free_buffer(buf)
         assert disk.pread(MiB, 0) == data
     assert _host_read(image, 0, MiB) == data
