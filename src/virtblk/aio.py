@@ -146,8 +146,7 @@ class AsyncDisk:
 
     async def write(self, data: Buffer, offset: int) -> int:
         """Write ``data`` at ``offset``; returns the bytes written."""
-        if self.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.disk.name}: the device is read-only")
+        self._check_writable("write")
         return await self._rw(True, memoryview(data).cast("B"), offset)
 
     async def flush(self) -> None:
@@ -161,12 +160,19 @@ class AsyncDisk:
     async def discard(self, offset: int, length: int) -> None:
         """DISCARD the range, split by the device's discard limits."""
         self.disk.device.require(Feature.BLK_DISCARD, "discard")
+        self._check_writable("discard")
         await self._ranges(RequestType.DISCARD, offset, length, unmap=False)
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """WRITE_ZEROES over the range; ``unmap`` lets the device deallocate it."""
         self.disk.device.require(Feature.BLK_WRITE_ZEROES, "write_zeroes")
+        self._check_writable("write_zeroes")
         await self._ranges(RequestType.WRITE_ZEROES, offset, length, unmap=unmap)
+
+    def _check_writable(self, what: str) -> None:
+        """Refuse changes to a read-only disk up front (EROFS), as ``Disk`` does."""
+        if self.read_only:
+            raise BlockIOError(errno.EROFS, f"{self.disk.name}: {what}: the device is read-only")
 
     async def _rw(self, write: bool, view: memoryview, offset: int) -> int:
         what = f"{self.disk.name}: {'write' if write else 'read'}"

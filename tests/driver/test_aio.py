@@ -135,6 +135,9 @@ def test_read_only_device() -> None:
             with pytest.raises(BlockIOError) as info:
                 await adisk.write(bytes(BS), 0)
             assert info.value.errno == errno.EROFS
+            for change in (adisk.discard(0, BS), adisk.write_zeroes(0, BS)):
+                with pytest.raises(BlockIOError, match="read-only"):
+                    await change
             assert await adisk.read(BS, 0) == bytes(BS)
 
     run(main)

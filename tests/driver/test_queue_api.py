@@ -168,6 +168,11 @@ def test_read_only_device_refuses_writes() -> None:
         with pytest.raises(BlockIOError) as info:
             q.write(0, buf)
         assert info.value.errno == errno.EROFS
+        with pytest.raises(BlockIOError, match="read-only"):
+            q.discard(0, BS)
+        with pytest.raises(BlockIOError, match="read-only"):
+            q.write_zeroes(0, BS)
+        assert q.pending == 0
         q.read(0, buf, "r")  # reads still go
         assert q.do_io(1, timeout=30) == [Completion("r", 0)]
 

@@ -98,8 +98,7 @@ class QueueHandle:
 
     def write(self, offset: int, buf: Buffer, user_data: Any = None) -> None:
         """Enqueue a write of ``buf`` (from disk.buffer) at ``offset``."""
-        if self.disk.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.disk.name}: the device is read-only")
+        self._check_writable("write")
         segs = self._data_segments("write", offset, buf, writable=False)
         self._enqueue(_Queued(RequestType.OUT, offset >> SECTOR_SHIFT, segs, (), user_data))
 
@@ -115,6 +114,7 @@ class QueueHandle:
     def discard(self, offset: int, length: int, user_data: Any = None) -> None:
         """Enqueue a DISCARD of one range (at most ``max_discard_sectors``)."""
         self.disk.device.require(Feature.BLK_DISCARD, "discard")
+        self._check_writable("discard")
         limit = self.disk.limits.max_discard_sectors
         seg = self._range_segment("discard", offset, length, limit, 0)
         self._enqueue(_Queued(RequestType.DISCARD, 0, (), (), user_data, seg))
@@ -124,11 +124,15 @@ class QueueHandle:
     ) -> None:
         """Enqueue a WRITE_ZEROES of one range; ``unmap`` lets the device deallocate it."""
         self.disk.device.require(Feature.BLK_WRITE_ZEROES, "write_zeroes")
-        if self.disk.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.disk.name}: the device is read-only")
+        self._check_writable("write_zeroes")
         limit = self.disk.limits.max_write_zeroes_sectors
         seg = self._range_segment("write_zeroes", offset, length, limit, int(unmap))
         self._enqueue(_Queued(RequestType.WRITE_ZEROES, 0, (), (), user_data, seg))
+
+    def _check_writable(self, what: str) -> None:
+        """Refuse changes to a read-only disk up front (EROFS), as ``Disk`` does."""
+        if self.disk.read_only:
+            raise BlockIOError(errno.EROFS, f"{self.disk.name}: {what}: the device is read-only")
 
     def _data_segments(
         self, what: str, offset: int, buf: Buffer, *, writable: bool
