@@ -119,8 +119,19 @@ def test_every_request_type(server: ServeProcess, kind: str, image: Path, num_qu
         disk.device.allocator.free(gpa)
 
 
+def test_get_lifetime(sock_dir: Path) -> None:
+    wear = Lifetime(pre_eol_info=2, device_lifetime_est_typ_a=4, device_lifetime_est_typ_b=9)
+    args = ["--memory", "1M", "--lifetime", "2,4,9"]
+    with (
+        ServeProcess(sock_dir / "vb.sock", args) as srv,
+        Disk.connect(str(srv.socket_path)) as disk,
+    ):
+        assert "BLK_LIFETIME" in disk.features
+        assert disk.lifetime == wear
+
+
 def test_get_lifetime_on_the_embedded_device() -> None:
-    """serve has no lifetime option: GET_LIFETIME is exercised on the embedded device."""
+    """The embedded device in its child process gets the Lifetime struct across too."""
     wear = Lifetime(pre_eol_info=1, device_lifetime_est_typ_a=3, device_lifetime_est_typ_b=7)
     with Disk.embedded(size=MiB, backend="memory", lifetime=wear) as disk:
         assert "BLK_LIFETIME" in disk.features
