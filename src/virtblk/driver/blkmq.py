@@ -20,13 +20,14 @@ import collections
 import errno
 import os
 import select
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from virtblk.errors import DeviceGoneError, status_error
-from virtblk.spec import RequestHeader, Status
+from virtblk.spec import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, RequestHeader, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 from virtblk.virtio.split import DriverVirtqueue, QueueFull
 
@@ -37,6 +38,9 @@ CompletionCallback = Callable[["Request"], None]
 
 _SLOT = 32  # per-tag shared area: 16-byte header, status byte at 16, padding
 _EVENTFD_ONE = (1).to_bytes(8, "little")
+_IOERR = int(Status.IOERR)
+_HEADER = RequestHeader.FORMAT
+_DESC = struct.Struct("<QIHH")  # one split-ring descriptor: addr, len, flags, next
 _STATUS_PENDING = 0xFF  # not a valid status: a device that completes without writing one shows
 
 
@@ -121,10 +125,29 @@ class HardwareQueue:
         self.stats_busy = 0
         self.stats_kicks = 0
         self.stats_interrupts = 0
+        # Per-tag indirect tables, header descriptor written once per ring (see _attach).
+        self._tables: list[memoryview] | None = None
+        self._layout: list[tuple[Segments, Segments, int, int] | None] = [None] * depth
+        self._attach(vq)
         self._poll = select.poll()
         self._poll.register(call_fd, select.POLLIN)
         if hangup_fd is not None:
             self._poll.register(hangup_fd, select.POLLRDHUP)
+
+    def _attach(self, vq: DriverVirtqueue) -> None:
+        """Prebuild every tag's indirect table on ``vq``: entry 0 is the tag's header,
+        which never moves, so a request writes only its data and status entries, and only
+        when its buffers differ from the tag's previous request (a benchmark or a reused
+        buffer rewrites nothing)."""
+        self.vq = vq
+        self._layout = [None] * self.depth
+        if not vq.indirect or vq.max_tokens < self.depth or min(vq.max_chain, vq.num) < 3:
+            self._tables = None
+            return
+        self._tables = [vq.indirect_table(tag) for tag in range(self.depth)]
+        for tag, table in enumerate(self._tables):
+            _DESC.pack_into(table, 0, self._slots_gpa + tag * _SLOT, RequestHeader.SIZE,
+                            VRING_DESC_F_NEXT, 1)
 
     # -- tags ---------------------------------------------------------------------------
     def get_tag(self, timeout: float | None = None) -> Request:
@@ -192,7 +215,48 @@ class HardwareQueue:
         with self.cond:
             self._kick_locked()
 
+    def submit_batch(self, reqs: Sequence[Request]) -> None:
+        """Queue requests whose ``type``, ``sector``, ``out_bufs``, ``in_bufs`` and
+        ``callback`` the caller set, under one lock acquisition and with one kick.
+
+        The libblkio way to keep a queue busy: a completed request may be resubmitted as
+        it is (change only ``sector``), no ``put_tag``/``get_tag`` round trip needed.
+        """
+        slots = self._slots
+        pack = _HEADER.pack_into
+        for req in reqs:
+            base = req.tag * _SLOT
+            pack(slots, base, req.type, 0, req.sector)
+            slots[base + 16] = _STATUS_PENDING
+            req.done = False
+            req.status = _STATUS_PENDING
+            req.written = 0
+        with self.cond:
+            self._check_broken()
+            busy = self._busy
+            for req in reqs:
+                if self._frozen or busy or not self._add_locked(req):
+                    busy.append(req)
+                    self.stats_busy += 1
+            self._kick_locked()
+
     def _add_locked(self, req: Request) -> bool:
+        tables = self._tables
+        if tables is not None:
+            tag = req.tag
+            out_bufs = req.out_bufs
+            in_bufs = req.in_bufs
+            layout = self._layout[tag]
+            if layout is None or layout[0] != out_bufs or layout[1] != in_bufs:
+                layout = self._write_table(tag, out_bufs, in_bufs)
+            if layout is not None:
+                try:
+                    self.vq.add_indirect(tag, layout[2], layout[3])
+                except QueueFull:
+                    return False
+                self.stats_submitted += 1
+                self._unkicked = True
+                return True
         hdr = self._slots_gpa + req.tag * _SLOT
         out = [(hdr, RequestHeader.SIZE), *req.out_bufs]
         in_ = [*req.in_bufs, (hdr + 16, 1)]
@@ -203,6 +267,38 @@ class HardwareQueue:
         self.stats_submitted += 1
         self._unkicked = True
         return True
+
+    def _write_table(
+        self, tag: int, out_bufs: Segments, in_bufs: Segments
+    ) -> tuple[Segments, Segments, int, int] | None:
+        """Write the data and status entries of ``tag``'s table; None when the request
+        does not fit one (then ``vq.add`` takes it, and says why it cannot)."""
+        assert self._tables is not None
+        count = 2 + len(out_bufs) + len(in_bufs)
+        if count > min(self.vq.max_chain, self.vq.num):
+            self._layout[tag] = None
+            return None
+        table = self._tables[tag]
+        pos = 16
+        nxt = 2
+        written = 1
+        try:
+            for gpa, length in out_bufs:
+                _DESC.pack_into(table, pos, gpa, length, VRING_DESC_F_NEXT, nxt)
+                pos += 16
+                nxt += 1
+            for gpa, length in in_bufs:
+                _DESC.pack_into(table, pos, gpa, length,
+                                VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, nxt)
+                written += length
+                pos += 16
+                nxt += 1
+        except struct.error as exc:
+            self._layout[tag] = None
+            raise ValueError(f"buffer address or length out of range: {exc}") from exc
+        _DESC.pack_into(table, pos, self._slots_gpa + tag * _SLOT + 16, 1, VRING_DESC_F_WRITE, 0)
+        layout = self._layout[tag] = (out_bufs, in_bufs, count, written)
+        return layout
 
     def _kick_locked(self) -> None:
         if not self._unkicked:
@@ -224,21 +320,24 @@ class HardwareQueue:
         signal the call eventfd at all.
         """
         with self.cond:
-            return self._drain_locked(rearm)
+            return len(self._drain_locked(rearm))
 
-    def _drain_locked(self, rearm: bool = True) -> int:
+    def _drain_locked(self, rearm: bool = True) -> list[Request]:
         if self._stopped:
-            return 0
+            return []
         completed: list[Request] = []
         vq = self.vq
+        requests = self._requests
+        slots = self._slots
         while True:
             vq.disable_cb()
             for tag, written in vq.get_used():
-                req = self._requests[tag]
+                req = requests[tag]
                 req.written = written
                 # A used length of 0 means the device did not write the status byte (it
                 # rejected the chain): report it as an I/O error, not as whatever was there.
-                req.status = self._slots[tag * _SLOT + 16] if written >= 1 else Status.IOERR
+                req.status = slots[tag * _SLOT + 16] if written else _IOERR
+                req.done = True
                 completed.append(req)
             if not rearm or vq.enable_cb():
                 break
@@ -248,11 +347,10 @@ class HardwareQueue:
                 self._busy.popleft()
             self._kick_locked()
             for req in completed:
-                req.done = True
                 if req.callback is not None:
                     req.callback(req)
             self.cond.notify_all()
-        return len(completed)
+        return completed
 
     def wait_for(self, req: Request, timeout: float | None = None) -> None:
         """Block until ``req`` completes (any waiter may complete it for us)."""
@@ -264,22 +362,28 @@ class HardwareQueue:
 
     def wait_any(self, timeout: float | None = None) -> int:
         """Wait for at least one completion (or the timeout); returns how many completed."""
+        return len(self.reap(timeout))
+
+    def reap(self, timeout: float | None = None) -> list[Request]:
+        """Wait for at least one completion (or the timeout) and return the requests this
+        call completed (callbacks have run).  With several threads waiting on one queue,
+        each sees only what it drained itself: use callbacks or ``wait_for`` there."""
         with self.cond:
-            n = self._drain_locked()
-            if n:
-                return n
+            completed = self._drain_locked()
+            if completed:
+                return completed
             self._check_broken()
             deadline = None if timeout is None else time.monotonic() + timeout
             return self._wait_locked(deadline)
 
-    def _wait_locked(self, deadline: float | None) -> int:
+    def _wait_locked(self, deadline: float | None) -> list[Request]:
         """Poll the call eventfd once (as the poller) or wait for the current poller."""
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"{self.name}: no completion before the timeout")
         if self._poller_active:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self.cond.wait(remaining)
-            return 0
+            return []
         self._poller_active = True
         self.cond.release()
         try:
@@ -289,9 +393,9 @@ class HardwareQueue:
             self._poller_active = False
         if events:
             self.stats_interrupts += 1
-        n = self._drain_locked()
+        completed = self._drain_locked()
         self.cond.notify_all()
-        return n
+        return completed
 
     def _poll_once(self, deadline: float | None) -> bool:
         timeout_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
@@ -326,7 +430,7 @@ class HardwareQueue:
     def thaw(self, vq: DriverVirtqueue) -> None:
         """Resume on ``vq`` (a fresh ring after a device reset) and send what was parked."""
         with self.cond:
-            self.vq = vq
+            self._attach(vq)
             self._frozen = False
             self._stopped = False
             while self._busy and self._add_locked(self._busy[0]):
