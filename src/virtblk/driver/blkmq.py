@@ -244,8 +244,9 @@ class HardwareQueue:
         tables = self._tables
         if tables is not None:
             tag = req.tag
-            out_bufs = req.out_bufs
-            in_bufs = req.in_bufs
+            # Copies, compared by value: a caller may edit its buffer list in place.
+            out_bufs = tuple(req.out_bufs)
+            in_bufs = tuple(req.in_bufs)
             layout = self._layout[tag]
             if layout is None or layout[0] != out_bufs or layout[1] != in_bufs:
                 layout = self._write_table(tag, out_bufs, in_bufs)
