@@ -594,7 +594,7 @@ ops = st.lists(st.one_of(
               st.integers(0, ZONES - 1)),
     st.tuples(st.just("reset_all")),
 ), max_size=40)
-limits = st.tuples(st.integers(0, 3), st.integers(0, 4))
+limits = st.tuples(st.integers(0, 3), st.integers(0, 4), st.sampled_from([CAP, ZS]))
 
 
 def _target(model: Model, op: tuple[object, ...]) -> tuple[int, int]:
@@ -610,12 +610,12 @@ def _target(model: Model, op: tuple[object, ...]) -> tuple[int, int]:
 @settings(max_examples=150, deadline=None)
 @given(ops=ops, limit=limits)
 def test_random_zone_sequences_match_the_model(ops: list[tuple[object, ...]],
-                                               limit: tuple[int, int]) -> None:
-    max_open, max_active = limit
-    dev = zoned_device(ZONES, conventional=CONV, zone_capacity=CAP * 512,
+                                               limit: tuple[int, int, int]) -> None:
+    max_open, max_active, cap = limit
+    dev = zoned_device(ZONES, conventional=CONV, zone_capacity=cap * 512,
                        max_open_zones=max_open, max_active_zones=max_active,
                        max_append_size=16 * 512)
-    model = Model(ZONES, CONV, CAP, max_open, max_active, 16)
+    model = Model(ZONES, CONV, cap, max_open, max_active, 16)
     for i, op in enumerate(ops):
         fill = i % 250 + 1
         if op[0] == "write":
@@ -789,6 +789,32 @@ def test_zero_copy_append(fresh: Disk) -> None:
         assert fresh.pread(8192, 10 * ZONE) == b"z" * 8192
     finally:
         fresh.free_buffer(buf)
+
+
+def test_appends_from_two_queues_never_overlap() -> None:
+    """Zone append is what lets writers share a zone: the device orders them."""
+    with Disk.embedded(4 * ZONE, mode="thread", num_queues=2,
+                       zoned={"zone_size": ZONE}) as d:
+        assert d.num_queues == 2
+        placed: dict[int, int] = {}
+        lock = threading.Lock()
+
+        def writer(first: int) -> None:
+            for fill in range(first, first + 14):
+                offset = d.zone_append(bytes([fill]) * 2048, ZONE)
+                with lock:
+                    placed[offset] = fill
+
+        threads = [threading.Thread(target=writer, args=(base,)) for base in (1, 101)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(placed) == [ZONE + i * 2048 for i in range(28)]
+        data = d.pread(28 * 2048, ZONE)
+        for offset, fill in placed.items():
+            pos = offset - ZONE
+            assert data[pos : pos + 2048] == bytes([fill]) * 2048
 
 
 def test_regular_disk_has_no_zone_api() -> None:

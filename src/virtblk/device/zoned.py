@@ -322,9 +322,6 @@ class ZoneTable:
         zone = self.zone_of(sector)
         last = self.zone_of(sector + max(nsectors, 1) - 1)
         if zone.type == ZoneType.CONV and last.type == ZoneType.CONV:
-            for index in range(zone.index, last.index + 1):
-                if self.zones[index].state == ZoneState.OFFLINE:
-                    raise _fail(Status.ZONE_INVALID_CMD, f"{what} to offline zone {index}")
             return None
         if last is not zone:
             raise _fail(Status.ZONE_INVALID_CMD,
