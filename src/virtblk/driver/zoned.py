@@ -318,11 +318,12 @@ class ZoneManager:
         if n > chars.max_append_size:
             raise ValueError(f"{self._name}: zone_append: {n} bytes exceeds the device's "
                              f"max append size ({chars.max_append_size} bytes)")
-        reply_at = 0 if self._memory.guest_address_of(view) is not None else n
+        # Data already in shared memory goes as is; other data is staged before the reply.
+        direct = self._memory.guest_address_of(view)
+        reply_at = 0 if direct is not None else n
         gpa = self._alloc(reply_at + ZONE_APPEND_SECTOR.size)
         try:
             shared = self._memory.view(gpa, reply_at + ZONE_APPEND_SECTOR.size)
-            direct = self._memory.guest_address_of(view)
             if direct is None:
                 shared[:n] = view
                 direct = gpa
