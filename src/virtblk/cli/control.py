@@ -108,6 +108,8 @@ def set_read_only(ctx: click.Context, state: bool, as_json: bool) -> None:
 def set_cache_mode(ctx: click.Context, mode: str, as_json: bool) -> None:
     """Switch the write cache (also accepts writeback / writethrough)."""
     answer = _request(ctx, "set-cache-mode", mode=mode)
+    if "warning" in answer:
+        click.echo(f"warning: {answer['warning']}", err=True)
     if as_json:
         click.echo(json.dumps(answer))
         return

@@ -122,7 +122,15 @@ def _set_cache_mode(device: BlkDevice, request: dict[str, Any]) -> dict[str, Any
     mode = request.get("mode")
     if not isinstance(mode, str):
         raise ControlError("set-cache-mode needs \"mode\": \"write back\" or \"write through\"")
-    device.set_cache_mode(normalise_cache_mode(mode))
+    wanted = normalise_cache_mode(mode)
+    before = device.cache_mode
+    device.set_cache_mode(wanted)
+    if wanted == CACHE_WRITE_BACK != before and device.config_changed is not None:
+        # QEMU 7.2 forwards config changes only when the capacity changed, and Linux 6.1
+        # re-reads only the capacity: such a guest keeps writing as if write-through and
+        # never flushes, so a crash of the host can lose its writes.
+        return {"warning": "a driver that does not re-read the cache mode on a config "
+                           "change (Linux behind QEMU 7.2) will not send flushes"}
     return {}
 
 
