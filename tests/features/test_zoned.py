@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -912,11 +913,11 @@ def test_random_sequences_through_the_driver() -> None:
 
 
 # -- virtblk serve --zoned ---------------------------------------------------------------------
-def test_serve_zoned_over_a_socket(sock_dir: str) -> None:
-    path = f"{sock_dir}/zoned.sock"
+def test_serve_zoned_over_a_socket(sock_dir: Path) -> None:
+    path = str(sock_dir / "zoned.sock")
     args = ["--memory", "8M", "--zoned", "--zone-size", "1M", "--conventional-zones", "1",
             "--max-open-zones", "1", "--max-active-zones", "3", "--zone-capacity", "768K"]
-    with ServeProcess(path, args).start() as server, Disk.connect(path) as d:
+    with ServeProcess(path, args) as server, Disk.connect(path) as d:
         chars = d.zoned
         assert chars is not None
         assert (chars.zone_size, chars.max_open_zones, chars.max_active_zones) == (1 << 20, 1, 3)
