@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -81,11 +82,24 @@ class Disk:
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
-        try:
-            sock.connect(socket_path)
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot connect to {socket_path}: {exc.strerror}") from exc
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(socket_path)
+                break
+            except BlockingIOError:
+                # A Unix socket with a timeout does not wait for room in a full listen
+                # backlog (a one-at-a-time server busy with another session): retry.
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                sock.close()
+                raise OSError(errno.ETIMEDOUT, f"cannot connect to {socket_path}: its "
+                              f"listen backlog stayed full for {timeout} s") from None
+            except OSError as exc:
+                sock.close()
+                raise OSError(
+                    exc.errno, f"cannot connect to {socket_path}: {exc.strerror}") from exc
         return cls.from_socket(
             sock,
             num_queues=num_queues,
