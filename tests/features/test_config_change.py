@@ -356,3 +356,39 @@ def test_linux_guest_sees_resize_cache_switch_topology_and_runtime_read_only(
     assert "Input/output error" in result.output, context
     assert values["READ_AFTER"] == "0", context
     assert after["stats"]["errors"]["IOERR"] >= 1
+
+
+def test_connect_waits_while_a_busy_server_backlog_is_full(sock_dir: Path) -> None:
+    """``virtblk serve`` listens with a backlog of one and serves one session at a time;
+    a connect that finds the backlog full (EAGAIN on a Unix socket with a timeout) must
+    wait for room, not fail.  The tests above connect right after ServeProcess's probe."""
+    path = str(sock_dir / "busy.sock")
+    dev = BlkDevice(MemoryBackend(4 * MiB))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    queued = []
+    for _ in range(4):  # fill the backlog
+        probe = socket.socket(socket.AF_UNIX)
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except BlockingIOError:
+            probe.close()
+            break
+        queued.append(probe)
+
+    def serve_later() -> None:
+        time.sleep(0.3)
+        for _ in queued:
+            listener.accept()[0].close()
+        serve_connected(listener.accept()[0], dev)
+
+    thread = threading.Thread(target=serve_later, daemon=True)
+    thread.start()
+    with Disk.connect(path, timeout=10) as disk:
+        assert disk.size == 4 * MiB
+    thread.join(timeout=10)
+    listener.close()
+    for probe in queued:
+        probe.close()
