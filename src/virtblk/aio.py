@@ -29,6 +29,7 @@ import collections
 import errno
 import os
 import select
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -67,10 +68,20 @@ class AsyncDisk:
     :meth:`connect` and :meth:`embedded`); use ``async with`` or :meth:`aclose`.
     """
 
-    def __init__(self, disk: Disk) -> None:
+    def __init__(self, disk: Disk, *, queues: Sequence[int] | None = None) -> None:
+        """``queues`` limits the hardware queues used (all by default): a process forked
+        per queue (``virtblk bench --numjobs``) must reap its own queue and no other."""
         self.disk = disk
         self._loop = asyncio.get_running_loop()
-        self._queues: list[HardwareQueue] = list(disk.device.queues)
+        all_queues = disk.device.queues
+        if queues is None:
+            queues = range(len(all_queues))
+        for index in queues:
+            if not 0 <= index < len(all_queues):
+                raise ValueError(
+                    f"queue index {index} out of range: the disk has {len(all_queues)}"
+                )
+        self._queues: list[HardwareQueue] = [all_queues[i] for i in queues]
         self._memory = disk.device.memory
         self._bs = disk.logical_block_size
         lim = disk.limits
@@ -387,8 +398,9 @@ class AsyncDisk:
         self._loop.remove_reader(self._hangup.fileno())
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def aclose(self) -> None:
-        """Wait for in-flight requests, then close the disk (and its embedded device)."""
+    async def aclose(self, *, close_disk: bool = True) -> None:
+        """Wait for in-flight requests, then close the disk (and its embedded device);
+        ``close_disk=False`` leaves the disk open for its owner (the bench engine)."""
         if self._closed:
             return
         while self._in_flight and self._gone is None:
@@ -399,7 +411,8 @@ class AsyncDisk:
         if self._gone is None:
             self._unregister()
         self._hangup.close()
-        await asyncio.to_thread(self.disk.close)
+        if close_disk:
+            await asyncio.to_thread(self.disk.close)
 
     async def __aenter__(self) -> Self:
         return self

@@ -440,6 +440,15 @@ class Disk:
             self._thread_queue.q = q
         return q
 
+    def use_queue(self, index: int) -> None:
+        """Pin the calling thread to hardware queue ``index`` instead of the round-robin
+        choice: a benchmark job, or a process forked per queue (``virtblk bench
+        --numjobs``), must drive its own queue and no other."""
+        queues = self._dev.queues
+        if not 0 <= index < len(queues):
+            raise ValueError(f"queue index {index} out of range: the disk has {len(queues)}")
+        self._thread_queue.q = queues[index]
+
     def check_range(self, offset: int, length: int, what: str) -> None:
         """Refuse I/O on a closed disk, negative, misaligned or past the end (ValueError);
         public so that other front ends (``virtblk.aio``, the queue API) apply the same
