@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -163,7 +162,6 @@ _PWRITEV = re.compile(r"pwritev2?\((?P<fd>\d+), \[.*\], \d+, (?P<offset>\d+)")
 _FDATASYNC = re.compile(r"f(?:data)?sync\((?P<fd>\d+)")
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_file_backend_durability_follows_the_cache_mode(sock_dir: Path, tmp_path: Path) -> None:
     """Seen from the system calls: write back writes on the plain descriptor and FLUSH
     is an fdatasync; write through writes on the O_DSYNC descriptor."""
