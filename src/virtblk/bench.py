@@ -12,15 +12,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from virtblk.driver.blkmq import Request
+from virtblk.driver.blklayer import PluggedQueue, QueueLimits
 from virtblk.driver.disk import Disk
 from virtblk.spec import SECTOR_SHIFT, RequestType, Status
 
 RwMode = Literal["read", "write", "randread", "randwrite"]
+IoPath = Literal["bio", "request"]
 PERCENTILES = (1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 
 
@@ -36,6 +37,9 @@ class BenchConfig:
     offset: int = 0
     queue: int = 0
     seed: int = 1
+    path: IoPath = "bio"
+    """``bio``: each I/O is one virtio request on the hardware queue; ``request``: I/Os go
+    through the block layer's plug, which merges adjacent ones (the seed's comparison)."""
 
 
 @dataclasses.dataclass
@@ -87,6 +91,7 @@ class BenchResult:
             "rw": self.config.rw,
             "bs": self.config.bs,
             "iodepth": self.config.iodepth,
+            "path": self.config.path,
             "runtime_s": round(self.elapsed, 3),
             "ios": self.ios,
             "errors": self.errors,
@@ -139,23 +144,32 @@ def run_bench(
     if write:
         for b in bufs:
             b[:] = rng.bytes(bs)
-    reqs = [q.get_tag() for _ in range(depth)]
-    gpa_of: dict[int, list[tuple[int, int]]] = {}
-    for r, b in zip(reqs, bufs, strict=True):
+    segs_of: list[list[tuple[int, int]]] = []
+    for b in bufs:
         gpa = memory.guest_address_of(b)
         assert gpa is not None
-        gpa_of[r.tag] = [(gpa, bs)]
-    type_ = int(RequestType.OUT if write else RequestType.IN)
-    for r in reqs:
-        # Each slot keeps its type and buffer for the whole run: the queue's per-tag
-        # indirect table is written once, a resubmission changes only the sector.
-        r.type = type_
-        r.callback = None
-        if write:
-            r.out_bufs, r.in_bufs = gpa_of[r.tag], ()
-        else:
-            r.out_bufs, r.in_bufs = (), gpa_of[r.tag]
-    start = [0] * q.depth
+        segs_of.append([(gpa, bs)])
+    # A slot is a Request (bio path) or a Bio (request path); both have ``sector`` and
+    # ``status``, and both engines have ``submit_batch`` and ``reap``.
+    engine: Any
+    slots: list[Any]
+    if cfg.path == "request":
+        engine = PluggedQueue(q, QueueLimits.from_limits(disk.limits, disk.logical_block_size))
+        slots = [engine.bio(write, segs) for segs in segs_of]
+    else:
+        engine = q
+        slots = [q.get_tag() for _ in range(depth)]
+        type_ = int(RequestType.OUT if write else RequestType.IN)
+        for r, segs in zip(slots, segs_of, strict=True):
+            # Each slot keeps its type and buffer for the whole run: the queue's per-tag
+            # indirect table is written once, a resubmission changes only the sector.
+            r.type = type_
+            r.callback = None
+            if write:
+                r.out_bufs, r.in_bufs = segs, ()
+            else:
+                r.out_bufs, r.in_bufs = (), segs
+    start: dict[Any, int] = {}
     lat: list[int] = []
     cursor = 0
     base_sector = 0  # sequential runs longer than the table continue past it
@@ -163,7 +177,7 @@ def run_bench(
     ok = int(Status.OK)
     step = bs >> SECTOR_SHIFT
 
-    def submit(batch: list[Request]) -> None:
+    def submit(batch: list[Any]) -> None:
         nonlocal cursor, base_sector
         now = time.perf_counter_ns()
         for r in batch:
@@ -173,23 +187,23 @@ def run_bench(
                 cursor = 0
                 if seq_wraps:
                     base_sector = (base_sector + nsect * step) % (span * step)
-            start[r.tag] = now
-        q.submit_batch(batch)
+            start[r] = now
+        engine.submit_batch(batch)
 
     cpu0 = time.process_time()
     dev0 = device_cpu() if device_cpu else None
     t0 = time.perf_counter_ns()
     deadline = t0 + int(cfg.runtime * 1e9)
     next_report = t0 + 1_000_000_000
-    submit(reqs)
+    submit(slots)
     in_flight = depth
     ios = 0
     while in_flight:
-        batch = q.reap(timeout=10.0)
+        batch = engine.reap(timeout=10.0)
         now = time.perf_counter_ns()
         in_flight -= len(batch)
         for r in batch:
-            lat.append(now - start[r.tag])
+            lat.append(now - start[r])
             if r.status != ok:
                 errors += 1
         ios += len(batch)
@@ -202,8 +216,9 @@ def run_bench(
     elapsed = (time.perf_counter_ns() - t0) / 1e9
     driver_cpu = time.process_time() - cpu0
     dev_cpu = device_cpu() - dev0 if device_cpu and dev0 is not None else None
-    for r in reqs:
-        q.put_tag(r)
+    if cfg.path == "bio":
+        for r in slots:
+            q.put_tag(r)
     for b in bufs:
         disk.free_buffer(b)
     return BenchResult(
