@@ -62,3 +62,9 @@ def test_fua_write_round_trip(tmp_path: os.PathLike[str]) -> None:
         with open(img, "rb") as f:
             f.seek(4096)
             assert f.read(8192) == data
+
+
+@pytest.mark.parametrize("size", [0, 2, 3, 100, 65536])
+def test_unusable_queue_sizes_are_refused_when_connecting(size: int) -> None:
+    with pytest.raises(ValueError, match="queue_size"):
+        Disk.embedded(size=MiB, mode="thread", queue_size=size)

@@ -165,6 +165,11 @@ class VirtioBlk:
         exclude_features: int = 0,
         reply_timeout: float = 10.0,
     ) -> None:
+        if queue_size < 4 or queue_size > 32768 or queue_size & (queue_size - 1):
+            # A request is at least header + data + status: 3 descriptors, and a split
+            # ring's size is a power of two.
+            sock.close()
+            raise ValueError(f"queue_size must be a power of two from 4 to 32768, not {queue_size}")
         self._sock = sock
         self.frontend = VhostUserFrontend(sock, timeout=reply_timeout)
         self._lock = threading.RLock()  # one vhost-user request at a time
