@@ -47,8 +47,26 @@ def describe(disk: Disk) -> dict[str, Any]:
         "geometry": dataclasses.asdict(disk.geometry),
         "topology": dataclasses.asdict(disk.topology),
         "limits": dataclasses.asdict(disk.limits),
+        "zoned": _zoned(disk),
         # The raw config space as read (fields of features not negotiated read as 0).
         "config": dataclasses.asdict(c),
+    }
+
+
+def _zoned(disk: Disk) -> dict[str, Any] | None:
+    """Zoned characteristics, with the model by name and the zone count."""
+    zc = disk.zoned
+    if zc is None:
+        return None
+    return {
+        "model": zc.model.name,
+        "zone_sectors": zc.zone_sectors,
+        "zone_size": zc.zone_size,
+        "nr_zones": zc.nr_zones(disk.device.capacity_sectors),
+        "max_open_zones": zc.max_open_zones,
+        "max_active_zones": zc.max_active_zones,
+        "max_append_sectors": zc.max_append_sectors,
+        "write_granularity": zc.write_granularity,
     }
 
 
@@ -68,7 +86,9 @@ def info(socket_path: str, as_json: bool, timeout: float) -> None:
         return
     width = max(len(k) for k in data)
     for key, value in data.items():
-        if isinstance(value, list):
+        if value is None:
+            value = "-"
+        elif isinstance(value, list):
             value = " ".join(value) or "-"
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
