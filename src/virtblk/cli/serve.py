@@ -63,6 +63,8 @@ log = logging.getLogger("virtblk.serve")
 @click.option("--max-write-zeroes-seg", type=int, help="Write-zeroes segments per request.")
 @click.option("--lifetime", metavar="PRE_EOL,A,B",
               help="Offer VIRTIO_BLK_F_LIFETIME: pre-EOL info and the two wear estimates.")
+@click.option("--experimental-fua", is_flag=True,
+              help="Offer the proposed VIRTIO_BLK_F_OUT_FUA (request type 27).")
 def serve(
     socket_path: str,
     file_path: str | None,
@@ -93,6 +95,7 @@ def serve(
     max_write_zeroes_sectors: int | None,
     max_write_zeroes_seg: int | None,
     lifetime: str | None,
+    experimental_fua: bool,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
@@ -122,6 +125,8 @@ def serve(
         opts.device["geometry"] = _geometry(geometry)
     if lifetime is not None:
         opts.device["lifetime"] = _lifetime(lifetime)
+    if experimental_fua:
+        opts.device["fua"] = True
     for name, value, top in (
         ("max_discard_sectors", max_discard_sectors, 0xFFFFFFFF),
         ("max_discard_seg", max_discard_seg, 0xFFFFFFFF),
