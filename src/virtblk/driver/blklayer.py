@@ -255,9 +255,18 @@ class Plug:
             groups = [[b] for b in bios]
         q = self.queue
         reqs: list[Request] = []
+        submitted = 0
         try:
             for group in groups:
-                req = q.get_tag()
+                try:
+                    req = q.get_tag(timeout=0)
+                except TimeoutError:
+                    # Out of tags: send what is built (so that completions can come), then
+                    # wait for a tag, as blk-mq dispatches and then sleeps in its allocator.
+                    q.submit_batch(reqs)
+                    submitted += len(reqs)
+                    reqs = []
+                    req = q.get_tag()
                 first = group[0]
                 req.type = first.type
                 req.sector = first.sector
@@ -272,19 +281,22 @@ class Plug:
                 req.callback = self._complete
                 req.user_data = group
                 reqs.append(req)
-        except BaseException:
-            for req in reqs:
-                q.put_tag(req)
-            self._list = bios + self._list
-            raise
-        try:
             q.submit_batch(reqs)
         except BaseException:
+            # What was not submitted goes back: its tags to the queue, its bios to the plug.
             for req in reqs:
                 q.put_tag(req)
+            self._list = [b for g in groups[submitted:] for b in g] + self._list
+            self.stats.requests += submitted
             raise
-        self.stats.requests += len(reqs)
-        return len(reqs)
+        submitted += len(reqs)
+        self.stats.requests += submitted
+        return submitted
+
+    def wait(self, bios: Sequence[Bio], timeout: float | None = None) -> None:
+        """Flush, then block until every one of ``bios`` has ended (``submit_bio_wait``)."""
+        self.flush()
+        self.queue.wait_until(lambda: all(b.done for b in bios), timeout)
 
     def _merge(self, bios: list[Bio]) -> list[list[Bio]]:
         """Back merges over sorted bios: same type, the next starts where the group ends,
