@@ -361,6 +361,15 @@ class HardwareQueue:
                 self._check_broken()
                 self._wait_locked(deadline)
 
+    def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> None:
+        """Block until ``done()`` holds, completing requests meanwhile: how a layer above
+        (the block layer's bios, whose completion is not one request's) waits."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while not done():
+                self._check_broken()
+                self._wait_locked(deadline)
+
     def wait_any(self, timeout: float | None = None) -> int:
         """Wait for at least one completion (or the timeout); returns how many completed."""
         return len(self.reap(timeout))
