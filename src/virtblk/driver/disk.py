@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from virtblk.driver.blkmq import HardwareQueue, Request, raise_for
+from virtblk.driver.blklayer import Bio, Plug, QueueLimits
+from virtblk.driver.blkmq import HardwareQueue, raise_for
 from virtblk.driver.naming import DiskIndex
 from virtblk.driver.virtio_blk import CACHE_TYPES, Geometry, Limits, Topology, VirtioBlk
 from virtblk.driver.zoned import Zone, ZonedCharacteristics, ZoneManager, split_at_zones
@@ -355,6 +356,20 @@ class Disk:
         with self._alloc_lock:
             self._dev.allocator.free(gpa)
 
+    @property
+    def queue_limits(self) -> QueueLimits:
+        """What one request may carry: the device's seg_max and size_max, Linux's default
+        cap on a request's size, the logical block size."""
+        return QueueLimits.from_limits(self.limits, self.logical_block_size)
+
+    def plug(self, *, merge: bool = True) -> Plug:
+        """A plug on the calling thread's hardware queue (``blk_start_plug``): bios added
+        to it are sorted, merged and split by :attr:`queue_limits`, and submitted with one
+        kick when it is flushed or its ``with`` block ends.  Bios carry guest-physical
+        segments: use buffers from :meth:`buffer` (``device.memory.guest_address_of``)."""
+        self._check_open()
+        return Plug(self._queue(), self.queue_limits, merge=merge)
+
     def pread(self, length: int, offset: int) -> bytes:
         """Read ``length`` bytes at ``offset``."""
         out = bytearray(length)
@@ -532,11 +547,16 @@ class Disk:
         bs = self.logical_block_size
         direct = [memory.guest_address_of(v) for v in views]
         if all(g is not None for g in direct) and all(len(v) % bs == 0 for v in views):
-            segs: list[tuple[int, int]] = []
+            # One bio per buffer: the plug merges neighbours into requests as large as the
+            # limits allow and splits a buffer that exceeds them.
+            bios: list[Bio] = []
+            sector = offset >> SECTOR_SHIFT
             for g, v in zip(direct, views, strict=True):
-                assert g is not None
-                segs.extend(self._segments(g, len(v)))
-            self._transfer(write, segs, offset, what, fua)
+                if len(v):
+                    assert g is not None
+                    bios.append(Bio(write, sector, [(g, len(v))], fua=fua))
+                    sector += len(v) >> SECTOR_SHIFT
+            self._transfer(bios, what)
             return total
         done = 0
         staged = _Cursor(views)
@@ -547,7 +567,8 @@ class Disk:
                 bounce = memory.view(gpa, n)
                 if write:
                     staged.copy_out(bounce)
-                self._transfer(write, self._segments(gpa, n), offset + done, what, fua)
+                bio = Bio(write, (offset + done) >> SECTOR_SHIFT, [(gpa, n)], fua=fua)
+                self._transfer([bio], what)
                 if not write:
                     staged.copy_in(bounce)
                 bounce.release()
@@ -556,36 +577,17 @@ class Disk:
             done += n
         return total
 
-    def _transfer(
-        self, write: bool, segs: list[tuple[int, int]], offset: int, what: str, fua: bool = False
-    ) -> None:
-        """Split ``segs`` into requests of at most ``max_segments`` and run them together."""
-        q = self._queue()
-        per = self.limits.max_segments
-        type_ = RequestType.IN
-        if write:
-            type_ = RequestType.OUT_FUA if fua else RequestType.OUT
-        reqs: list[Request] = []
-        sector = offset >> SECTOR_SHIFT
-        try:
-            for i in range(0, len(segs), per):
-                group = segs[i : i + per]
-                req = q.get_tag()
-                reqs.append(req)
-                last = i + per >= len(segs)
-                if write:
-                    q.submit(req, type_, sector, out_bufs=group, last=last)
-                else:
-                    q.submit(req, type_, sector, in_bufs=group, last=last)
-                sector += sum(n for _, n in group) >> SECTOR_SHIFT
-            for req in reqs:
-                q.wait_for(req)
-            for req in reqs:
-                raise_for(req, what)
-        finally:
-            for req in reqs:
-                if req.done:
-                    q.put_tag(req)
+    def _transfer(self, bios: list[Bio], what: str) -> None:
+        """Run ``bios`` through a plug on the calling thread's queue (merged, split by the
+        limits, one kick) and raise the first error any of them ended with."""
+        plug = Plug(self._queue(), self.queue_limits, max_count=len(bios) + 1)
+        for bio in bios:
+            plug.add(bio)
+        plug.wait(bios)
+        for bio in bios:
+            exc = bio.error(what)
+            if exc is not None:
+                raise exc
 
     def _ranges(
         self, type_: RequestType, offset: int, length: int, *, unmap: bool = False
