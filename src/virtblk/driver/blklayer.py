@@ -210,7 +210,10 @@ class Plug:
         """``bio_split_to_limits``: pieces within the limits, each ending on a logical
         block boundary, completing ``bio`` when the last one ends."""
         lim = self.limits
-        step = self._seg_step
+        # A segment may be cut at max_segment_size, and at max_bytes when larger still.
+        step = min(self._seg_step, lim.max_bytes)
+        if step >= lim.logical_block_size:
+            step -= step % lim.logical_block_size
         chopped: list[tuple[int, int]] = []
         for gpa, n in bio.segments:
             chopped.extend((a, min(step, gpa + n - a)) for a in range(gpa, gpa + n, step))
