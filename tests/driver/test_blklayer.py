@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peers.faulty import faulty_disk
 
+from peers.faulty import faulty_disk
 from virtblk import Disk
 from virtblk.bench import BenchConfig, run_bench
 from virtblk.device.backends import MemoryBackend
