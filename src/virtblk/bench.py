@@ -128,6 +128,10 @@ class DirectionStats:
     lat_ns: np.ndarray  # completion latency of each I/O, submission to completion
     samples: list[int]  # I/Os completed in each SAMPLE_NS window
 
+    def percentiles(self) -> dict[float, int]:
+        """Completion latency percentiles (ns), fio's set."""
+        return _percentiles(self.lat_ns)
+
     @classmethod
     def merge(cls, parts: list[DirectionStats]) -> DirectionStats:
         """Sum of several jobs' stats (fio's group_reporting); samples add up window by
@@ -1010,7 +1014,7 @@ def run_bench(
     """
     first, span = check_config(disk, cfg)
     depth = min(cfg.depth, disk.device.queues[cfg.queue].depth)
-    if depth != cfg.depth:
+    if depth != cfg.iodepth:  # what runs is what is reported (sync: 1; at most the tags)
         cfg = dataclasses.replace(cfg, iodepth=depth)
     shared = mmap.mmap(-1, 16 * cfg.numjobs)  # MAP_SHARED: children count, we display
     counters = np.frombuffer(shared, dtype=np.int64)

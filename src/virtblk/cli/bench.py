@@ -1,88 +1,130 @@
-"""``virtblk bench``: fio-style load against a device (ours, embedded, when none is named)."""
+"""``virtblk bench``: fio's options and report against a vhost-user-blk device (ours,
+embedded, when none is named).
+
+The options keep fio's names and meanings (``--rw --bs --iodepth --numjobs --runtime --size
+--offset --rwmixread --verify --ioengine --group_reporting --output-format json``) and the
+JSON output keeps fio's layout and units, so scripts written for fio read it unchanged.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import click
 
-from virtblk.bench import PERCENTILES, BenchConfig, BenchResult, run_bench
+from virtblk.bench import BenchConfig, BenchResult, DirectionStats, plot, run_bench
 from virtblk.cli.params import SIZE
 from virtblk.driver.disk import Disk
+from virtblk.errors import NegotiationError
 from virtblk.util import human_size, process_cpu_seconds
+
+_SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 
 
 @click.command()
 @click.argument("socket_path", required=False, metavar="[SOCKET]")
+@click.option("--name", default="virtblk", show_default=True, help="Job name (fio's jobname).")
 @click.option(
     "--rw",
-    type=click.Choice(["randread", "randwrite", "read", "write"]),
+    type=click.Choice(["read", "write", "randread", "randwrite", "randrw", "readwrite", "rw"]),
     default="randread",
     show_default=True,
-    help="I/O pattern (fio's words).",
+    help="I/O pattern (fio's words; rw = readwrite).",
 )
 @click.option("--bs", type=SIZE, default="4k", show_default=True, help="Block size.")
 @click.option(
-    "--iodepth",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Requests in flight.",
-)
+    "--iodepth", type=click.IntRange(min=1), default=32, show_default=True,
+    help="I/Os in flight per job (1 with --ioengine sync).",
+)  # fmt: skip
 @click.option(
-    "--runtime",
-    type=click.FloatRange(min=0, min_open=True),
-    default=5.0,
-    show_default=True,
+    "--numjobs", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Jobs, each its own process driving its own hardware queue.",
+)  # fmt: skip
+@click.option(
+    "--runtime", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
     help="Seconds to run.",
-)
-@click.option("--size", type=SIZE, default=None, help="Bytes of the disk to use [whole disk].")
+)  # fmt: skip
+@click.option("--size", type=SIZE, default=None, help="Bytes of the disk to use [to the end].")
 @click.option("--offset", type=SIZE, default=0, help="Where the tested range starts.")
 @click.option(
-    "--backend",
-    type=click.Choice(["null", "memory", "file"]),
-    default="null",
+    "--rwmixread", type=click.IntRange(0, 100), default=50, show_default=True,
+    help="Percent of reads in randrw / readwrite.",
+)  # fmt: skip
+@click.option(
+    "--verify", type=click.Choice(["md5", "crc32c"]), default=None,
+    help="Stamp every block written and check it when read (write workloads read back).",
+)  # fmt: skip
+@click.option(
+    "--ioengine", type=click.Choice(["sync", "aio", "queue", "poll"]), default="queue",
     show_default=True,
-    help="Embedded device backend (without SOCKET).",
-)
+    help="sync: Disk API, one I/O at a time; aio: AsyncDisk; queue: the hardware queue, "
+    "batched; poll: a polling queue handle (no interrupts).",
+)  # fmt: skip
+@click.option(
+    "--path", "io_path", type=click.Choice(["bio", "request"]), default="bio",
+    show_default=True,
+    help="bio: one request per I/O; request: through the block layer's plug, which merges "
+    "adjacent I/O (--ioengine queue).",
+)  # fmt: skip
+@click.option(
+    "--group_reporting", "--group-reporting", "group_reporting", is_flag=True,
+    help="JSON: one entry for all jobs, as fio's group_reporting.",
+)  # fmt: skip
+@click.option("--randseed", type=int, default=1, show_default=True, help="Random seed.")
+@click.option(
+    "--output-format", type=click.Choice(["normal", "json"]), default="normal",
+    show_default=True, help="json: fio's JSON layout.",
+)  # fmt: skip
+@click.option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False),
+    help="Draw the latency distribution and IOPS over time into this PNG (needs matplotlib).",
+)  # fmt: skip
+@click.option(
+    "--backend", type=click.Choice(["null", "memory", "file"]), default="null",
+    show_default=True, help="Embedded device backend (without SOCKET).",
+)  # fmt: skip
 @click.option(
     "--device-size", type=SIZE, default="1G", show_default=True, help="Embedded device size."
 )
 @click.option("--file", "file_path", type=click.Path(), help="Image for --backend file.")
 @click.option("--queue-size", type=int, default=256, show_default=True, help="Ring size.")
 @click.option(
-    "--device-pid",
-    type=int,
-    default=None,
+    "--device-pid", type=int, default=None,
     help="PID of an external device, to report its CPU per I/O.",
-)
-@click.option(
-    "--output-format",
-    type=click.Choice(["normal", "json"]),
-    default="normal",
-    show_default=True,
-)
+)  # fmt: skip
+@click.pass_context
 def bench(
+    ctx: click.Context,
     socket_path: str | None,
+    name: str,
     rw: str,
     bs: int,
     iodepth: int,
+    numjobs: int,
     runtime: float,
     size: int | None,
     offset: int,
+    rwmixread: int,
+    verify: str | None,
+    ioengine: str,
+    io_path: str,
+    group_reporting: bool,
+    randseed: int,
+    output_format: str,
+    plot_path: str | None,
     backend: str,
     device_size: int,
     file_path: str | None,
     queue_size: int,
     device_pid: int | None,
-    output_format: str,
 ) -> None:
-    """Measure IOPS, bandwidth, completion latency and CPU per I/O.
+    """Measure IOPS, bandwidth, completion latency and CPU per I/O, fio-style.
 
-    Without SOCKET it starts our own device (in a child process) with --backend.
+    Without SOCKET it starts our own device (in a child process) with --backend, with one
+    queue per job.  Exits 1 when any I/O fails or any block fails verification.
     """
     # Checked here: the embedded device would only fail in its child process, and the
     # driver would see nothing but a dropped connection.
@@ -94,6 +136,10 @@ def bench(
         raise click.UsageError("--backend file needs --file IMAGE")
     if (socket_path is not None or backend != "file") and file_path is not None:
         raise click.UsageError("--file goes with --backend file (and no SOCKET)")
+    if io_path == "request" and ioengine != "queue":
+        raise click.UsageError("--path request goes with --ioengine queue")
+    if rw == "rw":
+        rw = "readwrite"
     cfg = BenchConfig(
         rw=rw,  # type: ignore[arg-type]
         bs=bs,
@@ -101,59 +147,193 @@ def bench(
         runtime=runtime,
         size=size,
         offset=offset,
+        seed=randseed,
+        path=io_path,  # type: ignore[arg-type]
+        rwmixread=rwmixread,
+        ioengine=ioengine,  # type: ignore[arg-type]
+        numjobs=numjobs,
+        verify=verify,  # type: ignore[arg-type]
     )
-    with ExitStack() as stack:
-        if socket_path is None:
-            disk = stack.enter_context(
-                Disk.embedded(
-                    size=device_size,
-                    backend=backend,  # type: ignore[arg-type]
-                    path=file_path,
-                    queue_size=queue_size,
-                )
-            )
-            assert disk.embedded_device is not None
-            device_cpu: Callable[[], float] | None = disk.embedded_device.cpu_seconds
-            target = f"embedded {backend} device, {human_size(disk.size)}"
-        else:
-            disk = stack.enter_context(Disk.connect(socket_path, queue_size=queue_size))
-            pid = device_pid
-            device_cpu = (lambda: process_cpu_seconds(pid)) if pid is not None else None
-            target = f"{socket_path}, {human_size(disk.size)}"
-        progress = _progress if sys.stderr.isatty() and output_format == "normal" else None
+    if verify is not None and not cfg.writes:
+        raise click.UsageError(
+            f"--verify needs a workload that writes (write, randwrite, randrw, readwrite), "
+            f"not --rw {rw}" + (" --rwmixread 100" if cfg.mixed else "")
+        )
+    if plot_path is not None:
         try:
-            result = run_bench(disk, cfg, device_cpu=device_cpu, progress=progress)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
-    if progress is not None:
-        click.echo("", err=True)
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise click.ClickException(
+                "--plot needs matplotlib: pip install 'virtblk[plot]'"
+            ) from exc
+    explicit_depth = ctx.get_parameter_source("iodepth") != click.core.ParameterSource.DEFAULT
+    if ioengine == "sync" and iodepth > 1 and explicit_depth:
+        click.echo(f"note: --ioengine sync does one I/O at a time (iodepth {iodepth} -> 1)",
+                   err=True)
+    with ExitStack() as stack:
+        disk, device_cpu, target = _open(
+            stack, socket_path, numjobs, queue_size, backend, device_size, file_path,
+            device_pid,
+        )  # fmt: skip
+        live = output_format == "normal" and sys.stderr.isatty()
+        with _live_progress(cfg, live) as progress:
+            try:
+                result = run_bench(disk, cfg, device_cpu=device_cpu, progress=progress)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from exc
     if output_format == "json":
-        click.echo(json.dumps({"target": target, **result.summary()}, indent=2))
+        report = result.fio_json(jobname=name, target=target, group_reporting=group_reporting)
+        click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_result(result, target))
+    if plot_path is not None:
+        plot(result, plot_path, title=f"{name}: {_headline(result, target)}")
     if result.errors:
-        sys.exit(1)
+        raise click.ClickException(_failure(result))
 
 
-def _progress(elapsed: float, ios: int) -> None:
-    click.echo(f"\r[{elapsed:5.1f}s] {ios / elapsed:>10,.0f} IOPS", nl=False, err=True)
+def _open(
+    stack: ExitStack,
+    socket_path: str | None,
+    numjobs: int,
+    queue_size: int,
+    backend: str,
+    device_size: int,
+    file_path: str | None,
+    device_pid: int | None,
+) -> tuple[Disk, Callable[[], float] | None, str]:
+    """Connect (or start the embedded device) with one hardware queue per job."""
+    device_cpu: Callable[[], float] | None = None
+    if socket_path is None:
+        disk = stack.enter_context(
+            Disk.embedded(
+                size=device_size,
+                backend=backend,  # type: ignore[arg-type]
+                path=file_path,
+                num_queues=numjobs,
+                queue_size=queue_size,
+            )
+        )
+        assert disk.embedded_device is not None
+        device_cpu = disk.embedded_device.cpu_seconds
+        return disk, device_cpu, f"embedded {backend} device, {human_size(disk.size)}"
+    try:
+        disk = stack.enter_context(
+            Disk.connect(socket_path, num_queues=numjobs, queue_size=queue_size)
+        )
+    except NegotiationError as exc:
+        if numjobs > 1:
+            raise click.ClickException(
+                f"--numjobs {numjobs} needs {numjobs} hardware queues, one per job: {exc}"
+            ) from exc
+        raise click.ClickException(f"{socket_path}: {exc}") from exc
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if device_pid is not None:
+        pid = device_pid
+        device_cpu = lambda: process_cpu_seconds(pid)  # noqa: E731
+    return disk, device_cpu, f"{socket_path}, {human_size(disk.size)}"
+
+
+@contextmanager
+def _live_progress(
+    cfg: BenchConfig, enabled: bool
+) -> Iterator[Callable[[float, int, int], None] | None]:
+    """fio's status line, with rich, on a terminal: elapsed, IOPS and bandwidth over the
+    last half second, ETA.  Transient: it is gone when the report prints."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    last = [0.0, 0, 0]
+
+    def update(elapsed: float, reads: int, writes: int) -> None:
+        dt = max(elapsed - last[0], 1e-9)
+        r_iops, w_iops = (reads - last[1]) / dt, (writes - last[2]) / dt
+        last[:] = [elapsed, reads, writes]
+        done = min(100.0, elapsed / cfg.runtime * 100)
+        eta = max(0.0, cfg.runtime - elapsed)
+        mib = cfg.bs / (1 << 20)
+        line = Text.assemble(
+            (f"Jobs: {cfg.numjobs} ", "bold"),
+            f"[{cfg.rw} {cfg.ioengine}][{done:5.1f}%]",
+            ("[r=", "cyan"), (f"{r_iops * mib:,.1f}MiB/s {r_iops:,.0f} IOPS", "cyan"),
+            ("][w=", "magenta"), (f"{w_iops * mib:,.1f}MiB/s {w_iops:,.0f} IOPS", "magenta"),
+            f"][eta {int(eta) // 60:02d}m:{int(eta) % 60:02d}s]",
+        )  # fmt: skip
+        live.update(line, refresh=True)
+
+    with Live(console=Console(stderr=True), auto_refresh=False, transient=True) as live:
+        yield update
+
+
+def _headline(r: BenchResult, target: str) -> str:
+    c = r.config
+    words = [f"{c.rw}: bs={c.bs} iodepth={c.iodepth} ioengine={c.ioengine}"]
+    if c.numjobs > 1:
+        words.append(f"numjobs={c.numjobs}")
+    if c.mixed:
+        words.append(f"rwmixread={c.rwmixread}")
+    if c.path != "bio":
+        words.append(f"path={c.path}")
+    return " ".join(words) + f" on {target}"
+
+
+def _direction(name: str, d: DirectionStats, elapsed: float) -> list[str]:
+    iops = d.ios / elapsed if elapsed else 0.0
+    bw = d.io_bytes / elapsed / (1 << 20) if elapsed else 0.0
+    lines = [f"  {name}: IOPS={iops:,.0f}  BW={bw:,.1f}MiB/s  ({d.ios:,} I/Os in {elapsed:.2f}s)"]
+    if d.ios:
+        lat = d.lat_ns
+        pct = d.percentiles()
+        shown = ", ".join(f"p{p:g}={pct[p] / 1000:.1f}" for p in _SHOWN_PERCENTILES)
+        lines.append(
+            f"    clat (us): mean={lat.mean() / 1000:.1f}, {shown}, max={lat.max() / 1000:.1f}"
+        )
+    return lines
 
 
 def format_result(r: BenchResult, target: str) -> str:
-    """fio-like human summary."""
+    """fio-like human summary: per job when there are several, then per direction."""
     c = r.config
-    pct = r.percentiles()
-    lat_us = ", ".join(f"p{p:g}={pct[p] / 1000:.1f}" for p in PERCENTILES if p >= 50)
-    mean = r.lat_ns.mean() / 1000 if len(r.lat_ns) else 0.0
-    worst = r.lat_ns.max() / 1000 if len(r.lat_ns) else 0.0
-    lines = [
-        f"{c.rw}: bs={c.bs} iodepth={c.iodepth} on {target}",
-        f"  IOPS={r.iops:,.0f}  BW={r.bandwidth / (1 << 20):,.1f}MiB/s  "
-        f"({r.ios} I/Os in {r.elapsed:.2f}s, {r.errors} errors)",
-        f"  clat (us): mean={mean:.1f}, {lat_us}, max={worst:.1f}",
-    ]
+    lines = [_headline(r, target)]
+    if len(r.jobs) > 1:
+        for j in r.jobs:
+            rate = (j.read.ios + j.write.ios) / j.elapsed if j.elapsed else 0.0
+            lines.append(
+                f"  job {j.job} (queue {c.queue + j.job}): IOPS={rate:,.0f} "
+                f"(read {j.read.ios:,}, write {j.write.ios:,} I/Os in {j.elapsed:.2f}s)"
+            )
+    elapsed = r.elapsed
+    for name, d in (("read", r.read), ("write", r.write)):
+        if d.ios or not (r.read.ios or r.write.ios):
+            lines.extend(_direction(name, d, elapsed))
+    lines.append(
+        f"  total: IOPS={r.iops:,.0f}  BW={r.bandwidth / (1 << 20):,.1f}MiB/s  "
+        f"({r.ios:,} I/Os in {elapsed:.2f}s, {r.errors} errors)"
+    )
+    if c.verify is not None:
+        verified = sum(j.verified for j in r.jobs)
+        mismatches = sum(j.mismatches for j in r.jobs)
+        lines.append(f"  verify ({c.verify}): {verified:,} blocks checked, {mismatches} bad")
     cpu = f"  CPU per I/O: driver {r.driver_cpu_per_io_us:.2f} us"
     if r.device_cpu_per_io_us is not None:
         cpu += f", device {r.device_cpu_per_io_us:.2f} us"
     lines.append(cpu)
     return "\n".join(lines)
+
+
+def _failure(r: BenchResult) -> str:
+    """Why the run failed, for the error line."""
+    parts = []
+    failed = sum(j.errors for j in r.jobs)
+    if failed:
+        parts.append(f"{failed} I/O errors")
+    mismatches = sum(j.mismatches for j in r.jobs)
+    if mismatches:
+        first = next(j.first_mismatch for j in r.jobs if j.first_mismatch)
+        parts.append(f"verify: {mismatches} blocks bad (first: {first})")
+    return "; ".join(parts)

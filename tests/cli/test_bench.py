@@ -1,0 +1,363 @@
+"""``virtblk bench`` as storage engineers use it: fio's options, fio's JSON, verification
+that catches a lying device, jobs on their own hardware queues, the plot and the live line.
+
+The command runs as the installed script in a child process (exit codes, stdout/stderr and
+the terminal are part of what is tested); the devices are our own, embedded or served from
+this process where a test must look inside them or make them misbehave.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from interop.serve_process import run_virtblk, virtblk_argv
+from peers.faulty import FaultyDevice
+from virtblk.bench import Verifier
+from virtblk.device.backends import MemoryBackend
+from virtblk.device.blk import BlkDevice
+from virtblk.device.request import BlkRequest
+from virtblk.spec import RequestType
+from virtblk.vhost_user.server import VhostUserServer
+
+QUICK = ("--runtime", "0.4", "--backend", "memory", "--device-size", "8M")
+
+
+def bench_json(*args: str, expect_rc: int = 0) -> dict[str, Any]:
+    result = run_virtblk("bench", *QUICK, "--output-format", "json", *args)
+    assert result.returncode == expect_rc, result.stdout + result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+@contextmanager
+def serve_in_thread(device: BlkDevice, path: Path) -> Iterator[str]:
+    """``device`` listening on ``path`` from this process (so the test can look inside)."""
+    server = VhostUserServer(str(path), device)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield str(path)
+    finally:
+        server.stop()
+        thread.join(10)
+        server.close()
+
+
+# -- workloads and engines ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("rw", "reads", "writes"),
+    [("read", True, False), ("randread", True, False), ("write", False, True),
+     ("randwrite", False, True), ("randrw", True, True), ("readwrite", True, True),
+     ("rw", True, True)],
+)  # fmt: skip
+def test_each_rw_mode_does_what_it_says(rw: str, reads: bool, writes: bool) -> None:
+    job = bench_json("--rw", rw, "--iodepth", "4")["jobs"][0]
+    assert (job["read"]["total_ios"] > 0) is reads
+    assert (job["write"]["total_ios"] > 0) is writes
+    assert job["job options"]["rw"] == ("readwrite" if rw == "rw" else rw)
+    assert job["error"] == 0
+
+
+def test_rwmixread_sets_the_share_of_reads() -> None:
+    job = bench_json("--rw", "randrw", "--rwmixread", "80", "--iodepth", "8")["jobs"][0]
+    reads, writes = job["read"]["total_ios"], job["write"]["total_ios"]
+    assert 0.7 < reads / (reads + writes) < 0.9, (reads, writes)
+
+
+@pytest.mark.parametrize("engine", ["sync", "aio", "queue", "poll"])
+def test_each_ioengine_runs(engine: str) -> None:
+    data = bench_json("--ioengine", engine, "--iodepth", "8", "--rw", "randrw")
+    job = data["jobs"][0]
+    assert job["job options"]["ioengine"] == engine
+    # fio's sync engines do one I/O at a time, whatever iodepth says.
+    assert job["job options"]["iodepth"] == ("1" if engine == "sync" else "8")
+    assert job["read"]["total_ios"] > 0 and job["write"]["total_ios"] > 0
+    assert job["read"]["clat_ns"]["N"] == job["read"]["total_ios"]
+    assert data["virtblk"]["ioengine"] == engine
+
+
+def test_request_path_merges_sequential_writes() -> None:
+    job = bench_json("--path", "request", "--rw", "write", "--iodepth", "16")["jobs"][0]
+    assert job["write"]["total_ios"] > 0
+    assert job["error"] == 0
+
+
+# -- jobs, one per hardware queue --------------------------------------------------------------
+def test_two_jobs_each_drive_their_own_queue(sock_dir: Path) -> None:
+    device = BlkDevice(MemoryBackend(8 << 20), num_queues=2)
+    with serve_in_thread(device, sock_dir / "two.sock") as sock:
+        result = run_virtblk(
+            "bench", sock, "--numjobs", "2", "--rw", "randrw", "--iodepth", "4",
+            "--runtime", "0.5", "--output-format", "json",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        stats = device.stats()
+    jobs = data["jobs"]
+    assert len(jobs) == 2
+    per_queue = stats["queues"]
+    assert isinstance(per_queue, list)
+    for job, queue in zip(jobs, per_queue, strict=True):
+        ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+        assert ios > 0
+        # The device saw at least each job's measured I/O on that job's own queue.
+        assert queue["requests"].get("IN", 0) >= job["read"]["total_ios"]
+        assert queue["requests"].get("OUT", 0) >= job["write"]["total_ios"]
+    group = data["virtblk"]["group"]
+    assert group["read"]["total_ios"] == sum(j["read"]["total_ios"] for j in jobs)
+    assert group["write"]["io_bytes"] == sum(j["write"]["io_bytes"] for j in jobs)
+
+
+def test_group_reporting_sums_the_jobs() -> None:
+    data = bench_json("--numjobs", "2", "--group_reporting", "--rw", "randread")
+    assert len(data["jobs"]) == 1
+    job = data["jobs"][0]
+    assert job["job options"]["numjobs"] == "2"
+    assert job["read"]["total_ios"] == job["read"]["clat_ns"]["N"] > 0
+
+
+def test_more_jobs_than_the_device_has_queues(sock_dir: Path) -> None:
+    device = BlkDevice(MemoryBackend(8 << 20), num_queues=1)
+    with serve_in_thread(device, sock_dir / "one.sock") as sock:
+        result = run_virtblk("bench", sock, "--numjobs", "2", "--runtime", "0.2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--numjobs 2 needs 2 hardware queues, one per job" in result.stderr
+    assert "the device offers 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- verification ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["md5", "crc32c"])
+@pytest.mark.parametrize("rw", ["randwrite", "write", "randrw", "readwrite"])
+def test_verify_passes_on_an_honest_device(kind: str, rw: str) -> None:
+    data = bench_json("--rw", rw, "--verify", kind, "--iodepth", "8", "--device-size", "1M")
+    verify = data["virtblk"]["verify"]
+    assert verify["kind"] == kind
+    assert verify["verified"] > 0
+    assert verify["mismatches"] == 0
+    assert data["jobs"][0]["error"] == 0
+
+
+def test_verify_with_two_jobs() -> None:
+    data = bench_json("--numjobs", "2", "--rw", "randrw", "--verify", "crc32c",
+                      "--device-size", "1M")  # fmt: skip
+    assert data["virtblk"]["verify"]["verified"] > 0
+    assert all(job["error"] == 0 for job in data["jobs"])
+
+
+class CorruptingDevice(FaultyDevice):
+    """Returns reads with one byte flipped (``flip``) or drops every write (``lose``)."""
+
+    def __init__(self, size: int, fault: str, **options: Any) -> None:
+        super().__init__(size, **options)
+        self.fault = fault
+
+    def execute(self, req: BlkRequest) -> tuple[int, int]:
+        if self.fault == "lose" and req.type == RequestType.OUT:
+            return 0, 1  # "done", and nothing written
+        result = super().execute(req)
+        if self.fault == "flip" and req.type == RequestType.IN and req.data:
+            last = req.data[-1]
+            last[len(last) - 1] ^= 0x01  # deep inside the pattern: only the checksum sees it
+        return result
+
+
+@pytest.mark.parametrize("kind", ["md5", "crc32c"])
+@pytest.mark.parametrize(("fault", "why"), [("flip", "checksum mismatch"),
+                                            ("lose", "no verify header")])
+def test_verify_catches_a_corrupting_device(
+    kind: str, fault: str, why: str, sock_dir: Path
+) -> None:
+    device = CorruptingDevice(1 << 20, fault)
+    with serve_in_thread(device, sock_dir / "bad.sock") as sock:
+        result = run_virtblk(
+            "bench", sock, "--rw", "randwrite", "--verify", kind, "--iodepth", "4",
+            "--runtime", "0.3", "--output-format", "json",
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert why in result.stderr
+    data = json.loads(result.stdout)  # the report is still complete
+    assert data["virtblk"]["verify"]["mismatches"] > 0
+    assert data["jobs"][0]["error"] == errno.EILSEQ  # what fio reports for a bad block
+
+
+def test_verifier_tells_what_is_wrong() -> None:
+    v = Verifier("crc32c", 4096, seed=7)
+    block = memoryview(bytearray(4096))
+    gen = v.fill(block, 8192)
+    assert v.check(block, 8192, gen) is None
+    assert "written for offset 8192" in (v.check(block, 4096, gen) or "")
+    assert "stale" in (v.check(block, 8192, gen + 1) or "")
+    block[100] ^= 0xFF
+    assert "checksum mismatch" in (v.check(block, 8192, gen) or "")
+
+
+# -- fio's JSON layout -------------------------------------------------------------------------
+def _paths(node: object, prefix: str = "") -> dict[str, type]:
+    """Every key path of a JSON document with the type of its value."""
+    out: dict[str, type] = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out.update(_paths(value, f"{prefix}/{key}"))
+    elif isinstance(node, list):
+        for value in node[:1]:
+            out.update(_paths(value, f"{prefix}[]"))
+    else:
+        out[prefix] = type(node)
+    return out
+
+
+def test_json_layout_matches_fio(tmp_path: Path) -> None:
+    """Every key we write is one fio writes, with the same JSON type, and the paths fio
+    tooling reads are all there."""
+    fio = subprocess.run(
+        ["fio", "--name=x", f"--filename={tmp_path / 'f'}", "--size=4M", "--rw=randrw",
+         "--runtime=0.3", "--time_based", "--output-format=json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    theirs = _paths(json.loads(fio.stdout))
+    data = bench_json("--rw", "randrw", "--iodepth", "4")
+    ours = _paths({k: v for k, v in data.items() if k != "virtblk"})
+    ours.pop("/jobs[]/total_err")  # fio writes it with continue_on_error only
+    not_fio = sorted(p for p in ours if p not in theirs and "/job options/" not in p)
+    assert not_fio == []
+    numeric = (int, float)
+    wrong_type = [
+        p for p, t in ours.items()
+        if p in theirs and t is not theirs[p] and not (t in numeric and theirs[p] in numeric
+                                                      and p.endswith(("mean", "stddev")))
+    ]  # fmt: skip
+    assert wrong_type == []
+    # The paths fio's own tools (fio_jsonplus_clat2csv, fio-plot...) and people's scripts use.
+    job = data["jobs"][0]
+    for d in ("read", "write"):
+        side = job[d]
+        for key in ("io_bytes", "io_kbytes", "bw", "bw_bytes", "iops", "runtime", "total_ios"):
+            assert key in side
+        assert set(side["clat_ns"]) >= {"min", "max", "mean", "stddev", "N", "percentile"}
+        pct = side["clat_ns"]["percentile"]
+        assert "99.000000" in pct and "50.000000" in pct and "99.990000" in pct
+        assert pct["50.000000"] <= pct["99.000000"] <= side["clat_ns"]["max"]
+        # fio's units: bw in KiB/s from io_bytes over runtime in ms.
+        assert side["bw"] == side["io_bytes"] * 1000 // side["runtime"] // 1024
+        assert side["iops"] == pytest.approx(side["total_ios"] * 1000 / side["runtime"])
+        assert side["io_kbytes"] == side["io_bytes"] // 1024
+    assert data["fio version"].startswith("virtblk-")
+    assert isinstance(data["timestamp"], int)
+    assert job["jobname"] == "virtblk" and job["groupid"] == 0
+
+
+# -- the plot and the terminal -----------------------------------------------------------------
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    png = tmp_path / "lat.png"
+    result = run_virtblk("bench", *QUICK, "--rw", "randrw", "--plot", str(png))
+    assert result.returncode == 0, result.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000  # two panels with axes and curves, not an empty canvas
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['matplotlib'] = None; "
+            "from virtblk.cli.main import main; main()")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code, "bench", *QUICK, "--plot", str(tmp_path / "x.png")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "--plot needs matplotlib: pip install 'virtblk[plot]'" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def _run_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run ``virtblk`` with stderr on a pseudo-terminal; (rc, stdout, terminal output)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(virtblk_argv(*args), stdout=subprocess.PIPE, stderr=slave,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+    os.close(slave)
+    screen = bytearray()
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    rc = proc.wait(60)
+    os.close(master)
+    return rc, out, screen.decode(errors="replace")
+
+
+def test_live_progress_line_on_a_terminal() -> None:
+    rc, out, screen = _run_on_a_terminal("bench", *QUICK, "--runtime", "1.5")
+    assert rc == 0, screen
+    assert re.search(r"Jobs: 1 .*IOPS.*eta \d\dm:\d\ds", screen), screen
+    assert "total: IOPS=" in out
+
+
+def test_no_progress_line_in_json_mode() -> None:
+    rc, out, screen = _run_on_a_terminal("bench", *QUICK, "--runtime", "1.5",
+                                         "--output-format", "json")  # fmt: skip
+    assert rc == 0, screen
+    assert "Jobs:" not in screen
+    assert json.loads(out)["jobs"][0]["read"]["total_ios"] > 0
+
+
+# -- usage errors ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--path", "request", "--ioengine", "aio"], "--path request goes with --ioengine queue"),
+        (["--verify", "md5", "--rw", "randread"], "--verify needs a workload that writes"),
+        (["--verify", "md5", "--rw", "randrw", "--rwmixread", "100"], "--rwmixread 100"),
+        (["--verify", "sha1"], "'sha1' is not one of"),
+        (["--rwmixread", "101"], "--rwmixread"),
+        (["--numjobs", "0"], "--numjobs"),
+        (["--ioengine", "libaio"], "'libaio' is not one of"),
+        (["--offset", "1000"], "offset 1000 must be a multiple of bs 4096"),
+        (["--size", "8k", "--numjobs", "4"], "fewer than numjobs"),
+        (["--verify", "crc32c", "--rw", "randwrite", "--size", "16k", "--iodepth", "8"],
+         "verify needs more blocks per job (4) than iodepth (8)"),
+    ],
+)  # fmt: skip
+def test_usage_errors(args: list[str], message: str) -> None:
+    result = run_virtblk("bench", *QUICK, *args, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Usage: virtblk bench" in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bs_larger_than_one_request(sock_dir: Path) -> None:
+    """The queue engines send each I/O as one request: a bs past seg_max x size_max is a
+    usage error there, while the Disk API (sync) splits it as blk-mq would."""
+    device = BlkDevice(MemoryBackend(8 << 20), seg_max=2, size_max=4096)
+    with serve_in_thread(device, sock_dir / "small.sock") as sock:
+        refused = run_virtblk("bench", sock, "--bs", "16k", "--ioengine", "poll",
+                              "--runtime", "0.2")  # fmt: skip
+        split = run_virtblk("bench", sock, "--bs", "16k", "--ioengine", "sync",
+                            "--runtime", "0.2", "--output-format", "json")  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "bs 16384 is larger than one request may be (8192 bytes" in refused.stderr
+    assert split.returncode == 0, split.stderr
+    assert json.loads(split.stdout)["jobs"][0]["read"]["total_ios"] > 0
