@@ -8,7 +8,8 @@ worker thread per queue) and qemu-storage-daemon's (``aio=native``, ``cache.dire
 The qemu-storage-daemon column separates what our driver costs from what our device costs.
 
 Both devices run with their write cache on (``direct=1`` without fsync asks for no
-more).  The image is filled with data first (holes read as zeros without touching the disk).  Every
+more).  The image is filled with data first (holes read as zeros without touching the disk) and
+evicted from the page cache before each configuration.  Every
 configuration runs back to back in one run; ratios are against fio libaio ``direct=1`` at
 the same depth.  ``--json FILE`` writes the record.
 
@@ -45,6 +46,17 @@ def fill(image: Path, size: int) -> None:
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_cache(image: Path) -> None:
+    """Evict the image from the page cache, so that every configuration starts cold (our
+    FileBackend reads through the cache; fio direct=1 and the daemon do not)."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def run_fio(image: Path, rw: str, depth: int, engine: str, direct: bool,
@@ -125,8 +137,10 @@ def main() -> int:
         tmp = Path(tmpdir)
         image = tmp / "image.raw"
         fill(image, size)
+        drop_cache(image)
         for rw, depth in WORKLOADS:
             def add(name: str, figures: dict[str, Any], rw: str = rw, depth: int = depth) -> None:
+                drop_cache(image)  # for the next configuration
                 rows.append({"config": name, "rw": rw, "iodepth": depth, **figures})
                 print(f"  {rw} depth {depth}: {name}: {figures['iops']:,.0f} IOPS",
                       file=sys.stderr, flush=True)  # fmt: skip
