@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 
@@ -1134,7 +1134,7 @@ def _child(
     counters: np.ndarray,
     go: int,
     out: int,
-) -> None:
+) -> NoReturn:
     """A job's process: wait for the start, run, report, and leave with ``os._exit`` (no
     atexit handler, no finaliser may touch the parent's vhost-user connection)."""
     code = 0

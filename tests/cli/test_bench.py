@@ -122,6 +122,25 @@ def test_two_jobs_each_drive_their_own_queue(sock_dir: Path) -> None:
     assert group["write"]["io_bytes"] == sum(j["write"]["io_bytes"] for j in jobs)
 
 
+@pytest.mark.interop
+def test_two_jobs_verify_on_qemu_storage_daemon(qsd_factory: Any, tmp_path: Path) -> None:
+    """numjobs=2 against the daemon with num-queues=2: each process drives its own queue,
+    and what each wrote reads back intact."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4 << 20))
+    daemon = qsd_factory(image=image, num_queues=2)
+    result = run_virtblk(
+        "bench", str(daemon.socket_path), "--numjobs", "2", "--rw", "randrw",
+        "--verify", "crc32c", "--iodepth", "8", "--runtime", "0.5", "--output-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    jobs = data["jobs"]
+    assert [job["write"]["total_ios"] > 0 for job in jobs] == [True, True]
+    assert data["virtblk"]["verify"]["verified"] > 0
+    assert data["virtblk"]["verify"]["mismatches"] == 0
+
+
 def test_group_reporting_sums_the_jobs() -> None:
     data = bench_json("--numjobs", "2", "--group_reporting", "--rw", "randread")
     assert len(data["jobs"]) == 1
@@ -193,6 +212,18 @@ def test_verify_catches_a_corrupting_device(
     data = json.loads(result.stdout)  # the report is still complete
     assert data["virtblk"]["verify"]["mismatches"] > 0
     assert data["jobs"][0]["error"] == errno.EILSEQ  # what fio reports for a bad block
+
+
+def test_io_errors_fail_the_run(sock_dir: Path) -> None:
+    device = FaultyDevice(1 << 20, bad_sector=0)  # the first block of a sequential read
+    with serve_in_thread(device, sock_dir / "eio.sock") as sock:
+        result = run_virtblk("bench", sock, "--rw", "read", "--iodepth", "2",
+                             "--runtime", "0.3", "--output-format", "json")  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "I/O errors" in result.stderr
+    job = json.loads(result.stdout)["jobs"][0]
+    assert job["error"] == errno.EIO
+    assert job["total_err"] > 0
 
 
 def test_verifier_tells_what_is_wrong() -> None:

@@ -181,6 +181,8 @@ def bench(
                 result = run_bench(disk, cfg, device_cpu=device_cpu, progress=progress)
             except ValueError as exc:
                 raise click.UsageError(str(exc)) from exc
+            except (OSError, RuntimeError) as exc:  # the device failed or went away
+                raise click.ClickException(f"bench: {exc}") from exc
     if output_format == "json":
         report = result.fio_json(jobname=name, target=target, group_reporting=group_reporting)
         click.echo(json.dumps(report, indent=2))
