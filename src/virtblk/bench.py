@@ -1186,7 +1186,7 @@ def plot(result: BenchResult, path: str, title: str = "") -> None:
     ax_lat.legend(loc="lower right")
     ax_lat.set_title("latency distribution (CDF)")
     ax_iops.set_xlabel("time (s)")
-    ax_iops.set_ylabel(f"IOPS (per {SAMPLE_NS // 1_000_000} ms window)")
+    ax_iops.set_ylabel(f"IOPS (averaged over {SAMPLE_NS // 1_000_000} ms)")
     ax_iops.set_ylim(bottom=0)
     ax_iops.grid(True, alpha=0.3)
     ax_iops.legend(loc="lower right")
