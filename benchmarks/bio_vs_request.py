@@ -15,44 +15,19 @@ device saw per I/O: 1 on the bio path, below 1 where merging happened.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from daemons import SIZE, qemu_storage_daemon  # benchmarks/daemons.py
 
 from virtblk import Disk
 from virtblk.bench import BenchConfig, IoPath, RwMode, run_bench
 from virtblk.util import process_cpu_seconds
 
-SIZE = 1 << 30
 LOADS: tuple[RwMode, ...] = ("read", "write", "randread", "randwrite")
 PATHS: tuple[IoPath, ...] = ("bio", "request")
-
-
-@contextlib.contextmanager
-def qemu_storage_daemon(tmp: Path) -> Iterator[tuple[str, int]]:
-    """qemu-storage-daemon exporting a null-co device that reads zeroes (as our
-    NullBackend does); yields (socket path, pid)."""
-    sock = tmp / "qsd.sock"
-    proc = subprocess.Popen([
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=null-co,node-name=f,size={SIZE},read-zeroes=on",
-        "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
-                    f"addr.path={sock},writable=on,num-queues=1",
-    ])
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("qemu-storage-daemon did not start")
-            time.sleep(0.05)
-        yield str(sock), proc.pid
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def run_device(

@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from peers import qemu_storage_daemon, virtblk_serve  # benchmarks/peers.py
+from daemons import qemu_storage_daemon, virtblk_serve  # benchmarks/daemons.py
+
 from virtblk import Disk
 from virtblk.bench import BenchConfig, run_bench
 from virtblk.util import process_cpu_seconds

@@ -20,16 +20,15 @@ the same depth.  ``--json FILE`` writes the record.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from daemons import qsd_file  # benchmarks/daemons.py
 
 from virtblk import Disk
 from virtblk.bench import BenchConfig, run_bench
@@ -81,28 +80,6 @@ def run_fio(image: Path, rw: str, depth: int, engine: str, direct: bool,
         "driver_us_per_io": cpu_s / ios * 1e6 if ios else 0.0,
         "device_us_per_io": None,
     }
-
-
-@contextlib.contextmanager
-def qsd_file(image: Path, tmp: Path) -> Iterator[tuple[str, int]]:
-    """qemu-storage-daemon exporting the image (native AIO, O_DIRECT); (socket, pid)."""
-    sock = tmp / "qsd-file.sock"
-    proc = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         f"driver=file,node-name=f,filename={image},cache.direct=on,aio=native",
-         "--export",
-         f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"],
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("qemu-storage-daemon did not start")
-            time.sleep(0.05)
-        yield str(sock), proc.pid
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def run_ours(disk: Disk, rw: str, depth: int, runtime: float,

@@ -13,79 +13,17 @@ the daemon measured in the same run (machines are noisy), plus a JSON record
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from daemons import qemu_storage_daemon, virtblk_serve  # benchmarks/daemons.py
 
 from virtblk import Disk
 from virtblk.bench import BenchConfig, run_bench
 from virtblk.util import process_cpu_seconds
-
-SIZE = 1 << 30
-
-
-def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not create {path}")
-        time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def qemu_storage_daemon(tmp: Path, num_queues: int = 1) -> Iterator[tuple[str, int]]:
-    """qemu-storage-daemon exporting a null-co device; yields (socket, pid)."""
-    sock = tmp / "qsd.sock"
-    proc = subprocess.Popen(
-        [
-            "qemu-storage-daemon",
-            "--blockdev",
-            f"driver=null-co,node-name=f,size={SIZE},read-zeroes=on",
-            "--export",
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
-            f"addr.path={sock},writable=on,num-queues={num_queues}",
-        ]
-    )
-    try:
-        _wait_for_socket(sock, proc, "qemu-storage-daemon")
-        yield str(sock), proc.pid
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def virtblk_serve(tmp: Path, num_queues: int = 1) -> Iterator[tuple[str, int]]:
-    """``virtblk serve --null``; yields (socket, pid)."""
-    sock = tmp / "virtblk.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "virtblk",
-            "serve",
-            "--socket",
-            str(sock),
-            "--null",
-            str(SIZE),
-            "--num-queues",
-            str(num_queues),
-        ]
-    )
-    try:
-        _wait_for_socket(sock, proc, "virtblk serve")
-        yield str(sock), proc.pid
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def measure(sock: str, pid: int, depth: int, runtime: float) -> dict[str, object]:
