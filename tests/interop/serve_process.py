@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+from peers.process import accepts, wait_ready
 
 #: How long ``virtblk serve`` may take to listen (it imports numpy, on a busy machine).
 START_TIMEOUT = 30.0
@@ -59,17 +59,15 @@ class ServeProcess:
         self.process = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _listening(self.socket_path):
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"virtblk serve exited with {self.process.returncode} before listening:\n"
-                    f"{self.output}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"virtblk serve not listening after {START_TIMEOUT} s")
-            time.sleep(0.05)
+        try:
+            rc = wait_ready(
+                self.process, lambda: accepts(self.socket_path), START_TIMEOUT, interval=0.05
+            )
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"virtblk serve not listening after {START_TIMEOUT} s") from None
+        if rc is not None:
+            raise RuntimeError(f"virtblk serve exited with {rc} before listening:\n{self.output}")
         return self
 
     def terminate(self, timeout: float = 20) -> int:
@@ -103,19 +101,3 @@ class ServeProcess:
     ) -> None:
         self.stop()
         self._log.close()
-
-
-def _listening(path: Path) -> bool:
-    """Whether the socket file exists and a server listens on it.
-
-    Probing with connect() would be served as a (short) session by our one-at-a-time
-    server; that is harmless, but checking the file first avoids most of it.
-    """
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True

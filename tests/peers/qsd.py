@@ -9,7 +9,6 @@ under the driver (e.g. `block_resize`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,11 +16,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from peers.process import accepts, wait_ready
 
 QSD_BINARY = "qemu-storage-daemon"
 
@@ -200,22 +200,23 @@ class QemuStorageDaemon:
 
     def _wait_ready(self) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            rc = self.process.poll()
-            if rc is not None:
-                raise QsdError(
-                    f"qemu-storage-daemon exited with status {rc} before its export was ready\n"
-                    f"command: {' '.join(self.argv)}\nstderr:\n{self.stderr}"
-                )
-            if self._pidfile.exists() and _accepts(self.socket_path):
-                return
-            if time.monotonic() > deadline:
-                raise QsdError(
-                    f"qemu-storage-daemon export {self.socket_path} not ready after "
-                    f"{START_TIMEOUT:.0f} s\ncommand: {' '.join(self.argv)}\nstderr:\n{self.stderr}"
-                )
-            time.sleep(0.02)
+        try:
+            rc = wait_ready(
+                self.process,
+                lambda: self._pidfile.exists() and accepts(self.socket_path),
+                START_TIMEOUT,
+                interval=0.02,
+            )
+        except TimeoutError:
+            raise QsdError(
+                f"qemu-storage-daemon export {self.socket_path} not ready after "
+                f"{START_TIMEOUT:.0f} s\ncommand: {' '.join(self.argv)}\nstderr:\n{self.stderr}"
+            ) from None
+        if rc is not None:
+            raise QsdError(
+                f"qemu-storage-daemon exited with status {rc} before its export was ready\n"
+                f"command: {' '.join(self.argv)}\nstderr:\n{self.stderr}"
+            )
 
     def qmp(
         self, command: str, arguments: Mapping[str, Any] | None = None, /, **kwargs: Any
@@ -265,14 +266,3 @@ class QemuStorageDaemon:
 
 def _onoff(value: bool) -> str:
     return "on" if value else "off"
-
-
-def _accepts(path: Path) -> bool:
-    """True when a Unix socket at `path` accepts a connection (which is closed at once)."""
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe,
-        contextlib.suppress(OSError),
-    ):
-        probe.connect(os.fspath(path))
-        return True
-    return False
