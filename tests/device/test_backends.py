@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from virtblk.device.backends import FileBackend, MemoryBackend, NullBackend, zero_fill
+from virtblk.device.backends import (
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    FileBackend,
+    MemoryBackend,
+    NullBackend,
+    zero_fill,
+)
 
 MiB = 1 << 20
 
@@ -152,7 +159,7 @@ def test_file_write_zeroes_fallback_when_fallocate_refused(tmp_path: Path) -> No
     b = FileBackend(tmp_path / "fb.img", create_size=MiB)
     b.pwritev(views(MiB, fill=0x66), 0)
     # As if the filesystem answered EOPNOTSUPP to both fallocate modes.
-    b._no_punch = b._no_zero_range = True
+    b._refused |= {FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE}
     b.write_zeroes(0, 65536, unmap=True)
     out = views(65536 * 2)
     b.preadv(out, 0)

@@ -289,8 +289,7 @@ class FileBackend(Backend):
             raise
         super().__init__(size, read_only=read_only)
         # Remember what the filesystem refused so the hot path does not ask again.
-        self._no_punch = False
-        self._no_zero_range = False
+        self._refused: set[int] = set()  # fallocate modes
 
     @property
     def fd(self) -> int:
@@ -314,8 +313,7 @@ class FileBackend(Backend):
         return total
 
     def pwritev(self, buffers: Sequence[memoryview], offset: int, *, fua: bool = False) -> int:
-        if self._read_only:
-            raise OSError(errno.EBADF, f"{self.path} is open read-only")
+        self._check_writable()
         fd = self._dsync_fd if (fua or not self._writeback) else self._fd
         total = sum(len(buf) for buf in buffers)
         pending: Sequence[memoryview] = buffers
@@ -345,28 +343,16 @@ class FileBackend(Backend):
                 raise OSError(errno.EIO, f"pwrite wrote nothing at offset {pos} of {self.path}")
             pos += n
 
-    def _punch(self, offset: int, length: int) -> bool:
-        """Punch a hole; False when the filesystem does not support it."""
-        if self._no_punch:
+    def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """``fallocate`` with ``mode`` (PUNCH_HOLE or ZERO_RANGE, keeping the size); False
+        when the filesystem does not support it."""
+        if mode in self._refused:
             return False
         try:
-            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self._fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno in _UNSUPPORTED_ERRNOS:
-                self._no_punch = True
-                return False
-            raise
-        return True
-
-    def _zero_range(self, offset: int, length: int) -> bool:
-        """Zero a range with ZERO_RANGE; False when the filesystem does not support it."""
-        if self._no_zero_range:
-            return False
-        try:
-            fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as exc:
-            if exc.errno in _UNSUPPORTED_ERRNOS:
-                self._no_zero_range = True
+                self._refused.add(mode)
                 return False
             raise
         return True
@@ -379,12 +365,14 @@ class FileBackend(Backend):
     def discard(self, offset: int, length: int) -> None:
         self._check_writable()
         # Discard is advisory: when holes are unsupported, doing nothing is correct.
-        if self._punch(offset, length):
+        if self._try_fallocate(FALLOC_FL_PUNCH_HOLE, offset, length):
             self._sync_metadata()
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
         self._check_writable()
-        done = (unmap and self._punch(offset, length)) or self._zero_range(offset, length)
+        done = (unmap and self._try_fallocate(FALLOC_FL_PUNCH_HOLE, offset, length)) or (
+            self._try_fallocate(FALLOC_FL_ZERO_RANGE, offset, length)
+        )
         if done:
             self._sync_metadata()
         else:
