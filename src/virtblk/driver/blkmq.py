@@ -107,7 +107,6 @@ class HardwareQueue:
         self.depth = depth
         self.kick_fd = kick_fd
         self.call_fd = call_fd
-        self._hangup_fd = hangup_fd
         self._memory = memory
         self._allocator = allocator
         self._slots_gpa = allocator.alloc(depth * _SLOT, align=64)
@@ -461,15 +460,6 @@ class HardwareQueue:
     def in_flight(self) -> int:
         """Requests submitted (or parked as BUSY) and not yet completed."""
         return self.depth - len(self._free_tags)
-
-    def drain(self, timeout: float | None = None) -> None:
-        """Wait until every request on this queue has completed (used by freeze and close)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
-            self._kick_locked()
-            while any(not r.done for r in self._requests if r.tag not in self._free_tags):
-                self._check_broken()
-                self._wait_locked(deadline)
 
     def abort_all(self) -> None:
         """Complete every request still in flight with IOERR (after a reset or a dead peer)."""
