@@ -343,9 +343,7 @@ class Disk:
         """A buffer in shared memory: I/O into or out of it is zero-copy.  Free with
         :meth:`free_buffer` (or let :meth:`close` reclaim it)."""
         self._check_open()
-        with self._alloc_lock:
-            gpa = self._dev.allocator.alloc(size, align=4096)
-        return self._dev.memory.view(gpa, size)
+        return self._dev.memory.view(self._alloc(size), size)
 
     def free_buffer(self, buf: memoryview) -> None:
         """Return a buffer from :meth:`buffer`."""
@@ -353,8 +351,7 @@ class Disk:
         if gpa is None:
             raise ValueError("not a buffer from Disk.buffer()")
         buf.release()
-        with self._alloc_lock:
-            self._dev.allocator.free(gpa)
+        self._free(gpa)
 
     @property
     def queue_limits(self) -> QueueLimits:
