@@ -598,6 +598,13 @@ class _Job:
             if offset not in self.busy:
                 return offset, write
 
+    def pick_before(self, deadline: int | None, now: int) -> tuple[int, bool] | None:
+        """``pick``, or None once ``now`` has reached the deadline (the engines that issue
+        one I/O at a time)."""
+        if deadline is not None and now >= deadline:
+            return None
+        return self.pick()
+
     def begin(self, slot: int, offset: int, write: bool) -> None:
         """Record ``slot``'s I/O; with verify, stamp the block (write) or note what it must
         contain (read)."""
@@ -813,10 +820,7 @@ def _engine_poll(res: _Resources, job: _Job, deadline: int | None, clock: _Clock
     while True:
         now = time.perf_counter_ns()
         while free and not done:
-            if deadline is not None and now >= deadline:
-                done = True
-                break
-            nxt = job.pick()
+            nxt = job.pick_before(deadline, now)
             if nxt is None:
                 done = True
                 break
@@ -847,9 +851,7 @@ def _engine_sync(res: _Resources, job: _Job, deadline: int | None, clock: _Clock
     while True:
         now = time.perf_counter_ns()
         clock.tick(now)
-        if deadline is not None and now >= deadline:
-            return
-        nxt = job.pick()
+        nxt = job.pick_before(deadline, now)
         if nxt is None:
             return
         offset, write = nxt
@@ -878,9 +880,7 @@ def _engine_aio(res: _Resources, job: _Job, deadline: int | None, clock: _Clock)
             while True:
                 now = time.perf_counter_ns()
                 clock.tick(now)
-                if deadline is not None and now >= deadline:
-                    return
-                nxt = job.pick()
+                nxt = job.pick_before(deadline, now)
                 if nxt is None:
                     return
                 offset, write = nxt
