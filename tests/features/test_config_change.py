@@ -392,3 +392,18 @@ def test_connect_waits_while_a_busy_server_backlog_is_full(sock_dir: Path) -> No
     listener.close()
     for probe in queued:
         probe.close()
+
+
+def test_a_second_control_server_on_a_live_path_is_refused(sock_dir: Path) -> None:
+    """A live control socket is not stolen, and closing the refused one leaves it in place."""
+    from virtblk.device.backends import MemoryBackend
+    from virtblk.device.blk import BlkDevice
+    from virtblk.device.control import ControlServer, send_command
+
+    device = BlkDevice(MemoryBackend(1 << 20))
+    path = sock_dir / "ctl.sock"
+    with ControlServer(path, device):
+        with pytest.raises(OSError, match="already listening"):
+            ControlServer(path, device)
+        assert send_command(path, "stats")["ok"]
+    assert not path.exists()

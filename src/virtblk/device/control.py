@@ -33,12 +33,12 @@ import json
 import logging
 import os
 import socket
-import stat
 import threading
 from typing import Any
 
 from virtblk.device.blk import CACHE_WRITE_BACK, CACHE_WRITE_THROUGH, BlkDevice
 from virtblk.spec import BlkConfig, feature_names
+from virtblk.unixsock import bind_private, remove_if_ours
 from virtblk.util import parse_size
 
 __all__ = [
@@ -196,21 +196,7 @@ class ControlServer:
     def __init__(self, path: str | os.PathLike[str], device: BlkDevice) -> None:
         self.path = os.fspath(path)
         self.device = device
-        with contextlib.suppress(FileNotFoundError):
-            # A leftover from a crashed server; a live one would still own its path, but a
-            # control socket is private to one serve process, so replacing it is safe.
-            if not os.path.islink(self.path) and _is_socket(self.path):
-                os.unlink(self.path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)
-        try:
-            self._listener.bind(self.path)
-        except BaseException:
-            self._listener.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        self._listener.listen(4)
+        self._listener, self._socket_id = bind_private(self.path, backlog=4)
         self._clients: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -273,8 +259,7 @@ class ControlServer:
         for client in clients:
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        remove_if_ours(self.path, self._socket_id)
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
@@ -283,10 +268,6 @@ class ControlServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _is_socket(path: str) -> bool:
-    return stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
 def send_command(

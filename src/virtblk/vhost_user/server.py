@@ -14,16 +14,15 @@ server is replaced, a live one is never stolen, and ours is removed on exit.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
 import socket
-import stat
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
+from virtblk.unixsock import bind_private, remove_if_ours
 from virtblk.vhost_user.backend import (
     DEFAULT_MAX_MEM_SLOTS,
     DEFAULT_PROTOCOL_FEATURES,
@@ -98,45 +97,8 @@ class VhostUserServer:
     # ------------------------------------------------------------------ socket file
 
     def _bind(self, path: str) -> socket.socket:
-        self._clear_stale(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            old_umask = os.umask(0o177)  # never visible with wider permissions, even briefly
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, 0o600)
-            info = os.lstat(path)
-            self._socket_id = (info.st_dev, info.st_ino)
-            sock.listen(1)
-        except BaseException:
-            sock.close()
-            raise
+        sock, self._socket_id = bind_private(path, backlog=1)
         return sock
-
-    @staticmethod
-    def _clear_stale(path: str) -> None:
-        """Remove a socket file nobody listens on; refuse a live one or a non-socket."""
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(info.st_mode):
-            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                pass  # stale: its server is gone
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot probe existing socket {path}: {exc}") from exc
-            else:
-                raise OSError(errno.EADDRINUSE, f"a server is already listening on {path}", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        log.info("replaced stale socket file %s", path)
 
     # ------------------------------------------------------------------ control
 
@@ -160,10 +122,7 @@ class VhostUserServer:
         if self._connected is not None:
             self._connected.close()
         if self.path is not None and self._socket_id is not None:
-            with contextlib.suppress(FileNotFoundError):
-                info = os.lstat(self.path)
-                if (info.st_dev, info.st_ino) == self._socket_id:  # still ours
-                    os.unlink(self.path)
+            remove_if_ours(self.path, self._socket_id)
         for fd in (self._stop_r, self._stop_w, self._wake_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
