@@ -462,8 +462,10 @@ class HardwareQueue:
         return self.depth - len(self._free_tags)
 
     def abort_all(self) -> None:
-        """Complete every request still in flight with IOERR (after a reset or a dead peer)."""
+        """Complete every request still in flight with IOERR, for good (the queue is being
+        torn down): the ring is reaped no more, and a waiter asleep in poll is woken."""
         with self.cond:
+            self._stopped = True
             for tag in self.vq.detach_unused():
                 req = self._requests[tag]
                 req.status = Status.IOERR
@@ -477,6 +479,10 @@ class HardwareQueue:
                 if req.callback is not None:
                     req.callback(req)
             self.cond.notify_all()
+        try:
+            os.write(self.call_fd, _EVENTFD_ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the poller is being woken anyway
 
     def close(self) -> None:
         """Release the shared slots; the fds belong to the caller that created them."""

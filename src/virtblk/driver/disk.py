@@ -630,7 +630,8 @@ class Disk:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Wait for in-flight I/O, disconnect, and stop an embedded device."""
+        """Wait for in-flight I/O (up to 10 s a queue; what is left fails with EIO),
+        disconnect, and stop an embedded device."""
         if self._closed:
             return
         self._closed = True

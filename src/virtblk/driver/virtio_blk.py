@@ -502,9 +502,16 @@ class VirtioBlk:
             log.exception("re-reading the config space after a config change failed")
 
     # -- teardown ------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Tear down the queues, the connection and the shared memory."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout`` per queue) for requests on the rings, fail what is left
+        with EIO, then tear down the queues, the connection and the shared memory."""
         for q in self.queues:
+            try:
+                q.freeze(timeout)
+            except Exception as exc:  # a dead device or a stuck request must not block close
+                log.warning("%s: closing with requests in flight (%s); they fail with EIO",
+                            q.name, exc)
+            q.abort_all()
             q.close()
         self.queues = []
         if self._backend_channel is not None:

@@ -1,0 +1,52 @@
+"""Closing a disk waits for requests on the ring, and never hangs on one that never ends."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from peers.faulty import faulty_disk
+from virtblk import Disk
+from virtblk.driver.virtio_blk import VirtioBlk
+
+
+def _writer(disk: Disk, offset: int, outcome: list[object]) -> threading.Thread:
+    def run() -> None:
+        try:
+            disk.pwrite(b"\1" * 512, offset)
+            outcome.append("ok")
+        except Exception as exc:  # recorded for the assertions
+            outcome.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_close_waits_for_a_request_in_flight() -> None:
+    with faulty_disk(slow_sector=8) as (disk, device, _):
+        outcome: list[object] = []
+        t = _writer(disk, 8 * 512, outcome)
+        time.sleep(0.3)
+        assert outcome == []  # held by the device
+        threading.Timer(0.5, device.release.set).start()
+        disk.close()
+        t.join(5)
+        assert outcome == ["ok"]  # close waited for it to complete
+
+
+def test_close_gives_up_on_a_request_that_never_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_close = VirtioBlk.close
+    monkeypatch.setattr(VirtioBlk, "close", lambda self: real_close(self, timeout=0.5))
+    with faulty_disk(slow_sector=8) as (disk, _device, _):
+        outcome: list[object] = []
+        t = _writer(disk, 8 * 512, outcome)
+        time.sleep(0.3)
+        started = time.monotonic()
+        disk.close()
+        assert time.monotonic() - started < 5
+        t.join(5)
+        assert not t.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], OSError)
