@@ -304,6 +304,7 @@ class BackendConnection:
         then closed.  When REPLY_ACK asked for an ack and the request has no reply of its
         own, the reply is an ``Ack``.
         """
+        log.debug("<- %r", message)
         self._unowned_fds = _message_fds(message)
         try:
             self._check_allowed(message)

@@ -17,6 +17,7 @@ over with SET_BACKEND_REQ_FD; the backend sends CONFIG_CHANGE_MSG on it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
@@ -78,6 +79,8 @@ from virtblk.vhost_user.messages import (
 )
 
 __all__ = ["DEFAULT_TIMEOUT", "BackendChannel", "MemoryRegionLike", "VhostUserFrontend"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds to wait for a reply: a live backend answers in microseconds."""
@@ -202,6 +205,7 @@ class VhostUserFrontend:
             if self._failure is not None:
                 raise type(self._failure)(f"connection unusable after: {self._failure}")
             try:
+                log.debug("-> %r", message)
                 _send_message(self._sock, message)
                 if reply_type is not None:
                     return self._await_reply(message, reply_type)
