@@ -223,9 +223,23 @@ class VirtioBlk:
         vhost_bit = self.offered_features & Feature.VHOST_USER_PROTOCOL_FEATURES.mask
         fe.set_features(self.features | vhost_bit)
         self.config = self._read_config()
+        self._validate_config()
         if self._has_protocol(ProtocolFeature.BACKEND_REQ):
             self._backend_channel = fe.open_backend_channel(self._on_config_change)
             self._backend_channel.start()
+
+    def _validate_config(self) -> None:
+        """Refuse a config space no block device can have, as Linux's probe does, rather
+        than misbehave later (everything the device says is checked, not trusted)."""
+        c = self.config
+        if self.has(Feature.BLK_BLK_SIZE) and not (
+            SECTOR_SIZE <= c.blk_size <= 65536 and c.blk_size & (c.blk_size - 1) == 0
+        ):
+            raise NegotiationError(
+                f"invalid block size {c.blk_size}: a power of two from 512 to 65536 is needed"
+            )
+        if self.has(Feature.BLK_MQ) and c.num_queues == 0:
+            raise NegotiationError("the device offers MQ but reports zero queues")
 
     def _has_protocol(self, feature: int) -> bool:
         return bool(self.protocol_features & (1 << feature))
@@ -379,8 +393,8 @@ class VirtioBlk:
     # -- properties the seed derives -----------------------------------------------------------
     @property
     def logical_block_size(self) -> int:
-        """``blk_size`` when offered, else 512."""
-        if self.has(Feature.BLK_BLK_SIZE) and self.config.blk_size:
+        """``blk_size`` when offered (validated at probe), else 512."""
+        if self.has(Feature.BLK_BLK_SIZE):
             return self.config.blk_size
         return SECTOR_SIZE
 
@@ -449,6 +463,9 @@ class VirtioBlk:
         """Request limits; unlimited (``2**32 - 1``) where the device names none."""
         c = self.config
         size_max = c.size_max if self.has(Feature.BLK_SIZE_MAX) and c.size_max else (1 << 32) - 1
+        # A segment smaller than a block could not carry a whole block; Linux likewise
+        # raises a tiny limit (to a page).
+        size_max = max(size_max, self.logical_block_size)
         return Limits(
             max_segments=self.sg_elems,
             max_segment_size=size_max,

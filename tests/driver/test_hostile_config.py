@@ -1,0 +1,85 @@
+"""A device whose config space no block device can have is refused at probe, with a clear
+error, as Linux's virtblk_probe refuses it; odd but workable limits are made safe."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from virtblk import Disk
+from virtblk.device.backends import MemoryBackend
+from virtblk.device.blk import BlkDevice
+from virtblk.errors import NegotiationError
+from virtblk.spec import BlkConfig
+from virtblk.vhost_user.server import serve_connected
+
+
+class LyingDevice(BlkDevice):
+    """Our device, but its config space says what the test wants."""
+
+    def __init__(self, **overrides: int) -> None:
+        super().__init__(MemoryBackend(1 << 20), size_max=4096)
+        self.overrides = overrides
+
+    def config(self) -> bytes:
+        cfg = BlkConfig.unpack(super().config())
+        for name, value in self.overrides.items():
+            setattr(cfg, name, value)
+        return cfg.pack()
+
+
+@contextmanager
+def connect(device: BlkDevice) -> Iterator[Disk]:
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(target=serve_connected, args=(theirs, device), daemon=True)
+    t.start()
+    disk = Disk.from_socket(ours)
+    try:
+        yield disk
+    finally:
+        disk.close()
+        t.join(10)
+
+
+@pytest.mark.parametrize("blk_size", [0, 100, 513, 1 << 20])
+def test_invalid_block_size_is_refused(blk_size: int) -> None:
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(
+        target=serve_connected, args=(theirs, LyingDevice(blk_size=blk_size)), daemon=True
+    )
+    t.start()
+    with pytest.raises(NegotiationError, match="invalid block size"):
+        Disk.from_socket(ours)
+    t.join(10)
+
+
+def test_zero_queues_with_mq_is_refused() -> None:
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(
+        target=serve_connected, args=(theirs, LyingDevice(num_queues=0)), daemon=True
+    )
+    t.start()
+    with pytest.raises(NegotiationError, match="zero queues"):
+        Disk.from_socket(ours)
+    t.join(10)
+
+
+def test_tiny_size_max_still_carries_whole_blocks() -> None:
+    with connect(LyingDevice(size_max=1)) as disk:
+        assert disk.limits.max_segment_size == 512
+        data = os.urandom(8192)
+        disk.pwrite(data, 0)
+        assert disk.pread(8192, 0) == data
+
+
+def test_zero_seg_max_means_one_segment() -> None:
+    with connect(LyingDevice(seg_max=0)) as disk:
+        assert disk.limits.max_segments == 1
+        data = os.urandom(64 * 1024)
+        disk.pwrite(data, 4096)
+        assert disk.pread(len(data), 4096) == data
