@@ -68,3 +68,8 @@ def test_fua_write_round_trip(tmp_path: os.PathLike[str]) -> None:
 def test_unusable_queue_sizes_are_refused_when_connecting(size: int) -> None:
     with pytest.raises(ValueError, match="queue_size"):
         Disk.embedded(size=MiB, mode="thread", queue_size=size)
+
+
+def test_queues_are_named_as_the_seed_names_them() -> None:
+    with Disk.embedded(size=MiB, mode="thread", num_queues=3) as d:
+        assert [q.name for q in d.device.queues] == ["req.0", "req.1", "req.2"]
