@@ -58,7 +58,6 @@ __all__ = [
 # QEMU's docs/interop/vhost-user.rst that the checks cite.
 RESERVED_FEATURES = "6.2 Device Requirements: Reserved Feature Bits"
 SPLIT_QUEUE = "2.7 Split Virtqueues (descriptor table)"
-BLK_FEATURES = "5.2.3 Feature bits"
 BLK_CONFIG = "5.2.4 Device configuration layout"
 BLK_INIT = "5.2.5 Device Initialization"
 BLK_INIT_DEVICE = "5.2.5.2 Device Requirements: Device Initialization"
