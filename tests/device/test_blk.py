@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -327,3 +328,20 @@ def test_internal_error_costs_one_request() -> None:
     assert read(dev, 0, 512)[:2] == (Status.IOERR, 1)
     assert write(dev, 0, bytes(512)) == Status.OK
     assert dev.stats()["internal_errors"] == 1
+
+
+@pytest.mark.parametrize(
+    "rtype", [RequestType.DISCARD, RequestType.WRITE_ZEROES, RequestType.SECURE_ERASE])
+def test_huge_segment_count_is_refused_before_decoding(rtype: RequestType) -> None:
+    """A driver may send far more segments than max_seg (the payload is only bounded by
+    guest memory): the count is checked from the length, not by decoding every segment."""
+    dev = device()
+    c, _ = chain([header(rtype) + bytes(16 * 10**6)], [1])
+    tracemalloc.start()
+    try:
+        used = dev.process(c)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert used == 1 and c.writable[0][0] == Status.IOERR
+    assert peak < MiB, f"{peak} bytes allocated to refuse the request"

@@ -13,6 +13,7 @@ import errno
 import socket
 import struct
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -451,6 +452,24 @@ def test_secure_erase_resets_whole_zones() -> None:
     assert segments(dev, T.SECURE_ERASE, 0, 2 * ZS) == Status.OK
     assert states(dev)[:2] == [S.NOT_WP, S.EMPTY]
     assert read(dev, 0, 16)[1] == bytes(8192)
+
+
+@pytest.mark.parametrize("rtype", [T.WRITE_ZEROES, T.SECURE_ERASE])
+def test_huge_segment_count_is_refused_before_decoding(rtype: RequestType) -> None:
+    """The payload is bounded only by guest memory: the segment count is checked from its
+    length, not by decoding a million segments first."""
+    dev = zoned_device(4)
+    status = bytearray(1)
+    c = Chain(0, [memoryview(RequestHeader(rtype, 0, 0).pack() + bytes(16 * 10**6))],
+              [memoryview(status)])
+    tracemalloc.start()
+    try:
+        dev.process(c)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status[0] == Status.IOERR
+    assert peak < 1 << 20, f"{peak} bytes allocated to refuse the request"
 
 
 def test_offline_and_read_only_zones() -> None:

@@ -537,10 +537,12 @@ class BlkDevice:
         name = type_name(req.type)
         if self._read_only:
             return _IOERR, []
-        segments = read_segments(req)
-        if len(segments) > limits.max_seg:
-            log.warning("%s with %d segments, max %d", name, len(segments), limits.max_seg)
+        # Count from the length before decoding: the payload is bounded only by guest memory.
+        count = req.data_len // DiscardSegment.SIZE
+        if count > limits.max_seg:
+            log.warning("%s with %d segments, max %d", name, count, limits.max_seg)
             return _IOERR, []
+        segments = read_segments(req)
         for seg in segments:
             if seg.flags & ~allowed_flags:
                 log.warning("%s segment with unsupported flags %#x", name, seg.flags)

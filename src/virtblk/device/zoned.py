@@ -49,6 +49,7 @@ from virtblk.spec import (
     ZONE_APPEND_SECTOR,
     ZONE_REPORT_HEADER,
     BlkConfig,
+    DiscardSegment,
     Feature,
     RequestType,
     Status,
@@ -551,10 +552,12 @@ class ZonedRequests:
         """Each segment is a write of zeros: in a sequential zone it goes at the write
         pointer and advances it, like OUT."""
         limits = self._device.write_zeroes_limits
-        segments = read_segments(req)
-        if len(segments) > limits.max_seg:
-            log.warning("WRITE_ZEROES with %d segments, max %d", len(segments), limits.max_seg)
+        # Count from the length before decoding: the payload is bounded only by guest memory.
+        count = req.data_len // DiscardSegment.SIZE
+        if count > limits.max_seg:
+            log.warning("WRITE_ZEROES with %d segments, max %d", count, limits.max_seg)
             return int(Status.IOERR), 1
+        segments = read_segments(req)
         for seg in segments:
             if seg.flags & ~DISCARD_FLAG_UNMAP:
                 return int(Status.UNSUPP), 1
@@ -574,9 +577,9 @@ class ZonedRequests:
         if self._read_only():
             return int(Status.IOERR), 1
         limits = self._device.secure_erase_limits
-        segments = read_segments(req)
-        if len(segments) > limits.max_seg:
+        if req.data_len // DiscardSegment.SIZE > limits.max_seg:
             return int(Status.IOERR), 1
+        segments = read_segments(req)
         table = self.table
         for seg in segments:
             if seg.flags:
