@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -239,3 +240,49 @@ def test_closed_kick_fd_does_not_spin_and_stop_still_works(
     assert f"kick fd {kick} failed" in caplog.text
     os.close(kick)
     drv.close()
+
+
+class _RepostingBackend(MemoryBackend):
+    """Storage that, on every read, re-posts a chain on the ring behind the device's back:
+    the driver of a hostile (or just very busy) guest that never lets the ring go empty."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.avail: memoryview | None = None
+        self.head = 0
+        self.reads = 0
+        self.reposting = True
+
+    def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        self.reads += 1
+        if self.reposting and self.avail is not None:
+            idx = self.avail[1]
+            self.avail[2 + idx % NUM] = self.head
+            self.avail[1] = (idx + 1) & 0xFFFF
+        return super().preadv(buffers, offset)
+
+
+def test_stop_is_not_held_off_by_a_ring_that_never_empties(
+    memory: tuple[GuestMemory, BufferAllocator],
+) -> None:
+    backend = _RepostingBackend(MiB)
+    dev = BlkDevice(backend)
+    drv = Driver(*memory, event_idx=True)
+    drv.submit(0, RequestType.IN, 0, in_len=512)
+    drv.vq.kick_prepare()
+    backend.avail = drv.memory.view(drv.addrs.avail, 4 + 2 * NUM).cast("H")
+    backend.head = backend.avail[2]
+    start(dev, 0, drv, event_idx=True)
+    stopper = threading.Thread(target=dev.stop_queue, args=(0,))
+    try:
+        while backend.reads < 10:
+            time.sleep(0.01)
+        stopper.start()
+        stopper.join(5)
+        assert not stopper.is_alive(), "stop_queue waited on a ring that never empties"
+    finally:
+        backend.reposting = False
+        if stopper.is_alive():
+            stopper.join()
+        dev.reset()
+        drv.close()

@@ -644,9 +644,13 @@ class _QueueWorker(threading.Thread):
         self.call_fd = call_fd
         self.stats = stats
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Checked between batches too: a driver that keeps the ring full never lets
+        # ``_serve`` return to the poll that watches the stop eventfd.
+        self._stopping = False
 
     def stop(self) -> None:
         """Wake the thread, wait for it, release the stop eventfd."""
+        self._stopping = True
         os.eventfd_write(self._stop_fd, 1)
         self.join()
         os.close(self._stop_fd)
@@ -742,6 +746,8 @@ class _QueueWorker(threading.Thread):
                     stats.batches += 1
                     if vq.needs_notification():
                         self._notify()
+            if self._stopping:
+                return
             if completed:
                 continue  # the driver may have added more meanwhile: look before re-arming
             if not vq.enable_notifications():
