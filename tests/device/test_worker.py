@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from virtblk.device.backends import MemoryBackend
+from virtblk.device.backends import MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.spec import RequestHeader, RequestType, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
@@ -286,3 +286,34 @@ def test_stop_is_not_held_off_by_a_ring_that_never_empties(
             stopper.join()
         dev.reset()
         drv.close()
+
+
+def test_a_request_that_fails_to_complete_costs_only_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read whose buffers (one 1 GiB buffer listed five times) add up to more than the
+    32-bit used length can say: answering it fails, but the batch it came in with must
+    still complete, and the failed chain must still be returned."""
+    gib = 1 << 30
+    region = MemoryRegion.create(2 * gib, guest_phys_addr=0)  # sparse: never touched
+    mem = GuestMemory([region])
+    alloc = BufferAllocator(region)
+    dev = BlkDevice(NullBackend(8 * gib, read_zeroes=False))
+    drv = Driver(mem, alloc, event_idx=True)
+    try:
+        big = alloc.alloc(gib)
+        hdr = drv.buffer(RequestHeader(RequestType.IN, 0, 0).pack())
+        drv.status[0] = drv.buffer(b"\xff")
+        drv.vq.add([(hdr, 16)], [(big, gib)] * 5 + [(drv.status[0], 1)], 0)
+        drv.submit(1, RequestType.FLUSH, 0)
+        start(dev, 0, drv, event_idx=True)
+        with caplog.at_level(logging.ERROR, "virtblk.device"):
+            drv.kick_device()
+            done = drv.wait(2)
+        assert done[1] == 1 and drv.status_of(1) == Status.OK
+        assert done[0] == 0
+        assert dev.stats()["internal_errors"] == 1
+    finally:
+        dev.reset()
+        drv.close()
+        mem.close()

@@ -726,10 +726,6 @@ class _QueueWorker(threading.Thread):
             completed = 0
             try:
                 for chain in pop_flat(limit):
-                    if isinstance(chain, tuple):
-                        add_used(chain[0], process_flat(chain, index))
-                        completed += 1
-                        continue
                     if isinstance(chain, ChainError):
                         stats.chain_errors += 1
                         log.warning("queue %d: bad descriptor chain: %s", index, chain)
@@ -737,7 +733,17 @@ class _QueueWorker(threading.Thread):
                             add_used(chain.head, 0)
                             completed += 1
                         continue
-                    add_used(chain.head, process(chain, index))
+                    head = chain[0] if isinstance(chain, tuple) else chain.head
+                    try:
+                        if isinstance(chain, tuple):
+                            add_used(head, process_flat(chain, index))
+                        else:
+                            add_used(head, process(chain, index))
+                    except Exception:  # a bug must cost one request, not the batch behind it
+                        log.exception("queue %d: internal error answering the chain at head "
+                                      "%d; returned with used length 0", index, head)
+                        stats.internal_errors += 1
+                        add_used(head, 0)
                     completed += 1
             finally:
                 # Publish what was completed even if the ring broke mid-batch.
