@@ -29,7 +29,7 @@ from typing import Any
 from virtblk.errors import DeviceGoneError, status_error
 from virtblk.spec import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, RequestHeader, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
-from virtblk.virtio.split import DriverVirtqueue, QueueFull
+from virtblk.virtio.split import DeviceProtocolError, DriverVirtqueue, QueueFull
 
 Segments = Sequence[tuple[int, int]]
 """Buffers in guest memory as ``(guest physical address, length)`` pairs."""
@@ -329,9 +329,19 @@ class HardwareQueue:
         vq = self.vq
         requests = self._requests
         slots = self._slots
+        error: DeviceProtocolError | None = None
         while True:
             vq.disable_cb()
-            for tag, written in vq.get_used():
+            try:
+                used = vq.get_used()
+            except DeviceProtocolError as exc:
+                # The device broke the ring: what it completed before the bad entry is
+                # real; every other request on this queue fails with ``exc`` (the wait
+                # loops raise ``broken``), so no waiter sleeps on a ring nobody reaps.
+                error = exc
+                used = exc.completed
+                self.fail(exc)
+            for tag, written in used:
                 req = requests[tag]
                 req.written = written
                 # A used length of 0 means the device did not write the status byte (it
@@ -339,8 +349,14 @@ class HardwareQueue:
                 req.status = slots[tag * _SLOT + 16] if written else _IOERR
                 req.done = True
                 completed.append(req)
-            if not rearm or vq.enable_cb():
+            if error is not None or not rearm or vq.enable_cb():
                 break
+        if error is not None:
+            for req in completed:
+                if req.callback is not None:
+                    req.callback(req)
+            self.cond.notify_all()
+            raise error
         if completed:
             # In case the queue is stopped waiting for ring space (the seed restarts it).
             while self._busy and self._add_locked(self._busy[0]):
@@ -402,7 +418,10 @@ class HardwareQueue:
             self._poller_active = False
         if events:
             self.stats_interrupts += 1
-        completed = self._drain_locked()
+        try:
+            completed = self._drain_locked()
+        except DeviceProtocolError:
+            completed = []  # the queue is broken: the callers' wait loops raise it
         self.cond.notify_all()
         return completed
 
