@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from peers.faulty import faulty_disk
 from virtblk import Disk
 
 MiB = 1 << 20
@@ -111,3 +113,40 @@ def test_freeze_and_restore_against_qemu_storage_daemon(qsd_factory, tmp_path) -
         assert d.pread(len(data), MiB) == data
         d.flush()
     assert image.read_bytes()[MiB : MiB + len(data)] == data
+
+
+def test_io_parked_during_freeze_is_not_sent_when_the_ring_drains() -> None:
+    """A request issued while freeze waits for the ring stays parked when the ring's last
+    request completes (the drain restarts BUSY requests, not frozen ones), so freeze does
+    not chase new I/O and nothing reaches the device between freeze and restore."""
+    slow = 64
+    with faulty_disk(slow_sector=slow) as (disk, device, _):
+        q = disk.device.queues[0]
+        threads = [threading.Thread(target=disk.pread, args=(512, slow * 512))]
+        threads[0].start()
+        _wait_until(lambda: q.in_flight() == 1)
+        frozen = threading.Thread(target=disk.freeze, args=(10,))
+        frozen.start()
+        _wait_until(lambda: q._frozen)
+        written = threading.Event()
+        data = os.urandom(4096)
+        threads.append(threading.Thread(
+            target=lambda: (disk.pwrite(data, 0), written.set())))
+        threads[1].start()
+        _wait_until(lambda: q.in_flight() == 2)
+        device.release.set()
+        frozen.join(10)
+        assert not frozen.is_alive() and disk.frozen
+        assert not written.is_set(), "a write issued while freezing ran before restore"
+        disk.restore()
+        for t in threads:
+            t.join(10)
+        assert written.is_set()
+        assert disk.pread(4096, 0) == data
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)

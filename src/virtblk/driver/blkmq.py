@@ -358,8 +358,9 @@ class HardwareQueue:
             self.cond.notify_all()
             raise error
         if completed:
-            # In case the queue is stopped waiting for ring space (the seed restarts it).
-            while self._busy and self._add_locked(self._busy[0]):
+            # In case the queue is stopped waiting for ring space (the seed restarts it);
+            # frozen, what is parked waits for thaw.
+            while not self._frozen and self._busy and self._add_locked(self._busy[0]):
                 self._busy.popleft()
             self._kick_locked()
             for req in completed:
