@@ -305,3 +305,35 @@ def test_module_level_serve_connected_serves_one_session() -> None:
         assert frontend.get_queue_num() == 2
     thread.join(timeout=5)
     assert not thread.is_alive() and device.resets == 1
+
+
+class _BuggyDevice(RecordingDevice):
+    """A device whose GET_QUEUE_NUM path fails the first time with an unexpected error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    @property
+    def num_queues(self) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("a bug in the device model")
+        return 2
+
+    @num_queues.setter
+    def num_queues(self, value: int) -> None:
+        pass
+
+
+def test_an_internal_error_drops_only_that_frontend(socket_path: str) -> None:
+    server, thread = start_server(socket_path, _BuggyDevice())
+    with VhostUserFrontend.connect(socket_path, timeout=5) as first:
+        with pytest.raises(PeerGoneError) as info:
+            first.get_queue_num()
+        assert not isinstance(info.value, ReplyTimeoutError)  # dropped, not left hanging
+    with VhostUserFrontend.connect(socket_path, timeout=5) as second:
+        assert second.get_queue_num() == 2
+    assert thread.is_alive()
+    server.stop()
+    thread.join(timeout=5)

@@ -161,7 +161,12 @@ class VhostUserServer:
                     sock, _ = self._listener.accept()
                 except (BlockingIOError, ConnectionAbortedError):
                     continue
-                self.serve_connected(sock)
+                try:
+                    self.serve_connected(sock)
+                except Exception:
+                    # A bug or an unexpected failure in one session must not take the
+                    # server down: that frontend is dropped, the next one is served.
+                    log.exception("session %d ended by an internal error", self.sessions)
         finally:
             self.close()
 
@@ -171,10 +176,14 @@ class VhostUserServer:
         Takes ownership of ``sock``.  Returns normally whatever the frontend did; a protocol
         violation is logged and kept in ``last_violation``.
         """
-        device = self._device if self._device is not None else self._new_device()
-        conn = BackendConnection(
-            device, protocol_features=self.protocol_features, max_mem_slots=self.max_mem_slots
-        )
+        try:
+            device = self._device if self._device is not None else self._new_device()
+            conn = BackendConnection(
+                device, protocol_features=self.protocol_features, max_mem_slots=self.max_mem_slots
+            )
+        except BaseException:
+            sock.close()  # the frontend sees the connection end instead of waiting on it
+            raise
         conn.wakeup = self._wake
         self.connection = conn
         self.sessions += 1
