@@ -150,3 +150,24 @@ def _wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.01)
+
+
+def test_a_freeze_that_times_out_leaves_the_disk_usable() -> None:
+    """freeze(timeout) that gives up must not leave a queue frozen: restore() would do
+    nothing (the disk is not frozen) and every later request would wait forever."""
+    slow = 64
+    with faulty_disk(slow_sector=slow) as (disk, device, _):
+        q = disk.device.queues[0]
+        held = threading.Thread(target=disk.pread, args=(512, slow * 512))
+        held.start()
+        _wait_until(lambda: q.in_flight() == 1)
+        with pytest.raises(TimeoutError):
+            disk.freeze(0.3)
+        assert not disk.frozen
+        device.release.set()
+        held.join(10)
+        written = threading.Event()
+        t = threading.Thread(target=lambda: (disk.pwrite(b"\5" * 512, 0), written.set()))
+        t.start()
+        assert written.wait(5), "I/O after a failed freeze never completes"
+        t.join(5)

@@ -358,8 +358,17 @@ class VirtioBlk:
         with self._lock:
             if self.frozen:
                 return
-            for q in self.queues:
-                q.freeze(timeout)
+            try:
+                for q in self.queues:
+                    q.freeze(timeout)
+            except BaseException:
+                # Not frozen after all: resume every queue on its ring (nothing was reset
+                # yet), or what was parked, and all later I/O, would wait forever.  A
+                # broken ring takes nothing (its waiters raise why it broke).
+                for q in self.queues:
+                    if not q.vq.broken:
+                        q.thaw(q.vq)
+                raise
             for index in range(len(self.queues)):
                 self.frontend.get_vring_base(index)  # stops the ring on the device
             if self._has_protocol(ProtocolFeature.RESET_DEVICE):
