@@ -50,3 +50,18 @@ def test_close_gives_up_on_a_request_that_never_ends(monkeypatch: pytest.MonkeyP
         t.join(5)
         assert not t.is_alive()
         assert len(outcome) == 1 and isinstance(outcome[0], OSError)
+
+
+def test_io_racing_close_after_its_queue_is_aborted_fails_instead_of_hanging() -> None:
+    """A thread that passed the disk's closed check just before close() reaches its queue
+    after close aborted it (before the queue's memory is released): its request must fail,
+    not park on a queue nobody will ever thaw or reap."""
+    with Disk.embedded(size=1 << 20, mode="thread") as disk:
+        q = disk.device.queues[0]
+        q.freeze(5)  # what VirtioBlk.close does to each queue, in this order
+        q.abort_all()
+        outcome: list[object] = []
+        t = _writer(disk, 0, outcome)
+        t.join(5)
+        assert not t.is_alive(), "a request issued after abort_all hangs"
+        assert len(outcome) == 1 and isinstance(outcome[0], Exception)

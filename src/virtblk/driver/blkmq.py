@@ -483,9 +483,11 @@ class HardwareQueue:
 
     def abort_all(self) -> None:
         """Complete every request still in flight with IOERR, for good (the queue is being
-        torn down): the ring is reaped no more, and a waiter asleep in poll is woken."""
+        torn down): the ring is reaped no more, and a waiter asleep in poll is woken.  A
+        request that comes later (from a thread racing the teardown) fails at once."""
         with self.cond:
             self._stopped = True
+            self.fail(ValueError(f"I/O on closed queue {self.name}"))
             for tag in self.vq.detach_unused():
                 req = self._requests[tag]
                 req.status = Status.IOERR
