@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from peers.faulty import faulty_disk
 from virtblk import Disk
 from virtblk.driver.virtio_blk import VirtioBlk
+from virtblk.spec import RequestType
 
 
 def _writer(disk: Disk, offset: int, outcome: list[object]) -> threading.Thread:
@@ -65,3 +67,42 @@ def test_io_racing_close_after_its_queue_is_aborted_fails_instead_of_hanging() -
         t.join(5)
         assert not t.is_alive(), "a request issued after abort_all hangs"
         assert len(outcome) == 1 and isinstance(outcome[0], Exception)
+
+
+class _Interrupted(Exception):
+    """What a signal handler raises in the thread polling the call eventfd (Ctrl-C)."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
+def test_an_interrupted_poller_hands_polling_over_to_the_next_waiter() -> None:
+    """The poller is interrupted (a signal handler raises in it) while another thread
+    sleeps behind it: that thread must take over polling, not sleep forever."""
+    slow = 8
+    with faulty_disk(slow_sector=slow) as (disk, device, _):
+        q = disk.device.queues[0]
+        buf = disk.buffer(512)
+        gpa = disk.device.memory.guest_address_of(buf)
+        assert gpa is not None
+        held = q.get_tag()
+        q.submit(held, RequestType.IN, slow, in_bufs=[(gpa, 512)])  # a read the device holds
+        outcome: list[object] = []
+        behind = threading.Thread(target=lambda: outcome.append(disk.pread(512, 0)))
+        threading.Timer(0.2, behind.start).start()  # sleeps while we poll
+        old = signal.signal(signal.SIGALRM, _interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.6)
+            with pytest.raises(_Interrupted):
+                q.wait_for(held)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        assert behind.is_alive()
+        device.release.set()
+        behind.join(5)
+        assert not behind.is_alive(), "the waiter behind the interrupted poller hangs"
+        assert outcome == [bytes(512)]
+        q.wait_for(held, 5)
+        q.put_tag(held)

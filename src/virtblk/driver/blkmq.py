@@ -417,13 +417,15 @@ class HardwareQueue:
         finally:
             self.cond.acquire()
             self._poller_active = False
+            # Whatever ends our poll (even an exception), a waiter asleep behind us takes
+            # over polling once we release the lock.
+            self.cond.notify_all()
         if events:
             self.stats_interrupts += 1
         try:
             completed = self._drain_locked()
         except DeviceProtocolError:
             completed = []  # the queue is broken: the callers' wait loops raise it
-        self.cond.notify_all()
         return completed
 
     def _poll_once(self, deadline: float | None) -> bool:
