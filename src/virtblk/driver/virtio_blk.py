@@ -443,7 +443,7 @@ class VirtioBlk:
         self.require(Feature.BLK_CONFIG_WCE, "switching the cache mode")
         with self._lock:
             self.frontend.set_config(BlkConfig.OFFSET_WRITEBACK, bytes([int(writeback)]))
-            self.config = self._read_config()
+            self._reread_config()
 
     @property
     def geometry(self) -> Geometry:
@@ -502,7 +502,7 @@ class VirtioBlk:
         """
         with self._lock:  # the config work thread and a caller may refresh at once
             old = self.size
-            self.config = self._read_config()
+            self._reread_config()
             new = self.size
         if new != old:
             bs = self.logical_block_size
@@ -514,6 +514,15 @@ class VirtioBlk:
             )
             for callback in self._config_callbacks:
                 callback(old, new)
+
+    def _reread_config(self) -> None:
+        """Take the capacity and the cache mode from the device's config space now, as
+        Linux's config work and cache-mode reads do; the limits and the block size stay
+        those of the probe, which the rings were built for and users align to."""
+        fresh = self._read_config()
+        self.config = dataclasses.replace(
+            self.config, capacity=fresh.capacity, writeback=fresh.writeback
+        )
 
     def _on_config_change(self) -> None:
         """CONFIG_CHANGE_MSG arrived: re-read the config in a worker thread, as the seed
