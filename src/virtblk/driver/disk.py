@@ -410,7 +410,8 @@ class Disk:
             q.wait_for(req)
             raise_for(req, f"{self.name}: flush")
         finally:
-            q.put_tag(req)
+            if req.done:  # a tag still on the ring (an interrupted wait) is not reused
+                q.put_tag(req)
 
     def discard(self, offset: int, length: int) -> None:
         """Tell the device the range is unused (DISCARD)."""
@@ -447,6 +448,8 @@ class Disk:
         q: HardwareQueue | None = getattr(self._thread_queue, "q", None)
         if q is None:
             queues = self._dev.queues
+            if not queues:
+                raise ValueError(f"I/O on closed disk {self.name}")
             q = queues[self._next_queue % len(queues)]
             self._next_queue += 1
             self._thread_queue.q = q
