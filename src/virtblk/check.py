@@ -37,6 +37,7 @@ from virtblk.spec import (
     Lifetime,
     RequestType,
     Status,
+    config_size,
     feature_names,
     has_feature,
 )
@@ -74,13 +75,6 @@ UNKNOWN_TYPE = 0x7E
 _PROTOCOL_WANTED = (
     ProtocolFeature.MQ.mask | ProtocolFeature.REPLY_ACK.mask | ProtocolFeature.CONFIG.mask
 )
-_CONFIG_END = (
-    (Feature.BLK_ZONED, 96),
-    (Feature.BLK_SECURE_ERASE, 72),
-    (Feature.BLK_WRITE_ZEROES, 60),
-    (Feature.BLK_DISCARD, 48),
-)
-_CONFIG_BASE_END = 36
 _RECONNECT_TRIES = 20
 
 
@@ -355,14 +349,6 @@ def _negotiate_once(path: str, timeout: float) -> Negotiation:
         except (VhostUserError, DeviceGoneError) as exc:
             result.error = f"{type(exc).__name__}: {exc}"
     return result
-
-
-def config_size(features: int) -> int:
-    """How far the config space reaches for ``features`` (devices size it by feature)."""
-    for feature, end in _CONFIG_END:
-        if has_feature(features, feature):
-            return end
-    return _CONFIG_BASE_END
 
 
 class Context:

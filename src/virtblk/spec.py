@@ -358,5 +358,25 @@ class BlkConfig:
         return cls(*cls.FORMAT.unpack(raw))
 
 
+_CONFIG_BASE_END = 36  # capacity ... num_queues
+_CONFIG_END = (
+    (Feature.BLK_ZONED, 96),
+    (Feature.BLK_SECURE_ERASE, 72),
+    (Feature.BLK_WRITE_ZEROES, 60),
+    (Feature.BLK_DISCARD, 48),
+)
+
+
+def config_size(features: int) -> int:
+    """How far the config space reaches for ``features``: up to the last field they use.
+
+    Devices size their config space by feature, as QEMU does, and may refuse a larger read
+    (qemu-storage-daemon 7.2 has 60 bytes); fields past the end read as zero."""
+    for feature, end in _CONFIG_END:
+        if has_feature(features, feature):
+            return end
+    return _CONFIG_BASE_END
+
+
 assert BlkConfig.FORMAT.size == BlkConfig.SIZE
 assert ZoneDescriptor.FORMAT.size == ZoneDescriptor.SIZE

@@ -9,6 +9,7 @@ import pytest
 
 from virtblk import Disk
 from virtblk.errors import FeatureNotNegotiatedError
+from virtblk.spec import Feature, config_size
 
 MiB = 1 << 20
 
@@ -73,3 +74,17 @@ def test_unusable_queue_sizes_are_refused_when_connecting(size: int) -> None:
 def test_queues_are_named_as_the_seed_names_them() -> None:
     with Disk.embedded(size=MiB, mode="thread", num_queues=3) as d:
         assert [q.name for q in d.device.queues] == ["req.0", "req.1", "req.2"]
+
+
+@pytest.mark.parametrize(
+    ("features", "size"),
+    [
+        (0, 36),
+        (Feature.BLK_DISCARD.mask, 48),
+        (Feature.BLK_DISCARD.mask | Feature.BLK_WRITE_ZEROES.mask, 60),
+        (Feature.BLK_SECURE_ERASE.mask, 72),
+        (Feature.BLK_ZONED.mask | Feature.BLK_DISCARD.mask, 96),
+    ],
+)
+def test_config_space_is_read_as_far_as_the_features_reach(features: int, size: int) -> None:
+    assert config_size(features) == size

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from virtblk.driver.blkmq import HardwareQueue
 from virtblk.driver.zoned import driver_features as zoned_driver_features
 from virtblk.errors import FeatureNotNegotiatedError, NegotiationError
-from virtblk.spec import SECTOR_SIZE, BlkConfig, Feature, has_feature
+from virtblk.spec import SECTOR_SIZE, BlkConfig, Feature, config_size, has_feature
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
@@ -102,15 +102,6 @@ class Limits:
     max_secure_erase_seg: int
     secure_erase_sector_alignment: int
 
-
-_CONFIG_BASE_END = 36  # capacity ... num_queues
-_CONFIG_END = (
-    (Feature.BLK_ZONED, 96),
-    (Feature.BLK_SECURE_ERASE, 72),
-    (Feature.BLK_WRITE_ZEROES, 60),
-    (Feature.BLK_DISCARD, 48),
-)
-"""Where the config space ends for the furthest feature negotiated (largest first)."""
 
 ConfigCallback = Callable[[int, int], None]
 """Called with (old size, new size) in bytes after a config change that resized the disk."""
@@ -256,15 +247,8 @@ class VirtioBlk:
             )
 
     def _config_size(self) -> int:
-        """How much config space to read: up to the last field our features use.
-
-        Devices size their config space by feature, as QEMU does, and refuse a larger read
-        (qemu-storage-daemon 7.2 has 60 bytes); fields past the end read as zero.
-        """
-        for feature, end in _CONFIG_END:
-            if self.has(feature):
-                return end
-        return _CONFIG_BASE_END
+        """How much config space to read: as far as our negotiated features reach."""
+        return config_size(self.features)
 
     def _read_config(self) -> BlkConfig:
         with self._lock:
