@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
+from virtblk import unixsock
 from virtblk.driver.virtio_blk import DRIVER_FEATURES, VirtioBlk
 from virtblk.errors import DeviceGoneError
 from virtblk.spec import (
@@ -281,15 +282,10 @@ class Session:
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        return unixsock.connect(path, timeout)
     except OSError as exc:
-        sock.close()
-        raise DeviceGoneError(exc.errno, f"cannot connect to {path}: {exc.strerror}") from exc
-    sock.settimeout(None)
-    return sock
+        raise DeviceGoneError(exc.errno, str(exc)) from exc
 
 
 @dataclasses.dataclass

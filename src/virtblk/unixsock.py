@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import time
 
 log = logging.getLogger("virtblk.unixsock")
 
@@ -68,3 +69,32 @@ def remove_if_ours(path: str, socket_id: SocketId) -> None:
         info = os.lstat(path)
         if (info.st_dev, info.st_ino) == socket_id:
             os.unlink(path)
+
+
+def connect(path: str, timeout: float) -> socket.socket:
+    """A stream socket connected to ``path`` (blocking, no timeout set on it).
+
+    A Unix socket with a timeout does not wait for room in a full listen backlog (a
+    one-at-a-time server busy with another session): that is retried until ``timeout``.
+    Failures raise OSError with the path in the message."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            sock.close()
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"cannot connect to {path}: its listen backlog stayed full for {timeout} s",
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot connect to {path}: {exc.strerror}") from exc
+    sock.settimeout(None)
+    return sock

@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+from virtblk import unixsock
 from virtblk.driver.blklayer import Bio, Plug, QueueLimits
 from virtblk.driver.blkmq import HardwareQueue, raise_for
 from virtblk.driver.naming import DiskIndex
@@ -81,26 +81,7 @@ class Disk:
         (as Linux does).  ``queue_depth`` overrides the seed's rule (fill the ring; half of
         it without indirect descriptors).
         """
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock.connect(socket_path)
-                break
-            except BlockingIOError:
-                # A Unix socket with a timeout does not wait for room in a full listen
-                # backlog (a one-at-a-time server busy with another session): retry.
-                if time.monotonic() < deadline:
-                    time.sleep(0.02)
-                    continue
-                sock.close()
-                raise OSError(errno.ETIMEDOUT, f"cannot connect to {socket_path}: its "
-                              f"listen backlog stayed full for {timeout} s") from None
-            except OSError as exc:
-                sock.close()
-                raise OSError(
-                    exc.errno, f"cannot connect to {socket_path}: {exc.strerror}") from exc
+        sock = unixsock.connect(socket_path, timeout)
         return cls.from_socket(
             sock,
             num_queues=num_queues,

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol, Self, TypeVar
 
+from virtblk import unixsock
 from virtblk.vhost_user.codec import CLOSED, Decoder, encode
 from virtblk.vhost_user.errors import (
     NackError,
@@ -163,13 +164,10 @@ class VhostUserFrontend:
         cls, path: str, *, timeout: float = DEFAULT_TIMEOUT, use_reply_ack: bool = True
     ) -> VhostUserFrontend:
         """Connect to a backend listening on ``path``; PeerGoneError if nobody answers."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            sock = unixsock.connect(path, timeout)
         except OSError as exc:
-            sock.close()
-            raise PeerGoneError(f"cannot connect to vhost-user backend at {path}: {exc}") from exc
+            raise PeerGoneError(f"vhost-user backend: {exc}") from exc
         return cls(sock, timeout=timeout, use_reply_ack=use_reply_ack)
 
     # ------------------------------------------------------------------ plumbing
