@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -34,3 +35,17 @@ def process_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def skip_bytes(views: Sequence[memoryview], skip: int) -> list[memoryview]:
+    """The views after their first ``skip`` bytes, empty views dropped: the data after a
+    request header, or what a short transfer left to do."""
+    out: list[memoryview] = []
+    for view in views:
+        n = len(view)
+        if skip >= n:
+            skip -= n
+            continue
+        out.append(view[skip:] if skip else view)
+        skip = 0
+    return out

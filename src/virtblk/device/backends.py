@@ -19,6 +19,8 @@ import stat
 import threading
 from collections.abc import Sequence
 
+from virtblk.util import skip_bytes
+
 _ZERO_CHUNK = 1 << 20
 _ZEROS = memoryview(bytes(_ZERO_CHUNK))
 """A shared read-only source of zeros: filling buffers from it is a memcpy, no allocation."""
@@ -53,19 +55,6 @@ def zero_fill(buffer: memoryview) -> None:
         n = min(length - pos, _ZERO_CHUNK)
         buffer[pos : pos + n] = _ZEROS[:n]
         pos += n
-
-
-def _advance(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
-    """The part of ``buffers`` left after the first ``done`` bytes (for short transfers)."""
-    rest: list[memoryview] = []
-    for buf in buffers:
-        n = len(buf)
-        if done >= n:
-            done -= n
-            continue
-        rest.append(buf[done:] if done else buf)
-        done = 0
-    return rest
 
 
 class Backend(abc.ABC):
@@ -309,7 +298,7 @@ class FileBackend(Backend):
                     zero_fill(buf)
                 break
             pos += n
-            pending = _advance(pending, n)
+            pending = skip_bytes(pending, n)
         return total
 
     def pwritev(self, buffers: Sequence[memoryview], offset: int, *, fua: bool = False) -> int:
@@ -323,7 +312,7 @@ class FileBackend(Backend):
             if n == 0:
                 raise OSError(errno.EIO, f"pwritev wrote nothing at offset {pos} of {self.path}")
             pos += n
-            pending = _advance(pending, n)
+            pending = skip_bytes(pending, n)
         return total
 
     def flush(self) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from virtblk.spec import ZONE_APPEND_SECTOR, DiscardSegment, RequestHeader, RequestType
+from virtblk.util import skip_bytes
 
 HEADER_SIZE = RequestHeader.SIZE
 HEADER_FORMAT = RequestHeader.FORMAT
@@ -80,19 +81,6 @@ class BlkRequest:
     status: memoryview
     reply: Sequence[memoryview] = ()
     """ZONE_APPEND only: the 8 device-writable bytes for ``append_sector``."""
-
-
-def _skip(views: Sequence[memoryview], skip: int) -> list[memoryview]:
-    """The views after their first ``skip`` bytes (empty views dropped)."""
-    out: list[memoryview] = []
-    for view in views:
-        n = len(view)
-        if skip >= n:
-            skip -= n
-            continue
-        out.append(view[skip:] if skip else view)
-        skip = 0
-    return out
 
 
 def _take(views: Sequence[memoryview], keep: int) -> list[memoryview]:
@@ -182,7 +170,7 @@ def parse_request(chain: ChainLike, zoned: bool = False) -> BlkRequest:
             raise MalformedRequest(
                 f"{type_name(rtype)} request (chain {head}) has {in_extra} device-writable "
                 f"bytes besides the status; it takes none", status, head)
-        data, data_len = _skip(chain.readable, HEADER_SIZE), out_extra
+        data, data_len = skip_bytes(chain.readable, HEADER_SIZE), out_extra
     elif kind == _WRITES:
         if out_extra:
             raise MalformedRequest(
@@ -195,7 +183,7 @@ def parse_request(chain: ChainLike, zoned: bool = False) -> BlkRequest:
                 f"{type_name(rtype)} request (chain {head}) has {in_extra} device-writable "
                 f"bytes before the status; append_sector needs {ZONE_APPEND_SECTOR.size}",
                 status, head)
-        data, data_len = _skip(chain.readable, HEADER_SIZE), out_extra
+        data, data_len = skip_bytes(chain.readable, HEADER_SIZE), out_extra
         reply = _take(writable, in_extra)
     else:
         if out_extra or in_extra:
