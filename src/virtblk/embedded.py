@@ -10,15 +10,19 @@ exactly the path a real device takes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Any, Literal
 
+from virtblk.device.control import ControlServer, notification_counters
 from virtblk.device.options import DeviceOptions
 from virtblk.util import process_cpu_seconds
 
@@ -34,10 +38,20 @@ class EmbeddedDevice:
         *,
         process: subprocess.Popen[bytes] | None = None,
         thread: threading.Thread | None = None,
+        control: ControlServer | None = None,
+        workdir: str,
     ) -> None:
         self.sock = sock
         self.process = process
         self.thread = thread
+        self._control = control
+        self._workdir = workdir
+        self.control_path = os.path.join(workdir, "control.sock")
+        """The device's control socket (``virtblk control`` speaks to it)."""
+
+    def counters(self) -> dict[str, int]:
+        """The device's notification counters, summed over its queues."""
+        return notification_counters(self.control_path)
 
     @property
     def pid(self) -> int:
@@ -63,29 +77,42 @@ class EmbeddedDevice:
                 self.process.wait()
         if self.thread is not None:
             self.thread.join(timeout)
+        if self._control is not None:
+            self._control.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def start_embedded(
     options: DeviceOptions, mode: Literal["process", "thread"] = "process"
 ) -> EmbeddedDevice:
     """Start a device described by ``options`` on a fresh socketpair."""
+    workdir = tempfile.mkdtemp(prefix="virtblk-embedded-")
+    control_path = os.path.join(workdir, "control.sock")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    if mode == "thread":
-        device = options.build()
-        thread = threading.Thread(
-            target=_serve, args=(theirs, device), name="virtblk-embedded", daemon=True
+    try:
+        if mode == "thread":
+            device = dataclasses.replace(options, workers=options.workers or "thread").build()
+            control = ControlServer(control_path, device).start()
+            thread = threading.Thread(
+                target=_serve, args=(theirs, device), name="virtblk-embedded", daemon=True
+            )
+            thread.start()
+            return EmbeddedDevice(ours, thread=thread, control=control, workdir=workdir)
+        # Fail in the parent, with a clear message, on options the child would reject.
+        options.make_backend().close()
+        fd = theirs.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtblk.embedded", str(fd), json.dumps(options.to_dict()),
+             control_path],
+            pass_fds=[fd],
         )
-        thread.start()
-        return EmbeddedDevice(ours, thread=thread)
-    # Fail in the parent, with a clear message, on options the child would reject.
-    options.make_backend().close()
-    fd = theirs.fileno()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "virtblk.embedded", str(fd), json.dumps(options.to_dict())],
-        pass_fds=[fd],
-    )
-    theirs.close()
-    return EmbeddedDevice(ours, process=proc)
+        theirs.close()
+        return EmbeddedDevice(ours, process=proc, workdir=workdir)
+    except BaseException:
+        ours.close()
+        theirs.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 def _serve(sock: socket.socket, device: Any) -> None:
@@ -94,16 +121,19 @@ def _serve(sock: socket.socket, device: Any) -> None:
     try:
         serve_connected(sock, device)
     finally:
-        device.reset()
+        device.close()
+        device.backend.close()
         sock.close()
 
 
 def main(argv: list[str]) -> int:
-    """Child entry point: ``python -m virtblk.embedded FD OPTIONS_JSON``."""
+    """Child entry point: ``python -m virtblk.embedded FD OPTIONS_JSON CONTROL_PATH``."""
     logging.basicConfig(level=logging.WARNING, format="virtblk-device: %(message)s")
-    fd, spec = int(argv[0]), json.loads(argv[1])
+    fd, spec, control_path = int(argv[0]), json.loads(argv[1]), argv[2]
     sock = socket.socket(fileno=fd)
-    _serve(sock, DeviceOptions.from_dict(spec).build())
+    device = DeviceOptions.from_dict(spec).build()
+    with ControlServer(control_path, device):
+        _serve(sock, device)
     return 0
 
 

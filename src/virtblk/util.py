@@ -30,11 +30,39 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process ``pid`` has used (from /proc/PID/stat)."""
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used by process ``pid`` and all its descendants: a
+    device's queue workers run in processes of their own, and their CPU is the device's.
+
+    Descendants still running are found through their parent pid in /proc; those that
+    exited and were waited for are in the parent's ``cutime``/``cstime``.
+    """
+    fields = _stat_fields(pid)
+    ticks = sum(int(x) for x in fields[11:15])
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            other = _stat_fields(entry)
+        except OSError:
+            continue  # gone meanwhile
+        parents.setdefault(int(other[1]), []).append(int(entry))
+    todo = list(parents.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        try:
+            ticks += sum(int(x) for x in _stat_fields(child)[11:13])
+        except OSError:
+            continue
+        todo.extend(parents.get(child, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def skip_bytes(views: Sequence[memoryview], skip: int) -> list[memoryview]:

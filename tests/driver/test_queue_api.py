@@ -151,15 +151,31 @@ def test_refuses_misaligned_out_of_range_and_oversized(disk: Disk, q: QueueHandl
 
 
 def test_one_request_per_enqueue_within_the_device_limits() -> None:
-    with Disk.embedded(size=MiB, seg_max=2, size_max=BS) as disk, QueueHandle(disk) as q:
-        assert q.max_transfer == 2 * BS
-        ok, big = disk.buffer(2 * BS), disk.buffer(2 * BS + 512)
-        with pytest.raises(ValueError, match="max_transfer"):
-            q.read(0, big)
-        ok[:] = os.urandom(2 * BS)
-        q.write(BS, ok, "w")  # two segments of size_max: what the device accepts
-        assert q.do_io(1, timeout=30) == [Completion("w", 0)]
+    with Disk.embedded(size=MiB, seg_max=2, size_max=BS) as disk:
+        with QueueHandle(disk) as q:
+            assert q.max_transfer == 2 * BS
+            ok, big = disk.buffer(2 * BS), disk.buffer(2 * BS + 512)
+            with pytest.raises(ValueError, match="max_transfer"):
+                q.read(0, big)
+            ok[:] = os.urandom(2 * BS)
+            q.write(BS, ok, "w")  # two segments of size_max: what the device accepts
+            assert q.do_io(1, timeout=30) == [Completion("w", 0)]
         assert disk.pread(2 * BS, BS) == bytes(ok)
+
+
+def test_a_handle_owns_its_queue_until_it_closes() -> None:
+    with Disk.embedded(size=MiB, num_queues=2) as disk:
+        first = QueueHandle(disk, 0)
+        with pytest.raises(ValueError, match="already driven"):
+            QueueHandle(disk, 0)
+        disk.pwrite(b"\x07" * BS, 0)  # blocking I/O takes the queue nobody drives
+        assert disk.device.queues[1].stats_submitted and first.in_flight == 0
+        with QueueHandle(disk, 1), pytest.raises(ValueError, match="every hardware queue"):
+            disk.pread(BS, 0)
+        first.close()
+        assert disk.pread(BS, 0) == b"\x07" * BS
+        QueueHandle(disk, 0)  # free again; closing the disk closes the handle
+    assert disk.device.queues == []
 
 
 def test_read_only_device_refuses_writes() -> None:

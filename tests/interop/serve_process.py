@@ -56,8 +56,11 @@ class ServeProcess:
         return self._log.read().decode(errors="replace")
 
     def start(self) -> ServeProcess:
+        # A session of its own: stopping it stops everything it started (its queue
+        # worker processes, and the server itself when it runs under strace).
         self.process = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
+            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            start_new_session=True,
         )
         try:
             rc = wait_ready(
@@ -71,16 +74,26 @@ class ServeProcess:
         return self
 
     def terminate(self, timeout: float = 20) -> int:
-        """SIGTERM and wait; return the exit status (SIGKILL when it does not exit)."""
+        """SIGTERM to its process group and wait; return the exit status (SIGKILL when it
+        does not exit).  Whatever of the group outlives it is killed."""
         assert self.process is not None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
             raise
+        finally:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass  # the group is empty: everything has exited
 
     def stop(self) -> int | None:
         if self.process is None:

@@ -19,8 +19,8 @@ from virtblk.virtio.split import (
     DescriptorChain,
     DeviceVirtqueue,
     RingError,
+    Triple,
     VringAddrs,
-    chain_of,
 )
 
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
@@ -456,10 +456,21 @@ def test_flat_fast_path_agrees_with_the_careful_walk(
             expected = vq._walk_careful(2)  # the reference, bypassing the fast path
         except ChainError as exc:
             expected = exc
-        [got] = vq.pop_flat(4)
-        if isinstance(got, tuple):
+        view, [got] = vq.pop_batch(4)
+        if isinstance(got, Triple):
             assert isinstance(expected, DescriptorChain), expected
-            got = chain_of(got)
+            got = got.chain(view)
+        elif isinstance(expected, DescriptorChain) and head_flags == INDIRECT:
+            # The request shape must never miss the fast path: three non-empty buffers
+            # in one region, readable first, writable last, table exactly three entries.
+            shaped = (
+                not extra_len and len(descs) == 3 and (max_indirect or NUM) >= 3
+                and all(length for _, length, _, _ in descs)
+                and descs[0][2] == NEXT and descs[0][3] == 1 and descs[1][3] == 2
+                and descs[1][2] in (NEXT, NEXT | WRITE) and descs[2][2] == WRITE
+                and all(REGION_GPA <= a and a + n <= REGION_GPA + REGION_SIZE
+                        for a, n, _, _ in descs))
+            assert not shaped, f"a request-shaped chain took the slow path: {descs}"
         if isinstance(expected, ChainError):
             assert isinstance(got, ChainError) and str(got) == str(expected)
             return
@@ -473,16 +484,17 @@ def test_flat_fast_path_agrees_with_the_careful_walk(
             expected.head, expected.readable_len, expected.writable_len)
 
 
-def test_pop_flat_gives_the_common_shape_unsliced(guest: Guest) -> None:
+def test_pop_batch_gives_the_request_shape_as_offsets(guest: Guest) -> None:
     vq, raw = make(guest)
     descs = ((BUF, 16, NEXT, 1), (BUF + 0x100, 4096, NEXT | WRITE, 2), (BUF + 0x2000, 1, WRITE, 0))
     raw.write_desc(0, table(guest, *descs), 48, INDIRECT, 0)
-    good_chain(raw, 4)  # a direct chain: not flat
+    good_chain(raw, 4)  # a direct chain: not a Triple
     raw.offer(0, 4)
-    flat, direct = vq.pop_flat(8)
-    assert isinstance(flat, tuple) and isinstance(direct, DescriptorChain)
-    head, view, base, values = flat
-    assert head == 0 and values == tuple(x for d in descs for x in d)
-    view[BUF + 0x2000 - base] = 0x5A  # the status byte, written through the flat view
+    view, (triple, direct) = vq.pop_batch(8)
+    assert isinstance(triple, Triple) and isinstance(direct, DescriptorChain)
+    base = REGION_GPA
+    assert triple == Triple(0, BUF - base, 16, BUF + 0x100 - base, 4096, True,
+                            BUF + 0x2000 - base, 1)
+    view[triple.third] = 0x5A  # the status byte, written through the batch's view
     assert guest.memory.view(BUF + 0x2000, 1)[0] == 0x5A
-    assert vq.last_avail_idx == 2 and vq.pop_flat(8) == []
+    assert vq.last_avail_idx == 2 and vq.pop_batch(8)[1] == []

@@ -85,25 +85,56 @@ def test_indirect_chain_uses_one_ring_descriptor(guest: Guest) -> None:
         (0x2000, 4096, NEXT | WRITE, 2),
         (0x3000, 1, WRITE, 0),
     ]
-    assert bytes(vq.indirect_table(2)[:48]) == bytes(table)  # the token's own table
     # A single buffer needs no table.
     vq.add([], [(0x4000, 8)], token=0)
     vq.kick_prepare()
     assert raw.read_desc(raw.avail[3]) == (0x4000, 8, WRITE, 0)
 
 
-def test_add_indirect_submits_a_table_the_caller_filled(guest: Guest) -> None:
+def test_a_prepared_chain_is_written_once_and_submitted_again(guest: Guest) -> None:
     vq, raw = make(guest, indirect=True, max_chain=4)
-    table = vq.indirect_table(1)
-    DESC.pack_into(table, 0, 0x1000, 16, NEXT, 1)
-    DESC.pack_into(table, 16, 0x2000, 1, WRITE, 0)
-    vq.add_indirect(1, 2, writable_len=1)
+    chain = ([(0x1000, 16)], [(0x2000, 512), (0x3000, 1)])
+    vq.prepare(1, *chain)
+    for round_ in range(2):
+        vq.add_prepared(1)
+        vq.kick_prepare()
+        head = raw.avail[2 + round_]
+        addr, length, flags, _ = raw.read_desc(head)
+        assert (length, flags) == (48, INDIRECT)
+        table = guest.memory.view(addr, length)
+        assert [DESC.unpack_from(table, 16 * i) for i in range(3)] == [
+            (0x1000, 16, NEXT, 1), (0x2000, 512, NEXT | WRITE, 2), (0x3000, 1, WRITE, 0)]
+        with pytest.raises(ValueError, match="already in flight"):
+            vq.prepare(1, *chain)
+        with pytest.raises(ValueError, match="already in flight"):
+            vq.add_prepared(1)
+        raw.complete((head, 513))
+        assert vq.get_used() == [(1, 513)]
+    table[:16] = bytes(16)
+    vq.prepare(1, *chain)  # the same chain again: a comparison, nothing rewritten
+    assert bytes(table[:16]) == bytes(16)
+    vq.prepare(1, [(0x1000, 16), (0x4000, 1024)], [(0x3000, 1)])  # a write: rewritten
+    vq.add_prepared(1)
     vq.kick_prepare()
-    head = raw.avail[2]
-    _, length, flags, _ = raw.read_desc(head)
-    assert (length, flags) == (32, INDIRECT)
-    raw.complete((head, 1))
-    assert vq.get_used() == [(1, 1)]
+    assert [DESC.unpack_from(table, 16 * i) for i in range(3)] == [
+        (0x1000, 16, NEXT, 1), (0x4000, 1024, NEXT, 2), (0x3000, 1, WRITE, 0)]
+    raw.complete((raw.avail[4], 2))  # more than the one writable byte
+    with pytest.raises(DeviceProtocolError, match="exceeds the chain's 1 writable"):
+        vq.get_used()
+
+
+def test_prepare_refuses_what_add_refuses(guest: Guest) -> None:
+    vq, _ = make(guest, indirect=True, max_chain=3)
+    with pytest.raises(ValueError, match="no prepared chain"):
+        vq.add_prepared(0)
+    with pytest.raises(ValueError, match="max_chain 3"):
+        vq.prepare(0, [(0x1000, 1)] * 4, [])
+    with pytest.raises(ValueError, match="out of range"):
+        vq.prepare(0, [(-1, 16)], [(0x3000, 1)])
+    with pytest.raises(ValueError, match="no prepared chain"):
+        vq.add_prepared(0)  # a failed prepare leaves nothing half-written behind
+    with pytest.raises(ValueError, match="outside"):
+        vq.prepare(vq.max_tokens, [(0x1000, 16)], [(0x3000, 1)])
 
 
 def test_queue_full_and_token_misuse(guest: Guest) -> None:

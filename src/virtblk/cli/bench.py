@@ -12,11 +12,20 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import click
 
-from virtblk.bench import BenchConfig, BenchResult, DirectionStats, plot, run_bench
+from virtblk.bench import (
+    BenchConfig,
+    BenchResult,
+    DeviceCounters,
+    DirectionStats,
+    plot,
+    run_bench,
+)
 from virtblk.cli.params import SIZE
+from virtblk.device.control import notification_counters
 from virtblk.driver.disk import Disk
 from virtblk.errors import NegotiationError
 from virtblk.util import human_size, process_cpu_seconds
@@ -64,6 +73,22 @@ _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
     "batched; poll: a polling queue handle (no interrupts).",
 )  # fmt: skip
 @click.option(
+    "--iodepth_batch_complete_min", "--iodepth-batch-complete-min", "batch_complete_min",
+    type=click.IntRange(min=1), default=1, show_default=True,
+    help="queue/poll engines: completions to wait for before resubmitting (fio's); the "
+    "device is asked to signal once that many are done.",
+)  # fmt: skip
+@click.option(
+    "--poll-us", "poll_us", type=click.FloatRange(min=0), default=0, show_default=True,
+    help="queue engine: poll the used ring up to this many microseconds (adaptive, as "
+    "QEMU's poll-max-ns) before sleeping on the interrupt.",
+)  # fmt: skip
+@click.option(
+    "--keep-cb-while-draining", is_flag=True,
+    help="queue engine: leave device notifications on while reaping (the completion loop "
+    "before the seed's commit 'Disable callback in virtblk_done()', to measure it).",
+)  # fmt: skip
+@click.option(
     "--path", "io_path", type=click.Choice(["bio", "request"]), default="bio",
     show_default=True,
     help="bio: one request per I/O; request: through the block layer's plug, which merges "
@@ -93,7 +118,17 @@ _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 @click.option("--queue-size", type=int, default=256, show_default=True, help="Ring size.")
 @click.option(
     "--device-pid", type=int, default=None,
-    help="PID of an external device, to report its CPU per I/O.",
+    help="PID of an external device, to report its CPU per I/O (its child processes "
+    "included: our device's queue workers).",
+)  # fmt: skip
+@click.option(
+    "--device-control", type=click.Path(), default=None,
+    help="Control socket of an external virtblk serve (--control), to report its "
+    "notifications per I/O.",
+)  # fmt: skip
+@click.option(
+    "--device-poll-us", type=click.FloatRange(min=0), default=None,
+    help="Embedded device: its --poll-us (default: serve's).",
 )  # fmt: skip
 @click.pass_context
 def bench(
@@ -110,6 +145,9 @@ def bench(
     rwmixread: int,
     verify: str | None,
     ioengine: str,
+    batch_complete_min: int,
+    poll_us: float,
+    keep_cb_while_draining: bool,
     io_path: str,
     group_reporting: bool,
     randseed: int,
@@ -120,6 +158,8 @@ def bench(
     file_path: str | None,
     queue_size: int,
     device_pid: int | None,
+    device_control: str | None,
+    device_poll_us: float | None,
 ) -> None:
     """Measure IOPS, bandwidth, completion latency and CPU per I/O, fio-style.
 
@@ -136,6 +176,11 @@ def bench(
         raise click.UsageError("--backend file needs --file IMAGE")
     if (socket_path is not None or backend != "file") and file_path is not None:
         raise click.UsageError("--file goes with --backend file (and no SOCKET)")
+    if socket_path is None and device_control is not None:
+        raise click.UsageError("--device-control names an external device's control socket "
+                               "(with SOCKET)")
+    if socket_path is not None and device_poll_us is not None:
+        raise click.UsageError("--device-poll-us configures the embedded device (no SOCKET)")
     if io_path == "request" and ioengine != "queue":
         raise click.UsageError("--path request goes with --ioengine queue")
     if rw == "rw":
@@ -153,6 +198,9 @@ def bench(
         ioengine=ioengine,  # type: ignore[arg-type]
         numjobs=numjobs,
         verify=verify,  # type: ignore[arg-type]
+        batch_complete_min=batch_complete_min,
+        poll_us=poll_us,
+        disable_cb_while_draining=not keep_cb_while_draining,
     )
     if verify is not None and not cfg.writes:
         raise click.UsageError(
@@ -173,12 +221,19 @@ def bench(
     with ExitStack() as stack:
         disk, device_cpu, target = _open(
             stack, socket_path, numjobs, queue_size, backend, device_size, file_path,
-            device_pid,
+            device_pid, device_poll_us,
         )  # fmt: skip
+        counters: DeviceCounters | None = None
+        if disk.embedded_device is not None:
+            counters = disk.embedded_device.counters
+        elif device_control is not None:
+            path = device_control
+            counters = lambda: notification_counters(path)  # noqa: E731
         live = output_format == "normal" and sys.stderr.isatty()
         with _live_progress(cfg, live) as progress:
             try:
-                result = run_bench(disk, cfg, device_cpu=device_cpu, progress=progress)
+                result = run_bench(disk, cfg, device_cpu=device_cpu, progress=progress,
+                                   device_counters=counters)
             except ValueError as exc:
                 raise click.UsageError(str(exc)) from exc
             except (OSError, RuntimeError) as exc:  # the device failed or went away
@@ -203,10 +258,12 @@ def _open(
     device_size: int,
     file_path: str | None,
     device_pid: int | None,
+    device_poll_us: float | None,
 ) -> tuple[Disk, Callable[[], float] | None, str]:
     """Connect (or start the embedded device) with one hardware queue per job."""
     device_cpu: Callable[[], float] | None = None
     if socket_path is None:
+        extra: dict[str, Any] = {} if device_poll_us is None else {"poll_us": device_poll_us}
         disk = stack.enter_context(
             Disk.embedded(
                 size=device_size,
@@ -214,6 +271,7 @@ def _open(
                 path=file_path,
                 num_queues=numjobs,
                 queue_size=queue_size,
+                **extra,
             )
         )
         assert disk.embedded_device is not None
@@ -325,6 +383,13 @@ def format_result(r: BenchResult, target: str) -> str:
     if r.device_cpu_per_io_us is not None:
         cpu += f", device {r.device_cpu_per_io_us:.2f} us"
     lines.append(cpu)
+    n = r.notifications_per_io()
+    line = (f"  notifications per I/O: driver kicked {n['driver_kicks']:.3f}, "
+            f"was interrupted {n['driver_interrupts']:.3f}")
+    if n["device_notifications"] is not None:
+        line += (f"; device interrupted {n['device_notifications']:.3f}, "
+                 f"was kicked awake {n['device_kicks']:.3f}")
+    lines.append(line)
     return "\n".join(lines)
 
 

@@ -65,6 +65,13 @@ log = logging.getLogger("virtblk.serve")
               help="Offer VIRTIO_BLK_F_LIFETIME: pre-EOL info and the two wear estimates.")
 @click.option("--experimental-fua", is_flag=True,
               help="Offer the proposed VIRTIO_BLK_F_OUT_FUA (request type 27).")
+@click.option("--poll-us", type=click.FloatRange(min=0), default=None,
+              help="Poll an empty ring up to this many microseconds before sleeping "
+              "(adaptive, as QEMU's poll-max-ns); 0 never polls.  [default: 128 with "
+              "worker processes, 0 with threads]")
+@click.option("--workers", type=click.Choice(["process", "thread"]), default=None,
+              help="Serve each queue from a process of its own (default; not with --zoned) "
+              "or from a thread of this process.")
 def serve(
     socket_path: str,
     file_path: str | None,
@@ -96,6 +103,8 @@ def serve(
     max_write_zeroes_seg: int | None,
     lifetime: str | None,
     experimental_fua: bool,
+    poll_us: float | None,
+    workers: str | None,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
@@ -116,6 +125,10 @@ def serve(
     else:
         opts = DeviceOptions(backend="null", size=null_size)
     opts.read_only = read_only
+    if workers is not None:
+        if zoned and workers == "process":
+            raise click.UsageError("--zoned serves its queues from threads (--workers thread)")
+        opts.workers = workers  # type: ignore[assignment]
     opts.num_queues = num_queues
     opts.queue_size = queue_size
     opts.device = {"serial": serial, "blk_size": blk_size, "writeback": writeback,
@@ -127,6 +140,7 @@ def serve(
         opts.device["lifetime"] = _lifetime(lifetime)
     if experimental_fua:
         opts.device["fua"] = True
+    opts.device["poll_us"] = poll_us
     for name, value, top in (
         ("max_discard_sectors", max_discard_sectors, 0xFFFFFFFF),
         ("max_discard_seg", max_discard_seg, 0xFFFFFFFF),
@@ -177,7 +191,7 @@ def serve(
     finally:
         if control is not None:
             control.close()
-        device.reset()
+        device.close()
         device.backend.close()
     sys.exit(0)
 

@@ -60,6 +60,10 @@ def zero_fill(buffer: memoryview) -> None:
 class Backend(abc.ABC):
     """What the device needs from storage. Subclasses implement the I/O methods."""
 
+    blocking = False
+    """True when a read or write may sleep on a disk: the device then keeps many of them
+    in flight from a pool of threads instead of doing one at a time."""
+
     def __init__(self, size: int, *, read_only: bool = False) -> None:
         if size < 0:
             raise ValueError(f"backend size must be >= 0, got {size}")
@@ -88,6 +92,11 @@ class Backend(abc.ABC):
             raise ValueError(f"backend size must be >= 0, got {new_size}")
         self._size = new_size
 
+    def follow_resize(self, new_size: int) -> None:
+        """Another process (the device's main one) resized the storage this backend shares
+        with it: take the new size without resizing anything."""
+        Backend.resize(self, new_size)
+
     @abc.abstractmethod
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         """Fill ``buffers`` from ``offset``; returns the bytes transferred (all of them)."""
@@ -95,6 +104,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def pwritev(self, buffers: Sequence[memoryview], offset: int, *, fua: bool = False) -> int:
         """Store ``buffers`` at ``offset``; with ``fua`` the data is durable on return."""
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill one buffer from ``offset``: what nearly every read is, so the device's fast
+        path calls this rather than building a list for ``preadv``."""
+        self.preadv((buf,), offset)
+
+    def write_from(self, buf: memoryview, offset: int) -> None:
+        """Store one buffer at ``offset`` (not FUA): the fast path's ``pwritev``."""
+        self.pwritev((buf,), offset)
 
     @abc.abstractmethod
     def flush(self) -> None:
@@ -122,23 +140,48 @@ class Backend(abc.ABC):
 
 
 class MemoryBackend(Backend):
-    """A volatile disk in anonymous memory: zero-filled, pages allocated on first write.
+    """A volatile disk in RAM: a memfd, zero-filled, pages allocated on first write.
 
-    The mapping is private so ``MADV_DONTNEED`` returns pages to the kernel and they
-    read back as zeros: that is how discard and write-zeroes deallocate.
+    Shared memory, so that queue workers in other processes serve the same disk (they map
+    ``fd`` with :meth:`attach`).  Discard and write-zeroes punch holes in it: the pages go
+    back to the kernel and read back as zeros.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, fd: int | None = None) -> None:
+        """A new disk of ``size`` bytes, or (``fd``) the memfd another process made."""
         super().__init__(size)
-        self._map = self._new_map(size)
+        if fd is None:
+            fd = os.memfd_create("virtblk-memory-disk", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, self._file_size(size))
+            except OSError:
+                os.close(fd)
+                raise
+        self._fd = fd
+        self._map = self._new_map(fd, size)
         self._view = memoryview(self._map)
         # Only resize replaces the mapping; the lock keeps I/O from using a stale one.
         self._lock = threading.Lock()
 
+    @classmethod
+    def attach(cls, fd: int, size: int) -> MemoryBackend:
+        """Serve the disk whose memfd is ``fd`` (taking ownership of the fd)."""
+        return cls(size, fd=fd)
+
+    @property
+    def fd(self) -> int:
+        """The memfd holding the disk, for another process to ``attach``."""
+        return self._fd
+
     @staticmethod
-    def _new_map(size: int) -> mmap.mmap:
+    def _file_size(size: int) -> int:
         # mmap cannot map zero bytes; a one-page map for an empty disk is never read.
-        return mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE)
+        return max(size, mmap.PAGESIZE)
+
+    @classmethod
+    def _new_map(cls, fd: int, size: int) -> mmap.mmap:
+        return mmap.mmap(fd, cls._file_size(size), mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE)
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         pos = offset
@@ -160,6 +203,14 @@ class MemoryBackend(Backend):
                 pos += n
         return pos - offset
 
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        with self._lock:
+            buf[:] = self._view[offset : offset + len(buf)]
+
+    def write_from(self, buf: memoryview, offset: int) -> None:
+        with self._lock:
+            self._view[offset : offset + len(buf)] = buf
+
     def _zero(self, offset: int, length: int) -> None:
         """Zero a range, handing whole pages back to the kernel instead of writing them."""
         page = mmap.PAGESIZE
@@ -168,7 +219,8 @@ class MemoryBackend(Backend):
         with self._lock:
             if last > first:
                 zero_fill(self._view[offset:first])
-                self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, first,
+                          last - first)
                 zero_fill(self._view[last : offset + length])
             else:
                 zero_fill(self._view[offset : offset + length])
@@ -186,11 +238,17 @@ class MemoryBackend(Backend):
         self._zero(offset, length)
 
     def resize(self, new_size: int) -> None:
-        super().resize(new_size)
         with self._lock:
-            new_map = self._new_map(new_size)
-            keep = min(len(self._map), len(new_map))
-            new_map[:keep] = self._view[:keep]
+            os.ftruncate(self._fd, self._file_size(new_size))
+        self.follow_resize(new_size)
+
+    def follow_resize(self, new_size: int) -> None:
+        """Map the disk at its new size (another process truncated the memfd; this one
+        resized it when called from ``resize``).  A shrink must be followed before the
+        memfd is truncated: the old mapping's tail would fault."""
+        Backend.resize(self, new_size)
+        with self._lock:
+            new_map = self._new_map(self._fd, new_size)
             self._view.release()
             self._map.close()
             self._map = new_map
@@ -200,6 +258,9 @@ class MemoryBackend(Backend):
         with self._lock:
             self._view.release()
             self._map.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class NullBackend(Backend):
@@ -219,6 +280,17 @@ class NullBackend(Backend):
 
     def pwritev(self, buffers: Sequence[memoryview], offset: int, *, fua: bool = False) -> int:
         return sum(len(buf) for buf in buffers)
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        if self.read_zeroes:
+            n = len(buf)
+            if n <= _ZERO_CHUNK:
+                buf[:] = _ZEROS[:n]
+            else:
+                zero_fill(buf)
+
+    def write_from(self, buf: memoryview, offset: int) -> None:
+        """Nothing is stored."""
 
     def flush(self) -> None:
         """Nothing is stored, so nothing is pending."""
@@ -243,6 +315,8 @@ class FileBackend(Backend):
     descriptor opened with ``O_DSYNC``, so each write is stable when it returns; in
     write-back mode writes use the plain descriptor and ``flush`` calls ``fdatasync``.
     """
+
+    blocking = True
 
     def __init__(
         self, path: str | os.PathLike[str], *, read_only: bool = False,
@@ -280,10 +354,28 @@ class FileBackend(Backend):
         # Remember what the filesystem refused so the hot path does not ask again.
         self._refused: set[int] = set()  # fallocate modes
 
+    @classmethod
+    def attach(cls, path: str, fd: int, dsync_fd: int, *, read_only: bool) -> FileBackend:
+        """Serve the file another process opened: its two descriptors (the plain one and
+        the ``O_DSYNC`` one, -1 when read-only), whose ownership passes to us."""
+        self = cls.__new__(cls)
+        self.path = path
+        self._fd = fd
+        self._dsync_fd = dsync_fd
+        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        Backend.__init__(self, os.lseek(fd, 0, os.SEEK_END), read_only=read_only)
+        self._refused = set()
+        return self
+
     @property
     def fd(self) -> int:
         """The descriptor reads and write-back writes use."""
         return self._fd
+
+    @property
+    def dsync_fd(self) -> int:
+        """The ``O_DSYNC`` descriptor write-through writes use (-1 when read-only)."""
+        return self._dsync_fd
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         total = sum(len(buf) for buf in buffers)
@@ -300,6 +392,10 @@ class FileBackend(Backend):
             pos += n
             pending = skip_bytes(pending, n)
         return total
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        if os.preadv(self._fd, (buf,), offset) != len(buf):
+            self.preadv((buf,), offset)  # short: the general loop finishes (or zero-fills)
 
     def pwritev(self, buffers: Sequence[memoryview], offset: int, *, fua: bool = False) -> int:
         self._check_writable()

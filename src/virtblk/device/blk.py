@@ -2,9 +2,9 @@
 
 ``BlkDevice`` implements the ``VhostUserDevice`` contract (docs/ARCHITECTURE.md): the
 vhost-user backend negotiates features and hands over started virtqueues; each queue is
-then served by its own thread. A worker drains its queue in batches: one used-index
-publication and at most one interrupt per batch, with notifications suppressed while it
-works, so the per-request cost stays in parsing and the storage call.
+then served by its own worker (``virtblk.device.queue_worker``), which drains it in
+batches.  ``execute_batch`` answers the usual read or write inline and sends everything
+else through ``process``, the general path that checks every rule.
 
 Everything a driver writes into shared memory is hostile input: a malformed chain is
 answered (IOERR, or used length 0 when there is nowhere to put a status), counted and
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
-import os
-import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from virtblk.device.backends import Backend, zero_fill
+from virtblk.device.queue_worker import QueueServer, QueueStats, QueueWorker
 from virtblk.device.request import (
     HEADER_FORMAT,
-    HEADER_SIZE,
     BlkRequest,
     ChainLike,
     MalformedRequest,
@@ -33,14 +31,13 @@ from virtblk.device.request import (
     read_segments,
     type_name,
 )
+from virtblk.device.worker_process import WorkerError, WorkerProcess, storage_of
 from virtblk.device.zoned import ZonedMemoryBackend, ZonedRequests
 from virtblk.spec import (
     DISCARD_FLAG_UNMAP,
     SECTOR_SHIFT,
     SECTOR_SIZE,
     VIRTIO_BLK_ID_BYTES,
-    VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE,
     BlkConfig,
     DiscardSegment,
     Feature,
@@ -50,46 +47,22 @@ from virtblk.spec import (
     feature_names,
     has_feature,
 )
-from virtblk.virtio.split import ChainError, DeviceVirtqueue, FlatChain, RingError, chain_of
+from virtblk.virtio.split import ChainError, DescriptorChain, DeviceVirtqueue, Triple
 
 log = logging.getLogger("virtblk.device")
 
-_ONE = (1).to_bytes(8, "little")
-"""An eventfd increment: what a call (interrupt) notification writes."""
+Offload = Callable[[Callable[[memoryview, int], None], memoryview, int,
+                    tuple[Triple, memoryview]], None]
+"""Where ``execute_batch`` hands a blocking read or write: (the storage call, its buffer,
+its offset, the token ``complete_offloaded`` answers it by)."""
 
 # Plain ints for the per-request comparisons (enum attribute lookups cost more).
 _OK, _IOERR, _UNSUPP = int(Status.OK), int(Status.IOERR), int(Status.UNSUPP)
 _IN, _OUT, _OUT_FUA = int(RequestType.IN), int(RequestType.OUT), int(RequestType.OUT_FUA)
-_NEXT, _WRITE = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
-_NEXT_WRITE = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
 
 CACHE_WRITE_BACK = "write back"
 CACHE_WRITE_THROUGH = "write through"
 
-
-
-@dataclasses.dataclass(slots=True)
-class QueueStats:
-    """Counters of one queue; only its worker writes them, so they need no lock."""
-
-    requests: dict[str, int] = dataclasses.field(default_factory=dict)
-    bytes_read: int = 0
-    bytes_written: int = 0
-    ioerr: int = 0
-    unsupp: int = 0
-    malformed: int = 0
-    chain_errors: int = 0
-    internal_errors: int = 0
-    notifications: int = 0
-    batches: int = 0
-    broken: bool = False
-    running: bool = False
-
-    def as_dict(self) -> dict[str, object]:
-        """A plain snapshot (the dict of types is copied)."""
-        snapshot = dataclasses.asdict(self)
-        snapshot["requests"] = dict(self.requests)
-        return snapshot
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,7 +104,17 @@ class BlkDevice:
         writeback: bool = True,
         lifetime: Lifetime | None = None,
         fua: bool = False,
+        poll_us: float = 0,
+        io_threads: int = 32,
+        workers: Literal["thread", "process"] = "thread",
     ) -> None:
+        """``workers="process"`` serves each queue from a process of its own
+        (``virtblk.device.worker_process``), so queues do not share one interpreter lock;
+        the storage must then be a file, memory or null backend.  Call :meth:`close` to
+        end those processes."""
+        # Everything but the storage, as a worker process rebuilds this device.
+        settings = {k: v for k, v in locals().items()
+                    if k not in ("self", "backend", "workers", "__class__")}
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be in 1..65535, got {num_queues}")
         if queue_size < 2 or queue_size & (queue_size - 1) or queue_size > 32768:
@@ -171,6 +154,14 @@ class BlkDevice:
             else default_alignment)
         self.lifetime = lifetime
         self.fua = fua
+        if poll_us < 0:
+            raise ValueError(f"poll_us must be >= 0, got {poll_us}")
+        self.poll_ns = int(poll_us * 1000)
+        """How long a queue worker may poll an empty ring before it sleeps (0: never)."""
+        if io_threads < 0:
+            raise ValueError(f"io_threads must be >= 0, got {io_threads}")
+        self.io_threads = io_threads if backend.blocking else 0
+        """Threads per queue making a blocking backend's calls (many reads in flight)."""
         self._read_only = read_only or backend.read_only
         self._default_writeback = writeback
         self._writeback = writeback
@@ -184,8 +175,10 @@ class BlkDevice:
                 self.zoned.secure_erase_alignment)
         self.features = self._offered_features()
         self.config_changed: Callable[[], None] | None = None
+        self._procs: list[WorkerProcess] | None = None
+        self._remote: dict[int, DeviceVirtqueue] = {}  # queues running in worker processes
         self._stats = [QueueStats() for _ in range(num_queues)]
-        self._workers: dict[int, _QueueWorker] = {}
+        self._workers: dict[int, QueueWorker] = {}
         self._workers_lock = threading.Lock()
         self._handlers: dict[int, Callable[[BlkRequest], tuple[int, int]]] = {
             RequestType.IN: self._do_in,
@@ -203,6 +196,24 @@ class BlkDevice:
         if self.zoned is not None:
             self.zoned.install(self._handlers)
         self._apply_cache_mode()
+        # Reads and writes are answered inline (``execute_batch``) only where that is
+        # exactly what ``execute`` would do: not on a zoned device (zone state decides every
+        # write), nor in a subclass that changes ``execute``.
+        self._inline = self.zoned is None and type(self).execute is BlkDevice.execute
+        if workers == "process":
+            if self.zoned is not None or not self._inline:
+                raise ValueError("zoned devices and devices with their own execute() serve "
+                                 "their queues from threads")
+            storage_of(backend)  # refuses storage a worker cannot open, before spawning
+            self._procs = []
+            try:
+                for index in range(num_queues):
+                    self._procs.append(WorkerProcess(index, settings, backend))
+            except BaseException:
+                self.close()
+                raise
+        elif workers != "thread":
+            raise ValueError(f"workers must be 'thread' or 'process', not {workers!r}")
 
     # ------------------------------------------------------------------ features, config
 
@@ -260,7 +271,9 @@ class BlkDevice:
         return self._writeback
 
     def _apply_cache_mode(self) -> None:
+        """The backend writes back or through as negotiated; worker processes too."""
         self.backend.set_write_cache(self._effective_writeback())
+        self._push_state()
 
     @property
     def capacity(self) -> int:
@@ -327,7 +340,10 @@ class BlkDevice:
 
     def resize(self, new_size_bytes: int) -> None:
         """Change the disk size and tell the driver (config change notification)."""
+        if new_size_bytes < self.backend.size:
+            self._push_state(size=new_size_bytes)  # workers stop using the tail first
         self.backend.resize(new_size_bytes)
+        self._push_state()
         log.info("resized to %d bytes (%d sectors)", new_size_bytes, self.capacity)
         self._notify_config()
 
@@ -345,6 +361,7 @@ class BlkDevice:
             raise ValueError("the backend is read-only; the device cannot accept writes")
         changed = read_only != self._read_only
         self._read_only = read_only
+        self._push_state()
         if changed:
             log.info("writes are now %s", "refused (IOERR)" if read_only else "accepted")
             self._notify_config()
@@ -364,8 +381,66 @@ class BlkDevice:
         self._apply_cache_mode()
         self._notify_config()
 
+    # ------------------------------------------------------------------ worker processes
+
+    def _state(self, size: int | None = None) -> dict[str, Any]:
+        """What a worker process must know of the device now."""
+        return {"size": self.backend.size if size is None else size,
+                "read_only": self._read_only, "writeback": self._writeback,
+                "negotiated": self._negotiated}
+
+    def _push_state(self, size: int | None = None) -> None:
+        """Tell every worker process about a change of size, read-only flag or cache mode
+        (each answers once it applies it: no request after this sees the old state)."""
+        if self._procs is None:
+            return
+        state = self._state(size)
+        for proc in self._procs:
+            try:
+                proc.set_state(state)
+            except WorkerError as exc:
+                log.error("%s", exc)
+
+    def apply_state(self, state: dict[str, Any]) -> None:
+        """In a worker process: take the main process's state (``_state``)."""
+        if state["size"] != self.backend.size:
+            self.backend.follow_resize(state["size"])
+        self._read_only = state["read_only"]
+        self._writeback = state["writeback"]
+        self._negotiated = state["negotiated"]
+        self._apply_cache_mode()
+
+    def queue_stats(self, index: int) -> dict[str, Any]:
+        """One queue's counters."""
+        return self._stats[index].as_dict()
+
+    def _take_stats(self, index: int, snapshot: dict[str, Any]) -> None:
+        """Counters a worker process reported become this queue's."""
+        stats = self._stats[index]
+        for name, value in snapshot.items():
+            setattr(stats, name, dict(value) if name == "requests" else value)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The queue worker processes (empty with thread workers)."""
+        return [p.pid for p in self._procs] if self._procs is not None else []
+
+    def close(self) -> None:
+        """Stop every queue and end the worker processes (the backend stays open: it is
+        the caller's)."""
+        self.reset()
+        procs, self._procs = self._procs, None
+        for proc in procs or ():
+            proc.close()
+
     def stats(self) -> dict[str, object]:
         """Totals over all queues plus each queue's own counters."""
+        if self._procs is not None:
+            for index in list(self._remote):
+                try:
+                    self._take_stats(index, self._procs[index].stats())
+                except (WorkerError, IndexError) as exc:
+                    log.error("%s", exc)
         queues = [q.as_dict() for q in self._stats]
         requests: dict[str, int] = {}
         for q in self._stats:
@@ -400,30 +475,143 @@ class BlkDevice:
             return 1
         return self._run(req, stats, queue)
 
-    def process_flat(self, flat: FlatChain, queue: int = 0) -> int:
-        """``process`` for a chain the virtqueue returned flat (already validated).
+    def execute_batch(
+        self, view: memoryview, items: Sequence[Triple | DescriptorChain | ChainError],
+        queue: int = 0, offload: Offload | None = None,
+    ) -> list[int]:
+        """Answer a batch from ``DeviceVirtqueue.pop_batch``; the used entries, flat
+        (``[head, length, ...]``), for ``add_used_batch``.
 
-        The common request, ``[header(16, R), data(R or W), status(1, W)]`` reading or
-        writing whole sectors, is framed here straight from the table: no intermediate
-        chain, no header view.  Any other shape goes through ``parse_request``, which
-        applies every rule and names what is wrong.
+        The usual request (a Triple: 16-byte header, whole-sector data, 1-byte status) that
+        reads or writes inside the disk is executed inline: one header unpack, one backend
+        call, one status byte.  Everything else, and any request whose backend call fails,
+        goes through ``process``, which applies every rule and names what is wrong.  A bug
+        costs the request it hit (used length 0), never the rest of the batch.
+
+        With ``offload`` (a backend whose calls block on a disk), those reads and writes
+        are handed to it instead, ``offload(call, buffer, offset, (item, view))``, so many
+        are in flight at once; they are answered later by ``complete_offloaded``.
         """
-        head, view, base, t = flat
-        if (len(t) == 12 and t[1] == HEADER_SIZE and t[2] == _NEXT and t[9] == 1
-                and t[10] == _WRITE):
-            data_len = t[5]
-            if data_len and not data_len & 511:
-                rtype, ioprio, sector = HEADER_FORMAT.unpack_from(view, t[0] - base)
-                dflags = t[6]
-                if (dflags == _NEXT_WRITE and rtype == _IN) or (
-                        dflags == _NEXT and rtype in (_OUT, _OUT_FUA)):
-                    d = t[4] - base
-                    s = t[8] - base
-                    return self._run(
-                        BlkRequest(head, rtype, ioprio, sector, [view[d : d + data_len]],
-                                   data_len, view[s : s + 1]),
-                        self._stats[queue], queue)
-        return self.process(chain_of(flat), queue)
+        used: list[int] = []
+        stats = self._stats[queue]
+        backend = self.backend
+        read_into = backend.read_into
+        write_from = backend.write_from
+        unpack_header = HEADER_FORMAT.unpack_from
+        fast = self._inline
+        end = (backend.size >> SECTOR_SHIFT) << SECTOR_SHIFT
+        writable = not self._read_only
+        reads = writes = read_bytes = written_bytes = 0
+        pos = 0
+        count = len(items)
+        while pos < count:
+            try:
+                while pos < count:
+                    item = items[pos]
+                    pos += 1
+                    if isinstance(item, Triple):
+                        head, hdr, hdr_len, data, data_len, into, status, status_len = item
+                        if fast and hdr_len == 16 and status_len == 1 and not data_len & 511:
+                            rtype, _, sector = unpack_header(view, hdr)
+                            offset = sector << SECTOR_SHIFT
+                            if offset + data_len <= end:
+                                if rtype == _IN and into:
+                                    if offload is not None:
+                                        offload(read_into, view[data : data + data_len],
+                                                offset, (item, view))
+                                        continue
+                                    try:
+                                        read_into(view[data : data + data_len], offset)
+                                    except Exception:
+                                        pass  # process() retries it and answers IOERR
+                                    else:
+                                        view[status] = _OK
+                                        used += (head, data_len + 1)
+                                        reads += 1
+                                        read_bytes += data_len
+                                        continue
+                                elif rtype == _OUT and not into and writable:
+                                    if offload is not None:
+                                        offload(write_from, view[data : data + data_len],
+                                                offset, (item, view))
+                                        continue
+                                    try:
+                                        write_from(view[data : data + data_len], offset)
+                                    except Exception:
+                                        pass
+                                    else:
+                                        view[status] = _OK
+                                        used += (head, 1)
+                                        writes += 1
+                                        written_bytes += data_len
+                                        continue
+                        used += (head, self._answer(item.chain(view), queue))
+                    elif isinstance(item, ChainError):
+                        stats.chain_errors += 1
+                        log.warning("queue %d: bad descriptor chain: %s", queue, item)
+                        if item.head is not None:
+                            used += (item.head, 0)
+                    else:
+                        used += (item.head, self._answer(item, queue))
+            except Exception:  # a bug must cost one request, not the batch behind it
+                # The failed item has no used entry yet: every branch adds it last.
+                failed = items[pos - 1].head
+                log.exception("queue %d: internal error answering the chain at head %s; "
+                              "returned with used length 0", queue, failed)
+                stats.internal_errors += 1
+                if failed is not None:
+                    used += (failed, 0)
+        if reads or writes:
+            requests = stats.requests
+            if reads:
+                requests["IN"] = requests.get("IN", 0) + reads
+                stats.bytes_read += read_bytes
+            if writes:
+                requests["OUT"] = requests.get("OUT", 0) + writes
+                stats.bytes_written += written_bytes
+        return used
+
+    def complete_offloaded(
+        self, done: Sequence[tuple[tuple[Triple, memoryview], BaseException | None]],
+        queue: int = 0,
+    ) -> list[int]:
+        """Answer reads and writes ``execute_batch`` offloaded, once their storage call
+        returned (``exc`` None) or failed (then ``process`` runs the request again and
+        answers as it always does); the used entries, flat."""
+        used: list[int] = []
+        stats = self._stats[queue]
+        requests = stats.requests
+        for (item, view), exc in done:
+            try:
+                if exc is not None:
+                    used += (item.head, self._answer(item.chain(view), queue))
+                    continue
+                view[item.third] = _OK
+                if item.second_writable:
+                    used += (item.head, item.second_len + 1)
+                    requests["IN"] = requests.get("IN", 0) + 1
+                    stats.bytes_read += item.second_len
+                else:
+                    used += (item.head, 1)
+                    requests["OUT"] = requests.get("OUT", 0) + 1
+                    stats.bytes_written += item.second_len
+            except Exception:  # a bug must cost one request
+                log.exception("queue %d: internal error answering the chain at head %d; "
+                              "returned with used length 0", queue, item.head)
+                stats.internal_errors += 1
+                used += (item.head, 0)
+        return used
+
+    def _answer(self, chain: DescriptorChain, queue: int) -> int:
+        """``process``, with a used length the ring can carry: buffers that overlap can add
+        up to more than 32 bits, and such a chain is returned with used length 0."""
+        used = self.process(chain, queue)
+        if used > 0xFFFFFFFF:
+            log.error("queue %d: chain at head %d: used length %d does not fit 32 bits; "
+                      "returned with used length 0", queue, chain.head, used)
+            self._stats[queue].internal_errors += 1
+            return 0
+        return used
 
     def _run(self, req: BlkRequest, stats: QueueStats, queue: int) -> int:
         """Execute a framed request, count it, write its status; the used length."""
@@ -597,11 +785,20 @@ class BlkDevice:
         if not 0 <= index < self.num_queues:
             raise ValueError(f"queue {index} does not exist (num_queues {self.num_queues})")
         with self._workers_lock:
-            if index in self._workers:
+            if index in self._workers or index in self._remote:
                 raise ValueError(f"queue {index} is already running")
             stats = self._stats[index]
             stats.broken = False
-            worker = _QueueWorker(self, index, vq, kick_fd, call_fd, stats)
+            if self._procs is not None:
+                try:
+                    self._procs[index].start(vq, kick_fd, call_fd, self._state(), self.poll_ns)
+                except WorkerError as exc:
+                    raise ValueError(str(exc)) from exc
+                self._remote[index] = vq
+                stats.running = True
+                return
+            worker = QueueWorker(QueueServer(self, index, vq, kick_fd, call_fd, stats,
+                                             poll_ns=self.poll_ns, io_threads=self.io_threads))
             self._workers[index] = worker
         worker.start()
 
@@ -609,15 +806,34 @@ class BlkDevice:
         """Stop serving queue ``index``; returns the next avail index to resume from."""
         with self._workers_lock:
             worker = self._workers.pop(index, None)
+            remote = self._remote.pop(index, None)
+        if remote is not None:
+            return self._stop_remote(index, remote)
         if worker is None:
             raise ValueError(f"queue {index} is not running")
         worker.stop()
         return worker.vq.last_avail_idx
 
+    def _stop_remote(self, index: int, vq: DeviceVirtqueue) -> int:
+        assert self._procs is not None
+        proc = self._procs[index]
+        self._stats[index].running = False
+        try:
+            last_avail = proc.stop()
+        except WorkerError as exc:
+            # Whatever it had popped and not answered is lost (as in a crash of the whole
+            # device): resume after what it answered, with a fresh worker.
+            log.error("%s; starting a new worker for queue %d", exc, index)
+            proc.close()
+            self._procs[index] = WorkerProcess(index, proc.settings, self.backend)
+            return vq.used_idx_in_memory()
+        self._take_stats(index, proc.last_stats)
+        return last_avail
+
     def running_queues(self) -> list[int]:
         """Indices of the queues that have a worker."""
         with self._workers_lock:
-            return sorted(self._workers)
+            return sorted([*self._workers, *self._remote])
 
     def reset(self) -> None:
         """Device reset: stop every queue and forget the negotiation."""
@@ -627,148 +843,3 @@ class BlkDevice:
         self._negotiated = None
         self._writeback = self._default_writeback
         self._apply_cache_mode()
-
-
-class _QueueWorker(threading.Thread):
-    """One thread serving one virtqueue until stopped."""
-
-    def __init__(
-        self, device: BlkDevice, index: int, vq: DeviceVirtqueue, kick_fd: int,
-        call_fd: int, stats: QueueStats,
-    ) -> None:
-        super().__init__(name=f"virtblk-q{index}", daemon=True)
-        self.device = device
-        self.index = index
-        self.vq = vq
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
-        self.stats = stats
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        # Checked between batches too: a driver that keeps the ring full never lets
-        # ``_serve`` return to the poll that watches the stop eventfd.
-        self._stopping = False
-
-    def stop(self) -> None:
-        """Wake the thread, wait for it, release the stop eventfd."""
-        self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
-        self.join()
-        os.close(self._stop_fd)
-
-    def run(self) -> None:
-        stats = self.stats
-        stats.running = True
-        poller = select.poll()
-        poller.register(self._stop_fd, select.POLLIN)
-        poller.register(self.kick_fd, select.POLLIN)
-        try:
-            # The driver may have queued requests before we started: serve them first.
-            self._serve_safely(poller)
-            while True:
-                events = poller.poll()
-                kicked = False
-                for fd, mask in events:
-                    if fd == self._stop_fd:
-                        return
-                    if mask & (select.POLLNVAL | select.POLLERR | select.POLLHUP):
-                        # A closed kick fd would wake us forever: wait for stop instead.
-                        log.error("queue %d: kick fd %d failed (poll mask %#x); waiting "
-                                  "for the queue to be stopped", self.index, fd, mask)
-                        poller.unregister(fd)
-                        continue
-                    kicked = True
-                if kicked:
-                    self._drain_kick()
-                    if not stats.broken:
-                        self._serve_safely(poller)
-        finally:
-            stats.running = False
-
-    def _drain_kick(self) -> None:
-        try:
-            os.read(self.kick_fd, 8)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            log.error("queue %d: reading the kick fd failed: %s", self.index, exc)
-
-    def _serve_safely(self, poller: select.poll) -> None:
-        try:
-            self._serve()
-        except RingError as exc:
-            self.stats.broken = True
-            log.error("queue %d: ring unusable, queue stopped until restarted: %s",
-                      self.index, exc)
-            with contextlib.suppress(KeyError):  # already gone if the kick fd failed
-                poller.unregister(self.kick_fd)
-        except Exception:
-            self.stats.internal_errors += 1
-            log.exception("queue %d: internal error while serving", self.index)
-
-    def _serve(self) -> None:
-        """Drain the queue in batches until it stays empty with notifications enabled.
-
-        Each round pops every available chain at once (one avail idx load), answers them,
-        publishes the used idx once and signals at most once.  With EVENT_IDX the loop keeps
-        going while the driver keeps adding, and only re-arms notifications when a round
-        finds the ring empty.
-        """
-        vq = self.vq
-        process = self.device.process
-        index = self.index
-        stats = self.stats
-        pop_flat = vq.pop_flat
-        process_flat = self.device.process_flat
-        add_used = vq.add_used
-        limit = vq.num
-        vq.disable_notifications()
-        while True:
-            completed = 0
-            try:
-                for chain in pop_flat(limit):
-                    if isinstance(chain, ChainError):
-                        stats.chain_errors += 1
-                        log.warning("queue %d: bad descriptor chain: %s", index, chain)
-                        if chain.head is not None:
-                            add_used(chain.head, 0)
-                            completed += 1
-                        continue
-                    head = chain[0] if isinstance(chain, tuple) else chain.head
-                    try:
-                        if isinstance(chain, tuple):
-                            add_used(head, process_flat(chain, index))
-                        else:
-                            add_used(head, process(chain, index))
-                    except Exception:  # a bug must cost one request, not the batch behind it
-                        log.exception("queue %d: internal error answering the chain at head "
-                                      "%d; returned with used length 0", index, head)
-                        stats.internal_errors += 1
-                        add_used(head, 0)
-                    completed += 1
-            finally:
-                # Publish what was completed even if the ring broke mid-batch.
-                if completed:
-                    vq.flush_used()
-                    stats.batches += 1
-                    if vq.needs_notification():
-                        self._notify()
-            if self._stopping:
-                return
-            if completed:
-                continue  # the driver may have added more meanwhile: look before re-arming
-            if not vq.enable_notifications():
-                return
-            vq.disable_notifications()
-
-    def _notify(self) -> None:
-        if self.call_fd < 0:
-            return
-        try:
-            os.write(self.call_fd, _ONE)
-            self.stats.notifications += 1
-        except BlockingIOError:
-            pass  # counter saturated: the driver has a pending interrupt anyway
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
-            log.error("queue %d: call fd %d is closed", self.index, self.call_fd)

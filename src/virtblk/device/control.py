@@ -292,3 +292,16 @@ def send_command(
     if not isinstance(decoded, dict):
         raise OSError(f"control socket answered {decoded!r}, not a JSON object")
     return decoded
+
+
+def notification_counters(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[str, int]:
+    """Our device's notification counters summed over its queues, through its control
+    socket: ``notifications`` (interrupts sent), ``kicks`` (kicks that woke a queue),
+    ``batches``, ``polled`` (times polling found work).  What ``virtblk bench`` reports per
+    I/O."""
+    answer = send_command(path, "stats", timeout)
+    if not answer.get("ok"):
+        raise OSError(f"control socket {os.fspath(path)}: {answer.get('error')}")
+    queues = answer["stats"]["queues"]
+    return {key: sum(int(q.get(key, 0)) for q in queues)
+            for key in ("notifications", "kicks", "batches", "polled")}

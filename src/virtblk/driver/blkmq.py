@@ -20,14 +20,13 @@ import collections
 import errno
 import os
 import select
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from virtblk.errors import DeviceGoneError, status_error
-from virtblk.spec import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, RequestHeader, Status
+from virtblk.spec import RequestHeader, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 from virtblk.virtio.split import DeviceProtocolError, DriverVirtqueue, QueueFull
 
@@ -36,11 +35,12 @@ Segments = Sequence[tuple[int, int]]
 
 CompletionCallback = Callable[["Request"], None]
 
-_SLOT = 32  # per-tag shared area: 16-byte header, status byte at 16, padding
+SLOT = 32
+"""Bytes of a tag's shared area: its 16-byte header, the status byte at 16, padding."""
+_SLOT = SLOT
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 _IOERR = int(Status.IOERR)
 _HEADER = RequestHeader.FORMAT
-_DESC = struct.Struct("<QIHH")  # one split-ring descriptor: addr, len, flags, next
 _STATUS_PENDING = 0xFF  # not a valid status: a device that completes without writing one shows
 
 
@@ -119,40 +119,61 @@ class HardwareQueue:
         self._stopped = False  # frozen and drained: the ring is the device's no more
         self.cond = threading.Condition()
         self._poller_active = False
+        self._owner: object | None = None  # a QueueHandle driving the ring itself
         self.broken: BaseException | None = None
         self.stats_submitted = 0
         self.stats_busy = 0
         self.stats_kicks = 0
         self.stats_interrupts = 0
-        # Per-tag indirect tables, header descriptor written once per ring (see _attach).
-        self._tables: list[memoryview] | None = None
-        self._layout: list[tuple[Segments, Segments, int, int] | None] = [None] * depth
-        self._attach(vq)
+        self.vq = vq
         self._poll = select.poll()
         self._poll.register(call_fd, select.POLLIN)
         if hangup_fd is not None:
             self._poll.register(hangup_fd, select.POLLRDHUP)
 
-    def _attach(self, vq: DriverVirtqueue) -> None:
-        """Prebuild every tag's indirect table on ``vq``: entry 0 is the tag's header,
-        which never moves, so a request writes only its data and status entries, and only
-        when its buffers differ from the tag's previous request (a benchmark or a reused
-        buffer rewrites nothing)."""
-        self.vq = vq
-        self._layout = [None] * self.depth
-        if not vq.indirect or vq.max_tokens < self.depth or min(vq.max_chain, vq.num) < 3:
-            self._tables = None
-            return
-        self._tables = [vq.indirect_table(tag) for tag in range(self.depth)]
-        for tag, table in enumerate(self._tables):
-            _DESC.pack_into(table, 0, self._slots_gpa + tag * _SLOT, RequestHeader.SIZE,
-                            VRING_DESC_F_NEXT, 1)
+    # -- a queue handle's exclusive use -----------------------------------------------------
+    @property
+    def slot_area(self) -> tuple[memoryview, int]:
+        """The per-tag request area in shared memory and its gpa: tag ``t``'s 16-byte header
+        is at ``SLOT * t``, its status byte 16 bytes further."""
+        return self._slots, self._slots_gpa
+
+    @property
+    def owner(self) -> object | None:
+        """The queue handle driving this queue's ring directly, if any."""
+        return self._owner
+
+    def claim(self, owner: object) -> None:
+        """Hand the ring to ``owner`` (a ``QueueHandle``), which then submits and reaps on
+        it without this queue's lock; tags, blocking I/O and freeze are refused meanwhile.
+        The queue must be idle."""
+        with self.cond:
+            self._check_broken()
+            if self._owner is not None:
+                raise ValueError(f"{self.name} is already driven by {self._owner!r}")
+            if self._frozen:
+                raise ValueError(f"{self.name} is frozen")
+            if self.in_flight() or self.vq.in_flight:
+                raise ValueError(f"{self.name} has requests in flight; claim it idle")
+            self._owner = owner
+
+    def release(self, owner: object) -> None:
+        """End ``owner``'s claim; blocking I/O may use the queue again."""
+        with self.cond:
+            if self._owner is owner:
+                self._owner = None
+                self.cond.notify_all()
+
+    def _check_unowned(self) -> None:
+        if self._owner is not None:
+            raise ValueError(f"{self.name} is driven by {self._owner!r}; close it first")
 
     # -- tags ---------------------------------------------------------------------------
     def get_tag(self, timeout: float | None = None) -> Request:
         """Take a free tag, waiting for completions when all are in use (blk-mq sleeps too)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
+            self._check_unowned()
             while not self._free_tags:
                 self._check_broken()
                 self._wait_locked(deadline)
@@ -232,6 +253,7 @@ class HardwareQueue:
             req.written = 0
         with self.cond:
             self._check_broken()
+            self._check_unowned()
             busy = self._busy
             for req in reqs:
                 if self._frozen or busy or not self._add_locked(req):
@@ -240,65 +262,20 @@ class HardwareQueue:
             self._kick_locked()
 
     def _add_locked(self, req: Request) -> bool:
-        tables = self._tables
-        if tables is not None:
-            tag = req.tag
-            # Copies, compared by value: a caller may edit its buffer list in place.
-            out_bufs = tuple(req.out_bufs)
-            in_bufs = tuple(req.in_bufs)
-            layout = self._layout[tag]
-            if layout is None or layout[0] != out_bufs or layout[1] != in_bufs:
-                layout = self._write_table(tag, out_bufs, in_bufs)
-            if layout is not None:
-                try:
-                    self.vq.add_indirect(tag, layout[2], layout[3])
-                except QueueFull:
-                    return False
-                self.stats_submitted += 1
-                self._unkicked = True
-                return True
+        """Put ``req`` on the ring as its tag's prepared chain (header, data, status): the
+        ring rewrites the tag's table only when the buffers differ from its last request,
+        so a benchmark or a reused buffer rewrites nothing.  False when the ring is full."""
         hdr = self._slots_gpa + req.tag * _SLOT
-        out = [(hdr, RequestHeader.SIZE), *req.out_bufs]
-        in_ = [*req.in_bufs, (hdr + 16, 1)]
+        vq = self.vq
+        vq.prepare(req.tag, ((hdr, RequestHeader.SIZE), *req.out_bufs),
+                   (*req.in_bufs, (hdr + 16, 1)))
         try:
-            self.vq.add(out, in_, req.tag)
+            vq.add_prepared(req.tag)
         except QueueFull:
             return False
         self.stats_submitted += 1
         self._unkicked = True
         return True
-
-    def _write_table(
-        self, tag: int, out_bufs: Segments, in_bufs: Segments
-    ) -> tuple[Segments, Segments, int, int] | None:
-        """Write the data and status entries of ``tag``'s table; None when the request
-        does not fit one (then ``vq.add`` takes it, and says why it cannot)."""
-        assert self._tables is not None
-        count = 2 + len(out_bufs) + len(in_bufs)
-        if count > min(self.vq.max_chain, self.vq.num):
-            self._layout[tag] = None
-            return None
-        table = self._tables[tag]
-        pos = 16
-        nxt = 2
-        written = 1
-        try:
-            for gpa, length in out_bufs:
-                _DESC.pack_into(table, pos, gpa, length, VRING_DESC_F_NEXT, nxt)
-                pos += 16
-                nxt += 1
-            for gpa, length in in_bufs:
-                _DESC.pack_into(table, pos, gpa, length,
-                                VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, nxt)
-                written += length
-                pos += 16
-                nxt += 1
-        except struct.error as exc:
-            self._layout[tag] = None
-            raise ValueError(f"buffer address or length out of range: {exc}") from exc
-        _DESC.pack_into(table, pos, self._slots_gpa + tag * _SLOT + 16, 1, VRING_DESC_F_WRITE, 0)
-        layout = self._layout[tag] = (out_bufs, in_bufs, count, written)
-        return layout
 
     def _kick_locked(self) -> None:
         if not self._unkicked:
@@ -450,6 +427,7 @@ class HardwareQueue:
         :meth:`thaw`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
+            self._check_unowned()
             self._frozen = True
             self._kick_locked()
             while self.vq.in_flight:
@@ -461,7 +439,7 @@ class HardwareQueue:
     def thaw(self, vq: DriverVirtqueue) -> None:
         """Resume on ``vq`` (a fresh ring after a device reset) and send what was parked."""
         with self.cond:
-            self._attach(vq)
+            self.vq = vq
             self._frozen = False
             self._stopped = False
             while self._busy and self._add_locked(self._busy[0]):

@@ -58,6 +58,10 @@ class Disk:
         self._serial: str | None = None
         self.embedded_device: EmbeddedDevice | None = None
         """The device this disk started (``Disk.embedded``), else None."""
+        # Buffers handed out by ``buffer``: id -> (the view, its gpa, its segments), so the
+        # fast paths know a buffer's address without asking the memory for it.
+        self._buffers: dict[int, tuple[memoryview, int, tuple[tuple[int, int], ...]]] = {}
+        self._handles: list[Any] = []  # open queue handles, closed before the disk
         self._index = DiskIndex.acquire()
         self.name = DiskIndex.name(self._index)
         self._zones = ZoneManager.probe(
@@ -321,18 +325,49 @@ class Disk:
 
     # -- data path -------------------------------------------------------------------------------
     def buffer(self, size: int) -> memoryview:
-        """A buffer in shared memory: I/O into or out of it is zero-copy.  Free with
+        """A buffer in shared memory: I/O into or out of it is zero-copy, and the disk
+        remembers where it lies, so the fast paths never look its address up.  Free with
         :meth:`free_buffer` (or let :meth:`close` reclaim it)."""
         self._check_open()
-        return self._dev.memory.view(self._alloc(size), size)
+        gpa = self._alloc(size)
+        view = self._dev.memory.view(gpa, size)
+        self._buffers[id(view)] = (view, gpa, tuple(self._segments(gpa, size)))
+        return view
 
     def free_buffer(self, buf: memoryview) -> None:
         """Return a buffer from :meth:`buffer`."""
-        gpa = self._dev.memory.guest_address_of(buf)
+        gpa = self.buffer_address(buf)
         if gpa is None:
             raise ValueError("not a buffer from Disk.buffer()")
+        entry = self._buffers.get(id(buf))
+        if entry is not None and entry[0] is buf:
+            del self._buffers[id(buf)]
         buf.release()
         self._free(gpa)
+
+    def registered_buffer(self, buf: object) -> tuple[tuple[tuple[int, int], ...], int] | None:
+        """``(segments, length)`` of a buffer exactly as :meth:`buffer` returned it (its
+        guest-physical segments, split by the device's ``size_max``), else None: one dict
+        lookup, what the queue API pays per I/O."""
+        entry = self._buffers.get(id(buf))
+        if entry is None or entry[0] is not buf:
+            return None
+        return entry[2], len(entry[0])
+
+    def buffer_address(self, buf: Buffer) -> int | None:
+        """The guest-physical address of a buffer in shared memory (one from
+        :meth:`buffer`, or a part of one), else None."""
+        entry = self._buffers.get(id(buf))
+        if entry is not None and entry[0] is buf:
+            return entry[1]
+        return self._dev.memory.guest_address_of(buf)
+
+    def _register_handle(self, handle: Any) -> None:
+        self._handles.append(handle)
+
+    def _unregister_handle(self, handle: Any) -> None:
+        if handle in self._handles:
+            self._handles.remove(handle)
 
     @property
     def queue_limits(self) -> QueueLimits:
@@ -367,7 +402,7 @@ class Disk:
         for v in views:
             if v.readonly:
                 raise TypeError("preadv needs writable buffers")
-        return self._rw(False, views, offset)
+        return self._rw(False, views, offset, [self.buffer_address(b) for b in buffers])
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int, *, fua: bool = False) -> int:
         """Write ``buffers`` (in order) at ``offset``; returns the bytes written."""
@@ -376,7 +411,7 @@ class Disk:
         if fua:
             self._dev.require(Feature.BLK_OUT_FUA, "a FUA write (experimental)")
         views = [memoryview(b).cast("B") for b in buffers]
-        return self._rw(True, views, offset, fua=fua)
+        return self._rw(True, views, offset, [self.buffer_address(b) for b in buffers], fua=fua)
 
     def flush(self) -> None:
         """Make every completed write durable (FLUSH; a no-op for a write-through device
@@ -427,10 +462,15 @@ class Disk:
     def _queue(self) -> HardwareQueue:
         """The hardware queue of the calling thread (blk-mq maps each CPU to one)."""
         q: HardwareQueue | None = getattr(self._thread_queue, "q", None)
-        if q is None:
-            queues = self._dev.queues
-            if not queues:
+        if q is None or q.owner is not None:
+            if not self._dev.queues:
                 raise ValueError(f"I/O on closed disk {self.name}")
+            # A queue a QueueHandle drives is its alone: use the others.
+            queues = [hq for hq in self._dev.queues if hq.owner is None]
+            if not queues:
+                raise ValueError(
+                    f"{self.name}: every hardware queue is driven by a QueueHandle; close one "
+                    "(or connect with more queues) for blocking I/O")
             q = queues[self._next_queue % len(queues)]
             self._next_queue += 1
             self._thread_queue.q = q
@@ -512,7 +552,12 @@ class Disk:
             for i in range(0, len(segs), max(1, max_seg))
         ]
 
-    def _rw(self, write: bool, views: list[memoryview], offset: int, *, fua: bool = False) -> int:
+    def _rw(
+        self, write: bool, views: list[memoryview], offset: int,
+        direct: Sequence[int | None], *, fua: bool = False,
+    ) -> int:
+        """Read or write ``views`` at ``offset``; ``direct`` holds each view's gpa when it
+        lies in shared memory (then the device uses it in place), else None."""
         total = sum(len(v) for v in views)
         what = f"{self.name}: {'write' if write else 'read'}"
         self.check_range(offset, total, what)
@@ -521,12 +566,13 @@ class Disk:
         if self._zones is not None and offset // self.zone_size != (offset + total - 1) // \
                 self.zone_size:
             # One request per zone, as Linux's chunk_sectors = zone size makes it.
+            memory = self._dev.memory
             for piece_offset, piece in split_at_zones(views, offset, self.zone_size):
-                self._rw(write, piece, piece_offset, fua=fua)
+                self._rw(write, piece, piece_offset,
+                         [memory.guest_address_of(v) for v in piece], fua=fua)
             return total
         memory = self._dev.memory
         bs = self.logical_block_size
-        direct = [memory.guest_address_of(v) for v in views]
         if all(g is not None for g in direct) and all(len(v) % bs == 0 for v in views):
             # One bio per buffer: the plug merges neighbours into requests as large as the
             # limits allow and splits a buffer that exceeds them.
@@ -618,7 +664,10 @@ class Disk:
         disconnect, and stop an embedded device."""
         if self._closed:
             return
+        for handle in list(self._handles):
+            handle.close()
         self._closed = True
+        self._buffers.clear()
         try:
             self._dev.close()
         finally:

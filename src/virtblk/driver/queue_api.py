@@ -6,40 +6,57 @@ submits everything enqueued with one kick, then reaps completions, each a
 :class:`Completion` carrying the caller's ``user_data`` and ``ret`` (0 or ``-errno``, as
 ``blkio_completion`` does).  Batching is therefore the caller's natural unit.
 
-Data buffers must come from :meth:`Disk.buffer` (shared memory): the device reads and
-writes them in place, so nothing is copied; any other buffer is refused.  A request is at
-most :attr:`QueueHandle.max_transfer` bytes (one virtio request, no splitting: libblkio's
-``max-transfer``).
+This is the fast path, built the way libblkio builds its queues:
 
-``poll=True`` makes a polling queue: device notifications stay disabled (``disable_cb``) and
-``do_io`` busy-reads the used ring instead of sleeping on the call eventfd, trading a CPU
-for the wakeup latency (libblkio's poll queues, Linux's ``io_poll``).
+* A handle *owns* its hardware queue (``HardwareQueue.claim``): one thread drives it, so it
+  takes no lock at all.  Blocking ``Disk`` I/O uses the other queues meanwhile.
+* Data buffers must come from :meth:`Disk.buffer` (shared memory): the device reads and
+  writes them in place, and the disk already knows their guest address, so an I/O costs no
+  address lookup; any other buffer is refused.  A request is at most
+  :attr:`QueueHandle.max_transfer` bytes (one virtio request, no splitting: libblkio's
+  ``max-transfer``).
+* Each tag keeps its chain prepared on the ring (``DriverVirtqueue.prepare``): a tag that
+  carries the same buffer again rewrites nothing but its 16-byte header.
+* ``do_io(min_completions=N)`` sleeps until N completions are there and asks the device
+  for no interrupt before that (``enable_cb(N - 1)``): a caller that waits for a batch is
+  woken once per batch, not once per completion.
 
-A handle owns its hardware queue: don't mix it with the Disk's blocking I/O on the same
-queue (a blocking waiter re-enables notifications and reaps on another thread).
+``poll=True`` makes a polling queue: device notifications stay disabled and ``do_io``
+busy-reads the used ring instead of sleeping on the call eventfd, trading a CPU for the
+wakeup latency (libblkio's poll queues, Linux's ``io_poll``).  ``poll_us`` is the middle
+way, QEMU's adaptive polling: spin up to that long before sleeping, for as long as spinning
+keeps finding completions in time.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import errno
+import os
 import select
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-from virtblk.driver.blkmq import HardwareQueue, Request, Segments
+from virtblk.driver.blkmq import SLOT, HardwareQueue
 from virtblk.driver.disk import Buffer, Disk
-from virtblk.errors import BlockIOError, DeviceGoneError
-from virtblk.spec import SECTOR_SHIFT, DiscardSegment, Feature, RequestType, Status
+from virtblk.errors import BlockIOError, DeviceGoneError, status_error
+from virtblk.spec import SECTOR_SHIFT, DiscardSegment, Feature, RequestHeader, RequestType, Status
+from virtblk.virtio.split import DeviceProtocolError
 
 _OK = int(Status.OK)
+_IOERR = int(Status.IOERR)
+_IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
+_STATUS_PENDING = 0xFF
+_EVENTFD_ONE = (1).to_bytes(8, "little")
+_HEADER = RequestHeader.FORMAT
 _HANGUP_CHECK_EVERY = 4096
 """Empty polls between two looks at the vhost-user socket (a dead device never completes)."""
+_POLL_START_NS = 4000
+_CLOSE_TIMEOUT = 10.0
+"""How long ``close`` waits for requests still on the ring (as ``Disk.close`` does)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(NamedTuple):
     """One finished request: ``ret`` is 0 or ``-errno`` (EIO, ENOTTY...); ``error_msg``
     says what failed, empty on success."""
 
@@ -48,59 +65,117 @@ class Completion:
     error_msg: str = ""
 
 
-@dataclasses.dataclass(slots=True)
-class _Queued:
-    """A request enqueued and not submitted yet."""
-
-    type: int
-    sector: int
-    out: Segments
-    in_: Segments
-    user_data: Any
-    segment: DiscardSegment | None = None
+_new_completion = tuple.__new__
+_Segments = tuple[tuple[int, int], ...]
 
 
 class QueueHandle:
-    """One hardware queue of ``disk``, driven by batches (see the module docstring)."""
+    """One hardware queue of ``disk``, driven by batches (see the module docstring).
 
-    def __init__(self, disk: Disk, index: int = 0, *, poll: bool = False) -> None:
+    Not thread-safe by design: one thread drives a handle.  Close it (or use ``with``) to
+    give the queue back to the disk's blocking I/O.
+    """
+
+    def __init__(
+        self, disk: Disk, index: int = 0, *, poll: bool = False, poll_us: float = 0,
+        disable_cb_while_draining: bool = True,
+    ) -> None:
+        """``disable_cb_while_draining=False`` keeps device notifications enabled while
+        completions are reaped: the completion loop before the seed's commit "virtio_blk:
+        Disable callback in virtblk_done()", kept to measure that commit."""
         queues = disk.device.queues
         if not 0 <= index < len(queues):
             raise ValueError(f"queue index {index} out of range: the disk has {len(queues)}")
+        if poll_us < 0:
+            raise ValueError(f"poll_us must be >= 0, got {poll_us}")
+        q = queues[index]
         self.disk = disk
         self.index = index
         self.poll = poll
-        self._q: HardwareQueue = queues[index]
-        self._memory = disk.device.memory
+        self._poll_max_ns = int(poll_us * 1000)
+        self._poll_ns = 0
+        self._disable_cb = disable_cb_while_draining
+        self._q: HardwareQueue = q
         lim = disk.limits
         bs = disk.logical_block_size
         per_request = lim.max_segments * lim.max_segment_size
         self.max_transfer = per_request - per_request % bs
         """Largest read or write one request may carry, in bytes."""
-        self._pending: collections.deque[_Queued] = collections.deque()
+        self._max_segments = lim.max_segments
+        self._bs_mask = bs - 1
+        self._size = disk.size
+        self._dev = disk.device
+        self._config_generation = self._dev.config_generation
+        self._read_only = disk.read_only
+        self._buffers = disk._buffers  # the disk's registry of its buffers
+        self._pending: collections.deque[tuple[int, int, _Segments, bool, Any]] = (
+            collections.deque())
         self._ready: collections.deque[Completion] = collections.deque()
         self._in_flight = 0
+        self._closed = False
+        depth = q.depth
         # One DISCARD / WRITE_ZEROES segment per tag, written when the tag is known.
-        self._seg_area = disk.buffer(self._q.depth * DiscardSegment.SIZE)
-        self._seg_gpa = self._address(self._seg_area)
+        self._seg_area = disk.buffer(depth * DiscardSegment.SIZE)
+        seg_gpa = disk.buffer_address(self._seg_area)
+        assert seg_gpa is not None
+        self._seg_of_tag: list[_Segments] = [
+            ((seg_gpa + tag * DiscardSegment.SIZE, DiscardSegment.SIZE),) for tag in range(depth)]
+        self._segment: list[DiscardSegment | None] = [None] * depth
         self._hangup = select.poll()
         self._hangup.register(disk.device.frontend.fileno(), select.POLLRDHUP)
-        self._closed = False
-        if poll:
-            with self._q.cond:
-                self._q.vq.disable_cb()
+        self._waiter = select.poll()
+        self._waiter.register(q.call_fd, select.POLLIN)
+        self._waiter.register(disk.device.frontend.fileno(), select.POLLRDHUP)
+        q.claim(self)
+        try:
+            self._vq = q.vq
+            self._slots, slots_gpa = q.slot_area
+            self._hdr_of_tag = [((slots_gpa + tag * SLOT, RequestHeader.SIZE),)
+                                for tag in range(depth)]
+            self._status_of_tag = [((slots_gpa + tag * SLOT + 16, 1),) for tag in range(depth)]
+            self._free: collections.deque[int] = collections.deque(range(depth))
+            self._user_data: list[Any] = [None] * depth
+            self._type_of_tag = [0] * depth
+            # What each tag's prepared chain carries: (data segments, device writes them).
+            self._layout: list[tuple[_Segments, bool] | None] = [None] * depth
+            if poll:
+                self._vq.disable_cb()
+            disk._register_handle(self)
+        except BaseException:
+            q.release(self)
+            raise
 
     # -- enqueue ----------------------------------------------------------------------------
     def read(self, offset: int, buf: Buffer, user_data: Any = None) -> None:
         """Enqueue a read of ``len(buf)`` bytes at ``offset`` into ``buf`` (from disk.buffer)."""
-        segs = self._data_segments("read", offset, buf, writable=True)
-        self._enqueue(_Queued(RequestType.IN, offset >> SECTOR_SHIFT, (), segs, user_data))
+        # The common case inline: a buffer as disk.buffer() made it, a size that is current.
+        if self._dev.config_generation != self._config_generation:
+            self._refresh_size()
+        entry = self._buffers.get(id(buf))
+        if entry is not None and entry[0] is buf and len(entry[2]) <= self._max_segments:
+            segs = entry[2]
+            length = len(buf)
+        else:
+            segs, length = self._segments("read", buf, writable=True)
+        if offset & self._bs_mask or offset < 0 or offset + length > self._size:
+            self._check_range("read", offset, length)
+        self._pending.append((_IN, offset >> SECTOR_SHIFT, segs, True, user_data))
 
     def write(self, offset: int, buf: Buffer, user_data: Any = None) -> None:
         """Enqueue a write of ``buf`` (from disk.buffer) at ``offset``."""
-        self._check_writable("write")
-        segs = self._data_segments("write", offset, buf, writable=False)
-        self._enqueue(_Queued(RequestType.OUT, offset >> SECTOR_SHIFT, segs, (), user_data))
+        if self._read_only or self._closed:
+            self._check_writable("write")
+        if self._dev.config_generation != self._config_generation:
+            self._refresh_size()
+        entry = self._buffers.get(id(buf))
+        if entry is not None and entry[0] is buf and len(entry[2]) <= self._max_segments:
+            segs = entry[2]
+            length = len(buf)
+        else:
+            segs, length = self._segments("write", buf, writable=False)
+        if offset & self._bs_mask or offset < 0 or offset + length > self._size:
+            self._check_range("write", offset, length)
+        self._pending.append((_OUT, offset >> SECTOR_SHIFT, segs, False, user_data))
 
     def flush(self, user_data: Any = None) -> None:
         """Enqueue a FLUSH.  Without the FLUSH feature writes are durable on completion, so
@@ -109,7 +184,7 @@ class QueueHandle:
         if not self.disk.device.has(Feature.BLK_FLUSH):
             self._ready.append(Completion(user_data, 0))
             return
-        self._enqueue(_Queued(RequestType.FLUSH, 0, (), (), user_data))
+        self._pending.append((int(RequestType.FLUSH), 0, (), False, user_data))
 
     def discard(self, offset: int, length: int, user_data: Any = None) -> None:
         """Enqueue a DISCARD of one range (at most ``max_discard_sectors``)."""
@@ -117,7 +192,7 @@ class QueueHandle:
         self._check_writable("discard")
         limit = self.disk.limits.max_discard_sectors
         seg = self._range_segment("discard", offset, length, limit, 0)
-        self._enqueue(_Queued(RequestType.DISCARD, 0, (), (), user_data, seg))
+        self._pending.append((int(RequestType.DISCARD), 0, (), False, (seg, user_data)))
 
     def write_zeroes(
         self, offset: int, length: int, user_data: Any = None, *, unmap: bool = False
@@ -127,28 +202,28 @@ class QueueHandle:
         self._check_writable("write_zeroes")
         limit = self.disk.limits.max_write_zeroes_sectors
         seg = self._range_segment("write_zeroes", offset, length, limit, int(unmap))
-        self._enqueue(_Queued(RequestType.WRITE_ZEROES, 0, (), (), user_data, seg))
+        self._pending.append((int(RequestType.WRITE_ZEROES), 0, (), False, (seg, user_data)))
 
     def _check_writable(self, what: str) -> None:
         """Refuse changes to a read-only disk up front (EROFS), as ``Disk`` does."""
+        self._check_open()
         if self.disk.read_only:
             raise BlockIOError(errno.EROFS, f"{self.disk.name}: {what}: the device is read-only")
 
-    def _data_segments(
-        self, what: str, offset: int, buf: Buffer, *, writable: bool
-    ) -> list[tuple[int, int]]:
+    def _segments(self, what: str, buf: Buffer, *, writable: bool) -> tuple[_Segments, int]:
+        """The slow path of ``read``/``write``: a buffer the disk did not hand out as is
+        (a slice of one, say), or one that is refused with the reason."""
         self._check_open()
         view = memoryview(buf).cast("B")
         if writable and view.readonly:
             raise TypeError(f"{what}: the buffer must be writable")
-        gpa = self._memory.guest_address_of(view)
+        gpa = self.disk.buffer_address(view)
         if gpa is None:
             raise TypeError(
                 f"{what}: the buffer is not in shared memory; allocate it with "
                 "disk.buffer(size) (the queue API never copies)"
             )
         length = len(view)
-        self.disk.check_range(offset, length, f"{self.disk.name}: {what}")
         if length == 0:
             raise ValueError(f"{what}: empty buffer")
         if length > self.max_transfer:
@@ -157,7 +232,15 @@ class QueueHandle:
                 "the device's seg_max x size_max)"
             )
         (segs,) = self.disk.request_segments(gpa, length)
-        return segs
+        return tuple(segs), length
+
+    def _refresh_size(self) -> None:
+        """The device's config changed (a resize): take the new size."""
+        self._config_generation = self.disk.device.config_generation
+        self._size = self.disk.size
+
+    def _check_range(self, what: str, offset: int, length: int) -> None:
+        self.disk.check_range(offset, length, f"{self.disk.name}: {what}")
 
     def _range_segment(
         self, what: str, offset: int, length: int, max_sectors: int, flags: int
@@ -171,9 +254,6 @@ class QueueHandle:
                 f"{what}: {sectors} sectors exceed the device's limit of {max_sectors} per request"
             )
         return DiscardSegment(offset >> SECTOR_SHIFT, sectors, flags)
-
-    def _enqueue(self, item: _Queued) -> None:
-        self._pending.append(item)
 
     # -- submit and reap ---------------------------------------------------------------------
     def do_io(
@@ -191,7 +271,8 @@ class QueueHandle:
         as completions free them.
         """
         self._check_open()
-        limit = len(self._ready) + self._in_flight + len(self._pending)
+        ready = self._ready
+        limit = len(ready) + self._in_flight + len(self._pending)
         if min_completions > limit:
             # libblkio answers EINVAL too: the wait could never end.
             raise ValueError(
@@ -204,58 +285,143 @@ class QueueHandle:
                 f"need 0 <= min_completions ({min_completions}) <= max_completions "
                 f"({max_completions})"
             )
-        self._submit()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self.poll:
-            self._spin(min_completions, deadline)
-        else:
-            self._sleep(min_completions, deadline)
-        self._reap()
-        self._submit()
-        n = min(max_completions, len(self._ready))
-        return [self._ready.popleft() for _ in range(n)]
+        if self._pending:
+            self._submit()
+        if self._in_flight:
+            self._reap()
+        if len(ready) < min_completions:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if self.poll:
+                self._spin(min_completions, deadline)
+            else:
+                self._sleep(min_completions, deadline)
+        if len(ready) <= max_completions:
+            done = list(ready)
+            ready.clear()
+            return done
+        return [ready.popleft() for _ in range(max_completions)]
 
     def _submit(self) -> None:
-        q = self._q
+        """Put what is pending on the ring, as far as tags (and ring space) go; one kick."""
         pending = self._pending
-        submitted = 0
-        while pending and q.tags_free:
-            try:
-                req = q.get_tag(timeout=0)
-            except TimeoutError:
-                break  # another thread took the last one
+        free = self._free
+        vq = self._vq
+        slots = self._slots
+        pack = _HEADER.pack_into
+        layout = self._layout
+        user_data = self._user_data
+        type_of_tag = self._type_of_tag
+        tags: list[int] = []
+        items = []
+        while pending and free:
             item = pending.popleft()
-            out = item.out
-            if item.segment is not None:
-                base = req.tag * DiscardSegment.SIZE
-                self._seg_area[base : base + DiscardSegment.SIZE] = item.segment.pack()
-                out = [(self._seg_gpa + base, DiscardSegment.SIZE)]
-            q.submit(
-                req,
-                item.type,
-                item.sector,
-                out,
-                item.in_,
-                callback=self._complete,
-                user_data=item.user_data,
-                last=False,
-            )
-            submitted += 1
+            rtype, sector, segs, into, ud = item
+            tag = free.popleft()
+            base = tag * SLOT
+            if rtype <= _OUT:  # IN (0) or OUT (1), the only types whose buffers vary
+                shape = layout[tag]
+                if shape is None or shape[0] is not segs or shape[1] != into:
+                    self._prepare(tag, segs, into)
+            else:
+                ud = self._prepare_other(tag, rtype, ud)
+            pack(slots, base, rtype, 0, sector)
+            slots[base + 16] = _STATUS_PENDING
+            user_data[tag] = ud
+            type_of_tag[tag] = rtype
+            tags.append(tag)
+            items.append(item)
+        submitted = vq.add_prepared_batch(tags)
+        if submitted < len(tags):
+            # A ring without indirect descriptors ran out of them: what did not fit goes
+            # back, in order, for when completions free some.
+            for tag, item in zip(reversed(tags[submitted:]), reversed(items[submitted:]),
+                                 strict=True):
+                user_data[tag] = None
+                free.appendleft(tag)
+                pending.appendleft(item)
         if submitted:
             self._in_flight += submitted
-            q.kick()
+            q = self._q
+            q.stats_submitted += submitted
+            if vq.kick_prepare():
+                q.stats_kicks += 1
+                try:
+                    os.write(q.kick_fd, _EVENTFD_ONE)
+                except BlockingIOError:
+                    pass  # the counter is saturated: the device has a wakeup pending anyway
+
+    def _prepare(self, tag: int, segs: _Segments, into: bool) -> None:
+        """Write ``tag``'s chain for a read (``into``) or write of ``segs``."""
+        try:
+            if into:
+                self._vq.prepare(tag, self._hdr_of_tag[tag], segs + self._status_of_tag[tag])
+            else:
+                self._vq.prepare(tag, self._hdr_of_tag[tag] + segs, self._status_of_tag[tag])
+        except BaseException:
+            self._layout[tag] = None
+            raise
+        self._layout[tag] = (segs, into)
+
+    def _prepare_other(self, tag: int, rtype: int, ud: Any) -> Any:
+        """FLUSH, DISCARD, WRITE_ZEROES: their chains (with the tag's segment for the last
+        two); returns the caller's user data."""
+        segs: _Segments = ()
+        if rtype != RequestType.FLUSH:
+            seg, ud = ud
+            base = tag * DiscardSegment.SIZE
+            self._seg_area[base : base + DiscardSegment.SIZE] = seg.pack()
+            segs = self._seg_of_tag[tag]
+        self._layout[tag] = None
+        self._vq.prepare(tag, self._hdr_of_tag[tag] + segs, self._status_of_tag[tag])
+        return ud
 
     def _reap(self) -> int:
-        return self._q.process_completions(rearm=not self.poll)
+        """Take what the device completed; each becomes a Completion in ``ready``."""
+        vq = self._vq
+        try:
+            used = vq.get_used()
+        except DeviceProtocolError as exc:
+            self._q.fail(exc)
+            self._complete(exc.completed)
+            raise
+        if used:
+            self._complete(used)
+        return len(used)
+
+    def _complete(self, used: list[tuple[int, int]]) -> None:
+        slots = self._slots
+        user_data = self._user_data
+        free = self._free
+        ready = self._ready
+        for tag, written in used:
+            # A used length of 0 means the device did not write the status byte (it
+            # rejected the chain): report it as an I/O error, not as whatever was there.
+            status = slots[tag * SLOT + 16] if written else _IOERR
+            ud = user_data[tag]
+            user_data[tag] = None
+            free.append(tag)
+            if status == _OK:
+                ready.append(_new_completion(Completion, (ud, 0, "")))
+            else:
+                ready.append(self._failed(tag, status, ud))
+        self._in_flight -= len(used)
+
+    def _failed(self, tag: int, status: int, ud: Any) -> Completion:
+        name = RequestType(self._type_of_tag[tag]).name.lower()
+        exc = status_error(status, f"{self.disk.name}: {name}")
+        assert exc.errno is not None
+        return Completion(ud, -exc.errno, str(exc.strerror))
 
     def _spin(self, wanted: int, deadline: float | None) -> None:
         """Busy-poll the used ring; the call eventfd is never read."""
         idle = 0
-        q = self._q
-        while len(self._ready) < wanted:
-            # Peek at the used idx (one 16-bit load) before taking the queue lock.
-            if q.vq.pending() and self._reap():
-                self._submit()
+        pending = self._vq.pending
+        ready = self._ready
+        while len(ready) < wanted:
+            if pending():
+                self._reap()
+                if self._pending:
+                    self._submit()
                 idle = 0
                 continue
             idle += 1
@@ -265,15 +431,75 @@ class QueueHandle:
                     self._timed_out(wanted)
 
     def _sleep(self, wanted: int, deadline: float | None) -> None:
-        """Sleep on the call eventfd between completions."""
+        """Sleep on the call eventfd until ``wanted`` completions are ready, asking the
+        device to signal only when the last of them completes (after polling up to the
+        adaptive polling time, when there is one)."""
+        vq = self._vq
         q = self._q
-        while len(self._ready) < wanted:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                q.wait_any(remaining)
-            except TimeoutError:
+        ready = self._ready
+        clock = time.perf_counter_ns
+        while len(ready) < wanted:
+            if self._poll_max_ns:
+                start = clock()
+                if self._spin_until(start + self._poll_ns):
+                    self._adjust_poll(clock() - start)
+                    self._reap_and_refill()
+                    continue
+            # Ask for an interrupt when the last completion we need arrives, then look
+            # again: the device may have completed them before it saw the request.
+            need = min(wanted - len(ready), self._in_flight)
+            if not vq.enable_cb(max(0, need - 1)):
+                if self._disable_cb:
+                    vq.disable_cb()
+                self._reap_and_refill()
+                continue
+            if deadline is None:
+                timeout_ms = -1
+            else:
+                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            start = clock()
+            events = self._waiter.poll(timeout_ms)
+            if self._poll_max_ns:
+                self._adjust_poll(clock() - start)
+            if self._disable_cb:
+                vq.disable_cb()  # the seed's virtblk_done: drain without interrupts
+            if not events and not vq.pending():
                 self._timed_out(wanted)
+            for fd, mask in events:
+                if fd == q.call_fd:
+                    q.stats_interrupts += 1
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        pass
+                elif mask & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                    self._gone()
+            self._reap_and_refill()
+
+    def _reap_and_refill(self) -> None:
+        self._reap()
+        if self._pending and self._free:
             self._submit()
+
+    def _spin_until(self, deadline_ns: int) -> bool:
+        """Adaptive polling: True when a completion arrived before ``deadline_ns``."""
+        pending = self._vq.pending
+        clock = time.perf_counter_ns
+        while clock() < deadline_ns:
+            if pending():
+                return True
+        return False
+
+    def _adjust_poll(self, block_ns: int) -> None:
+        """QEMU's rule (``util/aio-posix.c``): keep a polling time that catches the wait,
+        grow it while waits fit under the maximum, drop it when they do not."""
+        if block_ns <= self._poll_ns:
+            return
+        if block_ns > self._poll_max_ns:
+            self._poll_ns = 0
+        elif self._poll_ns < self._poll_max_ns:
+            self._poll_ns = min(self._poll_ns * 2 if self._poll_ns else _POLL_START_NS,
+                                self._poll_max_ns)
 
     def _timed_out(self, wanted: int) -> None:
         raise TimeoutError(
@@ -285,23 +511,12 @@ class QueueHandle:
         if self._q.broken is not None:
             raise self._q.broken
         if self._hangup.poll(0):
-            exc = DeviceGoneError(errno.ECONNRESET, f"{self._q.name}: the device went away")
-            self._q.fail(exc)
-            raise exc
+            self._gone()
 
-    def _complete(self, req: Request) -> None:
-        """Called by ``process_completions`` for each of our requests."""
-        self._in_flight -= 1
-        user_data = req.user_data
-        status = req.status
-        req.user_data = None
-        self._q.put_tag(req)
-        if status == _OK:
-            self._ready.append(Completion(user_data, 0))
-            return
-        exc = req.error(f"{self.disk.name}: {RequestType(req.type).name.lower()}")
-        assert exc is not None and exc.errno is not None
-        self._ready.append(Completion(user_data, -exc.errno, str(exc.strerror)))
+    def _gone(self) -> None:
+        exc = DeviceGoneError(errno.ECONNRESET, f"{self._q.name}: the device went away")
+        self._q.fail(exc)
+        raise exc
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -314,35 +529,35 @@ class QueueHandle:
         """Requests submitted and not yet completed."""
         return self._in_flight
 
-    def _address(self, view: memoryview) -> int:
-        gpa = self._memory.guest_address_of(view)
-        assert gpa is not None, "Disk.buffer() returned memory outside the shared region"
-        return gpa
-
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"{self._q.name}: the queue handle is closed")
 
     def close(self) -> None:
-        """Wait for what is in flight, turn notifications back on, free the handle's memory.
-        Requests still enqueued are dropped."""
+        """Wait (up to 10 s) for what is in flight, turn notifications back on and give the
+        queue back to the disk.  Requests still enqueued are dropped."""
         if self._closed:
             return
         self._pending.clear()
         q = self._q
-        if q.broken is None:
-            try:
+        try:
+            if q.broken is None and self._in_flight:
+                deadline = time.monotonic() + _CLOSE_TIMEOUT
                 while self._in_flight:
-                    if self._reap():
-                        continue
                     if self.poll:
-                        self._check_alive()
+                        self._spin(len(self._ready) + 1, deadline)
                     else:
-                        q.wait_any()
-            finally:
-                q.process_completions()  # rearms notifications for the next owner
-        self._closed = True
-        self.disk.free_buffer(self._seg_area)
+                        self._sleep(len(self._ready) + 1, deadline)
+        except (OSError, TimeoutError) as exc:
+            q.fail(exc if isinstance(exc, OSError) else DeviceGoneError(
+                errno.ETIMEDOUT, f"{q.name}: requests still in flight when the handle closed"))
+        finally:
+            self._closed = True
+            if q.broken is None:
+                self._vq.enable_cb()  # rearm notifications for blocking I/O
+            q.release(self)
+            self.disk._unregister_handle(self)
+            self.disk.free_buffer(self._seg_area)
 
     def __enter__(self) -> QueueHandle:
         return self

@@ -165,6 +165,9 @@ class VirtioBlk:
         self.frontend = VhostUserFrontend(sock, timeout=reply_timeout)
         self._lock = threading.RLock()  # one vhost-user request at a time
         self._config_callbacks: list[ConfigCallback] = []
+        self.config_generation = 0
+        """Bumped each time the config is re-read: a fast path that caches the size (a
+        queue handle) compares one integer per I/O instead of re-deriving the size."""
         self._requested_queues = num_queues
         self.queue_size = queue_size
         self._queue_depth = queue_depth
@@ -507,6 +510,7 @@ class VirtioBlk:
         self.config = dataclasses.replace(
             self.config, capacity=fresh.capacity, writeback=fresh.writeback
         )
+        self.config_generation += 1
 
     def _on_config_change(self) -> None:
         """CONFIG_CHANGE_MSG arrived: re-read the config in a worker thread, as the seed

@@ -19,11 +19,12 @@ Rules both sides follow here:
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import struct
 import threading
 from collections.abc import Sequence
-from typing import Final, NoReturn
+from typing import Final, NamedTuple, NoReturn
 
 from virtblk.spec import (
     VIRTQUEUE_MAX_SIZE,
@@ -46,17 +47,19 @@ __all__ = [
     "DeviceProtocolError",
     "DeviceVirtqueue",
     "DriverVirtqueue",
-    "FlatChain",
     "QueueFull",
     "RingError",
+    "Triple",
     "VirtqueueError",
     "VringAddrs",
-    "chain_of",
     "ring_sizes",
 ]
 
 _DESC: Final = struct.Struct("<QIHH")
+_TABLE3: Final = struct.Struct("<" + "QIHH" * 3)
 _U16: Final = 0xFFFF
+_NEXT: Final = VRING_DESC_F_NEXT
+_NEXT_WRITE: Final = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
 
 
 class VirtqueueError(Exception):
@@ -166,8 +169,10 @@ class DriverVirtqueue:
     Requests are identified by a caller-chosen ``token`` in ``range(max_tokens)`` (a
     blk-mq tag).  With ``indirect``, every token owns a preallocated indirect table of
     ``max_chain`` entries, so a multi-buffer request costs one ring descriptor and no
-    allocation.  ``add`` only fills the ring; ``kick_prepare`` publishes and says whether
-    the device wants a notification, so the caller can batch.
+    allocation; ``prepare`` writes a token's chain once and ``add_prepared`` submits it
+    again and again (a tag whose header and status never move).  ``add`` only fills the
+    ring; ``kick_prepare`` publishes and says whether the device wants a notification, so
+    the caller can batch.
 
     The constructor zeroes the three ring areas: create the queue before telling the
     device its addresses.  Not thread-safe: one thread owns a queue (a blk-mq hardware
@@ -229,6 +234,9 @@ class DriverVirtqueue:
         self._table_stride = VRING_DESC_SIZE * max_chain
         # The spec bounds every chain, indirect ones included, by the queue size.
         self._table_limit = min(max_chain, num)
+        self._prepared: list[tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...],
+                                   int, int] | None] = [None] * max_tokens
+        """Per token: (out, in, table entries or 0 for a direct chain, writable bytes)."""
         self._tables_base = 0  # gpa of token 0's indirect table
         self._tables = memoryview(b"")
         if indirect:
@@ -294,6 +302,7 @@ class DriverVirtqueue:
                 offset = token * self._table_stride
                 packer = _TABLE_STRUCTS.get(count) or _table_struct(count)
                 packer.pack_into(self._tables, offset, *args)
+                self._prepared[token] = None  # its table now holds this chain
                 head = free.pop()
                 _DESC.pack_into(
                     self._desc,
@@ -354,43 +363,123 @@ class DriverVirtqueue:
         self._chain_of_head[head] = descs if count > 1 else None
         return head, written
 
-    def indirect_table(self, token: int) -> memoryview:
-        """The token's own indirect table (``max_chain`` 16-byte descriptors), for
-        ``add_indirect``.  Requires ``indirect=True``."""
-        if not self.indirect:
-            raise ValueError("the queue was created without indirect descriptors")
-        if not 0 <= token < self.max_tokens:
-            raise ValueError(f"token {token} outside 0..{self.max_tokens - 1}")
-        offset = token * self._table_stride
-        return self._tables[offset : offset + self._table_stride]
+    # -- prepared chains: a chain written once and submitted many times
 
-    def add_indirect(self, token: int, count: int, writable_len: int) -> None:
-        """Queue the chain the caller already wrote in ``indirect_table(token)``.
+    def prepare(
+        self, token: int, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]]
+    ) -> None:
+        """Make ``out`` (device-readable) then ``in_`` (device-writable) the chain that
+        ``token`` carries on each ``add_prepared`` from now on.
 
-        The fast path for callers that keep a prebuilt table per tag and patch only what
-        changes: entries ``0..count-1`` must be spec descriptors chained with ``NEXT`` and
-        ``next = i + 1``, device-readable ones first.  ``writable_len`` is the total length
-        of the WRITE entries: completions claiming more are rejected.
+        With indirect descriptors the chain is written into the token's own table here, so
+        submitting it later writes one ring descriptor and one avail entry, whatever its
+        length (what a blk-mq tag with a fixed header and status needs).  Preparing the
+        chain already prepared costs one comparison.  The bytes the buffers hold (a header,
+        the data) stay the caller's to change between submissions.  Raises ValueError for
+        a token in flight, a chain that no ``add`` would accept or an address out of range.
         """
-        if self._broken is not None or not 0 <= token < self.max_tokens or self._token_busy[token]:
+        if not 0 <= token < self.max_tokens or self._token_busy[token]:
             self._reject_token(token)
-        if not self.indirect:
-            raise ValueError("the queue was created without indirect descriptors")
-        if not 1 <= count <= self._table_limit:
-            raise ValueError(f"count {count} outside 1..{self._table_limit}")
-        if not self._free:
+        out = tuple(out)
+        in_ = tuple(in_)
+        cached = self._prepared[token]
+        if cached is not None and cached[0] == out and cached[1] == in_:
+            return
+        self._prepared[token] = None
+        count = len(out) + len(in_)
+        if not count:
+            raise ValueError("a chain needs at least one buffer")
+        written = sum(length for _, length in in_)
+        if not self.indirect or count == 1:
+            if count > self.num:
+                raise ValueError(f"chain of {count} buffers exceeds the queue size {self.num}")
+            self._prepared[token] = (out, in_, 0, written)  # direct: ``add`` at submit
+            return
+        if count > self._table_limit:
+            raise ValueError(
+                f"chain of {count} buffers exceeds max_chain {self.max_chain} "
+                f"or the queue size {self.num}"
+            )
+        args: list[int] = []
+        nxt = 1
+        for gpa, length in out:
+            args += (gpa, length, VRING_DESC_F_NEXT, nxt)
+            nxt += 1
+        for gpa, length in in_:
+            args += (gpa, length, _NEXT_WRITE, nxt)
+            nxt += 1
+        args[-2] -= VRING_DESC_F_NEXT  # the last entry ends the chain
+        args[-1] = 0
+        packer = _TABLE_STRUCTS.get(count) or _table_struct(count)
+        try:
+            packer.pack_into(self._tables, token * self._table_stride, *args)
+        except struct.error as exc:
+            raise ValueError(f"buffer address or length out of range: {exc}") from exc
+        self._prepared[token] = (out, in_, count, written)
+
+    def add_prepared(self, token: int) -> None:
+        """Queue the chain ``prepare`` gave ``token`` (not visible before ``kick_prepare``);
+        raises ``QueueFull`` when no descriptor is free (nothing changes then)."""
+        if not self.add_prepared_batch((token,)):
             raise QueueFull("no free descriptor")
-        head = self._free.pop()
-        _DESC.pack_into(
-            self._desc,
-            head * VRING_DESC_SIZE,
-            self._tables_base + token * self._table_stride,
-            count * VRING_DESC_SIZE,
-            VRING_DESC_F_INDIRECT,
-            0,
-        )
-        self._chain_of_head[head] = None
-        self._publish_entry(head, token, writable_len)
+
+    def add_prepared_batch(self, tokens: Sequence[int]) -> int:
+        """Queue the prepared chains of ``tokens`` in order, as far as descriptors go;
+        returns how many were queued (the rest are the caller's to retry).  One call per
+        batch: what a queue handle submits with."""
+        if self._broken is not None:
+            raise DeviceProtocolError(f"queue is broken: {self._broken}")
+        free = self._free
+        busy = self._token_busy
+        prepared = self._prepared
+        token_of_head = self._token_of_head
+        writable_of_head = self._writable_of_head
+        chain_of_head = self._chain_of_head
+        avail_h = self._avail_h
+        desc = self._desc
+        pack = _DESC.pack_into
+        tables_base = self._tables_base
+        stride = self._table_stride
+        mask = self._mask
+        max_tokens = self.max_tokens
+        shadow = self._avail_shadow
+        added = 0
+        direct = 0
+        try:
+            for token in tokens:
+                if not 0 <= token < max_tokens or busy[token]:
+                    self._reject_token(token)
+                chain = prepared[token]
+                if chain is None:
+                    raise ValueError(f"token {token} has no prepared chain")
+                out, in_, count, written = chain
+                if not count:  # a direct chain: ``add`` takes its descriptors
+                    self._avail_shadow = shadow
+                    try:
+                        self.add(out, in_, token)
+                    except QueueFull:
+                        break
+                    finally:
+                        shadow = self._avail_shadow
+                    direct += 1
+                    continue
+                if not free:
+                    break
+                head = free.pop()
+                pack(desc, head << 4, tables_base + token * stride, count << 4,
+                     VRING_DESC_F_INDIRECT, 0)
+                chain_of_head[head] = None
+                token_of_head[head] = token
+                writable_of_head[head] = written
+                busy[token] = 1
+                avail_h[2 + (shadow & mask)] = head
+                shadow = (shadow + 1) & _U16
+                added += 1
+        finally:
+            self._avail_shadow = shadow
+            self._in_flight += added
+            self._num_added += added
+        return added + direct
 
     def _reject_token(self, token: int) -> NoReturn:
         if self._broken is not None:
@@ -398,17 +487,6 @@ class DriverVirtqueue:
         if not 0 <= token < self.max_tokens:
             raise ValueError(f"token {token} outside 0..{self.max_tokens - 1}")
         raise ValueError(f"token {token} is already in flight")
-
-    def _publish_entry(self, head: int, token: int, written: int) -> None:
-        """Record the chain and put its head in the avail ring (index not yet published)."""
-        self._token_of_head[head] = token
-        self._writable_of_head[head] = written
-        self._token_busy[token] = 1
-        self._in_flight += 1
-        shadow = self._avail_shadow
-        self._avail_h[2 + (shadow & self._mask)] = head
-        self._avail_shadow = (shadow + 1) & _U16
-        self._num_added += 1
 
     def kick_prepare(self) -> bool:
         """Publish everything added so far; True if the device asked to be notified."""
@@ -462,9 +540,7 @@ class DriverVirtqueue:
         token_busy = self._token_busy
         free = self._free
         done: list[tuple[int, int]] = []
-        for i in range(0, 2 * n, 2):
-            head = vals[i]
-            written = vals[i + 1]
+        for head, written in zip(vals[0::2], vals[1::2], strict=True):
             if head >= num:
                 self._fail(f"used id {head} is outside the queue (size {num})", done)
             token = token_of_head[head]
@@ -485,11 +561,12 @@ class DriverVirtqueue:
                 chain_of_head[head] = None
             token_busy[token] = 0
             done.append((token, written))
-            self._last_used = (self._last_used + 1) & _U16
+        self._last_used = (last + n) & _U16
         self._in_flight -= n
         return done
 
     def _fail(self, reason: str, done: list[tuple[int, int]] | None = None) -> NoReturn:
+        self._last_used = (self._last_used + len(done or ())) & _U16
         if done:
             self._in_flight -= len(done)
         self._broken = reason
@@ -523,21 +600,32 @@ class DriverVirtqueue:
         else:
             self._avail_h[0] = VRING_AVAIL_F_NO_INTERRUPT
 
-    def enable_cb(self) -> bool:
-        """Ask for an interrupt at the next completion.
+    def enable_cb(self, delay: int = 0) -> bool:
+        """Ask for an interrupt at the next completion, or (with EVENT_IDX) only once
+        ``delay`` more completions have come after that one: a caller that waits for a batch
+        sleeps through the first ``delay`` completions instead of waking for each.
 
-        Returns False when completions are already pending: the device may have used them
-        before it saw this request, so the caller must drain again (``virtblk_done``).
+        Returns False when more than ``delay`` completions are already pending: the device
+        may have passed the point we asked for before it saw the request, so the caller
+        must drain again (``virtblk_done``).  Without EVENT_IDX ``delay`` cannot be
+        expressed: any pending completion returns False.
         """
         if self.event_idx:
-            self._avail_h[self._used_event_i] = self._last_used
+            self._avail_h[self._used_event_i] = (self._last_used + delay) & _U16
         else:
             self._avail_h[0] = 0
+            delay = 0
         self._barrier()
-        return self._used_h[1] == self._last_used
+        return ((self._used_h[1] - self._last_used) & _U16) <= delay
+
+    def enable_cb_delayed(self) -> bool:
+        """``enable_cb`` that wakes when three quarters of what is in flight has completed,
+        as Linux's ``virtqueue_enable_cb_delayed`` does."""
+        return self.enable_cb(self._in_flight * 3 // 4)
 
     def close(self) -> None:
         """Give the indirect tables back to the allocator (the rings belong to the caller)."""
+        self._prepared = [None] * self.max_tokens
         if self.indirect and self._tables:
             self._tables.release()
             self._tables = memoryview(b"")
@@ -561,7 +649,44 @@ class DescriptorChain:
     writable_len: int
 
 
-FlatChain = tuple[int, memoryview, int, tuple[int, ...]]
+class Triple(NamedTuple):
+    """A validated chain of the shape nearly every request has: one indirect table of
+    three non-empty buffers in one memory region, the first device-readable, the second
+    readable or writable, the third device-writable (a virtio-blk header, data, status).
+
+    The fields are offsets and lengths in the batch's region view (see ``pop_batch``), so
+    taking a request apart costs no memoryview per buffer.  Everything is checked as
+    ``_walk_careful`` would: a chain that is not exactly this shape is never a Triple.
+    """
+
+    head: int
+    first: int
+    first_len: int
+    second: int
+    second_len: int
+    second_writable: bool
+    third: int
+    third_len: int
+
+    def chain(self, view: memoryview) -> DescriptorChain:
+        """The same chain as a ``DescriptorChain`` over ``view`` (for the general path)."""
+        first = view[self.first : self.first + self.first_len]
+        second = view[self.second : self.second + self.second_len]
+        third = view[self.third : self.third + self.third_len]
+        if self.second_writable:
+            return DescriptorChain(
+                self.head, [first], [second, third], self.first_len,
+                self.second_len + self.third_len)
+        return DescriptorChain(
+            self.head, [first, second], [third], self.first_len + self.second_len,
+            self.third_len)
+
+
+_new_triple = tuple.__new__
+"""Builds a Triple from a tuple without the generated ``__new__``'s call (the hot path)."""
+
+
+_FlatChain = tuple[int, memoryview, int, tuple[int, ...]]
 """A validated chain of the common shape, unsliced: ``(head, view, base, table)``.
 
 ``table`` is the indirect table's raw ``addr, len, flags, next`` values, flattened; every
@@ -573,7 +698,7 @@ _Region = tuple[int, int, memoryview, "MemoryRegion | None"]
 _NO_REGION: _Region = (0, -1, memoryview(b""), None)
 
 
-def chain_of(flat: FlatChain) -> DescriptorChain:
+def _chain_of(flat: _FlatChain) -> DescriptorChain:
     """The ``DescriptorChain`` of a flat chain (zero-length buffers dropped, as ``pop`` does)."""
     head, view, base, vals = flat
     readable: list[memoryview] = []
@@ -657,6 +782,11 @@ class DeviceVirtqueue:
         self._broken: str | None = None
 
     @property
+    def memory(self) -> GuestMemory:
+        """The guest memory the rings and buffers live in."""
+        return self._memory
+
+    @property
     def last_avail_idx(self) -> int:
         """The next avail index to pop (vhost-user GET_VRING_BASE)."""
         return self._last_avail
@@ -666,10 +796,20 @@ class DeviceVirtqueue:
         """The used index including entries not yet flushed."""
         return self._used_shadow
 
+    def used_idx_in_memory(self) -> int:
+        """The used index as published in guest memory (where a ring served by someone
+        else, who can no longer say, got to)."""
+        return int(self._used_h[1])
+
     @property
     def broken(self) -> bool:
         """True after a RingError: the queue serves nothing until it is recreated."""
         return self._broken is not None
+
+    def avail_pending(self) -> bool:
+        """True when the driver published chains not popped yet (one 16-bit load: what a
+        polling worker spins on)."""
+        return self._avail_h[1] != self._last_avail
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, validated, or None when the ring is empty.
@@ -720,7 +860,7 @@ class DeviceVirtqueue:
         flat = self._flat(head, self._region_for_batch())
         if flat is None:
             return self._walk_careful(head)
-        return chain_of(flat)
+        return _chain_of(flat)
 
     def _region_for_batch(self) -> _Region:
         """The region the fast path tries first, checked once per batch against the
@@ -736,8 +876,8 @@ class DeviceVirtqueue:
             self._region = region
         return region
 
-    def _flat(self, head: int, region: _Region) -> FlatChain | None:
-        """The chain at ``head`` as a :data:`FlatChain`, or None when it is not the common
+    def _flat(self, head: int, region: _Region) -> _FlatChain | None:
+        """The chain at ``head`` as a :data:`_FlatChain`, or None when it is not the common
         shape (then ``_walk_careful`` decides, and names any error).
 
         Almost every request a driver sends is one INDIRECT descriptor whose table lists
@@ -775,34 +915,53 @@ class DeviceVirtqueue:
                 return head, view, base, vals
             k += 4
 
-    def pop_flat(self, limit: int) -> list[FlatChain | DescriptorChain | ChainError]:
-        """Like ``pop_many``, but chains of the common shape come back as a
-        :data:`FlatChain`: no per-buffer views are made, the caller slices what it needs.
+    def pop_batch(
+        self, limit: int
+    ) -> tuple[memoryview, list[Triple | DescriptorChain | ChainError]]:
+        """Up to ``limit`` available chains, validated, in ring order, with one avail idx
+        load: ``(view, items)``.
 
-        Everything in a FlatChain is already validated (structure, flags, order, every
-        buffer inside ``view``); other chains come back as ``pop_many`` returns them.
+        Chains of the usual request shape come back as a :class:`Triple` whose offsets
+        index ``view``; any other valid chain as a ``DescriptorChain``; a malformed one
+        as its ``ChainError`` (already consumed).  Raises ``RingError`` when the ring
+        itself is unusable.
         """
-        out: list[FlatChain | DescriptorChain | ChainError] = []
-        num = self.num
+        items: list[Triple | DescriptorChain | ChainError] = []
         heads = self._take_heads(limit)
-        if not heads:
-            return out
         region = self._region_for_batch()
-        flat = self._flat
-        careful = self._walk_careful
+        base, end, view, _ = region
+        if not heads:
+            return view, items
+        append = items.append
+        num = self.num
+        table = self._desc
+        unpack_desc = _DESC.unpack_from
+        unpack3 = _TABLE3.unpack_from
+        three_ok = self.max_indirect >= 3
         for head in heads:
-            if head >= num:
-                out.append(ChainError(None, f"head index {head} is outside the queue (size {num})"))
-                continue
-            item = flat(head, region)
-            if item is not None:
-                out.append(item)
-                continue
-            try:
-                out.append(careful(head))
-            except ChainError as exc:
-                out.append(exc)
-        return out
+            if head < num:
+                addr, length, flags, _ = unpack_desc(table, head << 4)
+                if (flags == VRING_DESC_F_INDIRECT and length == 48 and three_ok
+                        and base <= addr and addr + 48 <= end):
+                    a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = unpack3(view, addr - base)
+                    if (f0 == _NEXT and n0 == 1 and n1 == 2 and f2 == VRING_DESC_F_WRITE
+                            and (f1 in (_NEXT_WRITE, _NEXT)) and l0 and l1 and l2
+                            and base <= a0 and a0 + l0 <= end and base <= a1
+                            and a1 + l1 <= end and base <= a2 and a2 + l2 <= end):
+                        append(_new_triple(Triple, (head, a0 - base, l0, a1 - base, l1,
+                                                    f1 == _NEXT_WRITE, a2 - base, l2)))
+                        continue
+                flat = self._flat(head, region)
+                if flat is not None:
+                    append(_chain_of(flat))
+                    continue
+                try:
+                    append(self._walk_careful(head))
+                except ChainError as exc:
+                    append(exc)
+            else:
+                append(ChainError(None, f"head index {head} is outside the queue (size {num})"))
+        return view, items
 
     def _walk_careful(self, head: int) -> DescriptorChain:
         """Follow and check one chain; every descriptor is read exactly once."""
@@ -881,7 +1040,8 @@ class DeviceVirtqueue:
         The avail index is read once and the heads are read as one slice: a batch costs
         one shared-memory index load, not one per request.
         """
-        return [chain_of(x) if isinstance(x, tuple) else x for x in self.pop_flat(limit)]
+        view, items = self.pop_batch(limit)
+        return [x.chain(view) if isinstance(x, Triple) else x for x in items]
 
     def add_used(self, head: int, length: int) -> None:
         """Record a completion: ``length`` bytes written into the chain at ``head``.
@@ -896,6 +1056,24 @@ class DeviceVirtqueue:
         self._used_i[slot] = head
         self._used_i[slot + 1] = length
         self._used_shadow = (self._used_shadow + 1) & _U16
+
+    def add_used_batch(self, used: list[int]) -> None:
+        """Record completions given flat, ``[head, length, head, length, ...]``, with one
+        slice store per ring wrap (the batch form of ``add_used``, same checks)."""
+        n = len(used) >> 1
+        if not n:
+            return
+        num = self.num
+        if min(used) < 0 or max(used[0::2]) >= num or max(used[1::2]) > 0xFFFFFFFF:
+            raise ValueError(f"used entries {used} name a head outside the queue (size "
+                             f"{num}) or a length that is not a 32-bit value")
+        start = self._used_shadow & self._mask
+        first = min(n, num - start)
+        used_i = self._used_i
+        used_i[1 + 2 * start : 1 + 2 * (start + first)] = array.array("I", used[: 2 * first])
+        if first < n:
+            used_i[1 : 1 + 2 * (n - first)] = array.array("I", used[2 * first :])
+        self._used_shadow = (self._used_shadow + n) & _U16
 
     def flush_used(self) -> None:
         """Publish every completion added so far with one used idx store."""

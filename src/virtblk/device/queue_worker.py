@@ -1,0 +1,392 @@
+"""Serving one virtqueue: the loop between the kick eventfd, the ring and the device model.
+
+A :class:`QueueServer` drains its queue in batches (``DeviceVirtqueue.pop_batch``, then
+``BlkDevice.execute_batch``): one used-index publication per batch and at most one
+interrupt, with guest notifications suppressed while it works.  When the ring runs dry it
+polls the avail index for a while before it goes to sleep on the kick eventfd, the way
+QEMU's AioContext does (``poll-max-ns``): the polling time grows while polling finds work
+in time and shrinks to nothing when it does not, so an idle queue costs no CPU and a busy
+one costs no wakeups (neither the driver's kick nor our sleep).
+
+The loop does not care where it runs: :class:`QueueWorker` runs it in a thread of the
+device's process; ``virtblk.device.worker_process`` runs it in a process of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from virtblk.virtio.split import ChainError, DescriptorChain, DeviceVirtqueue, RingError, Triple
+
+log = logging.getLogger("virtblk.device")
+
+_ONE = (1).to_bytes(8, "little")
+"""An eventfd increment: what a call (interrupt) notification writes."""
+
+POLL_START_NS = 4000
+"""The first polling time once polling pays (QEMU starts at 4 microseconds too)."""
+
+
+@dataclasses.dataclass(slots=True)
+class QueueStats:
+    """Counters of one queue; only its worker writes them, so they need no lock."""
+
+    requests: dict[str, int] = dataclasses.field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    ioerr: int = 0
+    unsupp: int = 0
+    malformed: int = 0
+    chain_errors: int = 0
+    internal_errors: int = 0
+    notifications: int = 0
+    """Call eventfd writes (interrupts sent to the driver)."""
+    kicks: int = 0
+    """Wakeups by the kick eventfd (a driver notification that found us asleep)."""
+    batches: int = 0
+    polled: int = 0
+    """Times polling found new requests before the polling time ran out."""
+    broken: bool = False
+    running: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        """A plain snapshot (the dict of types is copied)."""
+        snapshot = dataclasses.asdict(self)
+        snapshot["requests"] = dict(self.requests)
+        return snapshot
+
+
+Token = tuple[Triple, memoryview]
+
+
+class BatchExecutor(Protocol):
+    """What the loop needs from the device model (``BlkDevice``)."""
+
+    def execute_batch(
+        self, view: memoryview, items: list[Triple | DescriptorChain | ChainError],
+        queue: int = ..., offload: Callable[
+            [Callable[[memoryview, int], None], memoryview, int, Token], None] | None = ...,
+    ) -> list[int]: ...
+
+    def complete_offloaded(
+        self, done: list[tuple[Token, BaseException | None]], queue: int = ...
+    ) -> list[int]: ...
+
+
+class IoPool:
+    """Threads that make one queue's blocking storage calls, so that many reads and writes
+    are on the disk at once (the file backend's ``preadv`` releases the interpreter lock
+    while it waits).  Results come back in ``done`` order of completion, each followed by
+    a write to ``event_fd`` that wakes the queue's loop."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[memoryview, int], None], memoryview, int, Token] | None
+        ] = queue.SimpleQueue()
+        self._done: collections.deque[tuple[Token, BaseException | None]] = (
+            collections.deque())
+        self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.in_flight = 0
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-io{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, call: Callable[[memoryview, int], None], buf: memoryview, offset: int,
+               token: Token) -> None:
+        """Run ``call(buf, offset)`` on a pool thread."""
+        self.in_flight += 1
+        self._jobs.put((call, buf, offset, token))
+
+    @property
+    def has_done(self) -> bool:
+        """Whether results are waiting to be taken."""
+        return bool(self._done)
+
+    def take(self) -> list[tuple[Token, BaseException | None]]:
+        """The results so far: ``(token, None)`` or ``(token, the exception)``."""
+        done = self._done
+        out = [done.popleft() for _ in range(len(done))]
+        self.in_flight -= len(out)
+        return out
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        done = self._done
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            call, buf, offset, token = job
+            error: BaseException | None = None
+            try:
+                call(buf, offset)
+            except BaseException as exc:  # answered (IOERR) by the queue's loop
+                error = exc
+            done.append((token, error))
+            os.eventfd_write(self.event_fd, 1)
+
+    def close(self) -> None:
+        """End the threads (after what was submitted is done) and release the eventfd."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        os.close(self.event_fd)
+
+
+class AdaptivePoll:
+    """QEMU's adaptive polling time (``util/aio-posix.c``): how long to poll before sleeping.
+
+    After each wait, ``adjust(block_ns)`` looks at how long the wait for work really was:
+    within the polling time, nothing changes; longer than ``max_ns``, polling stops (it
+    would have to spin too long to pay); in between, the polling time doubles (from 4 us)
+    up to ``max_ns``.
+    """
+
+    __slots__ = ("max_ns", "ns")
+
+    def __init__(self, max_ns: int) -> None:
+        if max_ns < 0:
+            raise ValueError(f"polling time must be >= 0 ns, got {max_ns}")
+        self.max_ns = max_ns
+        self.ns = 0
+
+    def adjust(self, block_ns: int) -> None:
+        """Learn from one wait that lasted ``block_ns``."""
+        if block_ns <= self.ns:
+            return  # the sweet spot
+        if block_ns > self.max_ns:
+            self.ns = 0
+        elif self.ns < self.max_ns:
+            self.ns = min(self.ns * 2 if self.ns else POLL_START_NS, self.max_ns)
+
+
+class QueueServer:
+    """The serving loop of one virtqueue (see the module docstring).
+
+    ``run`` returns when ``stop`` is called (from any thread); the fds stay the caller's.
+    """
+
+    def __init__(
+        self, device: BatchExecutor, index: int, vq: DeviceVirtqueue, kick_fd: int,
+        call_fd: int, stats: QueueStats, *, poll_ns: int = 0, io_threads: int = 0,
+    ) -> None:
+        """``io_threads``: the size of the pool that makes blocking storage calls (0: make
+        them on this loop's thread, one at a time)."""
+        self.device = device
+        self.index = index
+        self.vq = vq
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self.stats = stats
+        self.poll = AdaptivePoll(poll_ns)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Checked between batches and while polling too: a driver that keeps the ring full
+        # never lets the loop return to the poll() that watches the stop eventfd.
+        self._stopping = False
+        self._pool = IoPool(io_threads, f"virtblk-q{index}") if io_threads else None
+
+    def stop(self) -> None:
+        """Ask ``run`` to return (it wakes up if asleep)."""
+        self._stopping = True
+        os.eventfd_write(self._stop_fd, 1)
+
+    def close(self) -> None:
+        """Release the stop eventfd and the I/O pool (after ``run`` returned)."""
+        os.close(self._stop_fd)
+        if self._pool is not None:
+            self._pool.close()
+
+    def run(self) -> None:
+        """Serve until stopped."""
+        stats = self.stats
+        stats.running = True
+        poller = select.poll()
+        poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self.kick_fd, select.POLLIN)
+        if self._pool is not None:
+            poller.register(self._pool.event_fd, select.POLLIN)
+        vq = self.vq
+        poll = self.poll
+        clock = time.perf_counter_ns
+        try:
+            vq.disable_notifications()
+            # The driver may have queued requests before we started: serve them first.
+            self._drain(poller)
+            while not self._stopping:
+                start = clock()
+                if poll.ns and not stats.broken and self._spin(start + poll.ns):
+                    stats.polled += 1
+                    poll.adjust(clock() - start)
+                    self._drain(poller)
+                    continue
+                if not stats.broken and vq.enable_notifications():
+                    vq.disable_notifications()  # it raced us: serve before sleeping
+                    self._drain(poller)
+                    continue
+                if not self._sleep(poller):
+                    return
+                poll.adjust(clock() - start)
+                vq.disable_notifications()
+                if not stats.broken:
+                    self._drain(poller)
+        finally:
+            self._finish_offloaded()
+            stats.running = False
+
+    def _finish_offloaded(self) -> None:
+        """Wait for the storage calls still in flight and publish their answers: a stopped
+        queue leaves nothing behind that the driver would wait for forever."""
+        pool = self._pool
+        if pool is None:
+            return
+        waiter = select.poll()
+        waiter.register(pool.event_fd, select.POLLIN)
+        while pool.in_flight:
+            if not pool.has_done:
+                waiter.poll()
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(pool.event_fd)
+            self._publish(self.device.complete_offloaded(pool.take(), self.index))
+
+    def _spin(self, deadline: int) -> bool:
+        """Poll the avail index until ``deadline`` (ns); True when requests arrived (or
+        offloaded storage calls finished)."""
+        pending = self.vq.avail_pending
+        pool = self._pool
+        clock = time.perf_counter_ns
+        while clock() < deadline:
+            if pending() or (pool is not None and pool.has_done):
+                return True
+            if self._stopping:
+                return False
+        return False
+
+    def _sleep(self, poller: select.poll) -> bool:
+        """Block until kicked (True) or stopped (False)."""
+        while True:
+            events = poller.poll()
+            kicked = False
+            for fd, mask in events:
+                if fd == self._stop_fd:
+                    return False
+                if self._pool is not None and fd == self._pool.event_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
+                    kicked = True
+                    continue
+                if mask & (select.POLLNVAL | select.POLLERR | select.POLLHUP):
+                    # A closed kick fd would wake us forever: wait for stop instead.
+                    log.error("queue %d: kick fd %d failed (poll mask %#x); waiting "
+                              "for the queue to be stopped", self.index, fd, mask)
+                    poller.unregister(fd)
+                    continue
+                kicked = True
+            if kicked:
+                if any(fd == self.kick_fd for fd, _ in events):
+                    self._read_kick()
+                return True
+
+    def _read_kick(self) -> None:
+        self.stats.kicks += 1
+        try:
+            os.read(self.kick_fd, 8)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            log.error("queue %d: reading the kick fd failed: %s", self.index, exc)
+
+    def _drain(self, poller: select.poll) -> None:
+        """Serve batches until the ring is empty; a broken ring stops the queue."""
+        try:
+            self._serve()
+        except RingError as exc:
+            self.stats.broken = True
+            log.error("queue %d: ring unusable, queue stopped until restarted: %s",
+                      self.index, exc)
+            with contextlib.suppress(KeyError):  # already gone if the kick fd failed
+                poller.unregister(self.kick_fd)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("queue %d: internal error while serving", self.index)
+
+    def _serve(self) -> None:
+        """Each round pops every available chain at once (one avail idx load), answers
+        them, publishes the used idx once and signals at most once; rounds go on while the
+        driver keeps adding."""
+        vq = self.vq
+        pop_batch = vq.pop_batch
+        execute_batch = self.device.execute_batch
+        index = self.index
+        limit = vq.num
+        pool = self._pool
+        offload = pool.submit if pool is not None else None
+        while not self._stopping:
+            used: list[int] = []
+            if pool is not None and pool.has_done:
+                used = self.device.complete_offloaded(pool.take(), index)
+            view, items = pop_batch(limit)
+            if items:
+                used += execute_batch(view, items, index, offload)
+            elif not used:
+                return
+            if used:
+                self._publish(used)
+
+    def _publish(self, used: list[int]) -> None:
+        """Make completions visible with one used idx store; signal at most once."""
+        vq = self.vq
+        try:
+            vq.add_used_batch(used)
+        finally:
+            vq.flush_used()
+            self.stats.batches += 1
+            if vq.needs_notification():
+                self._notify()
+
+    def _notify(self) -> None:
+        if self.call_fd < 0:
+            return
+        try:
+            os.write(self.call_fd, _ONE)
+            self.stats.notifications += 1
+        except BlockingIOError:
+            pass  # counter saturated: the driver has a pending interrupt anyway
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            log.error("queue %d: call fd %d is closed", self.index, self.call_fd)
+
+
+class QueueWorker(threading.Thread):
+    """A :class:`QueueServer` in a thread of the device's process."""
+
+    def __init__(self, server: QueueServer) -> None:
+        super().__init__(name=f"virtblk-q{server.index}", daemon=True)
+        self.server = server
+
+    @property
+    def vq(self) -> DeviceVirtqueue:
+        """The queue being served."""
+        return self.server.vq
+
+    def run(self) -> None:
+        self.server.run()
+
+    def stop(self) -> None:
+        """Wake the thread, wait for it, release its eventfd."""
+        self.server.stop()
+        self.join()
+        self.server.close()

@@ -1,0 +1,305 @@
+"""Queue workers in processes of their own: a device not bound by one interpreter lock.
+
+``BlkDevice(workers="process")`` spawns one :class:`WorkerProcess` per queue when it is
+created.  Each runs ``python -m virtblk.device.worker_process``: a thread-mode
+``BlkDevice`` over the same storage (a file's descriptors, the memory disk's memfd, or a
+null disk), whose one queue it serves.  The vhost-user connection stays in the main
+process; what a worker needs to serve a ring crosses a private socketpair with the file
+descriptors attached (``SCM_RIGHTS``): the guest memory regions' memfds, the ring
+addresses and indices, the kick and call eventfds.  Guest memory is shared, so the worker
+reads and writes it exactly as a thread would.
+
+The messages (parent to worker, each answered):
+
+* ``init``: the device's settings and its storage (with fds), once;
+* ``start``: a ring to serve (memory regions, addresses, indices, eventfds, features and
+  the device state);
+* ``stop``: stop serving; answers the next avail index and the queue's counters;
+* ``stats``: the queue's counters;
+* ``state``: the size, read-only flag or cache mode changed (a shrink is followed here
+  before the main process truncates the memory disk);
+* ``exit`` (or the socket closing, when the main process dies): leave.
+
+Both ends are this package, so messages are pickled: the channel is a socketpair between
+a process and the child it spawned, never anything a peer can reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
+from virtblk.virtio.memory import GuestMemory, MemoryRegion
+from virtblk.virtio.split import DeviceVirtqueue, VringAddrs
+
+log = logging.getLogger("virtblk.device")
+
+_MAX_MESSAGE = 1 << 20
+_MAX_FDS = 253  # SCM_MAX_FD
+_REPLY_TIMEOUT = 30.0
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed or went away."""
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data = pickle.dumps(message)
+    if len(data) > _MAX_MESSAGE:
+        raise WorkerError(f"message {message.get('op')!r} of {len(data)} bytes is too large")
+    socket.send_fds(sock, [data], list(fds))
+
+
+def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, _MAX_FDS)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    message: dict[str, Any] = pickle.loads(data)
+    return message, fds
+
+
+def storage_of(backend: Backend) -> tuple[dict[str, Any], list[int]]:
+    """How a worker opens ``backend``'s storage: a description and the fds to pass."""
+    if isinstance(backend, FileBackend):
+        fds = [backend.fd] + ([backend.dsync_fd] if backend.dsync_fd >= 0 else [])
+        return {"kind": "file", "path": backend.path, "read_only": backend.read_only}, fds
+    if type(backend) is MemoryBackend:
+        return {"kind": "memory", "size": backend.size}, [backend.fd]
+    if isinstance(backend, NullBackend):
+        return {"kind": "null", "size": backend.size, "read_zeroes": backend.read_zeroes}, []
+    raise ValueError(f"{type(backend).__name__} cannot be served from worker processes")
+
+
+def _open_storage(desc: dict[str, Any], fds: list[int]) -> Backend:
+    kind = desc["kind"]
+    if kind == "file":
+        dsync = fds[1] if len(fds) > 1 else -1
+        return FileBackend.attach(desc["path"], fds[0], dsync, read_only=desc["read_only"])
+    if kind == "memory":
+        return MemoryBackend.attach(fds[0], desc["size"])
+    return NullBackend(desc["size"], read_zeroes=desc["read_zeroes"])
+
+
+class WorkerProcess:
+    """The main process's handle on one queue's worker process."""
+
+    def __init__(self, index: int, settings: dict[str, Any], backend: Backend) -> None:
+        """Spawn the worker for queue ``index`` of a device made with ``settings`` (the
+        ``BlkDevice`` keyword arguments) over ``backend``'s storage."""
+        self.index = index
+        self.settings = settings
+        self.last_stats: dict[str, Any] = {}
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock = ours
+        level = logging.getLogger("virtblk").getEffectiveLevel()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "virtblk.device.worker_process", str(theirs.fileno()),
+                 str(level)],
+                pass_fds=[theirs.fileno()],
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        desc, fds = storage_of(backend)
+        # Sent now, read when the child has imported: the two overlap.
+        _send(ours, {"op": "init", "index": index, "settings": settings, "storage": desc}, fds)
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        return self._proc.pid
+
+    def _call(self, message: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
+        try:
+            _send(self._sock, message, fds)
+            self._sock.settimeout(_REPLY_TIMEOUT)
+            reply, extra = _recv(self._sock)
+        except OSError as exc:
+            raise WorkerError(f"queue {self.index} worker (pid {self.pid}): {exc}") from exc
+        for fd in extra:
+            os.close(fd)
+        if reply is None:
+            raise WorkerError(f"queue {self.index} worker (pid {self.pid}) exited "
+                              f"(status {self._proc.poll()})")
+        if "error" in reply:
+            raise WorkerError(f"queue {self.index} worker: {reply['error']}")
+        return reply
+
+    def start(
+        self, vq: DeviceVirtqueue, kick_fd: int, call_fd: int, state: dict[str, Any],
+        poll_ns: int,
+    ) -> None:
+        """Serve ``vq`` (its memory and ring as the main process mapped them)."""
+        regions = vq.memory.regions
+        a = vq.addrs
+        fds = [r.fd for r in regions] + [kick_fd] + ([call_fd] if call_fd >= 0 else [])
+        self._call({
+            "op": "start",
+            "regions": [(r.guest_phys_addr, r.size, r.user_addr, r.mmap_offset)
+                        for r in regions],
+            "ring": (a.num, a.desc, a.avail, a.used),
+            "event_idx": vq.event_idx,
+            "last_avail": vq.last_avail_idx,
+            "used_idx": vq.used_idx,
+            "max_indirect": vq.max_indirect,
+            "call": call_fd >= 0,
+            "state": state,
+            "poll_ns": poll_ns,
+        }, fds)
+
+    def stop(self) -> int:
+        """Stop serving; the next avail index to resume from."""
+        reply = self._call({"op": "stop"})
+        self.last_stats = reply["stats"]
+        return int(reply["last_avail"])
+
+    def stats(self) -> dict[str, Any]:
+        """The queue's counters now."""
+        self.last_stats = self._call({"op": "stats"})["stats"]
+        return self.last_stats
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Tell the worker the size, read-only flag or cache mode changed."""
+        self._call({"op": "state", "state": state})
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the worker to leave, then make sure it did."""
+        try:
+            _send(self._sock, {"op": "exit"})
+        except OSError:
+            pass
+        self._sock.close()
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("queue %d worker (pid %d) did not exit; killing it", self.index,
+                        self.pid)
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _serve(sock: socket.socket) -> None:
+    """The worker's main loop: answer the main process until it says exit or goes away."""
+    from virtblk.device.blk import BlkDevice
+
+    init, fds = _recv(sock)
+    if init is None or init.get("op") != "init":
+        return
+    index: int = init["index"]
+    device = BlkDevice(_open_storage(init["storage"], fds), **init["settings"])
+    memory: GuestMemory | None = None
+    ring_fds: list[int] = []
+    running = False
+    try:
+        while True:
+            message, fds = _recv(sock)
+            if message is None or message["op"] == "exit":
+                return
+            op = message["op"]
+            try:
+                if op == "start":
+                    if running:
+                        raise ValueError("the queue is already running")
+                    memory, ring_fds = _start(device, index, message, fds)
+                    running = True
+                    reply: dict[str, Any] = {"ok": True}
+                elif op == "stop":
+                    last_avail = device.stop_queue(index) if running else 0
+                    running = False
+                    memory, ring_fds = _release(memory, ring_fds)
+                    reply = {"last_avail": last_avail, "stats": device.queue_stats(index)}
+                elif op == "stats":
+                    reply = {"stats": device.queue_stats(index)}
+                elif op == "state":
+                    device.apply_state(message["state"])
+                    reply = {"ok": True}
+                else:
+                    reply = {"error": f"unknown message {op!r}"}
+            except Exception as exc:
+                log.exception("queue %d worker: %s failed", index, op)
+                for fd in fds:
+                    os.close(fd)
+                reply = {"error": f"{op}: {exc}"}
+            _send(sock, reply)
+    finally:
+        if running:
+            device.stop_queue(index)
+        _release(memory, ring_fds)
+        device.backend.close()
+
+
+def _release(
+    memory: GuestMemory | None, ring_fds: list[int]
+) -> tuple[None, list[int]]:
+    """Unmap a stopped ring's memory and close its eventfds (our copies)."""
+    if memory is not None:
+        memory.close()
+    for fd in ring_fds:
+        os.close(fd)
+    return None, []
+
+
+def _start(
+    device: Any, index: int, message: dict[str, Any], fds: list[int]
+) -> tuple[GuestMemory, list[int]]:
+    """Map the ring's memory and serve it on a thread of this process; the memory and
+    the eventfds (ours to close after the ring stops)."""
+    regions = message["regions"]
+    region_fds, rest = fds[: len(regions)], fds[len(regions):]
+    kick = rest[0]
+    call = rest[1] if message["call"] else -1
+    memory = GuestMemory()
+    try:
+        for (gpa, size, uva, offset), fd in zip(regions, region_fds, strict=True):
+            memory.add(MemoryRegion.map_fd(fd, size=size, mmap_offset=offset,
+                                           guest_phys_addr=gpa, user_addr=uva))
+        region_fds = []
+        vq = DeviceVirtqueue(memory, VringAddrs(*message["ring"]),
+                             event_idx=message["event_idx"],
+                             last_avail_idx=message["last_avail"],
+                             used_idx=message["used_idx"],
+                             max_indirect=message["max_indirect"])
+        device.apply_state(message["state"])
+        device.poll_ns = message["poll_ns"]
+        device.start_queue(index, vq, kick, call)
+    except BaseException:
+        memory.close()
+        for fd in region_fds + rest:
+            os.close(fd)
+        raise
+    return memory, rest
+
+
+def main(argv: list[str]) -> int:
+    """``python -m virtblk.device.worker_process FD LOG_LEVEL``."""
+    fd, level = int(argv[0]), int(argv[1])
+    # The main process decides when a worker stops (it says so, or its end of the socket
+    # closes when it dies); a Ctrl-C or SIGTERM sent to the whole process group is its.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"virtblk-queue-worker[{os.getpid()}]: %(message)s")
+    logging.getLogger("virtblk").setLevel(level)
+    sock = socket.socket(fileno=fd)
+    try:
+        _serve(sock)
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
