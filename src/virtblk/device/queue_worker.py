@@ -146,6 +146,13 @@ class IoPool:
         os.close(self.event_fd)
 
 
+ROUND_MIN = 8
+"""The fewest requests a round takes before publishing (unless fewer are waiting)."""
+
+RESTART_AFTER = 4
+"""Waits short enough to catch in a row before polling starts again after it stopped."""
+
+
 class AdaptivePoll:
     """QEMU's adaptive polling time (``util/aio-posix.c``): how long to poll before sleeping.
 
@@ -153,15 +160,22 @@ class AdaptivePoll:
     within the polling time, nothing changes; longer than ``max_ns``, polling stops (it
     would have to spin too long to pay); in between, the polling time doubles (from 4 us)
     up to ``max_ns``.
+
+    One change to QEMU's rule: once polling stopped, it starts again only after
+    ``RESTART_AFTER`` short waits in a row.  Measured here, a deep queue's waits sit just
+    above ``max_ns`` with the odd one below: QEMU's rule then grows the polling time from
+    4 us up again and again, each time spinning for nothing (0.8 us of device CPU per I/O
+    at depth 32, no IOPS gained).
     """
 
-    __slots__ = ("max_ns", "ns")
+    __slots__ = ("_short", "max_ns", "ns")
 
     def __init__(self, max_ns: int) -> None:
         if max_ns < 0:
             raise ValueError(f"polling time must be >= 0 ns, got {max_ns}")
         self.max_ns = max_ns
         self.ns = 0
+        self._short = RESTART_AFTER - 1  # polling may start at the first short wait
 
     def adjust(self, block_ns: int) -> None:
         """Learn from one wait that lasted ``block_ns``."""
@@ -169,7 +183,12 @@ class AdaptivePoll:
             return  # the sweet spot
         if block_ns > self.max_ns:
             self.ns = 0
+            self._short = 0
         elif self.ns < self.max_ns:
+            if not self.ns:
+                self._short += 1
+                if self._short < RESTART_AFTER:
+                    return
             self.ns = min(self.ns * 2 if self.ns else POLL_START_NS, self.max_ns)
 
 
@@ -323,21 +342,30 @@ class QueueServer:
             log.exception("queue %d: internal error while serving", self.index)
 
     def _serve(self) -> None:
-        """Each round pops every available chain at once (one avail idx load), answers
-        them, publishes the used idx once and signals at most once; rounds go on while the
-        driver keeps adding."""
+        """Rounds until the ring is empty: each pops a quarter of the waiting chains (at
+        least ``ROUND_MIN``; one avail idx load), answers them, publishes the used idx once
+        and signals at most once (if the driver asked).
+
+        Not all at once: answering the whole backlog before publishing anything makes
+        driver and device take turns, each asleep while the other works.  Publishing a
+        quarter at a time lets the driver reap and resubmit while we go on, so both run on
+        their own CPU, neither runs dry, and neither needs waking: measured at queue depth
+        32, 3x the IOPS, two thirds less CPU per I/O on each end and 0.005 notifications
+        per I/O instead of 0.03 (the README's benchmark section)."""
         vq = self.vq
         pop_batch = vq.pop_batch
         execute_batch = self.device.execute_batch
         index = self.index
-        limit = vq.num
+        backlog = vq.avail_backlog
         pool = self._pool
         offload = pool.submit if pool is not None else None
         while not self._stopping:
             used: list[int] = []
             if pool is not None and pool.has_done:
                 used = self.device.complete_offloaded(pool.take(), index)
-            view, items = pop_batch(limit)
+            # A round takes a quarter of what is waiting (at least ROUND_MIN): its answers
+            # reach the driver while we work on the rest, so both ends run at once.
+            view, items = pop_batch(max(ROUND_MIN, backlog() >> 2))
             if items:
                 used += execute_batch(view, items, index, offload)
             elif not used:

@@ -806,6 +806,11 @@ class DeviceVirtqueue:
         """True after a RingError: the queue serves nothing until it is recreated."""
         return self._broken is not None
 
+    def avail_backlog(self) -> int:
+        """How many chains the driver published that are not popped yet (never more than
+        the queue size, which ``pop`` would refuse anyway)."""
+        return min((self._avail_h[1] - self._last_avail) & _U16, self.num)
+
     def avail_pending(self) -> bool:
         """True when the driver published chains not popped yet (one 16-bit load: what a
         polling worker spins on)."""
