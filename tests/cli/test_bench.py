@@ -369,6 +369,9 @@ def test_no_progress_line_in_json_mode() -> None:
         (["--size", "8k", "--numjobs", "4"], "fewer than numjobs"),
         (["--verify", "crc32c", "--rw", "randwrite", "--size", "16k", "--iodepth", "8"],
          "verify needs more blocks per job (4) than iodepth (8)"),
+        (["--device-control", "/tmp/x.ctl"], "--device-control names an external device"),
+        (["--poll-us", "-1"], "--poll-us"),
+        (["--iodepth_batch_complete_min", "0"], "--iodepth_batch_complete_min"),
     ],
 )  # fmt: skip
 def test_usage_errors(args: list[str], message: str) -> None:
@@ -392,3 +395,49 @@ def test_bs_larger_than_one_request(sock_dir: Path) -> None:
     assert "bs 16384 is larger than one request may be (8192 bytes" in refused.stderr
     assert split.returncode == 0, split.stderr
     assert json.loads(split.stdout)["jobs"][0]["read"]["total_ios"] > 0
+
+
+# -- notifications per I/O ----------------------------------------------------------------------
+def test_notifications_are_counted_on_both_ends() -> None:
+    """Each end counts its own notifications; with the embedded device both ends are ours,
+    so what one sent is what the other was woken by."""
+    data = bench_json("--iodepth", "1", "--device-poll-us", "0")
+    n = data["virtblk"]["notifications_per_io"]
+    ios = data["jobs"][0]["read"]["total_ios"]
+    assert ios > 0
+    # Depth 1, no polling on either end: a kick and an interrupt for (nearly) every I/O.
+    assert n["driver_kicks"] > 0.9 and n["driver_interrupts"] > 0.9
+    assert abs(n["device_notifications"] - n["driver_interrupts"]) <= 2 / ios
+    assert abs(n["device_kicks"] - n["driver_kicks"]) <= 2 / ios
+
+
+def test_waiting_for_a_batch_takes_fewer_interrupts() -> None:
+    """``--iodepth_batch_complete_min`` asks the device to signal once per batch."""
+    one = bench_json("--iodepth", "16", "--device-poll-us", "0")
+    batch = bench_json("--iodepth", "16", "--device-poll-us", "0",
+                       "--iodepth_batch_complete_min", "16")
+    per_io = [d["virtblk"]["notifications_per_io"]["driver_interrupts"] for d in (one, batch)]
+    assert 0 < per_io[1] <= 1 / 16 + 0.01, per_io
+    assert per_io[1] < per_io[0], per_io
+
+
+def test_polling_driver_takes_no_interrupt_from_a_polling_device() -> None:
+    data = bench_json("--iodepth", "1", "--poll-us", "500", "--device-poll-us", "500")
+    n = data["virtblk"]["notifications_per_io"]
+    assert n["driver_interrupts"] < 0.5 and n["device_kicks"] < 0.5, n
+
+
+def test_notifications_of_an_external_device_through_its_control_socket(
+    sock_dir: Path,
+) -> None:
+    from interop.serve_process import ServeProcess
+
+    control = sock_dir / "c.ctl"
+    with ServeProcess(sock_dir / "d.sock", ["--null", "64M", "--control", str(control)]) as srv:
+        result = run_virtblk("bench", str(srv.socket_path), "--runtime", "0.4", "--iodepth",
+                             "4", "--device-control", str(control), "--device-pid",
+                             str(srv.process.pid if srv.process else 0))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if "notifications per I/O" in x)
+    assert re.search(r"device interrupted \d\.\d+, was kicked awake \d\.\d+", line), line
+    assert re.search(r"CPU per I/O: driver [\d.]+ us, device [\d.]+ us", result.stdout)

@@ -33,8 +33,10 @@ def test_version() -> None:
     ("command", "options"),
     [
         ("serve", ["--socket", "--file", "--memory", "--null", "--read-only", "--num-queues",
-                   "--serial", "--blk-size"]),
-        ("bench", ["--rw", "--bs", "--iodepth", "--runtime", "--output-format", "--backend"]),
+                   "--serial", "--blk-size", "--poll-us", "--workers"]),
+        ("bench", ["--rw", "--bs", "--iodepth", "--runtime", "--output-format", "--backend",
+                   "--iodepth_batch_complete_min", "--poll-us", "--device-poll-us",
+                   "--device-control", "--keep-cb-while-draining"]),
         ("info", ["--json", "--timeout"]),
     ],
 )  # fmt: skip
@@ -58,6 +60,10 @@ def test_subcommand_help(command: str, options: list[str]) -> None:
         (["serve", "--socket", "S", "--memory", "1M", "--num-queues", "0"],
          "--num-queues must be at least 1"),
         (["serve", "--socket", "S", "--memory", "lots"], "--memory"),
+        (["serve", "--socket", "S", "--memory", "8M", "--zoned", "--workers", "process"],
+         "--zoned serves its queues from threads"),
+        (["serve", "--socket", "S", "--null", "8M", "--poll-us", "-5"], "--poll-us"),
+        (["serve", "--socket", "S", "--null", "8M", "--workers", "fibers"], "'fibers' is not"),
         (["bench", "--rw", "sideways"], "'sideways' is not one of"),
         (["bench", "--iodepth", "0"], "--iodepth"),
         (["bench", "--runtime", "0"], "--runtime"),

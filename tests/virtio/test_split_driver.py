@@ -16,6 +16,7 @@ from virtblk.spec import (
 )
 from virtblk.virtio.split import (
     DeviceProtocolError,
+    DeviceVirtqueue,
     DriverVirtqueue,
     QueueFull,
     VringAddrs,
@@ -311,3 +312,58 @@ def test_close_returns_the_indirect_tables(guest: Guest) -> None:
     assert guest.allocator.free_bytes == before - rings - 16 * 16 * 64
     vq.close()
     assert guest.allocator.free_bytes == before - rings
+
+
+def test_a_delayed_callback_sleeps_through_the_first_completions(guest: Guest) -> None:
+    """``enable_cb(delay)`` (EVENT_IDX): the device, deciding as the spec says, signals
+    only at the completion the driver waits for, not at each one before it."""
+    vq, _ = make(guest, event_idx=True, indirect=True)
+    dev = DeviceVirtqueue(guest.memory, vq.addrs, event_idx=True)
+    for token in range(8):
+        vq.add([(0x1000, 16)], [(0x3000, 1)], token)
+    vq.kick_prepare()
+    view, chains = dev.pop_batch(8)
+    assert len(chains) == 8
+    dev.add_used(0, 1)  # a fresh device queue signals its first decision, whatever
+    dev.flush_used()
+    assert dev.needs_notification()
+    assert vq.get_used() == [(0, 1)]
+    assert vq.enable_cb(3)  # wake me at the 4th completion from here
+    signals = []
+    for head in range(1, 8):
+        dev.add_used(head, 1)
+        dev.flush_used()
+        signals.append(dev.needs_notification())
+    assert signals == [False, False, False, True, False, False, False]
+    assert not vq.enable_cb(3)  # 7 already there: more than the delay, drain first
+    assert len(vq.get_used()) == 7 and vq.enable_cb(3)
+
+
+def test_enable_cb_delayed_waits_for_three_quarters_in_flight(guest: Guest) -> None:
+    vq, raw = make(guest, event_idx=True, indirect=True)
+    for token in range(8):
+        vq.add([(0x1000, 16)], [(0x3000, 1)], token)
+    vq.kick_prepare()
+    assert vq.enable_cb_delayed()
+    assert raw.used_event == 6  # last_used 0 + 3/4 of 8 in flight
+    # Without EVENT_IDX a delay cannot be asked for: any completion wakes.
+    flags_vq, flags_raw = make(guest, event_idx=False, indirect=True)
+    flags_vq.add([(0x1000, 16)], [(0x3000, 1)], 0)
+    flags_vq.kick_prepare()
+    flags_raw.complete((flags_raw.avail[2], 1))
+    assert not flags_vq.enable_cb(5)
+
+
+def test_add_used_batch_wraps_and_refuses_what_add_used_refuses(guest: Guest) -> None:
+    addrs = VringAddrs.allocate(guest.allocator, 4)
+    dev = DeviceVirtqueue(guest.memory, addrs, event_idx=False, used_idx=2)
+    raw = RawRing(guest, addrs)
+    dev.add_used_batch([3, 10, 1, 20, 0, 30])  # slots 2, 3, then 0 after the wrap
+    dev.flush_used()
+    assert raw.used[1] == 5 and raw.used_entries(2, 3) == [(3, 10), (1, 20), (0, 30)]
+    for bad in ([4, 1], [0, 1 << 32], [-1, 1]):
+        with pytest.raises(ValueError, match="outside the queue"):
+            dev.add_used_batch(bad)
+    assert dev.used_idx == 5  # nothing half-written
+    dev.add_used_batch([])
+    assert dev.used_idx == 5

@@ -128,15 +128,23 @@ class WorkerProcess:
             self._sock.settimeout(_REPLY_TIMEOUT)
             reply, extra = _recv(self._sock)
         except OSError as exc:
-            raise WorkerError(f"queue {self.index} worker (pid {self.pid}): {exc}") from exc
+            raise WorkerError(self._gone(str(exc))) from exc
         for fd in extra:
             os.close(fd)
         if reply is None:
-            raise WorkerError(f"queue {self.index} worker (pid {self.pid}) exited "
-                              f"(status {self._proc.poll()})")
+            raise WorkerError(self._gone("it closed its socket"))
         if "error" in reply:
             raise WorkerError(f"queue {self.index} worker: {reply['error']}")
         return reply
+
+    def _gone(self, what: str) -> str:
+        """Why the worker stopped answering, for the error."""
+        try:
+            status = self._proc.wait(1)
+        except subprocess.TimeoutExpired:
+            return f"queue {self.index} worker (pid {self.pid}) stopped answering: {what}"
+        how = f"killed by signal {-status}" if status < 0 else f"with status {status}"
+        return f"queue {self.index} worker (pid {self.pid}) exited {how}"
 
     def start(
         self, vq: DeviceVirtqueue, kick_fd: int, call_fd: int, state: dict[str, Any],

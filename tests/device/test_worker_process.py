@@ -1,0 +1,193 @@
+"""Queues served from worker processes (``BlkDevice(workers="process")``): the storage,
+the device's state and its counters cross the process boundary; a dead worker costs only
+what it had in hand; nothing is left running.  (test_worker.py runs its end-to-end tests
+on both kinds of worker too.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_worker import Driver, start
+
+from virtblk.device.backends import FileBackend, MemoryBackend, NullBackend
+from virtblk.device.blk import BlkDevice
+from virtblk.device.options import DeviceOptions
+from virtblk.device.zoned import ZonedMemoryBackend
+from virtblk.spec import RequestType, Status
+from virtblk.util import process_cpu_seconds
+from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def memory() -> Iterator[tuple[GuestMemory, BufferAllocator]]:
+    region = MemoryRegion.create(8 * MiB, guest_phys_addr=0x100000)
+    mem = GuestMemory([region])
+    yield mem, BufferAllocator(region)
+    mem.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_workers_share_the_disk_and_follow_the_device_state(
+    memory: tuple[GuestMemory, BufferAllocator],
+) -> None:
+    backend = MemoryBackend(MiB)
+    dev = BlkDevice(backend, num_queues=2, workers="process")
+    pids = dev.worker_pids
+    assert len(pids) == 2 and os.getpid() not in pids and all(alive(p) for p in pids)
+    drv0, drv1 = Driver(*memory, event_idx=True), Driver(*memory, event_idx=True)
+    try:
+        start(dev, 0, drv0, event_idx=True)
+        start(dev, 1, drv1, event_idx=True)
+        drv0.submit(0, RequestType.OUT, 16, out=b"\x11" * 4096)
+        drv0.kick_device()
+        assert drv0.wait(1) == {0: 1}
+        # Written by worker 0, read by worker 1 and by this process: one disk.
+        drv1.submit(0, RequestType.IN, 16, in_len=4096)
+        drv1.kick_device()
+        assert drv1.wait(1) == {0: 4097} and drv1.data_of(0, 4096) == b"\x11" * 4096
+        assert bytes(backend._view[16 * 512 : 16 * 512 + 4096]) == b"\x11" * 4096
+
+        dev.set_read_only(True)
+        drv0.submit(1, RequestType.OUT, 16, out=b"\x22" * 512)
+        drv0.kick_device()
+        assert drv0.wait(1) == {1: 1} and drv0.status_of(1) == Status.IOERR
+        dev.set_read_only(False)
+
+        dev.resize(64 << 10)  # the sector read next is past the new end
+        drv1.submit(1, RequestType.IN, 256, in_len=512)
+        drv1.kick_device()
+        assert drv1.wait(1) == {1: 1} and drv1.status_of(1) == Status.IOERR
+        dev.resize(MiB)
+        drv1.submit(2, RequestType.IN, 16, in_len=4096)  # below the cut: kept
+        drv1.kick_device()
+        assert drv1.wait(1) == {2: 4097} and drv1.data_of(2, 4096) == b"\x11" * 4096
+
+        stats = dev.stats()
+        assert stats["requests"] == {"OUT": 2, "IN": 3}
+        assert stats["errors"] == {"IOERR": 2, "UNSUPP": 0}
+        assert [q["running"] for q in stats["queues"]] == [True, True]  # type: ignore[attr-defined]
+        assert dev.stop_queue(0) == 2 and dev.running_queues() == [1]
+        assert dev.stats()["queues"][0]["requests"] == {"OUT": 2}  # type: ignore[index]
+    finally:
+        dev.close()
+        backend.close()
+        drv0.close()
+        drv1.close()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids), "worker processes outlived close()"
+
+
+def test_a_killed_worker_is_replaced_and_the_queue_resumes(
+    memory: tuple[GuestMemory, BufferAllocator], caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = NullBackend(MiB)
+    dev = BlkDevice(backend, workers="process")
+    drv = Driver(*memory, event_idx=True)
+    try:
+        start(dev, 0, drv, event_idx=True)
+        for t in range(4):
+            drv.submit(t, RequestType.IN, t, in_len=512)
+        drv.kick_device()
+        assert len(drv.wait(4)) == 4
+        (victim,) = dev.worker_pids
+        os.kill(victim, signal.SIGKILL)
+        base = dev.stop_queue(0)  # resumes after what was answered
+        assert base == 4
+        assert "exited" in caplog.text and "starting a new worker for queue 0" in caplog.text
+        (replacement,) = dev.worker_pids
+        assert replacement != victim and alive(replacement)
+        drv.submit(4, RequestType.IN, 4, in_len=512)
+        drv.vq.kick_prepare()
+        start(dev, 0, drv, event_idx=True, last_avail=base)
+        assert drv.wait(1) == {4: 513}
+    finally:
+        dev.close()
+        drv.close()
+
+
+def test_a_file_served_from_workers(
+    memory: tuple[GuestMemory, BufferAllocator], tmp_path: Path,
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    backend = FileBackend(image)
+    dev = BlkDevice(backend, workers="process")
+    drv = Driver(*memory, event_idx=True)
+    try:
+        start(dev, 0, drv, event_idx=True)
+        for t in range(8):
+            drv.submit(t, RequestType.OUT, 8 * t, out=bytes([t + 1]) * 4096)
+        drv.kick_device()
+        assert drv.wait(8) == {t: 1 for t in range(8)}
+        drv.submit(8, RequestType.FLUSH, 0)
+        drv.kick_device()
+        assert drv.wait(1) == {8: 1} and drv.status_of(8) == Status.OK
+    finally:
+        dev.close()
+        backend.close()
+        drv.close()
+    data = image.read_bytes()
+    assert all(data[4096 * t : 4096 * (t + 1)] == bytes([t + 1]) * 4096 for t in range(8))
+
+
+def test_what_workers_cannot_serve_is_refused_up_front() -> None:
+    zoned = ZonedMemoryBackend(4 * MiB, zone_size=MiB)
+    with pytest.raises(ValueError, match="threads"):
+        BlkDevice(zoned, workers="process")
+    zoned.close()
+    with pytest.raises(ValueError, match="'thread' or 'process'"):
+        BlkDevice(NullBackend(MiB), workers="fibers")  # type: ignore[arg-type]
+    # What `virtblk serve` and the embedded device build: processes, except when zoned.
+    options = DeviceOptions(backend="null", size=MiB)
+    dev = options.build()
+    try:
+        assert len(dev.worker_pids) == 1 and dev.poll_ns > 0
+    finally:
+        dev.close()
+    dev = DeviceOptions(backend="memory", size=4 * MiB, zoned={"zone_size": MiB}).build()
+    try:
+        assert dev.worker_pids == [] and dev.poll_ns == 0
+    finally:
+        dev.close()
+        dev.backend.close()
+
+
+def test_a_device_cpu_counts_its_worker_processes() -> None:
+    """The bench reads a device's CPU from /proc: its workers' must be in it."""
+    backend = NullBackend(MiB)
+    dev = BlkDevice(backend, workers="process")
+    try:
+        (worker,) = dev.worker_pids
+        before = process_cpu_seconds(os.getpid())
+        worker_before = process_cpu_seconds(worker)
+        burner = os.fork()
+        if burner == 0:  # a child of ours that burns 0.3 s of CPU
+            end = time.process_time() + 0.3
+            while time.process_time() < end:
+                pass
+            os._exit(0)
+        time.sleep(0.2)
+        during = process_cpu_seconds(os.getpid())  # counted while it runs
+        os.waitpid(burner, 0)
+        after = process_cpu_seconds(os.getpid())  # and once it is waited for
+        assert during - before >= 0.1
+        assert after - before >= 0.25
+        assert process_cpu_seconds(worker) >= worker_before
+    finally:
+        dev.close()
