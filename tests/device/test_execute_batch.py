@@ -9,13 +9,13 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtio.virtq_helpers import REGION_GPA, Guest, RawRing
 
 from virtblk.device.backends import MemoryBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.request import BlkRequest
 from virtblk.spec import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, RequestType
 from virtblk.virtio.split import DeviceVirtqueue, Triple, VringAddrs
+from virtio.virtq_helpers import REGION_GPA, Guest, RawRing
 
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 DISK = 64 << 10

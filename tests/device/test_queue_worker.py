@@ -132,7 +132,7 @@ def test_a_blocking_backend_has_many_reads_in_flight(
         dev.reset()
         drv.close()
         backend.close()
-    
+
 
 def test_a_backlog_is_answered_a_quarter_at_a_time(
     memory: tuple[GuestMemory, BufferAllocator],

@@ -322,7 +322,7 @@ def test_a_delayed_callback_sleeps_through_the_first_completions(guest: Guest) -
     for token in range(8):
         vq.add([(0x1000, 16)], [(0x3000, 1)], token)
     vq.kick_prepare()
-    view, chains = dev.pop_batch(8)
+    _view, chains = dev.pop_batch(8)
     assert len(chains) == 8
     dev.add_used(0, 1)  # a fresh device queue signals its first decision, whatever
     dev.flush_used()
