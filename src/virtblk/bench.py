@@ -51,6 +51,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Literal, NoReturn
 
+# numpy's BLAS starts a thread per CPU that spins after work; the bench never multiplies
+# matrices, and on a small machine those threads take CPU from the device it measures.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 
 from virtblk.driver.blklayer import PluggedQueue, QueueLimits
@@ -759,6 +763,9 @@ def _engine_handle(res: _Resources, job: _Job, deadline: int | None, clock: _Clo
     read, write = h.read, h.write
     do_io = h.do_io
     batch_min = max(1, min(cfg.batch_complete_min, len(bufs)))
+    writes_only = cfg.writes and not cfg.mixed
+    if not cfg.mixed:
+        slot_write[:] = [writes_only] * len(bufs)
 
     def issue(slots: list[int], now: int) -> int:
         if deadline is not None and now >= deadline:
@@ -766,11 +773,10 @@ def _engine_handle(res: _Resources, job: _Job, deadline: int | None, clock: _Clo
         if fast:
             offsets, writes = take(len(slots))
             if writes is None:
-                op = write if cfg.writes else read
+                op = write if writes_only else read
                 for i, offset in zip(slots, offsets, strict=True):
                     op(offset, bufs[i], i)
                     start[i] = now
-                    slot_write[i] = cfg.writes
             else:
                 for i, offset, w in zip(slots, offsets, writes, strict=True):
                     (write if w else read)(offset, bufs[i], i)

@@ -49,6 +49,7 @@ _IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
 _STATUS_PENDING = 0xFF
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 _HEADER = RequestHeader.FORMAT
+_pack_header = _HEADER.pack_into
 _HANGUP_CHECK_EVERY = 4096
 """Empty polls between two looks at the vhost-user socket (a dead device never completes)."""
 _POLL_START_NS = 4000
@@ -75,6 +76,14 @@ class QueueHandle:
     Not thread-safe by design: one thread drives a handle.  Close it (or use ``with``) to
     give the queue back to the disk's blocking I/O.
     """
+
+    __slots__ = (
+        "_bs_mask", "_buffers", "_closed", "_config_generation", "_dev", "_disable_cb",
+        "_free", "_hangup", "_hdr_of_tag", "_in_flight", "_layout", "_max_segments",
+        "_pending", "_poll_max_ns", "_poll_ns", "_q", "_read_only", "_ready", "_seg_area",
+        "_seg_of_tag", "_size", "_slots", "_staged", "_status_of_tag", "_type_of_tag",
+        "_user_data", "_vq", "_waiter", "disk", "index", "max_transfer", "poll",
+    )
 
     def __init__(
         self, disk: Disk, index: int = 0, *, poll: bool = False, poll_us: float = 0,
@@ -108,8 +117,10 @@ class QueueHandle:
         self._config_generation = self._dev.config_generation
         self._read_only = disk.read_only
         self._buffers = disk._buffers  # the disk's registry of its buffers
+        # Requests enqueued: on a tag already (staged) when one was free, else pending.
         self._pending: collections.deque[tuple[int, int, _Segments, bool, Any]] = (
             collections.deque())
+        self._staged: list[int] = []
         self._ready: collections.deque[Completion] = collections.deque()
         self._in_flight = 0
         self._closed = False
@@ -120,7 +131,6 @@ class QueueHandle:
         assert seg_gpa is not None
         self._seg_of_tag: list[_Segments] = [
             ((seg_gpa + tag * DiscardSegment.SIZE, DiscardSegment.SIZE),) for tag in range(depth)]
-        self._segment: list[DiscardSegment | None] = [None] * depth
         self._hangup = select.poll()
         self._hangup.register(disk.device.frontend.fileno(), select.POLLRDHUP)
         self._waiter = select.poll()
@@ -148,34 +158,45 @@ class QueueHandle:
     # -- enqueue ----------------------------------------------------------------------------
     def read(self, offset: int, buf: Buffer, user_data: Any = None) -> None:
         """Enqueue a read of ``len(buf)`` bytes at ``offset`` into ``buf`` (from disk.buffer)."""
-        # The common case inline: a buffer as disk.buffer() made it, a size that is current.
-        if self._dev.config_generation != self._config_generation:
-            self._refresh_size()
-        entry = self._buffers.get(id(buf))
-        if entry is not None and entry[0] is buf and len(entry[2]) <= self._max_segments:
-            segs = entry[2]
-            length = len(buf)
-        else:
-            segs, length = self._segments("read", buf, writable=True)
-        if offset & self._bs_mask or offset < 0 or offset + length > self._size:
-            self._check_range("read", offset, length)
-        self._pending.append((_IN, offset >> SECTOR_SHIFT, segs, True, user_data))
+        self._enqueue(_IN, offset, buf, user_data)
 
     def write(self, offset: int, buf: Buffer, user_data: Any = None) -> None:
         """Enqueue a write of ``buf`` (from disk.buffer) at ``offset``."""
         if self._read_only or self._closed:
             self._check_writable("write")
+        self._enqueue(_OUT, offset, buf, user_data)
+
+    def _enqueue(self, rtype: int, offset: int, buf: Buffer, user_data: Any) -> None:
+        """A read (``_IN``) or write (``_OUT``): onto a free tag at once when there is one
+        (header written, chain prepared; nothing on the ring before ``do_io``), else into
+        the pending queue.  The common case is inline: a buffer as disk.buffer() made it,
+        a size that is current, a tag whose chain already carries this buffer."""
         if self._dev.config_generation != self._config_generation:
             self._refresh_size()
+        into = rtype == _IN
         entry = self._buffers.get(id(buf))
         if entry is not None and entry[0] is buf and len(entry[2]) <= self._max_segments:
             segs = entry[2]
             length = len(buf)
         else:
-            segs, length = self._segments("write", buf, writable=False)
+            segs, length = self._segments("read" if into else "write", buf, writable=into)
         if offset & self._bs_mask or offset < 0 or offset + length > self._size:
-            self._check_range("write", offset, length)
-        self._pending.append((_OUT, offset >> SECTOR_SHIFT, segs, False, user_data))
+            self._check_range("read" if into else "write", offset, length)
+        free = self._free
+        if not free or self._pending:
+            self._pending.append((rtype, offset >> SECTOR_SHIFT, segs, into, user_data))
+            return
+        tag = free.popleft()
+        shape = self._layout[tag]
+        if shape is None or shape[0] is not segs or shape[1] is not into:
+            self._prepare(tag, segs, into)
+        base = tag * SLOT
+        slots = self._slots
+        _pack_header(slots, base, rtype, 0, offset >> SECTOR_SHIFT)
+        slots[base + 16] = _STATUS_PENDING
+        self._user_data[tag] = user_data
+        self._type_of_tag[tag] = rtype
+        self._staged.append(tag)
 
     def flush(self, user_data: Any = None) -> None:
         """Enqueue a FLUSH.  Without the FLUSH feature writes are durable on completion, so
@@ -272,7 +293,7 @@ class QueueHandle:
         """
         self._check_open()
         ready = self._ready
-        limit = len(ready) + self._in_flight + len(self._pending)
+        limit = len(ready) + self._in_flight + len(self._pending) + len(self._staged)
         if min_completions > limit:
             # libblkio answers EINVAL too: the wait could never end.
             raise ValueError(
@@ -285,7 +306,7 @@ class QueueHandle:
                 f"need 0 <= min_completions ({min_completions}) <= max_completions "
                 f"({max_completions})"
             )
-        if self._pending:
+        if self._staged or self._pending:
             self._submit()
         if self._in_flight:
             self._reap()
@@ -301,44 +322,41 @@ class QueueHandle:
             return done
         return [ready.popleft() for _ in range(max_completions)]
 
+    def _stage(
+        self, tag: int, rtype: int, sector: int, segs: _Segments, into: bool, ud: Any
+    ) -> None:
+        """Make ``tag`` carry a request: its header and status byte written, its chain
+        prepared (rewritten only when its buffers changed).  Nothing reaches the ring
+        before ``_submit``."""
+        if rtype <= _OUT:  # IN (0) or OUT (1), the only types whose buffers vary
+            shape = self._layout[tag]
+            if shape is None or shape[0] is not segs or shape[1] != into:
+                self._prepare(tag, segs, into)
+        else:
+            ud = self._prepare_other(tag, rtype, ud)
+        base = tag * SLOT
+        slots = self._slots
+        _HEADER.pack_into(slots, base, rtype, 0, sector)
+        slots[base + 16] = _STATUS_PENDING
+        self._user_data[tag] = ud
+        self._type_of_tag[tag] = rtype
+        self._staged.append(tag)
+
     def _submit(self) -> None:
-        """Put what is pending on the ring, as far as tags (and ring space) go; one kick."""
+        """Put what is staged (and what is pending, as far as tags go) on the ring; one
+        kick."""
         pending = self._pending
         free = self._free
-        vq = self._vq
-        slots = self._slots
-        pack = _HEADER.pack_into
-        layout = self._layout
-        user_data = self._user_data
-        type_of_tag = self._type_of_tag
-        tags: list[int] = []
-        items = []
         while pending and free:
-            item = pending.popleft()
-            rtype, sector, segs, into, ud = item
-            tag = free.popleft()
-            base = tag * SLOT
-            if rtype <= _OUT:  # IN (0) or OUT (1), the only types whose buffers vary
-                shape = layout[tag]
-                if shape is None or shape[0] is not segs or shape[1] != into:
-                    self._prepare(tag, segs, into)
-            else:
-                ud = self._prepare_other(tag, rtype, ud)
-            pack(slots, base, rtype, 0, sector)
-            slots[base + 16] = _STATUS_PENDING
-            user_data[tag] = ud
-            type_of_tag[tag] = rtype
-            tags.append(tag)
-            items.append(item)
-        submitted = vq.add_prepared_batch(tags)
-        if submitted < len(tags):
-            # A ring without indirect descriptors ran out of them: what did not fit goes
-            # back, in order, for when completions free some.
-            for tag, item in zip(reversed(tags[submitted:]), reversed(items[submitted:]),
-                                 strict=True):
-                user_data[tag] = None
-                free.appendleft(tag)
-                pending.appendleft(item)
+            self._stage(free.popleft(), *pending.popleft())
+        staged = self._staged
+        if not staged:
+            return
+        vq = self._vq
+        submitted = vq.add_prepared_batch(staged)
+        # A ring without indirect descriptors may run out of them: what did not fit stays
+        # staged, in order, for when completions free some.
+        del staged[:submitted]
         if submitted:
             self._in_flight += submitted
             q = self._q
@@ -420,7 +438,7 @@ class QueueHandle:
         while len(ready) < wanted:
             if pending():
                 self._reap()
-                if self._pending:
+                if self._pending or self._staged:
                     self._submit()
                 idle = 0
                 continue
@@ -478,7 +496,7 @@ class QueueHandle:
 
     def _reap_and_refill(self) -> None:
         self._reap()
-        if self._pending and self._free:
+        if (self._pending and self._free) or self._staged:
             self._submit()
 
     def _spin_until(self, deadline_ns: int) -> bool:
@@ -522,7 +540,7 @@ class QueueHandle:
     @property
     def pending(self) -> int:
         """Requests enqueued and not yet submitted."""
-        return len(self._pending)
+        return len(self._pending) + len(self._staged)
 
     @property
     def in_flight(self) -> int:
@@ -539,6 +557,10 @@ class QueueHandle:
         if self._closed:
             return
         self._pending.clear()
+        for tag in self._staged:
+            self._user_data[tag] = None
+            self._free.append(tag)
+        self._staged.clear()
         q = self._q
         try:
             if q.broken is None and self._in_flight:
@@ -568,7 +590,7 @@ class QueueHandle:
     def __repr__(self) -> str:
         mode = "poll" if self.poll else "interrupt"
         return (
-            f"<QueueHandle {self._q.name} {mode} pending={len(self._pending)} "
+            f"<QueueHandle {self._q.name} {mode} pending={self.pending} "
             f"in_flight={self._in_flight}>"
         )
 
