@@ -1,10 +1,11 @@
-"""The queue API in polling mode against interrupt mode, in one run.
+"""The queue API's three ways to wait, in one run: interrupt, adaptive polling, polling.
 
 Our device serves a null backend from its own process; the driver keeps ``depth`` 4 KiB
 random reads in flight through a :class:`~virtblk.driver.queue_api.QueueHandle`, resubmitting
-each completion, first sleeping on the call eventfd (interrupt mode), then busy-polling the
-used ring with notifications off (poll mode).  We print IOPS and CPU per I/O (driver and
-device, from /proc) for each, and the poll/interrupt ratios, plus a JSON record
+each completion, sleeping on the call eventfd (interrupt mode), polling the used ring up to
+128 us before sleeping (``poll_us=128``, adaptive), or busy-polling with notifications off
+(poll mode).  We print IOPS and CPU per I/O (driver and device, from /proc, the device's
+worker processes included) for each, and the ratios to interrupt mode, plus a JSON record
 (``--json FILE``).
 
     python benchmarks/queue_api.py [--runtime 3] [--depths 1,32] [--json out.json]
@@ -26,7 +27,13 @@ BS = 4096
 SIZE = 1 << 30
 
 
-def run_one(disk: Disk, *, poll: bool, depth: int, runtime: float) -> dict[str, Any]:
+MODES = (("interrupt", False, 0.0), ("adaptive", False, 128.0), ("poll", True, 0.0))
+"""(name, poll, poll_us): sleep on the interrupt; poll up to 128 us then sleep; spin."""
+
+
+def run_one(
+    disk: Disk, *, mode: str, poll: bool, poll_us: float, depth: int, runtime: float
+) -> dict[str, Any]:
     """Keep ``depth`` reads in flight for ``runtime`` seconds; returns the measurements."""
     embedded = disk.embedded_device
     assert embedded is not None
@@ -34,7 +41,7 @@ def run_one(disk: Disk, *, poll: bool, depth: int, runtime: float) -> dict[str, 
     blocks = SIZE // BS
     bufs = [disk.buffer(BS) for _ in range(depth)]
     ios = 0
-    with QueueHandle(disk, poll=poll) as q:
+    with QueueHandle(disk, poll=poll, poll_us=poll_us) as q:
         for i, buf in enumerate(bufs):
             q.read(rng.randrange(blocks) * BS, buf, i)
         dev0, cpu0, t0 = embedded.cpu_seconds(), time.process_time(), time.monotonic()
@@ -54,7 +61,7 @@ def run_one(disk: Disk, *, poll: bool, depth: int, runtime: float) -> dict[str, 
     for buf in bufs:
         disk.free_buffer(buf)
     return {
-        "mode": "poll" if poll else "interrupt",
+        "mode": mode,
         "depth": depth,
         "ios": ios,
         "iops": ios / elapsed,
@@ -74,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     with Disk.embedded(size=SIZE, backend="null", mode="process") as disk:
         for depth in depths:
-            for poll in (False, True):
-                results.append(run_one(disk, poll=poll, depth=depth, runtime=args.runtime))
+            for mode, poll, poll_us in MODES:
+                results.append(run_one(disk, mode=mode, poll=poll, poll_us=poll_us,
+                                       depth=depth, runtime=args.runtime))
     print(f"{'mode':<10} {'depth':>5} {'IOPS':>10} {'drv us/io':>10} {'dev us/io':>10} "
           f"{'drv CPU':>8}")
     for r in results:
@@ -84,17 +92,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['driver_cpu_share']:>7.0%}")
     ratios = []
     for depth in depths:
-        irq, pol = (r for r in results if r["depth"] == depth)
-        ratio = {
-            "depth": depth,
-            "iops": pol["iops"] / irq["iops"],
-            "driver_cpu_per_io": pol["driver_cpu_us_per_io"] / irq["driver_cpu_us_per_io"],
-            "device_cpu_per_io": pol["device_cpu_us_per_io"] / irq["device_cpu_us_per_io"],
-        }
-        ratios.append(ratio)
-        print(f"depth {depth}: poll/interrupt IOPS x{ratio['iops']:.2f}, driver CPU per I/O "
-              f"x{ratio['driver_cpu_per_io']:.2f}, device CPU per I/O "
-              f"x{ratio['device_cpu_per_io']:.2f}")
+        irq = next(r for r in results if r["depth"] == depth and r["mode"] == "interrupt")
+        for other in (r for r in results if r["depth"] == depth and r["mode"] != "interrupt"):
+            ratio = {
+                "depth": depth,
+                "mode": other["mode"],
+                "iops": other["iops"] / irq["iops"],
+                "driver_cpu_per_io": other["driver_cpu_us_per_io"] / irq["driver_cpu_us_per_io"],
+                "device_cpu_per_io": other["device_cpu_us_per_io"] / irq["device_cpu_us_per_io"],
+            }
+            ratios.append(ratio)
+            print(f"depth {depth}: {other['mode']}/interrupt IOPS x{ratio['iops']:.2f}, driver "
+                  f"CPU per I/O x{ratio['driver_cpu_per_io']:.2f}, device CPU per I/O "
+                  f"x{ratio['device_cpu_per_io']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "ratios": ratios}, f, indent=2)

@@ -392,6 +392,35 @@ def test_fuzz_pop_raises_only_chain_or_ring_errors(
             assert chain.readable_len == sum(len(b) for b in chain.readable)
             assert chain.writable_len == sum(len(b) for b in chain.writable)
             assert 0 <= chain.head < num
+        # The batch path over the same hostile ring: only its own errors, and every chain
+        # it takes as a request (a Triple) is exactly what the careful walk makes of it.
+        batch = DeviceVirtqueue(g.memory, addrs, event_idx=event_idx, last_avail_idx=last_avail)
+        assert_batch_agrees_with_careful_walk(batch)
+
+
+def assert_batch_agrees_with_careful_walk(vq: DeviceVirtqueue) -> None:
+    """Pop everything with ``pop_batch``: no exception but RingError, and each item is what
+    ``_walk_careful`` says of its head (a Triple: the same buffers as the careful chain)."""
+    try:
+        view, items = vq.pop_batch(vq.num)
+    except RingError:
+        return
+    for item in items:
+        if isinstance(item, ChainError):
+            assert item.head is None or 0 <= item.head < vq.num
+            continue
+        assert 0 <= item.head < vq.num
+        try:
+            careful = vq._walk_careful(item.head)
+        except ChainError as exc:
+            raise AssertionError(f"pop_batch accepted a chain the walk refuses: {exc}") from None
+        got = item.chain(view) if isinstance(item, Triple) else item
+        for side in ("readable", "writable"):
+            mine, ref = getattr(got, side), getattr(careful, side)
+            assert [len(v) for v in mine] == [len(v) for v in ref]
+            assert [bytes(v) for v in mine] == [bytes(v) for v in ref]
+        assert (got.readable_len, got.writable_len) == (careful.readable_len,
+                                                        careful.writable_len)
 
 
 PACKED_RING_BYTES = 288 + 6 + 8 * 8  # num 8: desc at 0, avail at 128, used at 288
@@ -415,6 +444,9 @@ def test_fuzz_random_bytes_in_the_whole_ring_area(noise: bytes, event_idx: bool)
                 continue
             except RingError:
                 break
+        g.memory.view(0, len(noise))[:] = noise  # the same ring again, for the batch path
+        assert_batch_agrees_with_careful_walk(DeviceVirtqueue(g.memory, addrs,
+                                                              event_idx=event_idx))
 
 
 # The fast path (one in-order indirect table, read flat) must accept exactly the chains the

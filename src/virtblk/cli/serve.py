@@ -69,6 +69,9 @@ log = logging.getLogger("virtblk.serve")
               help="Poll an empty ring up to this many microseconds before sleeping "
               "(adaptive, as QEMU's poll-max-ns); 0 never polls.  [default: 128 with "
               "worker processes, 0 with threads]")
+@click.option("--io-threads", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --file: reads and writes each queue keeps in flight on the disk "
+              "(a thread each).")
 @click.option("--workers", type=click.Choice(["process", "thread"]), default=None,
               help="Serve each queue from a process of its own (default; not with --zoned) "
               "or from a thread of this process.")
@@ -104,6 +107,7 @@ def serve(
     lifetime: str | None,
     experimental_fua: bool,
     poll_us: float | None,
+    io_threads: int,
     workers: str | None,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
@@ -141,6 +145,7 @@ def serve(
     if experimental_fua:
         opts.device["fua"] = True
     opts.device["poll_us"] = poll_us
+    opts.device["io_threads"] = io_threads
     for name, value, top in (
         ("max_discard_sectors", max_discard_sectors, 0xFFFFFFFF),
         ("max_discard_seg", max_discard_seg, 0xFFFFFFFF),

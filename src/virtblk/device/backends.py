@@ -341,6 +341,7 @@ class FileBackend(Backend):
             fd = os.open(self.path, flags)
         self._fd = fd
         self._dsync_fd = -1
+        self._direct_fd = -1
         try:
             st = os.fstat(fd)
             self._regular = stat.S_ISREG(st.st_mode)
@@ -350,18 +351,27 @@ class FileBackend(Backend):
         except OSError:
             os.close(fd)
             raise
+        try:
+            # For many reads and writes in flight with Linux AIO; tmpfs and others refuse.
+            self._direct_fd = os.open(self.path, flags | os.O_DIRECT)
+        except OSError:
+            self._direct_fd = -1
         super().__init__(size, read_only=read_only)
         # Remember what the filesystem refused so the hot path does not ask again.
         self._refused: set[int] = set()  # fallocate modes
 
     @classmethod
-    def attach(cls, path: str, fd: int, dsync_fd: int, *, read_only: bool) -> FileBackend:
-        """Serve the file another process opened: its two descriptors (the plain one and
-        the ``O_DSYNC`` one, -1 when read-only), whose ownership passes to us."""
+    def attach(
+        cls, path: str, fd: int, dsync_fd: int, direct_fd: int = -1, *, read_only: bool
+    ) -> FileBackend:
+        """Serve the file another process opened: its descriptors (the plain one, the
+        ``O_DSYNC`` one, -1 when read-only, the ``O_DIRECT`` one, -1 if the filesystem
+        refused it), whose ownership passes to us."""
         self = cls.__new__(cls)
         self.path = path
         self._fd = fd
         self._dsync_fd = dsync_fd
+        self._direct_fd = direct_fd
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
         Backend.__init__(self, os.lseek(fd, 0, os.SEEK_END), read_only=read_only)
         self._refused = set()
@@ -376,6 +386,11 @@ class FileBackend(Backend):
     def dsync_fd(self) -> int:
         """The ``O_DSYNC`` descriptor write-through writes use (-1 when read-only)."""
         return self._dsync_fd
+
+    @property
+    def direct_fd(self) -> int:
+        """An ``O_DIRECT`` descriptor for Linux AIO (-1 when the filesystem refuses)."""
+        return self._direct_fd
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         total = sum(len(buf) for buf in buffers)
@@ -477,7 +492,7 @@ class FileBackend(Backend):
         super().resize(new_size)
 
     def close(self) -> None:
-        for fd in (self._fd, self._dsync_fd):
+        for fd in (self._fd, self._dsync_fd, self._direct_fd):
             if fd >= 0:
                 os.close(fd)
-        self._fd = self._dsync_fd = -1
+        self._fd = self._dsync_fd = self._direct_fd = -1

@@ -20,8 +20,16 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from virtblk.device import linux_aio
 from virtblk.device.backends import Backend, zero_fill
-from virtblk.device.queue_worker import QueueServer, QueueStats, QueueWorker
+from virtblk.device.queue_worker import (
+    IoPool,
+    Offload,
+    Offloader,
+    QueueServer,
+    QueueStats,
+    QueueWorker,
+)
 from virtblk.device.request import (
     HEADER_FORMAT,
     BlkRequest,
@@ -51,10 +59,6 @@ from virtblk.virtio.split import ChainError, DescriptorChain, DeviceVirtqueue, T
 
 log = logging.getLogger("virtblk.device")
 
-Offload = Callable[[Callable[[memoryview, int], None], memoryview, int,
-                    tuple[Triple, memoryview]], None]
-"""Where ``execute_batch`` hands a blocking read or write: (the storage call, its buffer,
-its offset, the token ``complete_offloaded`` answers it by)."""
 
 # Plain ints for the per-request comparisons (enum attribute lookups cost more).
 _OK, _IOERR, _UNSUPP = int(Status.OK), int(Status.IOERR), int(Status.UNSUPP)
@@ -489,8 +493,8 @@ class BlkDevice:
         costs the request it hit (used length 0), never the rest of the batch.
 
         With ``offload`` (a backend whose calls block on a disk), those reads and writes
-        are handed to it instead, ``offload(call, buffer, offset, (item, view))``, so many
-        are in flight at once; they are answered later by ``complete_offloaded``.
+        are handed to it instead, ``offload(write?, buffer, offset, (item, view))``, so
+        many are in flight at once; they are answered later by ``complete_offloaded``.
         """
         used: list[int] = []
         stats = self._stats[queue]
@@ -517,7 +521,7 @@ class BlkDevice:
                             if offset + data_len <= end:
                                 if rtype == _IN and into:
                                     if offload is not None:
-                                        offload(read_into, view[data : data + data_len],
+                                        offload(False, view[data : data + data_len],
                                                 offset, (item, view))
                                         continue
                                     try:
@@ -532,7 +536,7 @@ class BlkDevice:
                                         continue
                                 elif rtype == _OUT and not into and writable:
                                     if offload is not None:
-                                        offload(write_from, view[data : data + data_len],
+                                        offload(True, view[data : data + data_len],
                                                 offset, (item, view))
                                         continue
                                     try:
@@ -798,9 +802,32 @@ class BlkDevice:
                 stats.running = True
                 return
             worker = QueueWorker(QueueServer(self, index, vq, kick_fd, call_fd, stats,
-                                             poll_ns=self.poll_ns, io_threads=self.io_threads))
+                                             poll_ns=self.poll_ns,
+                                             offloader=self._offloader(index, vq.num)))
             self._workers[index] = worker
         worker.start()
+
+    def _offloader(self, index: int, depth: int) -> Offloader | None:
+        """Where a blocking backend's reads and writes go: Linux AIO on its O_DIRECT
+        descriptor when it has one, else a pool of ``io_threads`` threads (None: neither,
+        the backend does not block)."""
+        backend = self.backend
+        if not backend.blocking or not self.io_threads:
+            return None
+        direct_fd = getattr(backend, "direct_fd", -1)
+        if direct_fd >= 0 and linux_aio.available():
+            try:
+                return linux_aio.LinuxAio(
+                    depth, direct_fd=direct_fd, align=linux_aio.DIRECT_ALIGN,
+                    fallback=lambda write, buf, offset: (
+                        backend.write_from(buf, offset) if write else backend.read_into(
+                            buf, offset)),
+                    rw_flags=lambda: 0 if backend.writeback else linux_aio.RWF_DSYNC)
+            except OSError as exc:  # e.g. the AIO limit of the system is reached
+                log.warning("queue %d: Linux AIO unavailable (%s); using %d threads", index,
+                            exc, self.io_threads)
+        return IoPool(self.io_threads, f"virtblk-q{index}", backend.read_into,
+                      backend.write_from)
 
     def stop_queue(self, index: int) -> int:
         """Stop serving queue ``index``; returns the next avail index to resume from."""

@@ -68,6 +68,8 @@ class QueueStats:
 
 
 Token = tuple[Triple, memoryview]
+Offload = Callable[[bool, memoryview, int, Token], None]
+"""Hands a read (False) or write (True) of a buffer at an offset to an ``Offloader``."""
 
 
 class BatchExecutor(Protocol):
@@ -75,13 +77,27 @@ class BatchExecutor(Protocol):
 
     def execute_batch(
         self, view: memoryview, items: list[Triple | DescriptorChain | ChainError],
-        queue: int = ..., offload: Callable[
-            [Callable[[memoryview, int], None], memoryview, int, Token], None] | None = ...,
+        queue: int = ..., offload: Offload | None = ...,
     ) -> list[int]: ...
 
     def complete_offloaded(
         self, done: list[tuple[Token, BaseException | None]], queue: int = ...
     ) -> list[int]: ...
+
+
+class Offloader(Protocol):
+    """Where a blocking backend's reads and writes go so that many are on the disk at once:
+    an :class:`IoPool` of threads, or ``virtblk.device.linux_aio.LinuxAio``."""
+
+    event_fd: int
+    in_flight: int
+
+    def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None: ...
+    def flush(self) -> None: ...
+    @property
+    def has_done(self) -> bool: ...
+    def take(self) -> list[tuple[Token, BaseException | None]]: ...
+    def close(self) -> None: ...
 
 
 class IoPool:
@@ -90,7 +106,11 @@ class IoPool:
     while it waits).  Results come back in ``done`` order of completion, each followed by
     a write to ``event_fd`` that wakes the queue's loop."""
 
-    def __init__(self, threads: int, name: str) -> None:
+    def __init__(
+        self, threads: int, name: str, read: Callable[[memoryview, int], None],
+        write: Callable[[memoryview, int], None],
+    ) -> None:
+        self._calls = (read, write)
         self._jobs: queue.SimpleQueue[
             tuple[Callable[[memoryview, int], None], memoryview, int, Token] | None
         ] = queue.SimpleQueue()
@@ -103,11 +123,13 @@ class IoPool:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, call: Callable[[memoryview, int], None], buf: memoryview, offset: int,
-               token: Token) -> None:
-        """Run ``call(buf, offset)`` on a pool thread."""
+    def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None:
+        """Run the read or write on a pool thread."""
         self.in_flight += 1
-        self._jobs.put((call, buf, offset, token))
+        self._jobs.put((self._calls[write], buf, offset, token))
+
+    def flush(self) -> None:
+        """Nothing to do: a thread takes each job as it is submitted."""
 
     @property
     def has_done(self) -> bool:
@@ -200,10 +222,11 @@ class QueueServer:
 
     def __init__(
         self, device: BatchExecutor, index: int, vq: DeviceVirtqueue, kick_fd: int,
-        call_fd: int, stats: QueueStats, *, poll_ns: int = 0, io_threads: int = 0,
+        call_fd: int, stats: QueueStats, *, poll_ns: int = 0,
+        offloader: Offloader | None = None,
     ) -> None:
-        """``io_threads``: the size of the pool that makes blocking storage calls (0: make
-        them on this loop's thread, one at a time)."""
+        """``offloader``: where a blocking backend's reads and writes go (None: they are
+        made on this loop's thread, one at a time); closed with the server."""
         self.device = device
         self.index = index
         self.vq = vq
@@ -215,7 +238,7 @@ class QueueServer:
         # Checked between batches and while polling too: a driver that keeps the ring full
         # never lets the loop return to the poll() that watches the stop eventfd.
         self._stopping = False
-        self._pool = IoPool(io_threads, f"virtblk-q{index}") if io_threads else None
+        self._pool = offloader
 
     def stop(self) -> None:
         """Ask ``run`` to return (it wakes up if asleep)."""
@@ -368,6 +391,8 @@ class QueueServer:
             view, items = pop_batch(max(ROUND_MIN, backlog() >> 2))
             if items:
                 used += execute_batch(view, items, index, offload)
+                if pool is not None:
+                    pool.flush()
             elif not used:
                 return
             if used:

@@ -71,8 +71,9 @@ def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 def storage_of(backend: Backend) -> tuple[dict[str, Any], list[int]]:
     """How a worker opens ``backend``'s storage: a description and the fds to pass."""
     if isinstance(backend, FileBackend):
-        fds = [backend.fd] + ([backend.dsync_fd] if backend.dsync_fd >= 0 else [])
-        return {"kind": "file", "path": backend.path, "read_only": backend.read_only}, fds
+        fds = [backend.fd, backend.dsync_fd, backend.direct_fd]
+        return ({"kind": "file", "path": backend.path, "read_only": backend.read_only,
+                 "present": [fd >= 0 for fd in fds]}, [fd for fd in fds if fd >= 0])
     if type(backend) is MemoryBackend:
         return {"kind": "memory", "size": backend.size}, [backend.fd]
     if isinstance(backend, NullBackend):
@@ -83,8 +84,11 @@ def storage_of(backend: Backend) -> tuple[dict[str, Any], list[int]]:
 def _open_storage(desc: dict[str, Any], fds: list[int]) -> Backend:
     kind = desc["kind"]
     if kind == "file":
-        dsync = fds[1] if len(fds) > 1 else -1
-        return FileBackend.attach(desc["path"], fds[0], dsync, read_only=desc["read_only"])
+        received = iter(fds)
+        plain, dsync, direct = (next(received) if present else -1
+                                for present in desc["present"])
+        return FileBackend.attach(desc["path"], plain, dsync, direct,
+                                  read_only=desc["read_only"])
     if kind == "memory":
         return MemoryBackend.attach(fds[0], desc["size"])
     return NullBackend(desc["size"], read_zeroes=desc["read_zeroes"])
