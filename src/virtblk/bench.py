@@ -37,6 +37,7 @@ one block are in flight together, so what a read must find is known exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -1069,7 +1070,10 @@ def run_bench(
         for res in resources:
             res.release()
         del counters
-        shared.close()
+        # A failed run's traceback still holds the counters: the mapping then goes with
+        # it, and the run's own error is what the caller must see.
+        with contextlib.suppress(BufferError):
+            shared.close()
     return BenchResult(config=cfg, jobs=jobs, device_cpu=dev_cpu, device_counters=counted)
 
 

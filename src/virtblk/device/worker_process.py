@@ -26,6 +26,7 @@ a process and the child it spawned, never anything a peer can reach.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pickle
@@ -295,6 +296,18 @@ def _start(
     return memory, rest
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL), then check the parent did not die before it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() == 1:
+        os._exit(0)
+
+
 def main(argv: list[str]) -> int:
     """``python -m virtblk.device.worker_process FD LOG_LEVEL``."""
     fd, level = int(argv[0]), int(argv[1])
@@ -302,6 +315,9 @@ def main(argv: list[str]) -> int:
     # closes when it dies); a Ctrl-C or SIGTERM sent to the whole process group is its.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # And should the main process die while this one is stuck (a disk that never answers),
+    # the kernel ends this one too: a worker never outlives its device.
+    _die_with_parent()
     logging.basicConfig(level=logging.WARNING,
                         format=f"virtblk-queue-worker[{os.getpid()}]: %(message)s")
     logging.getLogger("virtblk").setLevel(level)
