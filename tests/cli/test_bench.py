@@ -405,10 +405,15 @@ def test_notifications_are_counted_on_both_ends() -> None:
     n = data["virtblk"]["notifications_per_io"]
     ios = data["jobs"][0]["read"]["total_ios"]
     assert ios > 0
-    # Depth 1, no polling on either end: a kick and an interrupt for (nearly) every I/O.
-    assert n["driver_kicks"] > 0.9 and n["driver_interrupts"] > 0.9
-    assert abs(n["device_notifications"] - n["driver_interrupts"]) <= 2 / ios
-    assert abs(n["device_kicks"] - n["driver_kicks"]) <= 2 / ios
+    # Depth 1, no polling on either end: the driver sleeps for most I/Os, so most need an
+    # interrupt, and the device sleeps between them, so most need a kick (not all: a
+    # request that arrives before the device asked to be kicked again needs none).
+    assert n["driver_interrupts"] > 0.5 and n["driver_kicks"] > 0.5, n
+    # What one end sent, the other saw; a wakeup may take two notifications at once.
+    assert n["driver_interrupts"] <= n["device_notifications"] + 2 / ios, n
+    assert n["device_notifications"] - n["driver_interrupts"] < 0.1, n
+    assert n["device_kicks"] <= n["driver_kicks"] + 2 / ios, n
+    assert n["driver_kicks"] - n["device_kicks"] < 0.1, n
 
 
 def test_waiting_for_a_batch_takes_fewer_interrupts() -> None:

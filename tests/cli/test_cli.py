@@ -33,7 +33,7 @@ def test_version() -> None:
     ("command", "options"),
     [
         ("serve", ["--socket", "--file", "--memory", "--null", "--read-only", "--num-queues",
-                   "--serial", "--blk-size", "--poll-us", "--workers"]),
+                   "--serial", "--blk-size", "--poll-us", "--workers", "--aio", "--io-threads"]),
         ("bench", ["--rw", "--bs", "--iodepth", "--runtime", "--output-format", "--backend",
                    "--iodepth_batch_complete_min", "--poll-us", "--device-poll-us",
                    "--device-control", "--keep-cb-while-draining"]),

@@ -159,24 +159,34 @@ def test_qsd_cache_mode(qsd_factory: Callable[..., QemuStorageDaemon], tmp_path:
 
 _OPEN = re.compile(r'openat\(AT_FDCWD, "(?P<path>[^"]+)", (?P<flags>[A-Z_|]+).*\) = (?P<fd>\d+)')
 _PWRITEV = re.compile(r"pwritev2?\((?P<fd>\d+), \[.*\], \d+, (?P<offset>\d+)")
+_IO_SUBMIT = re.compile(r"io_submit\(.*IOCB_CMD_PWRITE.*aio_offset=(?P<offset>\d+)")
 _FDATASYNC = re.compile(r"f(?:data)?sync\((?P<fd>\d+)")
 
 
-def test_file_backend_durability_follows_the_cache_mode(sock_dir: Path, tmp_path: Path) -> None:
-    """Seen from the system calls: write back writes on the plain descriptor and FLUSH
-    is an fdatasync; write through writes on the O_DSYNC descriptor."""
+def _traced_writes(sock_dir: Path, tmp_path: Path, *args: str) -> tuple[Path, list[str]]:
+    """Serve an image under strace, write back at 1 MiB, flush, switch to write through,
+    write at 2 MiB; the image and what strace saw."""
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 * MiB))
     trace = tmp_path / "trace"
-    sp = serve(sock_dir, "--file", str(image))
-    sp.argv = ["strace", "-f", "-qq", "-o", str(trace),
-               "-e", "trace=openat,pwritev,pwritev2,fdatasync,fsync", *sp.argv]
+    sp = serve(sock_dir, "--file", str(image), *args)
+    sp.argv = ["strace", "-f", "-qq", "-o", str(trace), "-e",
+               "trace=openat,pwritev,pwritev2,io_submit,fdatasync,fsync", *sp.argv]
     with sp, Disk.connect(str(sp.socket_path)) as disk:
         disk.pwrite(b"B" * 4096, 1 * MiB)
         disk.flush()
         disk.cache_mode = "write through"
         disk.pwrite(b"T" * 4096, 2 * MiB)
-    lines = trace.read_text().splitlines()
+    return image, trace.read_text().splitlines()
+
+
+def test_file_backend_durability_follows_the_cache_mode(sock_dir: Path, tmp_path: Path) -> None:
+    """Seen from the system calls, with threads (``--aio threads``): write back writes on
+    the plain descriptor and FLUSH is an fdatasync; write through writes on the O_DSYNC
+    descriptor.  Queues in threads of the server (``--workers thread``), so the descriptors
+    it opened are the ones it writes on."""
+    image, lines = _traced_writes(sock_dir, tmp_path, "--aio", "threads", "--workers",
+                                  "thread")
     opened = {m["fd"]: m["flags"] for line in lines
               if (m := _OPEN.search(line)) and m["path"] == str(image)}
     plain = {fd for fd, flags in opened.items() if "O_DSYNC" not in flags}
@@ -188,9 +198,29 @@ def test_file_backend_durability_follows_the_cache_mode(sock_dir: Path, tmp_path
     back_at, back_fd = by_offset[1 * MiB]
     through_at, through_fd = by_offset[2 * MiB]
     assert back_fd in plain and through_fd in dsync, (writes, opened)
+    assert not any("io_submit" in line for line in lines), "--aio threads used Linux AIO"
     syncs = [i for i, line in enumerate(lines)
              if (m := _FDATASYNC.search(line)) and m["fd"] in plain]
     assert any(back_at < i < through_at for i in syncs), "FLUSH did not fdatasync the image"
+
+
+def test_native_aio_durability_follows_the_cache_mode(sock_dir: Path, tmp_path: Path) -> None:
+    """With Linux AIO (the default where the file takes O_DIRECT): both writes go through
+    io_submit on the O_DIRECT descriptor, the write-through one with RWF_DSYNC, and FLUSH
+    is an fdatasync in between."""
+    image, lines = _traced_writes(sock_dir, tmp_path)
+    assert any(m["path"] == str(image) and "O_DIRECT" in m["flags"]
+               for line in lines if (m := _OPEN.search(line)))
+    submits = {int(m["offset"]): (i, line) for i, line in enumerate(lines)
+               if (m := _IO_SUBMIT.search(line))}
+    back_at, back = submits[1 * MiB]
+    through_at, through = submits[2 * MiB]
+    assert "RWF_DSYNC" not in back and "aio_rw_flags=RWF_DSYNC" in through
+    syncs = [i for i, line in enumerate(lines) if _FDATASYNC.search(line)]
+    assert any(back_at < i < through_at for i in syncs), "FLUSH did not fdatasync the image"
+    data = image.read_bytes()
+    assert data[1 * MiB : 1 * MiB + 4096] == b"B" * 4096
+    assert data[2 * MiB : 2 * MiB + 4096] == b"T" * 4096
 
 
 # -- topology and geometry -----------------------------------------------------------------

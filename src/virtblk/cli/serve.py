@@ -72,6 +72,10 @@ log = logging.getLogger("virtblk.serve")
 @click.option("--io-threads", type=click.IntRange(min=1), default=32, show_default=True,
               help="With --file: reads and writes each queue keeps in flight on the disk "
               "(a thread each).")
+@click.option("--aio", type=click.Choice(["native", "threads"]), default="native",
+              show_default=True,
+              help="With --file: Linux AIO on an O_DIRECT descriptor (qemu's aio=native; "
+              "threads where the filesystem refuses O_DIRECT) or --io-threads threads.")
 @click.option("--workers", type=click.Choice(["process", "thread"]), default=None,
               help="Serve each queue from a process of its own (default; not with --zoned) "
               "or from a thread of this process.")
@@ -108,6 +112,7 @@ def serve(
     experimental_fua: bool,
     poll_us: float | None,
     io_threads: int,
+    aio: str,
     workers: str | None,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
@@ -146,6 +151,7 @@ def serve(
         opts.device["fua"] = True
     opts.device["poll_us"] = poll_us
     opts.device["io_threads"] = io_threads
+    opts.device["aio"] = aio
     for name, value, top in (
         ("max_discard_sectors", max_discard_sectors, 0xFFFFFFFF),
         ("max_discard_seg", max_discard_seg, 0xFFFFFFFF),

@@ -110,6 +110,7 @@ class BlkDevice:
         fua: bool = False,
         poll_us: float = 0,
         io_threads: int = 32,
+        aio: Literal["native", "threads"] = "native",
         workers: Literal["thread", "process"] = "thread",
     ) -> None:
         """``workers="process"`` serves each queue from a process of its own
@@ -166,6 +167,11 @@ class BlkDevice:
             raise ValueError(f"io_threads must be >= 0, got {io_threads}")
         self.io_threads = io_threads if backend.blocking else 0
         """Threads per queue making a blocking backend's calls (many reads in flight)."""
+        if aio not in ("native", "threads"):
+            raise ValueError(f"aio must be 'native' or 'threads', not {aio!r}")
+        self.aio = aio
+        """How a blocking backend keeps reads and writes in flight: Linux AIO on an
+        O_DIRECT descriptor (``native``, where the file takes O_DIRECT) or threads."""
         self._read_only = read_only or backend.read_only
         self._default_writeback = writeback
         self._writeback = writeback
@@ -815,7 +821,7 @@ class BlkDevice:
         if not backend.blocking or not self.io_threads:
             return None
         direct_fd = getattr(backend, "direct_fd", -1)
-        if direct_fd >= 0 and linux_aio.available():
+        if self.aio == "native" and direct_fd >= 0 and linux_aio.available():
             try:
                 return linux_aio.LinuxAio(
                     depth, direct_fd=direct_fd, align=linux_aio.DIRECT_ALIGN,
