@@ -345,15 +345,6 @@ class Disk:
         buf.release()
         self._free(gpa)
 
-    def registered_buffer(self, buf: object) -> tuple[tuple[tuple[int, int], ...], int] | None:
-        """``(segments, length)`` of a buffer exactly as :meth:`buffer` returned it (its
-        guest-physical segments, split by the device's ``size_max``), else None: one dict
-        lookup, what the queue API pays per I/O."""
-        entry = self._buffers.get(id(buf))
-        if entry is None or entry[0] is not buf:
-            return None
-        return entry[2], len(entry[0])
-
     def buffer_address(self, buf: Buffer) -> int | None:
         """The guest-physical address of a buffer in shared memory (one from
         :meth:`buffer`, or a part of one), else None."""
