@@ -618,11 +618,6 @@ class DriverVirtqueue:
         self._barrier()
         return ((self._used_h[1] - self._last_used) & _U16) <= delay
 
-    def enable_cb_delayed(self) -> bool:
-        """``enable_cb`` that wakes when three quarters of what is in flight has completed,
-        as Linux's ``virtqueue_enable_cb_delayed`` does."""
-        return self.enable_cb(self._in_flight * 3 // 4)
-
     def close(self) -> None:
         """Give the indirect tables back to the allocator (the rings belong to the caller)."""
         self._prepared = [None] * self.max_tokens
