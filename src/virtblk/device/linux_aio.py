@@ -177,6 +177,12 @@ class LinuxAio:
             self._collect()
         return bool(self._done)
 
+    @property
+    def seen_done(self) -> bool:
+        """Whether completions were already collected (no system call: for a loop that
+        polls its ring and would otherwise ask the kernel at every turn)."""
+        return bool(self._done)
+
     def take(self) -> list[tuple[Any, BaseException | None]]:
         """The results so far: ``(token, None)``, or ``(token, the error)`` for a failed
         or short transfer (the caller answers those through its general path)."""
