@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_worker import Driver, start
+from device_helpers import Driver, start
 
 from virtblk.device import linux_aio
 from virtblk.device.backends import FileBackend

@@ -7,26 +7,19 @@ import errno
 import os
 import select
 import threading
-from collections.abc import Iterator
 
 import pytest
-from test_worker import Driver, start
+from device_helpers import Driver, start
 
 from virtblk.device.backends import MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.queue_worker import POLL_START_NS, RESTART_AFTER, AdaptivePoll, IoPool
 from virtblk.spec import RequestType, Status
-from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
+from virtblk.virtio.memory import BufferAllocator, GuestMemory
 
 MiB = 1 << 20
 
 
-@pytest.fixture
-def memory() -> Iterator[tuple[GuestMemory, BufferAllocator]]:
-    region = MemoryRegion.create(8 * MiB, guest_phys_addr=0x100000)
-    mem = GuestMemory([region])
-    yield mem, BufferAllocator(region)
-    mem.close()
 
 
 def test_polling_grows_while_waits_fit_and_stops_when_they_do_not() -> None:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_worker import Driver, start
+from device_helpers import Driver, start
 
 from virtblk.device.backends import FileBackend, MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
@@ -20,17 +19,11 @@ from virtblk.device.options import DeviceOptions
 from virtblk.device.zoned import ZonedMemoryBackend
 from virtblk.spec import RequestType, Status
 from virtblk.util import process_cpu_seconds
-from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
+from virtblk.virtio.memory import BufferAllocator, GuestMemory
 
 MiB = 1 << 20
 
 
-@pytest.fixture
-def memory() -> Iterator[tuple[GuestMemory, BufferAllocator]]:
-    region = MemoryRegion.create(8 * MiB, guest_phys_addr=0x100000)
-    mem = GuestMemory([region])
-    yield mem, BufferAllocator(region)
-    mem.close()
 
 
 def alive(pid: int) -> bool:

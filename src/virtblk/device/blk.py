@@ -524,37 +524,28 @@ class BlkDevice:
                         if fast and hdr_len == 16 and status_len == 1 and not data_len & 511:
                             rtype, _, sector = unpack_header(view, hdr)
                             offset = sector << SECTOR_SHIFT
-                            if offset + data_len <= end:
-                                if rtype == _IN and into:
-                                    if offload is not None:
-                                        offload(False, view[data : data + data_len],
-                                                offset, (item, view))
-                                        continue
-                                    try:
-                                        read_into(view[data : data + data_len], offset)
-                                    except Exception:
-                                        pass  # process() retries it and answers IOERR
-                                    else:
-                                        view[status] = _OK
+                            if offset + data_len <= end and (
+                                    (rtype == _IN and into)
+                                    or (rtype == _OUT and not into and writable)):
+                                buf = view[data : data + data_len]
+                                if offload is not None:
+                                    offload(not into, buf, offset, (item, view))
+                                    continue
+                                try:
+                                    (read_into if into else write_from)(buf, offset)
+                                except Exception:
+                                    pass  # process() runs it again and answers IOERR
+                                else:
+                                    view[status] = _OK
+                                    if into:
                                         used += (head, data_len + 1)
                                         reads += 1
                                         read_bytes += data_len
-                                        continue
-                                elif rtype == _OUT and not into and writable:
-                                    if offload is not None:
-                                        offload(True, view[data : data + data_len],
-                                                offset, (item, view))
-                                        continue
-                                    try:
-                                        write_from(view[data : data + data_len], offset)
-                                    except Exception:
-                                        pass
                                     else:
-                                        view[status] = _OK
                                         used += (head, 1)
                                         writes += 1
                                         written_bytes += data_len
-                                        continue
+                                    continue
                         used += (head, self._answer(item.chain(view), queue))
                     elif isinstance(item, ChainError):
                         stats.chain_errors += 1
