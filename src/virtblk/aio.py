@@ -81,7 +81,15 @@ class AsyncDisk:
                 raise ValueError(
                     f"queue index {index} out of range: the disk has {len(all_queues)}"
                 )
-        self._queues: list[HardwareQueue] = [all_queues[i] for i in queues]
+        self._queues: list[HardwareQueue] = []
+        try:
+            for i in queues:  # refuses a queue a QueueHandle drives
+                all_queues[i].listen(self)
+                self._queues.append(all_queues[i])
+        except ValueError:
+            for q in self._queues:
+                q.unlisten(self)
+            raise
         self._memory = disk.device.memory
         self._bs = disk.logical_block_size
         lim = disk.limits
@@ -395,6 +403,7 @@ class AsyncDisk:
     def _unregister(self) -> None:
         for q in self._queues:
             self._loop.remove_reader(q.call_fd)
+            q.unlisten(self)
         self._loop.remove_reader(self._hangup.fileno())
 
     # -- lifecycle ------------------------------------------------------------------------------

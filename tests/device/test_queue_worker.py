@@ -7,9 +7,10 @@ import errno
 import os
 import select
 import threading
+import time
 
 import pytest
-from device_helpers import Driver, start
+from device_helpers import NUM, Driver, start
 
 from virtblk.device.backends import MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
@@ -145,3 +146,80 @@ def test_a_backlog_is_answered_a_quarter_at_a_time(
     finally:
         dev.reset()
         drv.close()
+
+
+class _StuckMemory(MemoryBackend):
+    """A RAM disk that says it blocks, whose reads wait until ``release`` is set."""
+
+    blocking = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.release = threading.Event()
+        self.calls = 0
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        self.calls += 1
+        self.release.wait(20)
+        super().read_into(buf, offset)
+
+
+def test_a_driver_that_offers_heads_again_cannot_grow_the_pool(
+    memory: tuple[GuestMemory, BufferAllocator],
+) -> None:
+    """A hostile driver republishes one head over and over while its reads are stuck on
+    the disk: the device never has more in flight than the ring holds."""
+    backend = _StuckMemory(MiB)
+    dev = BlkDevice(backend, io_threads=4)
+    drv = Driver(*memory, event_idx=True)
+    try:
+        drv.submit(0, RequestType.IN, 0, in_len=512)
+        drv.vq.kick_prepare()
+        start(dev, 0, drv, event_idx=True)
+        server = dev._workers[0].server  # type: ignore[attr-defined]
+        avail = drv.memory.view(drv.addrs.avail, 4 + 2 * NUM).cast("H")
+        head = avail[2]
+        for _ in range(20):  # republish the whole ring, again and again
+            idx = avail[1]
+            last = server.vq.last_avail_idx
+            for k in range(NUM - ((idx - last) & 0xFFFF)):
+                avail[2 + (idx + k) % NUM] = head
+            avail[1] = (last + NUM) & 0xFFFF
+            os.eventfd_write(drv.kick, 1)
+            time.sleep(0.01)
+            assert server._pool.in_flight <= NUM
+        assert server._pool.in_flight == NUM  # as much as the ring holds, no more
+    finally:
+        backend.release.set()
+        dev.reset()
+        drv.close()
+        backend.close()
+
+
+def test_what_the_disk_finished_is_answered_even_when_the_ring_breaks(
+    memory: tuple[GuestMemory, BufferAllocator],
+) -> None:
+    backend = _StuckMemory(MiB)
+    dev = BlkDevice(backend, io_threads=4)
+    drv = Driver(*memory, event_idx=True)
+    try:
+        start(dev, 0, drv, event_idx=True)
+        drv.submit(0, RequestType.IN, 0, in_len=512)
+        drv.kick_device()
+        deadline = time.monotonic() + 10
+        while backend.calls < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.calls == 1  # on the disk
+        drv.memory.view(drv.addrs.avail, 4).cast("H")[1] = 1000  # the ring breaks
+        os.eventfd_write(drv.kick, 1)
+        backend.release.set()
+        assert drv.wait(1) == {0: 513} and drv.status_of(0) == Status.OK
+        deadline = time.monotonic() + 10
+        while not dev.stats()["queues"][0]["broken"] and time.monotonic() < deadline:  # type: ignore[index]
+            time.sleep(0.01)
+        assert dev.stats()["queues"][0]["broken"]  # type: ignore[index]
+    finally:
+        backend.release.set()
+        dev.reset()
+        drv.close()
+        backend.close()

@@ -98,11 +98,18 @@ def test_a_killed_worker_is_replaced_and_the_queue_resumes(
             drv.submit(t, RequestType.IN, t, in_len=512)
         drv.kick_device()
         assert len(drv.wait(4)) == 4
+        failures: list[str] = []
+        dev.failed = failures.append  # what the vhost-user connection installs
         (victim,) = dev.worker_pids
         os.kill(victim, signal.SIGKILL)
-        base = dev.stop_queue(0)  # resumes after what was answered
+        deadline = time.monotonic() + 10
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The watcher saw it die with the ring in hand: the frontend must be dropped.
+        assert failures and "worker process died" in failures[0]
+        base = dev.stop_queue(0)  # where it got to, for whoever starts the ring again
         assert base == 4
-        assert "exited" in caplog.text and "starting a new worker for queue 0" in caplog.text
+        assert "starting a new worker for queue 0" in caplog.text
         (replacement,) = dev.worker_pids
         assert replacement != victim and alive(replacement)
         drv.submit(4, RequestType.IN, 4, in_len=512)
@@ -184,3 +191,32 @@ def test_a_device_cpu_counts_its_worker_processes() -> None:
         assert process_cpu_seconds(worker) >= worker_before
     finally:
         dev.close()
+
+
+def test_a_frontend_loses_its_device_when_a_worker_dies() -> None:
+    """End to end: our driver on the embedded device (workers in processes); a worker
+    killed while serving drops the connection, so I/O fails with DeviceGoneError (a
+    crashed device) instead of waiting forever for answers that will not come."""
+    from virtblk import Disk
+    from virtblk.errors import DeviceGoneError
+
+    with Disk.embedded(size=MiB, backend="memory") as disk:
+        assert disk.embedded_device is not None and disk.embedded_device.process is not None
+        disk.pwrite(b"\x01" * 4096, 0)
+        server = disk.embedded_device.process.pid
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == server]
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        with pytest.raises(DeviceGoneError):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # until the dropped connection is seen
+                disk.pread(4096, 0)
+                time.sleep(0.01)
+
+
+def _ppid(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1

@@ -146,7 +146,28 @@ def test_refuses_misaligned_out_of_range_and_oversized(disk: Disk, q: QueueHandl
         q.write(disk.size, buf)
     with pytest.raises(ValueError, match="past the end"):
         q.discard(disk.size - 512, 1024)
+    odd = disk.buffer(100)  # a registered buffer whose length is not whole blocks
+    with pytest.raises(ValueError, match="multiples of the logical block size"):
+        q.read(0, odd)
+    with pytest.raises(ValueError, match="multiples of the logical block size"):
+        q.write(0, odd)
     assert q.pending == 0
+    disk.free_buffer(buf)
+    disk.free_buffer(odd)
+
+
+def test_a_closed_handle_refuses_io_and_leaves_the_queue_alone(disk: Disk) -> None:
+    q = QueueHandle(disk, 0)
+    buf = disk.buffer(BS)
+    q.close()
+    for enqueue in (q.read, q.write):
+        with pytest.raises(ValueError, match="closed"):
+            enqueue(0, buf)
+    with pytest.raises(ValueError, match="closed"):
+        q.do_io(0)
+    # The disk's own I/O runs on the queue the handle gave back.
+    disk.pwrite(b"\x3c" * BS, 0)
+    assert disk.pread(BS, 0) == b"\x3c" * BS
     disk.free_buffer(buf)
 
 
@@ -293,3 +314,26 @@ def test_against_qemu_storage_daemon(qsd_factory: QsdFactory, tmp_path: Path) ->
                     assert f.read(16 * BS) == b"".join(bytes(b) for b in src)
                     assert f.read(BS) == bytes(BS)
                 _free(disk, src + dst)
+
+
+def test_a_handle_and_an_async_disk_never_share_a_queue() -> None:
+    """Both reap a queue's completions: one would swallow the other's interrupts."""
+    import asyncio
+
+    from virtblk.aio import AsyncDisk
+
+    with Disk.embedded(size=MiB, num_queues=2) as disk:
+
+        async def main() -> None:
+            with QueueHandle(disk, 0):
+                with pytest.raises(ValueError, match="driven by"):
+                    AsyncDisk(disk)  # all queues, queue 0 among them
+                adisk = AsyncDisk(disk, queues=[1])
+                with pytest.raises(ValueError, match="in use by an AsyncDisk"):
+                    QueueHandle(disk, 1)
+                await adisk.write(b"\x5a" * BS, 0)
+                assert await adisk.read(BS, 0) == b"\x5a" * BS
+                await adisk.aclose(close_disk=False)
+            QueueHandle(disk, 1).close()  # free again once the AsyncDisk closed
+
+        asyncio.run(main())

@@ -29,6 +29,7 @@ class RecordingDevice:
     num_queues: int = 2
     features: int = DEVICE_FEATURES
     config_changed: Callable[[], None] | None = None
+    failed: Callable[[str], None] | None = None
     config_bytes: bytearray = field(
         default_factory=lambda: bytearray(BlkConfig(capacity=2048, num_queues=2).pack())
     )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import select
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -185,8 +187,12 @@ class BlkDevice:
                 self.zoned.secure_erase_alignment)
         self.features = self._offered_features()
         self.config_changed: Callable[[], None] | None = None
+        self.failed: Callable[[str], None] | None = None
+        """Installed by the vhost-user connection: the device calls it when it can no
+        longer serve the frontend correctly (a queue's worker process died)."""
         self._procs: list[WorkerProcess] | None = None
         self._remote: dict[int, DeviceVirtqueue] = {}  # queues running in worker processes
+        self._watcher: _WorkerWatcher | None = None
         self._stats = [QueueStats() for _ in range(num_queues)]
         self._workers: dict[int, QueueWorker] = {}
         self._workers_lock = threading.Lock()
@@ -219,6 +225,7 @@ class BlkDevice:
             try:
                 for index in range(num_queues):
                     self._procs.append(WorkerProcess(index, settings, backend))
+                self._watcher = _WorkerWatcher(self)
             except BaseException:
                 self.close()
                 raise
@@ -439,9 +446,35 @@ class BlkDevice:
         """Stop every queue and end the worker processes (the backend stays open: it is
         the caller's)."""
         self.reset()
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         procs, self._procs = self._procs, None
         for proc in procs or ():
             proc.close()
+
+    def worker_died(self, index: int) -> None:
+        """A worker process died (the watcher saw its socket hang up): what it held of its
+        ring is lost, so the frontend is dropped, as after a crash of the device; the
+        worker is replaced when the ring starts again."""
+        with self._workers_lock:
+            running = index in self._remote
+        if running:
+            reason = f"queue {index}'s worker process died while serving its ring"
+            log.error("%s", reason)
+            hook = self.failed
+            if hook is not None:
+                hook(reason)
+
+    def _replace_worker(self, index: int) -> WorkerProcess:
+        """A fresh worker for queue ``index`` in place of a dead one."""
+        assert self._procs is not None
+        old = self._procs[index]
+        old.close()
+        new = self._procs[index] = WorkerProcess(index, old.settings, self.backend)
+        if self._watcher is not None:
+            self._watcher.refresh()
+        return new
 
     def stats(self) -> dict[str, object]:
         """Totals over all queues plus each queue's own counters."""
@@ -791,8 +824,11 @@ class BlkDevice:
             stats = self._stats[index]
             stats.broken = False
             if self._procs is not None:
+                proc = self._procs[index]
                 try:
-                    self._procs[index].start(vq, kick_fd, call_fd, self._state(), self.poll_ns)
+                    if proc.dead:
+                        proc = self._replace_worker(index)
+                    proc.start(vq, kick_fd, call_fd, self._state(), self.poll_ns)
                 except WorkerError as exc:
                     raise ValueError(str(exc)) from exc
                 self._remote[index] = vq
@@ -845,11 +881,14 @@ class BlkDevice:
         try:
             last_avail = proc.stop()
         except WorkerError as exc:
-            # Whatever it had popped and not answered is lost (as in a crash of the whole
-            # device): resume after what it answered, with a fresh worker.
+            # Whatever it had popped and not answered is lost, and where the driver should
+            # resume cannot be known (answers go out of order): the frontend is dropped,
+            # as after a crash of the whole device, and a fresh worker takes the queue.
             log.error("%s; starting a new worker for queue %d", exc, index)
-            proc.close()
-            self._procs[index] = WorkerProcess(index, proc.settings, self.backend)
+            hook = self.failed
+            if hook is not None:
+                hook(f"queue {index}'s worker process failed: {exc}")
+            self._replace_worker(index)
             return vq.used_idx_in_memory()
         self._take_stats(index, proc.last_stats)
         return last_avail
@@ -867,3 +906,48 @@ class BlkDevice:
         self._negotiated = None
         self._writeback = self._default_writeback
         self._apply_cache_mode()
+
+
+class _WorkerWatcher(threading.Thread):
+    """Watches a device's worker processes: one that dies hangs up its socket, and a ring
+    it was serving cannot go on (``BlkDevice.worker_died``)."""
+
+    def __init__(self, device: BlkDevice) -> None:
+        super().__init__(name="virtblk-worker-watch", daemon=True)
+        self.device = device
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stopping = False
+        self.start()
+
+    def refresh(self) -> None:
+        """The set of workers changed: watch the new one."""
+        os.eventfd_write(self._wake, 1)
+
+    def stop(self) -> None:
+        """End the thread and release its eventfd."""
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        self.join()
+        os.close(self._wake)
+
+    def run(self) -> None:
+        reported: set[int] = set()  # pids already reported
+        while not self._stopping:
+            poller = select.poll()
+            poller.register(self._wake, select.POLLIN)
+            watched: dict[int, WorkerProcess] = {}
+            for proc in self.device._procs or ():
+                if proc.pid not in reported:
+                    watched[proc.socket_fd] = proc
+                    poller.register(proc.socket_fd, select.POLLRDHUP)
+            for fd, mask in poller.poll():
+                if fd == self._wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._wake)
+                elif fd in watched and mask & (select.POLLRDHUP | select.POLLHUP
+                                               | select.POLLERR | select.POLLNVAL):
+                    proc = watched[fd]
+                    reported.add(proc.pid)
+                    if not self._stopping:
+                        proc.dead = True
+                        self.device.worker_died(proc.index)

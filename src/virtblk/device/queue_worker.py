@@ -271,7 +271,18 @@ class QueueServer:
             vq.disable_notifications()
             # The driver may have queued requests before we started: serve them first.
             self._drain(poller)
+            pool = self._pool
             while not self._stopping:
+                if pool is not None and pool.in_flight >= vq.num and not pool.seen_done:
+                    # As much in flight as the ring holds: nothing to do until the
+                    # storage answers (its eventfd wakes the sleep).
+                    if not self._sleep(poller):
+                        return
+                    if stats.broken:
+                        self._publish_offloaded()
+                    else:
+                        self._drain(poller)
+                    continue
                 start = clock()
                 if poll.ns and not stats.broken and self._spin(start + poll.ns):
                     stats.polled += 1
@@ -288,9 +299,18 @@ class QueueServer:
                 vq.disable_notifications()
                 if not stats.broken:
                     self._drain(poller)
+                else:
+                    self._publish_offloaded()
         finally:
             self._finish_offloaded()
             stats.running = False
+
+    def _publish_offloaded(self) -> None:
+        """Answer what the storage finished, without popping (the avail ring broke; the
+        used ring did not, and the driver waits for those answers)."""
+        pool = self._pool
+        if pool is not None and pool.has_done:
+            self._publish(self.device.complete_offloaded(pool.take(), self.index))
 
     def _finish_offloaded(self) -> None:
         """Wait for the storage calls still in flight and publish their answers: a stopped
@@ -391,15 +411,26 @@ class QueueServer:
         offload = pool.submit if pool is not None else None
         while not self._stopping:
             used: list[int] = []
-            if pool is not None and pool.has_done:
-                used = self.device.complete_offloaded(pool.take(), index)
-            # A round takes a quarter of what is waiting (at least ROUND_MIN): its answers
-            # reach the driver while we work on the rest, so both ends run at once.  Not so
-            # when the storage answers later anyway (offloaded): then the whole backlog goes
-            # to the disk at once, one io_submit (each one costs the kernel a doorbell).
-            view, items = pop_batch(limit if pool is not None else max(ROUND_MIN,
-                                                                       backlog() >> 2))
+            if pool is not None:
+                if pool.has_done:
+                    used = self.device.complete_offloaded(pool.take(), index)
+                # Never more in flight than the ring holds: a driver that offers a head
+                # again before it came back must not grow the pool's queue without end.
+                room = limit - pool.in_flight
+            else:
+                # A round takes a quarter of what is waiting (at least ROUND_MIN): its
+                # answers reach the driver while we work on the rest, so both ends run at
+                # once.  Storage that answers later anyway (offloaded) takes the whole
+                # backlog, in one io_submit (each one costs the kernel a doorbell).
+                room = max(ROUND_MIN, backlog() >> 2)
+            try:
+                view, items = pop_batch(room) if room > 0 else (None, [])
+            except BaseException:
+                if used:
+                    self._publish(used)  # what the disk finished is answered regardless
+                raise
             if items:
+                assert view is not None
                 used += execute_batch(view, items, index, offload)
                 if pool is not None:
                     pool.flush()

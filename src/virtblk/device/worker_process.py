@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,10 +101,21 @@ class WorkerProcess:
 
     def __init__(self, index: int, settings: dict[str, Any], backend: Backend) -> None:
         """Spawn the worker for queue ``index`` of a device made with ``settings`` (the
-        ``BlkDevice`` keyword arguments) over ``backend``'s storage."""
+        ``BlkDevice`` keyword arguments) over ``backend``'s storage.
+
+        The worker dies with the thread that spawned it (``PR_SET_PDEATHSIG`` follows the
+        thread, not the process): spawn from a thread that lives as long as the device,
+        as ``virtblk serve`` and the embedded device do (the main thread, and the
+        session thread that replaces a dead worker)."""
         self.index = index
         self.settings = settings
         self.last_stats: dict[str, Any] = {}
+        self.dead = False
+        """True once the worker stopped answering (it exited, or a reply timed out)."""
+        # One request at a time, answered in order: the vhost-user thread (start, stop)
+        # and control threads (stats, state) share the socket.
+        self._lock = threading.Lock()
+        self._seq = 0
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         level = logging.getLogger("virtblk").getEffectiveLevel()
@@ -127,23 +139,45 @@ class WorkerProcess:
         """The worker's process id."""
         return self._proc.pid
 
+    @property
+    def socket_fd(self) -> int:
+        """The main process's end of the worker's socket (it hangs up when the worker
+        dies)."""
+        return self._sock.fileno()
+
     def _call(self, message: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
-        try:
-            _send(self._sock, message, fds)
-            self._sock.settimeout(_REPLY_TIMEOUT)
-            reply, extra = _recv(self._sock)
-        except OSError as exc:
-            raise WorkerError(self._gone(str(exc))) from exc
-        for fd in extra:
-            os.close(fd)
-        if reply is None:
-            raise WorkerError(self._gone("it closed its socket"))
+        """Send one request and wait for its answer.  A worker that does not answer in
+        time is killed: its state is unknown, and a late answer must not be taken for the
+        next request's."""
+        with self._lock:
+            if self.dead:
+                raise WorkerError(f"queue {self.index} worker (pid {self.pid}) is gone")
+            self._seq += 1
+            try:
+                _send(self._sock, {**message, "seq": self._seq}, fds)
+                self._sock.settimeout(_REPLY_TIMEOUT)
+                reply, extra = _recv(self._sock)
+            except TimeoutError as exc:
+                self._proc.kill()
+                raise WorkerError(self._gone(f"no answer to {message['op']} in "
+                                             f"{_REPLY_TIMEOUT:.0f} s")) from exc
+            except OSError as exc:
+                raise WorkerError(self._gone(str(exc))) from exc
+            for fd in extra:
+                os.close(fd)
+            if reply is None:
+                raise WorkerError(self._gone("it closed its socket"))
+            if reply.get("seq") != self._seq:
+                self._proc.kill()
+                raise WorkerError(self._gone(f"answered request {reply.get('seq')} to "
+                                             f"{self._seq}"))
         if "error" in reply:
             raise WorkerError(f"queue {self.index} worker: {reply['error']}")
         return reply
 
     def _gone(self, what: str) -> str:
-        """Why the worker stopped answering, for the error."""
+        """Why the worker stopped answering, for the error (it is dead from now on)."""
+        self.dead = True
         try:
             status = self._proc.wait(1)
         except subprocess.TimeoutExpired:
@@ -226,7 +260,9 @@ def _serve(sock: socket.socket) -> None:
                 if op == "start":
                     if running:
                         raise ValueError("the queue is already running")
-                    memory, ring_fds = _start(device, index, message, fds)
+                    # _start owns the fds from here, whatever happens.
+                    received, fds = fds, []
+                    memory, ring_fds = _start(device, index, message, received)
                     running = True
                     reply: dict[str, Any] = {"ok": True}
                 elif op == "stop":
@@ -243,10 +279,10 @@ def _serve(sock: socket.socket) -> None:
                     reply = {"error": f"unknown message {op!r}"}
             except Exception as exc:
                 log.exception("queue %d worker: %s failed", index, op)
-                for fd in fds:
+                for fd in fds:  # fds no handler took (none expected but start's)
                     os.close(fd)
                 reply = {"error": f"{op}: {exc}"}
-            _send(sock, reply)
+            _send(sock, {**reply, "seq": message.get("seq")})
     finally:
         if running:
             device.stop_queue(index)
@@ -276,10 +312,15 @@ def _start(
     call = rest[1] if message["call"] else -1
     memory = GuestMemory()
     try:
-        for (gpa, size, uva, offset), fd in zip(regions, region_fds, strict=True):
-            memory.add(MemoryRegion.map_fd(fd, size=size, mmap_offset=offset,
-                                           guest_phys_addr=gpa, user_addr=uva))
-        region_fds = []
+        for gpa, size, uva, offset in regions:
+            fd = region_fds.pop(0)  # map_fd owns it now (and closes it if it fails)
+            region = MemoryRegion.map_fd(fd, size=size, mmap_offset=offset,
+                                         guest_phys_addr=gpa, user_addr=uva)
+            try:
+                memory.add(region)
+            except BaseException:
+                region.close()
+                raise
         vq = DeviceVirtqueue(memory, VringAddrs(*message["ring"]),
                              event_idx=message["event_idx"],
                              last_avail_idx=message["last_avail"],

@@ -120,6 +120,7 @@ class HardwareQueue:
         self.cond = threading.Condition()
         self._poller_active = False
         self._owner: object | None = None  # a QueueHandle driving the ring itself
+        self._listeners: set[int] = set()  # ids of those reaping from the call eventfd
         self.broken: BaseException | None = None
         self.stats_submitted = 0
         self.stats_busy = 0
@@ -151,11 +152,26 @@ class HardwareQueue:
             self._check_broken()
             if self._owner is not None:
                 raise ValueError(f"{self.name} is already driven by {self._owner!r}")
+            if self._listeners:
+                raise ValueError(f"{self.name} is in use by an AsyncDisk, which reaps its "
+                                 "completions; close it first")
             if self._frozen:
                 raise ValueError(f"{self.name} is frozen")
             if self.in_flight() or self.vq.in_flight:
                 raise ValueError(f"{self.name} has requests in flight; claim it idle")
             self._owner = owner
+
+    def listen(self, listener: object) -> None:
+        """``listener`` (an ``AsyncDisk``) reaps this queue from its call eventfd: no queue
+        handle may claim it meanwhile, and it may not be claimed now."""
+        with self.cond:
+            self._check_unowned()
+            self._listeners.add(id(listener))
+
+    def unlisten(self, listener: object) -> None:
+        """``listener`` reaps this queue no more."""
+        with self.cond:
+            self._listeners.discard(id(listener))
 
     def release(self, owner: object) -> None:
         """End ``owner``'s claim; blocking I/O may use the queue again."""
@@ -300,8 +316,8 @@ class HardwareQueue:
             return len(self._drain_locked(rearm))
 
     def _drain_locked(self, rearm: bool = True) -> list[Request]:
-        if self._stopped:
-            return []
+        if self._stopped or self._owner is not None:
+            return []  # a queue handle owns the used ring: it reaps its own completions
         completed: list[Request] = []
         vq = self.vq
         requests = self._requests

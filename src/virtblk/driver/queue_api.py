@@ -171,6 +171,8 @@ class QueueHandle:
         (header written, chain prepared; nothing on the ring before ``do_io``), else into
         the pending queue.  The common case is inline: a buffer as disk.buffer() made it,
         a size that is current, a tag whose chain already carries this buffer."""
+        if self._closed:
+            self._check_open()
         if self._dev.config_generation != self._config_generation:
             self._refresh_size()
         into = rtype == _IN
@@ -180,7 +182,7 @@ class QueueHandle:
             length = len(buf)
         else:
             segs, length = self._segments("read" if into else "write", buf, writable=into)
-        if offset & self._bs_mask or offset < 0 or offset + length > self._size:
+        if (offset | length) & self._bs_mask or offset < 0 or offset + length > self._size:
             self._check_range("read" if into else "write", offset, length)
         free = self._free
         if not free or self._pending:

@@ -120,12 +120,15 @@ class VhostUserDevice(Protocol):
     (kicks arrive on ``kick_fd``; ``call_fd`` is -1 when the frontend polls instead of
     taking notifications); the fds stay owned by the connection.  ``stop_queue`` stops
     serving and returns the next avail index.  ``config_changed`` is installed by the
-    connection: the device calls it when its config space changed by itself.
+    connection: the device calls it when its config space changed by itself.  ``failed``
+    too: the device calls it (from any thread) when it can no longer serve this frontend
+    correctly (a queue's worker died with requests in hand); the connection then ends.
     """
 
     features: int
     num_queues: int
     config_changed: Callable[[], None] | None
+    failed: Callable[[str], None] | None
 
     def config(self) -> bytes: ...
     def set_config(self, offset: int, data: bytes) -> None: ...
@@ -251,7 +254,10 @@ class BackendConnection:
         self._backend_outbox: list[tuple[bytes, list[int]]] = []
         self.backend_acks_pending = 0
         self.closed = False
+        self.failure: str | None = None
+        """Why the device cannot go on with this frontend (``device_failed``), if so."""
         device.config_changed = self.config_changed
+        device.failed = self.device_failed
 
     # ------------------------------------------------------------------ byte interface
 
@@ -738,6 +744,12 @@ class BackendConnection:
                 self.backend_acks_pending += 1
         self.wakeup()
 
+    def device_failed(self, reason: str) -> None:
+        """Device hook: the device cannot serve this frontend any more; the shell ends the
+        session (the frontend sees the connection close, as after a crash)."""
+        self.failure = reason
+        self.wakeup()
+
     def backend_data_to_send(self) -> list[tuple[bytes, list[int]]]:
         """Messages queued for the backend channel, oldest first (drains the queue)."""
         with self._backend_lock:
@@ -782,6 +794,7 @@ class BackendConnection:
             return
         self.closed = True
         self.device.config_changed = None
+        self.device.failed = None
         try:
             self._stop_all_rings()
             self.device.reset()

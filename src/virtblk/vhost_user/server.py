@@ -247,6 +247,9 @@ class _Session:
                 if fd == self.server._wake_fd:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(self.server._wake_fd)
+                    if self.conn.failure is not None:
+                        log.error("dropping the frontend: %s", self.conn.failure)
+                        raise _SessionEnd
                     self._flush_backend()
                 elif self.backend is not None and fd == self.backend.fileno():
                     self._read_backend()
