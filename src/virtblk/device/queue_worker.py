@@ -333,11 +333,16 @@ class QueueServer:
         pending = self.vq.avail_pending
         pool = self._pool
         clock = time.perf_counter_ns
+        turns = 0
         while clock() < deadline:
-            # Completions are looked for without a system call here: a disk's come far
-            # apart, and its eventfd wakes the loop anyway.
-            if pending() or (pool is not None and pool.seen_done):
+            if pending():
                 return True
+            if pool is not None and pool.in_flight:
+                # Asking whether the storage answered may cost a system call (Linux AIO):
+                # every 8th turn, so the avail index is still looked at all the time.
+                turns += 1
+                if not turns & 7 and pool.has_done:
+                    return True
             if self._stopping:
                 return False
         return False
@@ -411,18 +416,17 @@ class QueueServer:
         offload = pool.submit if pool is not None else None
         while not self._stopping:
             used: list[int] = []
+            # A round takes a quarter of what is waiting (at least ROUND_MIN): its answers
+            # reach the driver while we work on the rest, so both ends run at once.  (With
+            # Linux AIO, taking the whole backlog into one io_submit was measured slower:
+            # 0.6x qsd's file IOPS against 0.86x.)
+            room = max(ROUND_MIN, backlog() >> 2)
             if pool is not None:
                 if pool.has_done:
                     used = self.device.complete_offloaded(pool.take(), index)
                 # Never more in flight than the ring holds: a driver that offers a head
                 # again before it came back must not grow the pool's queue without end.
-                room = limit - pool.in_flight
-            else:
-                # A round takes a quarter of what is waiting (at least ROUND_MIN): its
-                # answers reach the driver while we work on the rest, so both ends run at
-                # once.  Storage that answers later anyway (offloaded) takes the whole
-                # backlog, in one io_submit (each one costs the kernel a doorbell).
-                room = max(ROUND_MIN, backlog() >> 2)
+                room = min(room, limit - pool.in_flight)
             try:
                 view, items = pop_batch(room) if room > 0 else (None, [])
             except BaseException:
