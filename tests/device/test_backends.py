@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,45 @@ def test_memory_resize_keeps_data_and_zero_extends() -> None:
     out = views(4096)
     b.preadv(out, 0)
     assert bytes(out[0]) == b"\x07" * 4096
+    b.close()
+
+
+def test_memory_shrinks_and_grows_under_io_without_a_fault() -> None:
+    """Reads and writes near the end while the disk shrinks and grows, from other threads
+    (queue workers): each either completes or fails cleanly; none touches the mapping past
+    the end of its memfd (SIGBUS would kill this process), and none sees a size that is
+    ahead of its mapping."""
+    big, small = 16 * 4096, 4 * 4096
+    b = MemoryBackend(big)
+    stop = threading.Event()
+    faults: list[BaseException] = []
+
+    def io() -> None:
+        buf = memoryview(bytearray(4096))
+        while not stop.is_set():
+            for offset in range(0, big, 4096):
+                try:
+                    if offset + 4096 <= b.size:  # what the device checks first
+                        b.read_into(buf, offset)
+                        b.write_from(buf, offset)
+                except ValueError:
+                    pass  # shrunk between the check and the call: a clean refusal
+                except BaseException as exc:
+                    faults.append(exc)
+
+    threads = [threading.Thread(target=io) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(200):
+            b.resize(small)
+            b.resize(big)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not faults, faults[:3]
+    assert b.size == big
     b.close()
 
 

@@ -238,21 +238,34 @@ class MemoryBackend(Backend):
         self._zero(offset, length)
 
     def resize(self, new_size: int) -> None:
+        """Truncate the memfd and map it again, in one hold of the lock, in the order that
+        never leaves a mapping longer than the file (touching past its end is SIGBUS):
+        growing truncates first, shrinking maps first."""
+        if new_size < 0:
+            raise ValueError(f"backend size must be >= 0, got {new_size}")
         with self._lock:
-            os.ftruncate(self._fd, self._file_size(new_size))
-        self.follow_resize(new_size)
+            if new_size >= self._size:
+                os.ftruncate(self._fd, self._file_size(new_size))
+                self._remap(new_size)
+            else:
+                self._remap(new_size)
+                os.ftruncate(self._fd, self._file_size(new_size))
+            Backend.resize(self, new_size)
 
     def follow_resize(self, new_size: int) -> None:
-        """Map the disk at its new size (another process truncated the memfd; this one
-        resized it when called from ``resize``).  A shrink must be followed before the
-        memfd is truncated: the old mapping's tail would fault."""
-        Backend.resize(self, new_size)
+        """Map the disk at the size another process gave the memfd (it follows a shrink
+        before truncating, and a growth after)."""
         with self._lock:
-            new_map = self._new_map(self._fd, new_size)
-            self._view.release()
-            self._map.close()
-            self._map = new_map
-            self._view = memoryview(new_map)
+            self._remap(new_size)
+            Backend.resize(self, new_size)
+
+    def _remap(self, new_size: int) -> None:
+        """Replace the mapping (the lock is held: no I/O uses the old one)."""
+        new_map = self._new_map(self._fd, new_size)
+        self._view.release()
+        self._map.close()
+        self._map = new_map
+        self._view = memoryview(new_map)
 
     def close(self) -> None:
         with self._lock:
