@@ -14,9 +14,10 @@ from device_helpers import NUM, Driver, start
 
 from virtblk.device.backends import MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
-from virtblk.device.queue_worker import POLL_START_NS, RESTART_AFTER, AdaptivePoll, IoPool
+from virtblk.device.queue_worker import IoPool
 from virtblk.spec import RequestType, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
+from virtblk.virtio.polling import POLL_START_NS, RESTART_AFTER, AdaptivePoll
 
 MiB = 1 << 20
 
@@ -42,6 +43,17 @@ def test_polling_grows_while_waits_fit_and_stops_when_they_do_not() -> None:
     poll.adjust(150_000)
     poll.adjust(10_000)
     assert poll.ns == 0, "the count of short waits starts again after a long one"
+
+
+def test_qemus_rule_restarts_at_the_first_short_wait() -> None:
+    """What the driver's queue handle uses: ``restart_after=1`` is QEMU's own rule."""
+    poll = AdaptivePoll(100_000, restart_after=1)
+    poll.adjust(150_000)
+    assert poll.ns == 0
+    poll.adjust(10_000)
+    assert poll.ns == POLL_START_NS
+    with pytest.raises(ValueError, match="restart_after"):
+        AdaptivePoll(1000, restart_after=0)
 
 
 def test_no_polling_time_never_polls() -> None:

@@ -27,15 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from virtblk.virtio.polling import AdaptivePoll
 from virtblk.virtio.split import ChainError, DescriptorChain, DeviceVirtqueue, RingError, Triple
 
 log = logging.getLogger("virtblk.device")
 
 _ONE = (1).to_bytes(8, "little")
 """An eventfd increment: what a call (interrupt) notification writes."""
-
-POLL_START_NS = 4000
-"""The first polling time once polling pays (QEMU starts at 4 microseconds too)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -174,49 +172,6 @@ class IoPool:
 
 ROUND_MIN = 8
 """The fewest requests a round takes before publishing (unless fewer are waiting)."""
-
-RESTART_AFTER = 4
-"""Waits short enough to catch in a row before polling starts again after it stopped."""
-
-
-class AdaptivePoll:
-    """QEMU's adaptive polling time (``util/aio-posix.c``): how long to poll before sleeping.
-
-    After each wait, ``adjust(block_ns)`` looks at how long the wait for work really was:
-    within the polling time, nothing changes; longer than ``max_ns``, polling stops (it
-    would have to spin too long to pay); in between, the polling time doubles (from 4 us)
-    up to ``max_ns``.
-
-    One change to QEMU's rule: once polling stopped, it starts again only after
-    ``RESTART_AFTER`` short waits in a row.  Measured here, a deep queue's waits sit just
-    above ``max_ns`` with the odd one below: QEMU's rule then grows the polling time from
-    4 us up again and again, each time spinning for nothing (0.8 us of device CPU per I/O
-    at depth 32, no IOPS gained).
-    """
-
-    __slots__ = ("_short", "max_ns", "ns")
-
-    def __init__(self, max_ns: int) -> None:
-        if max_ns < 0:
-            raise ValueError(f"polling time must be >= 0 ns, got {max_ns}")
-        self.max_ns = max_ns
-        self.ns = 0
-        self._short = RESTART_AFTER - 1  # polling may start at the first short wait
-
-    def adjust(self, block_ns: int) -> None:
-        """Learn from one wait that lasted ``block_ns``."""
-        if block_ns <= self.ns:
-            return  # the sweet spot
-        if block_ns > self.max_ns:
-            self.ns = 0
-            self._short = 0
-        elif self.ns < self.max_ns:
-            if not self.ns:
-                self._short += 1
-                if self._short < RESTART_AFTER:
-                    return
-            self.ns = min(self.ns * 2 if self.ns else POLL_START_NS, self.max_ns)
-
 
 class QueueServer:
     """The serving loop of one virtqueue (see the module docstring).

@@ -41,6 +41,7 @@ from virtblk.driver.blkmq import SLOT, HardwareQueue
 from virtblk.driver.disk import Buffer, Disk
 from virtblk.errors import BlockIOError, DeviceGoneError, status_error
 from virtblk.spec import SECTOR_SHIFT, DiscardSegment, Feature, RequestHeader, RequestType, Status
+from virtblk.virtio.polling import AdaptivePoll
 from virtblk.virtio.split import DeviceProtocolError
 
 _OK = int(Status.OK)
@@ -52,7 +53,6 @@ _HEADER = RequestHeader.FORMAT
 _pack_header = _HEADER.pack_into
 _HANGUP_CHECK_EVERY = 4096
 """Empty polls between two looks at the vhost-user socket (a dead device never completes)."""
-_POLL_START_NS = 4000
 _CLOSE_TIMEOUT = 10.0
 """How long ``close`` waits for requests still on the ring (as ``Disk.close`` does)."""
 
@@ -80,7 +80,7 @@ class QueueHandle:
     __slots__ = (
         "_bs_mask", "_buffers", "_closed", "_config_generation", "_dev", "_disable_cb",
         "_free", "_hangup", "_hdr_of_tag", "_in_flight", "_layout", "_max_segments",
-        "_pending", "_poll_max_ns", "_poll_ns", "_q", "_read_only", "_ready", "_seg_area",
+        "_pending", "_poll", "_q", "_read_only", "_ready", "_seg_area",
         "_seg_of_tag", "_size", "_slots", "_staged", "_status_of_tag", "_type_of_tag",
         "_user_data", "_vq", "_waiter", "disk", "index", "max_transfer", "poll",
     )
@@ -101,8 +101,7 @@ class QueueHandle:
         self.disk = disk
         self.index = index
         self.poll = poll
-        self._poll_max_ns = int(poll_us * 1000)
-        self._poll_ns = 0
+        self._poll = AdaptivePoll(int(poll_us * 1000), restart_after=1)  # QEMU's rule
         self._disable_cb = disable_cb_while_draining
         self._q: HardwareQueue = q
         lim = disk.limits
@@ -458,11 +457,12 @@ class QueueHandle:
         q = self._q
         ready = self._ready
         clock = time.perf_counter_ns
+        poll = self._poll
         while len(ready) < wanted:
-            if self._poll_max_ns:
+            if poll.max_ns:
                 start = clock()
-                if self._spin_until(start + self._poll_ns):
-                    self._adjust_poll(clock() - start)
+                if self._spin_until(start + poll.ns):
+                    poll.adjust(clock() - start)
                     self._reap_and_refill()
                     continue
             # Ask for an interrupt when the last completion we need arrives, then look
@@ -479,8 +479,8 @@ class QueueHandle:
                 timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
             start = clock()
             events = self._waiter.poll(timeout_ms)
-            if self._poll_max_ns:
-                self._adjust_poll(clock() - start)
+            if poll.max_ns:
+                poll.adjust(clock() - start)
             if self._disable_cb:
                 vq.disable_cb()  # the seed's virtblk_done: drain without interrupts
             if not events and not vq.pending():
@@ -509,17 +509,6 @@ class QueueHandle:
             if pending():
                 return True
         return False
-
-    def _adjust_poll(self, block_ns: int) -> None:
-        """QEMU's rule (``util/aio-posix.c``): keep a polling time that catches the wait,
-        grow it while waits fit under the maximum, drop it when they do not."""
-        if block_ns <= self._poll_ns:
-            return
-        if block_ns > self._poll_max_ns:
-            self._poll_ns = 0
-        elif self._poll_ns < self._poll_max_ns:
-            self._poll_ns = min(self._poll_ns * 2 if self._poll_ns else _POLL_START_NS,
-                                self._poll_max_ns)
 
     def _timed_out(self, wanted: int) -> None:
         raise TimeoutError(
