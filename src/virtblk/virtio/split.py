@@ -273,7 +273,7 @@ class DriverVirtqueue:
         Buffers are ``(gpa, length)``.  Not visible to the device until ``kick_prepare``.
         Raises ``QueueFull`` when descriptors run out (nothing is changed then).
         """
-        # The hot path: everything inline, one struct call for the whole indirect table.
+        # One struct call for the whole indirect table (``_write_table``, shared with ``prepare``).
         if self._broken is not None or not 0 <= token < self.max_tokens or self._token_busy[token]:
             self._reject_token(token)
         count = len(out) + len(in_)
@@ -287,27 +287,13 @@ class DriverVirtqueue:
                 free = self._free
                 if not free:
                     raise QueueFull("no free descriptor")
-                args: list[int] = []
-                nxt = 1
-                for gpa, length in out:
-                    args += (gpa, length, VRING_DESC_F_NEXT, nxt)
-                    nxt += 1
-                written = 0
-                for gpa, length in in_:
-                    args += (gpa, length, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, nxt)
-                    written += length
-                    nxt += 1
-                args[-2] -= VRING_DESC_F_NEXT  # the last entry ends the chain
-                args[-1] = 0
-                offset = token * self._table_stride
-                packer = _TABLE_STRUCTS.get(count) or _table_struct(count)
-                packer.pack_into(self._tables, offset, *args)
+                written = self._write_table(token, out, in_, count)
                 self._prepared[token] = None  # its table now holds this chain
                 head = free.pop()
                 _DESC.pack_into(
                     self._desc,
                     head * VRING_DESC_SIZE,
-                    self._tables_base + offset,
+                    self._tables_base + token * self._table_stride,
                     count * VRING_DESC_SIZE,
                     VRING_DESC_F_INDIRECT,
                     0,
@@ -327,6 +313,29 @@ class DriverVirtqueue:
         self._avail_h[2 + (shadow & self._mask)] = head
         self._avail_shadow = (shadow + 1) & _U16
         self._num_added += 1
+
+    def _write_table(
+        self, token: int, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]],
+        count: int,
+    ) -> int:
+        """Write ``out`` then ``in_`` into ``token``'s indirect table, one struct call for
+        the whole table; returns the writable bytes.  Raises ``struct.error`` for an
+        address or length out of range (the caller says which chain)."""
+        args: list[int] = []
+        nxt = 1
+        for gpa, length in out:
+            args += (gpa, length, VRING_DESC_F_NEXT, nxt)
+            nxt += 1
+        written = 0
+        for gpa, length in in_:
+            args += (gpa, length, _NEXT_WRITE, nxt)
+            written += length
+            nxt += 1
+        args[-2] -= VRING_DESC_F_NEXT  # the last entry ends the chain
+        args[-1] = 0
+        packer = _TABLE_STRUCTS.get(count) or _table_struct(count)
+        packer.pack_into(self._tables, token * self._table_stride, *args)
+        return written
 
     def _add_direct(
         self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]], count: int
@@ -389,10 +398,10 @@ class DriverVirtqueue:
         count = len(out) + len(in_)
         if not count:
             raise ValueError("a chain needs at least one buffer")
-        written = sum(length for _, length in in_)
         if not self.indirect or count == 1:
             if count > self.num:
                 raise ValueError(f"chain of {count} buffers exceeds the queue size {self.num}")
+            written = sum(length for _, length in in_)
             self._prepared[token] = (out, in_, 0, written)  # direct: ``add`` at submit
             return
         if count > self._table_limit:
@@ -400,19 +409,8 @@ class DriverVirtqueue:
                 f"chain of {count} buffers exceeds max_chain {self.max_chain} "
                 f"or the queue size {self.num}"
             )
-        args: list[int] = []
-        nxt = 1
-        for gpa, length in out:
-            args += (gpa, length, VRING_DESC_F_NEXT, nxt)
-            nxt += 1
-        for gpa, length in in_:
-            args += (gpa, length, _NEXT_WRITE, nxt)
-            nxt += 1
-        args[-2] -= VRING_DESC_F_NEXT  # the last entry ends the chain
-        args[-1] = 0
-        packer = _TABLE_STRUCTS.get(count) or _table_struct(count)
         try:
-            packer.pack_into(self._tables, token * self._table_stride, *args)
+            written = self._write_table(token, out, in_, count)
         except struct.error as exc:
             raise ValueError(f"buffer address or length out of range: {exc}") from exc
         self._prepared[token] = (out, in_, count, written)
