@@ -595,14 +595,7 @@ class BlkDevice:
                 stats.internal_errors += 1
                 if failed is not None:
                     used += (failed, 0)
-        if reads or writes:
-            requests = stats.requests
-            if reads:
-                requests["IN"] = requests.get("IN", 0) + reads
-                stats.bytes_read += read_bytes
-            if writes:
-                requests["OUT"] = requests.get("OUT", 0) + writes
-                stats.bytes_written += written_bytes
+        stats.count_transfers(reads, read_bytes, writes, written_bytes)
         return used
 
     def complete_offloaded(
@@ -614,7 +607,7 @@ class BlkDevice:
         answers as it always does); the used entries, flat."""
         used: list[int] = []
         stats = self._stats[queue]
-        requests = stats.requests
+        reads = writes = read_bytes = written_bytes = 0
         for (item, view), exc in done:
             try:
                 if exc is not None:
@@ -623,17 +616,18 @@ class BlkDevice:
                 view[item.third] = _OK
                 if item.second_writable:
                     used += (item.head, item.second_len + 1)
-                    requests["IN"] = requests.get("IN", 0) + 1
-                    stats.bytes_read += item.second_len
+                    reads += 1
+                    read_bytes += item.second_len
                 else:
                     used += (item.head, 1)
-                    requests["OUT"] = requests.get("OUT", 0) + 1
-                    stats.bytes_written += item.second_len
+                    writes += 1
+                    written_bytes += item.second_len
             except Exception:  # a bug must cost one request
                 log.exception("queue %d: internal error answering the chain at head %d; "
                               "returned with used length 0", queue, item.head)
                 stats.internal_errors += 1
                 used += (item.head, 0)
+        stats.count_transfers(reads, read_bytes, writes, written_bytes)
         return used
 
     def _answer(self, chain: DescriptorChain, queue: int) -> int:

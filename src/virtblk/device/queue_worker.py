@@ -58,6 +58,18 @@ class QueueStats:
     broken: bool = False
     running: bool = False
 
+    def count_transfers(self, reads: int, read_bytes: int, writes: int,
+                        written_bytes: int) -> None:
+        """Count the reads and writes answered without ``BlkDevice.process`` (inline or
+        offloaded), once per batch rather than once per request."""
+        requests = self.requests
+        if reads:
+            requests["IN"] = requests.get("IN", 0) + reads
+            self.bytes_read += read_bytes
+        if writes:
+            requests["OUT"] = requests.get("OUT", 0) + writes
+            self.bytes_written += written_bytes
+
     def as_dict(self) -> dict[str, object]:
         """A plain snapshot (the dict of types is copied)."""
         snapshot = dataclasses.asdict(self)
