@@ -33,9 +33,13 @@ class GeneralOnly(BlkDevice):
 
 def answer(
     device_cls: type[BlkDevice], read_only: bool, header: bytes, hdr_len: int,
-    data_len: int, into: bool, status_len: int,
+    data_len: int, into: bool, status_len: int, offloaded: bool = False,
 ) -> tuple[list[int], bytes, bytes, bytes, dict[str, object], bool]:
-    """Offer one request-shaped chain on a fresh ring; what the device made of it."""
+    """Offer one request-shaped chain on a fresh ring; what the device made of it.
+
+    With ``offloaded``, the reads and writes ``execute_batch`` hands off are run on the
+    backend here and answered by ``complete_offloaded``, as a blocking backend's pool
+    does."""
     backend = MemoryBackend(DISK)
     backend.write_from(memoryview(bytes(range(256)) * (DISK // 256)), 0)
     device = device_cls(backend, read_only=read_only)
@@ -54,7 +58,15 @@ def answer(
         raw.offer(3)
         view, items = vq.pop_batch(8)
         fast_shape = isinstance(items[0], Triple)
-        used = device.execute_batch(view, items)
+        if offloaded:
+            handed: list[tuple[bool, memoryview, int, tuple[Triple, memoryview]]] = []
+            used = device.execute_batch(
+                view, items, offload=lambda *args: handed.append(args))
+            for write, buf, offset, _ in handed:
+                (backend.write_from if write else backend.read_into)(buf, offset)
+            used += device.complete_offloaded([(token, None) for *_, token in handed])
+        else:
+            used = device.execute_batch(view, items)
         result = (used, bytes(g.memory.view(DATA, 0x4000)), bytes(g.memory.view(STATUS, 4)),
                   bytes(backend._view[:DISK]), device.stats(), fast_shape)
     backend.close()
@@ -72,13 +84,15 @@ def answer(
     into=st.booleans(),
     status_len=st.sampled_from([1, 1, 1, 2]),
     read_only=st.booleans(),
+    offloaded=st.booleans(),
 )
 def test_the_inline_path_answers_as_the_general_path_does(
     rtype: int, sector: int, hdr_len: int, data_len: int, into: bool, status_len: int,
-    read_only: bool,
+    read_only: bool, offloaded: bool,
 ) -> None:
     header = struct.pack("<IIQ", rtype, 0, sector)
-    fast = answer(BlkDevice, read_only, header, hdr_len, data_len, into, status_len)
+    fast = answer(BlkDevice, read_only, header, hdr_len, data_len, into, status_len,
+                  offloaded)
     general = answer(GeneralOnly, read_only, header, hdr_len, data_len, into, status_len)
     assert fast[5], "the chain reaches execute_batch as a Triple"
     assert fast[:5] == general[:5]
