@@ -357,10 +357,12 @@ class BlkDevice:
 
     def resize(self, new_size_bytes: int) -> None:
         """Change the disk size and tell the driver (config change notification)."""
-        if new_size_bytes < self.backend.size:
+        shrink = new_size_bytes < self.backend.size
+        if shrink:
             self._push_state(size=new_size_bytes)  # workers stop using the tail first
         self.backend.resize(new_size_bytes)
-        self._push_state()
+        if not shrink:
+            self._push_state()  # workers use the new tail once it exists
         log.info("resized to %d bytes (%d sectors)", new_size_bytes, self.capacity)
         self._notify_config()
 
