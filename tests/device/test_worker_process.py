@@ -65,6 +65,8 @@ def test_workers_share_the_disk_and_follow_the_device_state(
         drv1.kick_device()
         assert drv1.wait(1) == {1: 1} and drv1.status_of(1) == Status.IOERR
         dev.resize(MiB)
+        with pytest.raises(ValueError, match="size"):
+            dev.resize(-512)  # refused before a worker hears of it
         drv1.submit(2, RequestType.IN, 16, in_len=4096)  # below the cut: kept
         drv1.kick_device()
         assert drv1.wait(1) == {2: 4097} and drv1.data_of(2, 4096) == b"\x11" * 4096

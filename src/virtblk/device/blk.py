@@ -357,6 +357,8 @@ class BlkDevice:
 
     def resize(self, new_size_bytes: int) -> None:
         """Change the disk size and tell the driver (config change notification)."""
+        if new_size_bytes < 0:  # before any worker process hears of it
+            raise ValueError(f"disk size must be >= 0, got {new_size_bytes}")
         shrink = new_size_bytes < self.backend.size
         if shrink:
             self._push_state(size=new_size_bytes)  # workers stop using the tail first
