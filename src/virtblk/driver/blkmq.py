@@ -37,7 +37,6 @@ CompletionCallback = Callable[["Request"], None]
 
 SLOT = 32
 """Bytes of a tag's shared area: its 16-byte header, the status byte at 16, padding."""
-_SLOT = SLOT
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 _IOERR = int(Status.IOERR)
 _HEADER = RequestHeader.FORMAT
@@ -109,8 +108,8 @@ class HardwareQueue:
         self.call_fd = call_fd
         self._memory = memory
         self._allocator = allocator
-        self._slots_gpa = allocator.alloc(depth * _SLOT, align=64)
-        self._slots = memory.view(self._slots_gpa, depth * _SLOT)
+        self._slots_gpa = allocator.alloc(depth * SLOT, align=64)
+        self._slots = memory.view(self._slots_gpa, depth * SLOT)
         self._requests = [Request(tag) for tag in range(depth)]
         self._free_tags = list(range(depth - 1, -1, -1))
         self._busy: collections.deque[Request] = collections.deque()
@@ -235,7 +234,7 @@ class HardwareQueue:
         req.in_bufs = in_bufs
         req.callback = callback
         req.user_data = user_data
-        base = req.tag * _SLOT
+        base = req.tag * SLOT
         RequestHeader.FORMAT.pack_into(self._slots, base, type_, 0, sector)
         self._slots[base + 16] = _STATUS_PENDING
         with self.cond:
@@ -261,7 +260,7 @@ class HardwareQueue:
         slots = self._slots
         pack = _HEADER.pack_into
         for req in reqs:
-            base = req.tag * _SLOT
+            base = req.tag * SLOT
             pack(slots, base, req.type, 0, req.sector)
             slots[base + 16] = _STATUS_PENDING
             req.done = False
@@ -281,7 +280,7 @@ class HardwareQueue:
         """Put ``req`` on the ring as its tag's prepared chain (header, data, status): the
         ring rewrites the tag's table only when the buffers differ from its last request,
         so a benchmark or a reused buffer rewrites nothing.  False when the ring is full."""
-        hdr = self._slots_gpa + req.tag * _SLOT
+        hdr = self._slots_gpa + req.tag * SLOT
         vq = self.vq
         vq.prepare(req.tag, ((hdr, RequestHeader.SIZE), *req.out_bufs),
                    (*req.in_bufs, (hdr + 16, 1)))
@@ -339,7 +338,7 @@ class HardwareQueue:
                 req.written = written
                 # A used length of 0 means the device did not write the status byte (it
                 # rejected the chain): report it as an I/O error, not as whatever was there.
-                req.status = slots[tag * _SLOT + 16] if written else _IOERR
+                req.status = slots[tag * SLOT + 16] if written else _IOERR
                 req.done = True
                 completed.append(req)
             if error is not None or not rearm or vq.enable_cb():
