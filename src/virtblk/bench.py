@@ -821,10 +821,9 @@ def _engine_plug(res: _Resources, job: _Job, deadline: int | None, clock: _Clock
     merges adjacent ones into requests (the seed's request path); slots keep their bio and
     buffer for the whole run."""
     disk, cfg = res.disk, job.cfg
-    memory = disk.device.memory
     segs_of: list[list[tuple[int, int]]] = []
     for b in res.bufs:
-        gpa = memory.guest_address_of(b)
+        gpa = disk.buffer_address(b)
         assert gpa is not None
         (segs,) = disk.request_segments(gpa, cfg.bs)
         segs_of.append(segs)
