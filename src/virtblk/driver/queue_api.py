@@ -438,9 +438,7 @@ class QueueHandle:
         ready = self._ready
         while len(ready) < wanted:
             if pending():
-                self._reap()
-                if self._pending or self._staged:
-                    self._submit()
+                self._reap_and_refill()
                 idle = 0
                 continue
             idle += 1
@@ -497,6 +495,7 @@ class QueueHandle:
             self._reap_and_refill()
 
     def _reap_and_refill(self) -> None:
+        """Take the completions, then submit what they freed tags for (one kick)."""
         self._reap()
         if (self._pending and self._free) or self._staged:
             self._submit()
