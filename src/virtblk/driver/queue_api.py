@@ -49,8 +49,7 @@ _IOERR = int(Status.IOERR)
 _IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
 _STATUS_PENDING = 0xFF
 _EVENTFD_ONE = (1).to_bytes(8, "little")
-_HEADER = RequestHeader.FORMAT
-_pack_header = _HEADER.pack_into
+_pack_header = RequestHeader.FORMAT.pack_into
 _HANGUP_CHECK_EVERY = 4096
 """Empty polls between two looks at the vhost-user socket (a dead device never completes)."""
 _CLOSE_TIMEOUT = 10.0
@@ -167,9 +166,10 @@ class QueueHandle:
 
     def _enqueue(self, rtype: int, offset: int, buf: Buffer, user_data: Any) -> None:
         """A read (``_IN``) or write (``_OUT``): onto a free tag at once when there is one
-        (header written, chain prepared; nothing on the ring before ``do_io``), else into
-        the pending queue.  The common case is inline: a buffer as disk.buffer() made it,
-        a size that is current, a tag whose chain already carries this buffer."""
+        (``_stage``: nothing on the ring before ``do_io``), else into the pending queue.
+        The common case costs no lookup beyond the disk's own registry: a buffer as
+        disk.buffer() made it, a size that is current, a tag whose chain already carries
+        this buffer."""
         if self._closed:
             self._check_open()
         if self._dev.config_generation != self._config_generation:
@@ -187,17 +187,7 @@ class QueueHandle:
         if not free or self._pending:
             self._pending.append((rtype, offset >> SECTOR_SHIFT, segs, into, user_data))
             return
-        tag = free.popleft()
-        shape = self._layout[tag]
-        if shape is None or shape[0] is not segs or shape[1] is not into:
-            self._prepare(tag, segs, into)
-        base = tag * SLOT
-        slots = self._slots
-        _pack_header(slots, base, rtype, 0, offset >> SECTOR_SHIFT)
-        slots[base + 16] = _STATUS_PENDING
-        self._user_data[tag] = user_data
-        self._type_of_tag[tag] = rtype
-        self._staged.append(tag)
+        self._stage(free.popleft(), rtype, offset >> SECTOR_SHIFT, segs, into, user_data)
 
     def flush(self, user_data: Any = None) -> None:
         """Enqueue a FLUSH.  Without the FLUSH feature writes are durable on completion, so
@@ -337,7 +327,7 @@ class QueueHandle:
             ud = self._prepare_other(tag, rtype, ud)
         base = tag * SLOT
         slots = self._slots
-        _HEADER.pack_into(slots, base, rtype, 0, sector)
+        _pack_header(slots, base, rtype, 0, sector)
         slots[base + 16] = _STATUS_PENDING
         self._user_data[tag] = ud
         self._type_of_tag[tag] = rtype
