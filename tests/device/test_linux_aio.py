@@ -89,6 +89,43 @@ def test_reads_and_writes_through_io_submit(image: Path) -> None:
                for i in range(8))
 
 
+def test_what_io_submit_refuses_is_done_at_once(image: Path) -> None:
+    """io_submit refuses the whole round (here EBADF: a descriptor never opened; the
+    kernel's AIO limit gives EAGAIN the same way): each request is done with the fallback
+    on its own buffer, and answered as any other."""
+    backend = FileBackend(image)
+    fallbacks: list[tuple[bool, int, bytes]] = []
+
+    def fallback(write: bool, buf: memoryview, offset: int) -> None:
+        fallbacks.append((write, offset, bytes(buf[:1])))
+        (backend.write_from if write else backend.read_into)(buf, offset)
+
+    aio = linux_aio.LinuxAio(8, direct_fd=0x7FFFFFFF, fallback=fallback, align=512,
+                             rw_flags=lambda: 0)
+    area = mmap.mmap(-1, 4 * 4096)
+    try:
+        view = memoryview(area)
+        view[3 * 4096 : 4 * 4096] = b"\x5a" * 4096
+        for i in range(3):
+            aio.submit(False, view[i * 4096 : (i + 1) * 4096], (i + 1) * 4096, i)
+        aio.submit(True, view[3 * 4096 :], MiB, 3)
+        assert fallbacks == []  # queued for io_submit
+        aio.flush()
+        assert sorted(wait_all(aio, 4)) == [(0, None), (1, None), (2, None), (3, None)]
+        assert [(w, off) for w, off, _ in fallbacks] == [
+            (False, 4096), (False, 8192), (False, 12288), (True, MiB)]
+        assert fallbacks[3][2] == b"\x5a"
+        expected = bytes(range(256)) * 16
+        assert all(view[i * 4096 : (i + 1) * 4096] == expected for i in range(3))
+        assert aio.in_flight == 0
+    finally:
+        aio.close()
+        view.release()
+        area.close()
+        backend.close()
+    assert image.read_bytes()[MiB : MiB + 4096] == b"\x5a" * 4096
+
+
 def test_a_file_device_keeps_many_reads_in_flight_with_aio(image: Path) -> None:
     region = MemoryRegion.create(8 * MiB, guest_phys_addr=0x100000)
     memory = GuestMemory([region])
