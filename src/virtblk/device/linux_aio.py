@@ -92,7 +92,8 @@ class LinuxAio:
         self._timeout = (ctypes.c_long * 2)(0, 0)  # struct timespec {0, 0}: do not wait
         self._tokens: list[tuple[Any, int] | None] = [None] * depth  # (token, length)
         self._free = list(range(depth - 1, -1, -1))
-        self._queued: list[tuple[int, bool, int, int, int]] = []  # slot, write, addr, len, off
+        # slot, write, buffer, its address, offset
+        self._queued: list[tuple[int, bool, memoryview, int, int]] = []
         self._done: collections.deque[tuple[Any, BaseException | None]] = collections.deque()
         self.in_flight = 0
 
@@ -104,17 +105,21 @@ class LinuxAio:
         address = buffer_address(buf)
         align = self._align - 1
         if (address | offset | length) & align or not self._free:
-            error: BaseException | None = None
-            try:
-                self._fallback(write, buf, offset)
-            except BaseException as exc:
-                error = exc
-            self._done.append((token, error))
-            os.eventfd_write(self.event_fd, 1)
+            self._run_now(write, buf, offset, token)
             return
         slot = self._free.pop()
         self._tokens[slot] = (token, length)
-        self._queued.append((slot, write, address, length, offset))
+        self._queued.append((slot, write, buf, address, offset))
+
+    def _run_now(self, write: bool, buf: memoryview, offset: int, token: Any) -> None:
+        """Do a request with the fallback, at once; its result is taken as any other."""
+        error: BaseException | None = None
+        try:
+            self._fallback(write, buf, offset)
+        except BaseException as exc:
+            error = exc
+        self._done.append((token, error))
+        os.eventfd_write(self.event_fd, 1)
 
     def flush(self) -> None:
         """Hand what is queued to the kernel, in one ``io_submit``."""
@@ -125,10 +130,10 @@ class LinuxAio:
         iocbs = self._iocbs
         pointers = self._pointers
         flags = self._rw_flags()
-        for i, (slot, write, address, length, offset) in enumerate(queued):
+        for i, (slot, write, buf, address, offset) in enumerate(queued):
             _IOCB.pack_into(iocbs, i * _IOCB.size, slot, 0, flags if write else 0,
                             _CMD_PWRITE if write else _CMD_PREAD, 0, self._fd, address,
-                            length, offset, 0, _FLAG_RESFD, self.event_fd)
+                            len(buf), offset, 0, _FLAG_RESFD, self.event_fd)
             pointers[i] = base + i * _IOCB.size
         done = 0
         while done < len(queued):
@@ -142,25 +147,14 @@ class LinuxAio:
             if err == errno.EINTR:
                 continue
             # Refused (EAGAIN: the kernel's AIO limit): the rest is done at once instead.
-            for slot, write, address, length, offset in queued[done:]:
-                self._finish_in_place(slot, write, length, offset, address)
+            for slot, write, buf, _, offset in queued[done:]:
+                entry = self._tokens[slot]
+                assert entry is not None
+                self._tokens[slot] = None
+                self._free.append(slot)
+                self._run_now(write, buf, offset, entry[0])
             break
         queued.clear()
-
-    def _finish_in_place(self, slot: int, write: bool, length: int, offset: int,
-                         address: int) -> None:
-        entry = self._tokens[slot]
-        assert entry is not None
-        self._tokens[slot] = None
-        self._free.append(slot)
-        buf = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
-        error: BaseException | None = None
-        try:
-            self._fallback(write, buf, offset)
-        except BaseException as exc:
-            error = exc
-        self._done.append((entry[0], error))
-        os.eventfd_write(self.event_fd, 1)
 
     @property
     def has_done(self) -> bool:
@@ -185,8 +179,10 @@ class LinuxAio:
 
     def take(self) -> list[tuple[Any, BaseException | None]]:
         """The results so far: ``(token, None)``, or ``(token, the error)`` for a failed
-        or short transfer (the caller answers those through its general path)."""
-        self._collect()
+        or short transfer (the caller answers those through its general path).  Asks the
+        kernel only when nothing was collected yet (``has_done`` usually just did)."""
+        if not self._done:
+            self._collect()
         done = self._done
         out = [done.popleft() for _ in range(len(done))]
         self.in_flight -= len(out)
