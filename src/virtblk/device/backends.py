@@ -352,26 +352,19 @@ class FileBackend(Backend):
                     raise
         if fd < 0:
             fd = os.open(self.path, flags)
-        self._fd = fd
-        self._dsync_fd = -1
-        self._direct_fd = -1
+        dsync_fd = direct_fd = -1
         try:
-            st = os.fstat(fd)
-            self._regular = stat.S_ISREG(st.st_mode)
-            size = os.lseek(fd, 0, os.SEEK_END)
             if not read_only:
-                self._dsync_fd = os.open(self.path, flags | os.O_DSYNC)
+                dsync_fd = os.open(self.path, flags | os.O_DSYNC)
         except OSError:
             os.close(fd)
             raise
         try:
             # For many reads and writes in flight with Linux AIO; tmpfs and others refuse.
-            self._direct_fd = os.open(self.path, flags | os.O_DIRECT)
+            direct_fd = os.open(self.path, flags | os.O_DIRECT)
         except OSError:
-            self._direct_fd = -1
-        super().__init__(size, read_only=read_only)
-        # Remember what the filesystem refused so the hot path does not ask again.
-        self._refused: set[int] = set()  # fallocate modes
+            direct_fd = -1
+        self._adopt(fd, dsync_fd, direct_fd, read_only)
 
     @classmethod
     def attach(
@@ -382,13 +375,25 @@ class FileBackend(Backend):
         refused it), whose ownership passes to us."""
         self = cls.__new__(cls)
         self.path = path
+        self._adopt(fd, dsync_fd, direct_fd, read_only)
+        return self
+
+    def _adopt(self, fd: int, dsync_fd: int, direct_fd: int, read_only: bool) -> None:
+        """Serve the file through these descriptors (ours now: closed if this fails)."""
         self._fd = fd
         self._dsync_fd = dsync_fd
         self._direct_fd = direct_fd
-        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        Backend.__init__(self, os.lseek(fd, 0, os.SEEK_END), read_only=read_only)
-        self._refused = set()
-        return self
+        try:
+            self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            size = os.lseek(fd, 0, os.SEEK_END)
+        except OSError:
+            for owned in (fd, dsync_fd, direct_fd):
+                if owned >= 0:
+                    os.close(owned)
+            raise
+        super().__init__(size, read_only=read_only)
+        # Remember what the filesystem refused so the hot path does not ask again.
+        self._refused: set[int] = set()  # fallocate modes
 
     @property
     def fd(self) -> int:
