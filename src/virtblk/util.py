@@ -45,7 +45,8 @@ def process_cpu_seconds(pid: int) -> float:
     """
     fields = _stat_fields(pid)
     ticks = sum(int(x) for x in fields[11:15])
-    parents: dict[int, list[int]] = {}
+    children: dict[int, list[int]] = {}
+    own: dict[int, int] = {}  # utime + stime of each process, from the same one read
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -53,15 +54,13 @@ def process_cpu_seconds(pid: int) -> float:
             other = _stat_fields(entry)
         except OSError:
             continue  # gone meanwhile
-        parents.setdefault(int(other[1]), []).append(int(entry))
-    todo = list(parents.get(pid, ()))
+        children.setdefault(int(other[1]), []).append(int(entry))
+        own[int(entry)] = int(other[11]) + int(other[12])
+    todo = list(children.get(pid, ()))
     while todo:
         child = todo.pop()
-        try:
-            ticks += sum(int(x) for x in _stat_fields(child)[11:13])
-        except OSError:
-            continue
-        todo.extend(parents.get(child, ()))
+        ticks += own[child]
+        todo.extend(children.get(child, ()))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
