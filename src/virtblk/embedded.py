@@ -92,11 +92,19 @@ def start_embedded(
     try:
         if mode == "thread":
             device = dataclasses.replace(options, workers=options.workers or "thread").build()
-            control = ControlServer(control_path, device).start()
-            thread = threading.Thread(
-                target=_serve, args=(theirs, device), name="virtblk-embedded", daemon=True
-            )
-            thread.start()
+            control: ControlServer | None = None
+            try:
+                control = ControlServer(control_path, device).start()
+                thread = threading.Thread(
+                    target=_serve, args=(theirs, device), name="virtblk-embedded", daemon=True
+                )
+                thread.start()
+            except BaseException:
+                if control is not None:
+                    control.close()
+                device.close()
+                device.backend.close()
+                raise
             return EmbeddedDevice(ours, thread=thread, control=control, workdir=workdir)
         # Fail in the parent, with a clear message, on options the child would reject.
         options.make_backend().close()

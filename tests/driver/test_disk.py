@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,20 @@ def test_missing_feature_is_a_clear_error() -> None:
 def test_disks_get_distinct_names() -> None:
     with Disk.embedded(size=MiB, mode="thread") as a, Disk.embedded(size=MiB, mode="thread") as b:
         assert a.name != b.name
+
+
+def test_an_embedded_device_that_cannot_start_leaves_nothing_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control socket cannot be made (its path is longer than AF_UNIX takes): the
+    device already built is closed with its storage, and nothing is left behind."""
+    long_dir = tmp_path / ("d" * 100)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    fds = len(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    with pytest.raises(OSError, match="too long"):
+        Disk.embedded(size=MiB, mode="thread")
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads
+    assert list(long_dir.iterdir()) == []
