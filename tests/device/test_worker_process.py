@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from device_helpers import Driver, start
 
+from virtblk.device import worker_process
 from virtblk.device.backends import FileBackend, MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.options import DeviceOptions
+from virtblk.device.worker_process import WorkerError
 from virtblk.device.zoned import ZonedMemoryBackend
 from virtblk.spec import RequestType, Status
 from virtblk.util import process_cpu_seconds
@@ -222,3 +224,20 @@ def _ppid(pid: str) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return -1
+
+
+def test_a_worker_that_cannot_be_told_its_device_is_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The init message cannot be sent (here: over the size the protocol takes): the
+    worker just spawned is ended and waited for, not left running or a zombie."""
+    monkeypatch.setattr(worker_process, "_MAX_MESSAGE", 16)
+    before = children()
+    with pytest.raises(WorkerError, match="too large"):
+        BlkDevice(NullBackend(MiB), workers="process")
+    assert children() == before
+
+
+def children() -> set[int]:
+    """This process's children, zombies included."""
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == os.getpid()}

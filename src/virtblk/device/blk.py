@@ -41,7 +41,7 @@ from virtblk.device.request import (
     read_segments,
     type_name,
 )
-from virtblk.device.worker_process import WorkerError, WorkerProcess, storage_of
+from virtblk.device.worker_process import WorkerError, WorkerProcess
 from virtblk.device.zoned import ZonedMemoryBackend, ZonedRequests
 from virtblk.spec import (
     DISCARD_FLAG_UNMAP,
@@ -220,7 +220,6 @@ class BlkDevice:
             if self.zoned is not None or not self._inline:
                 raise ValueError("zoned devices and devices with their own execute() serve "
                                  "their queues from threads")
-            storage_of(backend)  # refuses storage a worker cannot open, before spawning
             self._procs = []
             try:
                 for index in range(num_queues):

@@ -116,6 +116,7 @@ class WorkerProcess:
         # and control threads (stats, state) share the socket.
         self._lock = threading.Lock()
         self._seq = 0
+        desc, fds = storage_of(backend)  # refuses storage a worker cannot open, first
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         level = logging.getLogger("virtblk").getEffectiveLevel()
@@ -130,9 +131,15 @@ class WorkerProcess:
             raise
         finally:
             theirs.close()
-        desc, fds = storage_of(backend)
         # Sent now, read when the child has imported: the two overlap.
-        _send(ours, {"op": "init", "index": index, "settings": settings, "storage": desc}, fds)
+        try:
+            _send(ours, {"op": "init", "index": index, "settings": settings, "storage": desc},
+                  fds)
+        except BaseException:
+            ours.close()
+            self._proc.kill()
+            self._proc.wait()
+            raise
 
     @property
     def pid(self) -> int:
