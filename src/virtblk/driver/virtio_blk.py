@@ -70,6 +70,21 @@ CACHE_TYPES = ("write through", "write back")
 """The seed's ``virtblk_cache_types``: index 1 means the device has a volatile cache."""
 
 
+def sysfs_streq(s1: str, s2: str) -> bool:
+    """Linux's ``sysfs_streq``: equal, or equal but for one newline ending either string
+    (``echo`` ends what it writes to a sysfs file with one)."""
+    return s1 == s2 or s1 == s2 + "\n" or s2 == s1 + "\n"
+
+
+def cache_type_index(mode: str) -> int:
+    """The index in ``CACHE_TYPES`` of ``mode``, matched as the seed's
+    ``virtblk_cache_type_store`` matches what is written to ``cache_type``."""
+    for index, name in enumerate(CACHE_TYPES):
+        if sysfs_streq(mode, name):
+            return index
+    raise ValueError(f"cache mode must be one of {CACHE_TYPES}, not {mode!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Legacy CHS geometry (``virtblk_getgeo``)."""
