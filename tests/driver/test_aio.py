@@ -108,6 +108,8 @@ def test_flush_discard_write_zeroes() -> None:
             await adisk.write_zeroes(2 * MiB, BS, unmap=True)
             data = await adisk.read(3 * MiB, 0)
             assert data[:MiB] == bytes(MiB)
+            # Our memory disk punches a hole for a discard: the range reads as zeros.
+            assert data[MiB : 2 * MiB] == bytes(MiB)
             assert data[2 * MiB : 2 * MiB + BS] == bytes(BS)
             assert data[2 * MiB + BS :] == b"\xcd" * (MiB - BS)
 
@@ -248,4 +250,5 @@ def test_against_qemu_storage_daemon(qsd_factory: QsdFactory, tmp_path: Path) ->
         assert f.read(len(blocks) * BS) == b"".join(blocks)
         f.seek(8 * MiB)
         assert f.read(len(big)) == big
-        assert f.read(MiB) == bytes(MiB)  # the write-zeroed range, on the image
+        f.seek(12 * MiB)
+        assert f.read(MiB) == bytes(MiB)  # the write-zeroed range, written 0xee before

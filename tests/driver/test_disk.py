@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from virtblk import Disk
+from virtblk.device.control import send_command
 from virtblk.errors import BlockIOError, FeatureNotNegotiatedError
 
 MiB = 1 << 20
@@ -107,10 +108,16 @@ def test_file_backend_round_trip(tmp_path: Path) -> None:
 
 
 def test_discard_and_write_zeroes(disk: Disk) -> None:
-    disk.pwrite(b"\xff" * 8192, 0)
+    disk.pwrite(b"\xff" * 12288, 0)
     disk.write_zeroes(0, 4096)
-    assert disk.pread(8192, 0) == b"\0" * 4096 + b"\xff" * 4096
+    assert disk.pread(12288, 0) == b"\0" * 4096 + b"\xff" * 8192
     disk.discard(4096, 4096)
+    # Our memory disk punches a hole for a discard: the range reads as zeros, and the
+    # block after it keeps its data.
+    assert disk.pread(12288, 0) == b"\0" * 8192 + b"\xff" * 4096
+    assert disk.embedded_device is not None
+    requests = send_command(disk.embedded_device.control_path, "stats")["stats"]["requests"]
+    assert (requests.get("WRITE_ZEROES"), requests.get("DISCARD")) == (1, 1), requests
 
 
 def test_missing_feature_is_a_clear_error() -> None:

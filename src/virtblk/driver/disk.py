@@ -19,7 +19,14 @@ from virtblk import unixsock
 from virtblk.driver.blklayer import Bio, Plug, QueueLimits
 from virtblk.driver.blkmq import HardwareQueue, raise_for
 from virtblk.driver.naming import DiskIndex
-from virtblk.driver.virtio_blk import CACHE_TYPES, Geometry, Limits, Topology, VirtioBlk
+from virtblk.driver.virtio_blk import (
+    CACHE_TYPES,
+    Geometry,
+    Limits,
+    Topology,
+    VirtioBlk,
+    cache_type_index,
+)
 from virtblk.driver.zoned import Zone, ZonedCharacteristics, ZoneManager, split_at_zones
 from virtblk.errors import BlockIOError, FeatureNotNegotiatedError
 from virtblk.spec import (
@@ -228,10 +235,9 @@ class Disk:
 
     @cache_mode.setter
     def cache_mode(self, mode: str) -> None:
-        if mode not in CACHE_TYPES:
-            raise ValueError(f"cache mode must be one of {CACHE_TYPES}, not {mode!r}")
+        writeback = bool(cache_type_index(mode))
         self._check_open()
-        self._dev.set_writeback(mode == "write back")
+        self._dev.set_writeback(writeback)
 
     @property
     def serial(self) -> str:

@@ -63,8 +63,26 @@ MAX_CAPACITY_SECTORS = ((1 << 63) - 1) >> 9
 """The largest capacity whose byte size fits a signed 64-bit file offset (``loff_t``):
 ``Disk`` offsets are byte offsets, so a larger capacity is truncated with a warning."""
 
+_UINT_MAX = (1 << 32) - 1
+"""The block layer keeps its topology limits in C ``unsigned int``."""
+
 CACHE_TYPES = ("write through", "write back")
 """The seed's ``virtblk_cache_types``: index 1 means the device has a volatile cache."""
+
+
+def sysfs_streq(s1: str, s2: str) -> bool:
+    """Linux's ``sysfs_streq``: equal, or equal but for one newline ending either string
+    (``echo`` ends what it writes to a sysfs file with one)."""
+    return s1 == s2 or s1 == s2 + "\n" or s2 == s1 + "\n"
+
+
+def cache_type_index(mode: str) -> int:
+    """The index in ``CACHE_TYPES`` of ``mode``, matched as the seed's
+    ``virtblk_cache_type_store`` matches what is written to ``cache_type``."""
+    for index, name in enumerate(CACHE_TYPES):
+        if sysfs_streq(mode, name):
+            return index
+    raise ValueError(f"cache mode must be one of {CACHE_TYPES}, not {mode!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +96,10 @@ class Geometry:
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """I/O topology in bytes, as the seed hands it to the block layer."""
+    """I/O topology in bytes, as Linux reports it once the block layer has clamped what
+    the seed handed it (``queue/physical_block_size``, ``alignment_offset``,
+    ``queue/minimum_io_size``, ``queue/optimal_io_size``): never 0 but ``opt_io_size``
+    and ``alignment_offset``."""
 
     physical_block_size: int
     alignment_offset: int
@@ -442,17 +463,37 @@ class VirtioBlk:
 
     @property
     def topology(self) -> Topology:
-        """Physical block size, alignment offset, minimum and optimal I/O size in bytes."""
-        bs = self.logical_block_size
+        """The seed's topology calls, each clamped as block/blk-settings.c clamps it.
+
+        The seed calls ``blk_queue_physical_block_size``, ``blk_queue_alignment_offset``,
+        ``blk_queue_io_min`` and ``blk_queue_io_opt`` in that order, each only for a
+        non-zero field, on limits that start at 512 and that
+        ``blk_queue_logical_block_size`` has raised to the logical block.  The products
+        are ``unsigned int`` there, so they wrap at 32 bits (a physical block of 4 GiB or
+        more becomes 0, then the logical block; a shift of 32 or more is undefined in C
+        and wraps the same way here)."""
+        logical = self.logical_block_size
+        # blk_set_default_limits, then blk_queue_logical_block_size.
+        physical = io_min = logical
+        alignment = io_opt = 0
         if not self.has(Feature.BLK_TOPOLOGY):
-            return Topology(bs, 0, 0, 0)
+            return Topology(physical, alignment, io_min, io_opt)
         c = self.config
-        return Topology(
-            bs * (1 << c.physical_block_exp),
-            bs * c.alignment_offset,
-            bs * c.min_io_size,
-            bs * c.opt_io_size,
-        )
+        if c.physical_block_exp:
+            # blk_queue_physical_block_size: never below the logical block, and the
+            # minimum I/O never below the physical block.
+            physical = max((logical << c.physical_block_exp) & _UINT_MAX, logical)
+            io_min = max(io_min, physical)
+        if c.alignment_offset:
+            # blk_queue_alignment_offset: an offset within one physical block.
+            alignment = logical * c.alignment_offset & (physical - 1)
+        if c.min_io_size:
+            # blk_limits_io_min: at least the logical and the physical block.
+            io_min = max(logical * c.min_io_size, logical, physical)
+        if c.opt_io_size:
+            # blk_limits_io_opt: taken as given.
+            io_opt = logical * c.opt_io_size & _UINT_MAX
+        return Topology(physical, alignment, io_min, io_opt)
 
     @property
     def limits(self) -> Limits:
