@@ -3,6 +3,7 @@ must turn into a failure, and what it must leave alone."""
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -180,3 +181,43 @@ def test_a_process_a_test_stops_is_not_a_leftover(
     """)
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.OK
+
+
+# -- Hypothesis's profiles -----------------------------------------------------------------
+
+PROPERTY = """
+    from hypothesis import given, settings, strategies as st
+
+    def test_profile():
+        print("PROFILE", settings.default.derandomize, settings.default.database,
+              settings.default.deadline, settings.default.print_blob)
+
+    @given(st.integers())
+    def test_small(x):
+        assert x < 1000
+"""
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"VIRTBLK_HYPOTHESIS_PROFILE": "ci"}, "PROFILE True None None True"),
+    ({"CI": "true"}, "PROFILE True None None True"),
+    ({}, "PROFILE False *"),
+], ids=["scripts-test", "ci", "developer"])  # fmt: skip
+def test_the_hypothesis_profile_is_deterministic_in_ci_and_prints_the_blob(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str], expected: str,
+) -> None:
+    """A child interpreter: the profile is chosen when the plugin is imported."""
+    for name in ("CI", "VIRTBLK_HYPOTHESIS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    tests = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+        tests, os.environ.get("PYTHONPATH")])))  # fmt: skip
+    pytester.makepyfile(test_property=textwrap.dedent(PROPERTY))
+    result = pytester.runpytest_subprocess("-p", "peers.plugin", "-p", "no:cacheprovider",
+                                           "-s")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([f"*{expected}*"])
+    result.stdout.fnmatch_lines(["*Falsifying example: test_small(*", "*@reproduce_failure(*"])
