@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from .guest import GuestError, GuestKernel, prepare_guest_kernel
 from .leftovers import SESSION_ENV, kill, tagged_processes
@@ -27,18 +27,20 @@ from .qsd import QemuStorageDaemon, short_socket_dir
 MUST_RUN_MARKERS = ("interop", "guest")
 
 #: A module that marks any of its tests so: skipping the whole module is a failure too.
-_MUST_RUN_MARK = re.compile(r"\bmark\.(?:interop|guest)\b")
+_MUST_RUN_MARK = re.compile(rf"\bmark\.(?:{'|'.join(MUST_RUN_MARKERS)})\b")
 
 #: The environment variable that names the Hypothesis profile to load (scripts/test sets
 #: it to "ci"; a set ``CI`` chooses "ci" too).  ``--hypothesis-profile`` still wins.
 PROFILE_ENV = "VIRTBLK_HYPOTHESIS_PROFILE"
 
 # "ci": the same examples on every run, so a red CI run fails again on a developer's
-# machine, and a failure prints the blob that replays it (@reproduce_failure); no deadline
-# on a loaded machine.  "dev" explores new examples on each run and prints the blob too.
+# machine, and a failure prints the blob that replays it (@reproduce_failure); neither a
+# deadline nor the too-slow health check fails a test on a loaded machine.  "dev" explores
+# new examples on each run and prints the blob too.
 # Registered at import, before Hypothesis reads --hypothesis-profile in pytest_configure.
 settings.register_profile(
-    "ci", derandomize=True, print_blob=True, deadline=None, database=None
+    "ci", derandomize=True, print_blob=True, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", print_blob=True)
 settings.load_profile(os.environ.get(PROFILE_ENV) or ("ci" if os.environ.get("CI") else "dev"))
