@@ -84,8 +84,10 @@ class Driver:
         if self.vq.kick_prepare():
             os.eventfd_write(self.kick, 1)
 
-    def wait(self, count: int, timeout: float = 5.0) -> dict[int, int]:
-        """Completions ``token -> used len`` until ``count`` have arrived."""
+    def wait(self, count: int, timeout: float = 60.0) -> dict[int, int]:
+        """Completions ``token -> used len`` until ``count`` have arrived; ``TimeoutError``
+        when none arrives for ``timeout`` seconds (a bound on a failure only: a worker
+        process that starts on a loaded machine may take seconds to answer)."""
         done: dict[int, int] = {}
         poller = select.poll()
         poller.register(self.call, select.POLLIN)

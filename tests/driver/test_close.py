@@ -31,7 +31,7 @@ def test_close_waits_for_a_request_in_flight() -> None:
     with faulty_disk(slow_sector=8) as (disk, device, _):
         outcome: list[object] = []
         t = _writer(disk, 8 * 512, outcome)
-        time.sleep(0.3)
+        assert device.holding.wait(60)
         assert outcome == []  # held by the device
         threading.Timer(0.5, device.release.set).start()
         disk.close()
@@ -42,10 +42,10 @@ def test_close_waits_for_a_request_in_flight() -> None:
 def test_close_gives_up_on_a_request_that_never_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     real_close = VirtioBlk.close
     monkeypatch.setattr(VirtioBlk, "close", lambda self: real_close(self, timeout=0.5))
-    with faulty_disk(slow_sector=8) as (disk, _device, _):
+    with faulty_disk(slow_sector=8) as (disk, device, _):
         outcome: list[object] = []
         t = _writer(disk, 8 * 512, outcome)
-        time.sleep(0.3)
+        assert device.holding.wait(60)
         started = time.monotonic()
         disk.close()
         assert time.monotonic() - started < 5

@@ -16,10 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from peers.process import accepts, wait_ready
+from peers.process import accepts, wait_group_gone, wait_ready
 
 #: How long ``virtblk serve`` may take to listen (it imports numpy, on a busy machine).
 START_TIMEOUT = 30.0
+
+#: How long it may take to exit after SIGTERM (it finishes the requests in flight).
+STOP_TIMEOUT = 20.0
+
+#: How long killed processes may take to vanish (the kernel tears down their memory).
+KILL_TIMEOUT = 10.0
 
 
 def virtblk_argv(*args: str) -> list[str]:
@@ -40,12 +46,25 @@ def run_virtblk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 class ServeProcess:
     """``virtblk serve --socket PATH ARGS`` in a child process, ready once it listens.
 
-    A context manager: ``__exit__`` sends SIGTERM and waits (SIGKILL after 20 s).
+    The child leads a process group of its own, and every signal goes to the group: under
+    ``strace -o FILE`` (``argv`` may be wrapped so) strace ignores SIGTERM and a kill hits
+    only strace, while its tracee and the server's queue worker processes are in the group.
+
+    A context manager: ``__exit__`` sends SIGTERM and waits ``stop_timeout`` seconds, then
+    kills whatever of the group is left.  The block fails (``RuntimeError`` with the
+    server's output) when the server did not exit in time or exited with a non-zero status,
+    unless the block is already failing with an exception of its own.
     """
 
-    def __init__(self, socket_path: str | os.PathLike[str], args: Sequence[str]) -> None:
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        args: Sequence[str],
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
         self.socket_path = Path(socket_path)
         self.argv = virtblk_argv("serve", "--socket", str(self.socket_path), *args)
+        self.stop_timeout = stop_timeout
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -56,8 +75,8 @@ class ServeProcess:
         return self._log.read().decode(errors="replace")
 
     def start(self) -> ServeProcess:
-        # A session of its own: stopping it stops everything it started (its queue
-        # worker processes, and the server itself when it runs under strace).
+        """Start the server and wait until it listens; a server that cannot is stopped (its
+        whole group) and ``RuntimeError`` says why."""
         self.process = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             start_new_session=True,
@@ -70,23 +89,31 @@ class ServeProcess:
             self.stop()
             raise RuntimeError(f"virtblk serve not listening after {START_TIMEOUT} s") from None
         if rc is not None:
+            self.stop()
             raise RuntimeError(f"virtblk serve exited with {rc} before listening:\n{self.output}")
         return self
 
-    def terminate(self, timeout: float = 20) -> int:
-        """SIGTERM to its process group and wait; return the exit status (SIGKILL when it
-        does not exit).  Whatever of the group outlives it is killed."""
+    def terminate(self, timeout: float | None = None) -> int:
+        """SIGTERM to its process group and wait (``stop_timeout`` by default); return the
+        exit status.  Whatever of the group outlives the server is killed, and is gone when
+        this returns.  Raises ``subprocess.TimeoutExpired`` when the server did not exit in
+        time (it is killed first)."""
         assert self.process is not None
+        if timeout is None:
+            timeout = self.stop_timeout
         if self.process.poll() is None:
             self._signal_group(signal.SIGTERM)
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self._signal_group(signal.SIGKILL)
             self.process.wait()
             raise
         finally:
             self._signal_group(signal.SIGKILL)
+            left = wait_group_gone(self.process.pid, KILL_TIMEOUT)
+            if left:
+                raise RuntimeError(f"processes {left} of virtblk serve survived SIGKILL")
 
     def _signal_group(self, signum: int) -> None:
         assert self.process is not None
@@ -96,6 +123,8 @@ class ServeProcess:
             pass  # the group is empty: everything has exited
 
     def stop(self) -> int | None:
+        """Stop the server as ``terminate`` does, for cleanup paths: the exit status, or None
+        when it had to be killed (or never started)."""
         if self.process is None:
             return None
         try:
@@ -112,5 +141,19 @@ class ServeProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
-        self._log.close()
+        failure = None
+        try:
+            if self.process is not None:
+                try:
+                    rc = self.terminate()
+                except subprocess.TimeoutExpired:
+                    failure = (f"virtblk serve did not exit within {self.stop_timeout:g} s of "
+                               f"SIGTERM (killed):\n{self.output}")
+                else:
+                    if rc != 0:
+                        failure = f"virtblk serve exited with status {rc}:\n{self.output}"
+        finally:
+            self._log.close()
+        # The block's own exception says more than the server's end, which it likely caused.
+        if failure is not None and exc_type is None:
+            raise RuntimeError(failure)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,12 +234,14 @@ def test_sigterm_under_load(sock_dir: Path, image: Path) -> None:
     outcomes: list[BaseException | None] = []
     try:
         disk.pwrite(b"\x5a" * 4096, 0)
-        started = threading.Barrier(3)
+        # Passed once each stream has written on its queue: then both are streaming.
+        streaming = threading.Barrier(3, timeout=60)
 
         def stream(base: int) -> None:
             chunk = os.urandom(MiB)
-            started.wait()
             try:
+                disk.pwrite(chunk, base)
+                streaming.wait()
                 while True:
                     for i in range(4):
                         disk.pwrite(chunk, base + i * MiB)
@@ -253,8 +254,7 @@ def test_sigterm_under_load(sock_dir: Path, image: Path) -> None:
         ]
         for thread in threads:
             thread.start()
-        started.wait()
-        time.sleep(0.3)
+        streaming.wait()
         assert srv.terminate() == 0, srv.output
         assert not srv.socket_path.exists()
         for thread in threads:
@@ -275,23 +275,23 @@ def test_sigterm_under_load(sock_dir: Path, image: Path) -> None:
 #: while two threads (one per queue) keep writes in flight elsewhere on the disk.
 _DYING_FRONTEND = textwrap.dedent(
     """
-    import os, signal, sys, threading, time
+    import os, signal, sys, threading
     from virtblk import Disk
     disk = Disk.connect(sys.argv[1], num_queues=int(sys.argv[2]))
     pattern = bytes.fromhex(sys.argv[3]) * (1 << 14)
     disk.pwrite(pattern, 1 << 20)
     print("acknowledged", flush=True)
-    started = threading.Barrier(3)
+    streaming = threading.Barrier(3)  # passed once each thread has written: both stream
     def stream(base):
         chunk = os.urandom(1 << 20)
-        started.wait()
+        disk.pwrite(chunk, base)
+        streaming.wait()
         while True:
             for i in range(8):
                 disk.pwrite(chunk, base + (i << 20))
     for base in (16 << 20, 24 << 20):
         threading.Thread(target=stream, args=(base,), daemon=True).start()
-    started.wait()
-    time.sleep(0.2)
+    streaming.wait()
     os.kill(os.getpid(), signal.SIG{how})
     """
 )

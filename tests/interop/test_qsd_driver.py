@@ -273,17 +273,19 @@ def test_daemon_killed_mid_run(qsd_factory: QsdFactory, image: Path) -> None:
         data = os.urandom(MiB)
         disk.pwrite(data, 0)
         outcome: list[BaseException] = []
+        streaming = threading.Event()
 
         def stream() -> None:
             try:
                 for i in range(100_000):
                     disk.pwrite(data, (i % 32) * MiB)
+                    streaming.set()
             except BaseException as exc:
                 outcome.append(exc)
 
         thread = threading.Thread(target=stream, daemon=True)
         thread.start()
-        time.sleep(0.3)
+        assert streaming.wait(60), outcome
         assert daemon.process is not None
         daemon.process.kill()
         thread.join(30)

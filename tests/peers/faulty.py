@@ -2,7 +2,9 @@
 
 A real ``BlkDevice`` over a real vhost-user session (in a thread, on a socketpair); only
 ``execute`` is overridden: requests at ``bad_sector`` answer IOERR, FLUSH answers UNSUPP
-when asked to, and a request at ``slow_sector`` is held until ``release`` is set.
+when asked to, and a request at ``slow_sector`` is held until ``release`` is set
+(``holding`` is set once it is: a test waits on that, not on a guess of how long its
+thread takes to get there).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class FaultyDevice(BlkDevice):
         self.slow_sector = slow_sector
         self.unsupp_flush = unsupp_flush
         self.release = threading.Event()
+        self.holding = threading.Event()
 
     def execute(self, req: BlkRequest) -> tuple[int, int]:
         if req.type == RequestType.FLUSH and self.unsupp_flush:
@@ -46,6 +49,7 @@ class FaultyDevice(BlkDevice):
             if req.sector == self.bad_sector:
                 return int(Status.IOERR), 1
             if req.sector == self.slow_sector:
+                self.holding.set()
                 self.release.wait(30)
         return super().execute(req)
 

@@ -1,44 +1,175 @@
-"""The pytest side of the peers package: the never-skip rule and the fixtures.
+"""The pytest side of the peers package: the never-skip rule, the leftover-process check,
+Hypothesis's profiles and the fixtures.
 
 tests/conftest.py loads this module with `pytest_plugins`, so the conftest stays
-a one-liner and the rule can be tested by loading this plugin in a child pytest.
+a one-liner and both rules can be tested by loading this plugin in a child pytest.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from .guest import GuestError, GuestKernel, prepare_guest_kernel
+from .leftovers import SESSION_ENV, kill, tagged_processes
 from .qsd import QemuStorageDaemon, short_socket_dir
 
-#: Tests with these markers exercise a real peer; not running them is a failure.
+#: Tests with these markers exercise a real peer; not running them is a failure.  So is
+#: every test of a module in a directory of these names (tests/interop, tests/guest).
 MUST_RUN_MARKERS = ("interop", "guest")
 
+#: A module that marks any of its tests so: skipping the whole module is a failure too.
+_MUST_RUN_MARK = re.compile(rf"\bmark\.(?:{'|'.join(MUST_RUN_MARKERS)})\b")
 
-@pytest.hookimpl(wrapper=True)
+#: The environment variable that names the Hypothesis profile to load (scripts/test sets
+#: it to "ci"; a set ``CI`` chooses "ci" too).  ``--hypothesis-profile`` still wins.
+PROFILE_ENV = "VIRTBLK_HYPOTHESIS_PROFILE"
+
+# "ci": the same examples on every run, so a red CI run fails again on a developer's
+# machine, and a failure prints the blob that replays it (@reproduce_failure); neither a
+# deadline nor the too-slow health check fails a test on a loaded machine.  "dev" explores
+# new examples on each run and prints the blob too.
+# Registered at import, before Hypothesis reads --hypothesis-profile in pytest_configure.
+settings.register_profile(
+    "ci", derandomize=True, print_blob=True, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get(PROFILE_ENV) or ("ci" if os.environ.get("CI") else "dev"))
+
+#: The session's tag and the value the variable had before it (a session run in-process
+#: by pytester puts the outer one back).
+_SESSION_TAG = pytest.StashKey[tuple[str, str | None]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the markers, and tag every process the tests will start (see `leftovers`)."""
+    config.addinivalue_line("markers", "interop: against a real peer (must run, never skip)")
+    config.addinivalue_line("markers", "guest: a Linux guest under QEMU (must run, never skip)")
+    tag = uuid.uuid4().hex
+    config.stash[_SESSION_TAG] = (tag, os.environ.get(SESSION_ENV))
+    os.environ[SESSION_ENV] = tag
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _, previous = config.stash[_SESSION_TAG]
+    if previous is None:
+        os.environ.pop(SESSION_ENV, None)
+    else:
+        os.environ[SESSION_ENV] = previous
+
+
+def _must_run(item: pytest.Item) -> list[str]:
+    """Why a test must run (its markers, or its module's directory); empty when it may skip."""
+    reasons = [f"marked {name}" for name in MUST_RUN_MARKERS if item.get_closest_marker(name)]
+    if not reasons and item.path.parent.name in MUST_RUN_MARKERS:
+        reasons.append(f"in {item.path.parent.name}/")
+    return reasons
+
+
+def _must_run_module(path: Path) -> bool:
+    """Whether a module must be collected: it lies in tests/interop or tests/guest, or marks
+    some of its tests interop/guest.  Read from the source: a module skipped while it is
+    imported has no tests to look at."""
+    if path.parent.name in MUST_RUN_MARKERS:
+        return True
+    try:
+        return bool(_MUST_RUN_MARK.search(path.read_text(errors="replace")))
+    except OSError:
+        return False
+
+
+def _reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """Report a must-run module skipped while it is imported (a module-level `pytest.skip`,
+    `pytest.importorskip`) as a collection error: its tests would vanish unnoticed."""
+    report = yield
+    if report.skipped and isinstance(collector, pytest.Module) and _must_run_module(
+        collector.path
+    ):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{collector.nodeid} holds tests that must run (interop/guest), but the module "
+            f"was skipped: {_reason(report)}"
+        )
+    return report
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Report a skipped interop/guest test as failed, keeping the skip reason.
+    """Report a skipped or expected-to-fail (xfail) interop/guest test as failed, keeping
+    the reason.
 
-    A peer that cannot run (missing binary, no kernel) must turn the suite red,
-    not quietly shrink it. Expected failures (xfail) are left alone.
+    A peer that cannot run (missing binary, no kernel) must turn the suite red, not
+    quietly shrink it; a known failure against a peer is a failure until it is fixed.
     """
     report = yield
-    markers = [name for name in MUST_RUN_MARKERS if item.get_closest_marker(name)]
-    if report.skipped and markers and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    reasons = _must_run(item)
+    if not reasons:
+        return report
+    if hasattr(report, "wasxfail"):
+        # Left on the report, it would keep the failure out of the session's count.
+        reason = report.wasxfail
+        del report.wasxfail
         report.outcome = "failed"
         report.longrepr = (
-            f"{item.nodeid} is marked {'/'.join(markers)} and must run, but it was skipped: "
-            f"{reason}"
+            f"{item.nodeid} is {' and '.join(reasons)} and must run and pass, but it is "
+            f"expected to fail (xfail): {reason}"
+        )
+    elif report.skipped:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} is {' and '.join(reasons)} and must run, but it was skipped: "
+            f"{_reason(report)}"
         )
     return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if a process a test started is still alive (after every fixture was
+    torn down: this runs last), and kill it.
+
+    A server or a QEMU left behind holds its image and its socket, and says the test's
+    cleanup is broken; the next run would not notice it otherwise.
+    """
+    tag, _ = session.config.stash[_SESSION_TAG]
+    leftovers = tagged_processes(tag)
+    if not leftovers:
+        return
+    survivors = kill(leftovers)
+    lines = ["tests left these processes running (killed now):", *map(str, leftovers)]
+    if survivors:
+        lines.append(f"still alive after SIGKILL: {', '.join(map(str, survivors))}")
+    message = "\n".join(lines)
+    report = pytest.TestReport(
+        nodeid="leftover processes", location=("leftover processes", None, "leftover processes"),
+        keywords={}, outcome="failed", longrepr=message, when="teardown",
+    )  # fmt: skip
+    # Shown among the errors and counted in the last line; not through
+    # pytest_runtest_logreport, which would print it as the progress of a test past 100 %.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.stats.setdefault("error", []).append(report)
+    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

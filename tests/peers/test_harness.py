@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-import os
 import socket
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -60,52 +57,6 @@ def test_script_archive_holds_the_script() -> None:
         ["cpio", "-i", "--quiet", "--to-stdout", "test.sh"], input=archive, capture_output=True
     )
     assert extracted.stdout == b"echo hello\n"
-
-
-NEVER_SKIP_CHILD = textwrap.dedent(
-    """
-    import pytest
-
-    @pytest.mark.interop
-    def test_interop_skips_in_call():
-        pytest.skip("no daemon here")
-
-    @pytest.mark.guest
-    @pytest.mark.skipif(True, reason="no kernel here")
-    def test_guest_skips_in_setup():
-        pass
-
-    def test_plain_skip():
-        pytest.skip("plain tests may skip")
-
-    @pytest.mark.interop
-    @pytest.mark.xfail(reason="known bug", strict=True)
-    def test_interop_xfail():
-        assert False
-    """
-)
-
-
-def test_skipped_interop_and_guest_tests_fail(tmp_path: Path) -> None:
-    (tmp_path / "test_child.py").write_text(NEVER_SKIP_CHILD)
-    (tmp_path / "pytest.ini").write_text(
-        "[pytest]\nmarkers =\n    interop: x\n    guest: x\naddopts = --strict-markers\n"
-    )
-    tests_dir = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": f"{tests_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "peers.plugin", "-p", "no:cacheprovider",
-         "-rA", "test_child.py"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    out = child.stdout
-    assert child.returncode == 1, out
-    assert "FAILED test_child.py::test_interop_skips_in_call" in out
-    assert "must run, but it was skipped" in out and "no daemon here" in out
-    assert "ERROR test_child.py::test_guest_skips_in_setup" in out
-    assert "no kernel here" in out
-    assert "SKIPPED [1] test_child.py" in out and "plain tests may skip" in out
-    assert "XFAIL test_child.py::test_interop_xfail" in out
 
 
 @pytest.mark.interop
