@@ -285,7 +285,9 @@ def _connect(path: str, timeout: float) -> socket.socket:
     try:
         return unixsock.connect(path, timeout)
     except OSError as exc:
-        raise DeviceGoneError(exc.errno, str(exc)) from exc
+        # unixsock's message already names the path and the reason: its strerror, not
+        # str(exc), whose "[Errno N]" the new error would print a second time.
+        raise DeviceGoneError(exc.errno, exc.strerror or str(exc)) from exc
 
 
 @dataclasses.dataclass

@@ -132,3 +132,25 @@ def test_bench_on_a_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["jobs"][0]["write"]["iops"] > 0
     assert image.stat().st_size == 8 << 20
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["info"], ["check", "--read-only"], ["bench", "--runtime", "0.1"], ["control", "stats"]],
+    ids=["info", "check", "bench", "control"],
+)
+def test_a_missing_socket_names_its_errno_once(args: list[str], tmp_path: Path) -> None:
+    """unixsock.connect already puts the path and the reason in the message; a wrapper
+    that formats the whole OSError again repeats the ``[Errno 2]``."""
+    missing = str(tmp_path / "nobody.sock")
+    command, *options = args
+    if command == "control":
+        argv = [command, missing, *options]
+    else:
+        argv = [command, *options, missing]
+    result = run_virtblk(*argv)
+    assert result.returncode == 1, result.stderr
+    error = next(line for line in result.stderr.splitlines() if line.startswith("Error:"))
+    assert missing in error
+    assert error.count("[Errno 2]") == 1, error
+    assert "No such file or directory" in error
