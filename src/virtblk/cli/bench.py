@@ -16,18 +16,19 @@ from typing import Any
 
 import click
 
-from virtblk.bench import (
-    BenchConfig,
-    BenchResult,
-    DeviceCounters,
-    DirectionStats,
-    plot,
-    run_bench,
-)
 from virtblk.cli.params import SIZE
 from virtblk.device.control import notification_counters
 from virtblk.driver.disk import Disk
 from virtblk.errors import NegotiationError
+from virtblk.tools.bench import (
+    BenchConfig,
+    BenchResult,
+    DeviceCounters,
+    DirectionStats,
+    fio_json,
+    plot,
+    run_bench,
+)
 from virtblk.util import human_size, process_cpu_seconds
 
 _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
@@ -239,7 +240,7 @@ def bench(
             except (OSError, RuntimeError) as exc:  # the device failed or went away
                 raise click.ClickException(f"bench: {exc}") from exc
     if output_format == "json":
-        report = result.fio_json(jobname=name, target=target, group_reporting=group_reporting)
+        report = fio_json(result, jobname=name, target=target, group_reporting=group_reporting)
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_result(result, target))
