@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from virtblk.check import Outcome, Report, run_checks
+from virtblk.tools.check import Outcome, Report, run_checks
 
 _STYLE = {
     Outcome.PASS: "green",

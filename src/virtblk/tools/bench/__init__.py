@@ -57,12 +57,7 @@ from virtblk.tools.bench.config import (
 )
 from virtblk.tools.bench.fio import fio_json
 from virtblk.tools.bench.plot import plot
-from virtblk.tools.bench.results import (
-    BenchResult,
-    DeviceCounters,
-    DirectionStats,
-    JobResult,
-)
+from virtblk.tools.bench.results import BenchResult, DeviceCounters, DirectionStats, JobResult
 from virtblk.tools.bench.runner import Progress, check_config, run_bench
 from virtblk.tools.bench.verify import Verifier
 

@@ -65,4 +65,3 @@ class BenchConfig:
     def depth(self) -> int:
         """The iodepth the engine really uses: fio's sync engines do one I/O at a time."""
         return 1 if self.ioengine == "sync" else self.iodepth
-

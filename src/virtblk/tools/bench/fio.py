@@ -10,16 +10,14 @@ import numpy as np
 
 from virtblk import __version__
 from virtblk.tools.bench.config import SAMPLE_NS, BenchConfig
-from virtblk.tools.bench.results import (
-    BenchResult,
-    DirectionStats,
-    JobResult,
-    latency_percentiles,
-)
+from virtblk.tools.bench.results import BenchResult, DirectionStats, JobResult, latency_percentiles
 
 
 def fio_json(
-    result: BenchResult, *, jobname: str = "virtblk", target: str = "",
+    result: BenchResult,
+    *,
+    jobname: str = "virtblk",
+    target: str = "",
     group_reporting: bool = False,
 ) -> dict[str, Any]:
     """``result`` in fio's ``--output-format=json`` layout (fio 3.x key names and units:
@@ -104,7 +102,6 @@ def _job_options(jobname: str, c: BenchConfig) -> dict[str, str]:
     if c.verify is not None:
         opts["verify"] = c.verify
     return opts
-
 
 
 def _lat_json(lat: np.ndarray, *, percentiles: bool) -> dict[str, Any]:

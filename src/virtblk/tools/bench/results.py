@@ -184,4 +184,3 @@ def latency_percentiles(lat: np.ndarray) -> dict[float, int]:
         return {p: 0 for p in PERCENTILES}
     values = np.percentile(lat, PERCENTILES)
     return {p: int(v) for p, v in zip(PERCENTILES, values, strict=True)}
-
