@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from virtblk.tools.check import Outcome, Report, run_checks
+if TYPE_CHECKING:  # imported where they are used: ``--help`` loads no check and no rich
+    from rich.console import Console
 
-_STYLE = {
-    Outcome.PASS: "green",
-    Outcome.FAIL: "bold red",
-    Outcome.WARN: "yellow",
-    Outcome.SKIP: "dim",
-}
+    from virtblk.tools.check import Report
+
+_STYLE = {"pass": "green", "fail": "bold red", "warn": "yellow", "skip": "dim"}
+"""rich's style of each outcome (``Outcome`` is a ``StrEnum``: its values are the keys)."""
 
 
 def render(report: Report, console: Console) -> None:
     """The human form: one table row per check, then the totals."""
+    from rich.table import Table
+
     table = Table(title=f"virtblk check {report.socket}", show_lines=False, expand=False)
     table.add_column("check", no_wrap=True)
     table.add_column("result", no_wrap=True)
@@ -64,6 +64,10 @@ def check(
     malformed requests, flush semantics.  Checks that write save the data they touch and
     write it back; --read-only skips them.  Exits 1 when a check fails.
     """
+    from rich.console import Console
+
+    from virtblk.tools.check import run_checks
+
     if not read_only:
         click.echo(
             "virtblk check: writes to the device (the data touched is restored); "
