@@ -23,7 +23,7 @@ from pathlib import Path
 from daemons import SIZE, qemu_storage_daemon  # benchmarks/daemons.py
 
 from virtblk import Disk
-from virtblk.bench import BenchConfig, IoPath, RwMode, run_bench
+from virtblk.tools.bench import BenchConfig, IoPath, RwMode, run_bench
 from virtblk.util import process_cpu_seconds
 
 LOADS: tuple[RwMode, ...] = ("read", "write", "randread", "randwrite")

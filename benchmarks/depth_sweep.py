@@ -1,6 +1,6 @@
 """IOPS and CPU per I/O against queue depth, our driver on two devices, in one run.
 
-Our driver (``virtblk.bench``, ioengine queue, 4 KiB random reads) drives
+Our driver (``virtblk.tools.bench``, ioengine queue, 4 KiB random reads) drives
 qemu-storage-daemon (null-co, read-zeroes) and our own device (``virtblk serve --null``),
 both started once with two queues and kept running; each depth is measured on both devices
 back to back, so the ratios compare figures taken under the same machine load.  Then 1 job
@@ -27,7 +27,7 @@ from typing import Any
 from daemons import qemu_storage_daemon, virtblk_serve  # benchmarks/daemons.py
 
 from virtblk import Disk
-from virtblk.bench import BenchConfig, run_bench
+from virtblk.tools.bench import BenchConfig, run_bench
 from virtblk.util import process_cpu_seconds
 
 DEVICES = ("qemu-storage-daemon", "virtblk")

@@ -31,7 +31,7 @@ from typing import Any
 from daemons import qsd_file  # benchmarks/daemons.py
 
 from virtblk import Disk
-from virtblk.bench import BenchConfig, run_bench
+from virtblk.tools.bench import BenchConfig, run_bench
 from virtblk.util import parse_size, process_cpu_seconds
 
 WORKLOADS = (("randread", 1), ("randread", 32), ("randwrite", 32))

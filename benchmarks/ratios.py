@@ -1,7 +1,7 @@
 """The performance yardstick in one run: our driver and our device against
 qemu-storage-daemon (qsd), 4 KiB random reads, as ratios measured side by side.
 
-* driver: our driver (``virtblk.bench``, ``ioengine=queue``) driving qsd's null export,
+* driver: our driver (``virtblk.tools.bench``, ``ioengine=queue``) driving qsd's null export,
   its CPU per I/O over qsd's at depth 1 and 32;
 * device: the same driver against qsd's null export and ``virtblk serve --null`` at
   depth 1, 32 and 128: IOPS, device CPU per I/O and (depth 1) the round trip, ours over
@@ -39,8 +39,8 @@ from typing import Any
 from daemons import SIZE, qemu_storage_daemon, qsd_file, serving  # benchmarks/daemons.py
 
 from virtblk import Disk
-from virtblk.bench import BenchConfig, run_bench
 from virtblk.device.control import notification_counters
+from virtblk.tools.bench import BenchConfig, run_bench
 from virtblk.util import process_cpu_seconds
 
 SECTIONS = ("driver", "device", "queues", "file")

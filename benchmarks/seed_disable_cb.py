@@ -32,9 +32,9 @@ from typing import Any
 from daemons import SIZE, qemu_storage_daemon, serving  # benchmarks/daemons.py
 
 from virtblk import Disk, unixsock
-from virtblk.bench import BenchConfig, run_bench
 from virtblk.driver.virtio_blk import VirtioBlk
 from virtblk.spec import Feature
+from virtblk.tools.bench import BenchConfig, run_bench
 from virtblk.util import process_cpu_seconds
 
 

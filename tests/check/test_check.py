@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +21,14 @@ from click.testing import CliRunner
 
 from interop.serve_process import ServeProcess, run_virtblk
 from peers.plugin import QsdFactory
-from virtblk.check import CHECKS, Outcome, Report, run_checks
 from virtblk.cli.main import main
 from virtblk.device.backends import MemoryBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.request import BlkRequest
 from virtblk.errors import DeviceGoneError
 from virtblk.spec import Lifetime, RequestType, Status
+from virtblk.tools.check import CHECKS, Outcome, Report, run_checks
+from virtblk.tools.check.runner import ordered_checks
 from virtblk.vhost_user.server import VhostUserServer
 
 MiB = 1 << 20
@@ -187,7 +189,7 @@ def test_a_broken_rule_fails_its_check(sock_dir: Path, fault: str, check_ids: se
         assert "expected" in report.result(check_id).detail
 
 
-def test_cli_exit_status_and_table(sock_dir: Path) -> None:
+def test_cli_exit_status(sock_dir: Path) -> None:
     runner = CliRunner()
     path = str(sock_dir / "cli.sock")
     with serving(sock_dir / "cli.sock", _Misbehaving(MemoryBackend(SIZE), "ok-for-unknown")):
@@ -197,8 +199,43 @@ def test_cli_exit_status_and_table(sock_dir: Path) -> None:
     assert bad.exit_code == 1
     assert "unsupp.unknown-type" in bad.output and "fail" in bad.output
     assert good.exit_code == 0, good.output
-    assert "5.2.6.2 Device Requirements" in good.output
-    assert "writes to the device" in good.output  # the warning (stderr is mixed in)
+    assert "writes to the device" in good.stderr  # the warning
+
+
+def test_default_output_fits_80_columns_with_the_failures_explained(sock_dir: Path) -> None:
+    """One line per check; what was seen and the spec section only under a failure."""
+    path = str(sock_dir / "cli.sock")
+    with serving(sock_dir / "cli.sock", _Misbehaving(MemoryBackend(SIZE), "ok-for-unknown")):
+        result = CliRunner().invoke(main, ["check", path], env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()  # stdout and stderr
+    too_wide = [line for line in lines if len(line) > 80]
+    assert too_wide == []
+    marks = {str(o) for o in Outcome}
+    failing = next(i for i, line in enumerate(lines) if "unsupp.unknown-type" in line)
+    assert lines[failing].startswith("fail")
+    after = lines[failing + 1 :]
+    under = after[: next(i for i, line in enumerate(after) if line[:4] in marks)]
+    explained = " ".join(line.strip() for line in under)
+    assert "request type 0x7e answered OK; expected UNSUPP" in explained
+    assert "5.2.6 Device Operation" in explained
+    named = [line.split()[1] for line in result.stdout.splitlines() if line[:4] in marks]
+    assert named == [c.id for c in ordered_checks()]  # a line each, in run order
+    # A passing check's finding is not shown.
+    assert "ID '" not in result.output and "5.2.4 Device configuration" not in result.output
+
+
+def test_verbose_shows_the_full_table(sock_dir: Path) -> None:
+    path = str(sock_dir / "cli.sock")
+    with serving(sock_dir / "cli.sock", BlkDevice(MemoryBackend(SIZE), serial="verbose")):
+        result = CliRunner().invoke(main, ["check", "--verbose", path])
+        short = CliRunner().invoke(main, ["check", "-v", "--only", "vu.", path])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "finding" in line)
+    assert re.search(r"check\W+result\W+what\W+spec\W+finding", header), header
+    assert "5.2.6.2 Device Requirements" in result.stdout
+    assert "ID 'verbose'" in result.stdout  # a passing check's finding
+    assert "finding" in short.stdout
 
 
 def test_nothing_listening_is_an_error(sock_dir: Path) -> None:
@@ -279,3 +316,12 @@ def test_every_check_names_a_section() -> None:
     for c in CHECKS:
         assert c.section and c.title, c.id
         assert c.section[0].isdigit() or c.section.startswith("vhost-user"), c.id
+
+
+def test_checks_run_group_by_group_in_the_specs_order() -> None:
+    """The groups run as they always did (negotiation first, malformed requests last): the
+    registration order is the order ``virtblk.tools.check.checks`` imports its modules."""
+    groups = [c.id.split(".")[0] for c in ordered_checks()]
+    order = list(dict.fromkeys(groups))
+    assert order == ["vu", "config", "flush", "io", "limits", "range", "unsupp", "malformed"]
+    assert groups == sorted(groups, key=order.index)  # each group in one run

@@ -26,11 +26,11 @@ import pytest
 
 from interop.serve_process import run_virtblk, virtblk_argv
 from peers.faulty import FaultyDevice
-from virtblk.bench import Verifier
 from virtblk.device.backends import MemoryBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.request import BlkRequest
 from virtblk.spec import RequestType
+from virtblk.tools.bench import Verifier
 from virtblk.vhost_user.server import VhostUserServer
 
 QUICK = ("--runtime", "0.4", "--backend", "memory", "--device-size", "8M")

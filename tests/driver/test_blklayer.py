@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from peers.faulty import faulty_disk
 from virtblk import Disk
-from virtblk.bench import BenchConfig, run_bench
 from virtblk.device.backends import MemoryBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.driver.blklayer import Bio, Plug, PluggedQueue, QueueLimits
 from virtblk.driver.virtio_blk import VirtioBlk
 from virtblk.spec import Feature, Status
+from virtblk.tools.bench import BenchConfig, run_bench
 from virtblk.vhost_user.server import serve_connected
 
 MiB = 1 << 20

@@ -12,23 +12,16 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from virtblk.bench import (
-    BenchConfig,
-    BenchResult,
-    DeviceCounters,
-    DirectionStats,
-    plot,
-    run_bench,
-)
 from virtblk.cli.params import SIZE
-from virtblk.device.control import notification_counters
-from virtblk.driver.disk import Disk
-from virtblk.errors import NegotiationError
 from virtblk.util import human_size, process_cpu_seconds
+
+if TYPE_CHECKING:  # imported where they are used: ``--help`` loads none of them
+    from virtblk.driver.disk import Disk
+    from virtblk.tools.bench import BenchConfig, BenchResult, DirectionStats
 
 _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 
@@ -166,6 +159,9 @@ def bench(
     Without SOCKET it starts our own device (in a child process) with --backend, with one
     queue per job.  Exits 1 when any I/O fails or any block fails verification.
     """
+    from virtblk.device.control import notification_counters
+    from virtblk.tools.bench import BenchConfig, DeviceCounters, fio_json, plot, run_bench
+
     # Checked here: the embedded device would only fail in its child process, and the
     # driver would see nothing but a dropped connection.
     if queue_size < 2 or queue_size & (queue_size - 1) or queue_size > 32768:
@@ -239,7 +235,7 @@ def bench(
             except (OSError, RuntimeError) as exc:  # the device failed or went away
                 raise click.ClickException(f"bench: {exc}") from exc
     if output_format == "json":
-        report = result.fio_json(jobname=name, target=target, group_reporting=group_reporting)
+        report = fio_json(result, jobname=name, target=target, group_reporting=group_reporting)
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_result(result, target))
@@ -261,6 +257,9 @@ def _open(
     device_poll_us: float | None,
 ) -> tuple[Disk, Callable[[], float] | None, str]:
     """Connect (or start the embedded device) with one hardware queue per job."""
+    from virtblk.driver.disk import Disk
+    from virtblk.errors import NegotiationError
+
     device_cpu: Callable[[], float] | None = None
     if socket_path is None:
         extra: dict[str, Any] = {} if device_poll_us is None else {"poll_us": device_poll_us}

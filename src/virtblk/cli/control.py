@@ -15,7 +15,6 @@ from typing import Any
 import click
 
 from virtblk.cli.params import SIZE
-from virtblk.device.control import send_command
 from virtblk.util import human_size
 
 
@@ -25,6 +24,8 @@ def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _request(ctx: click.Context, command: str, **arguments: Any) -> dict[str, Any]:
     """Send, and turn every failure into a click error (exit status 1)."""
+    from virtblk.device.control import send_command  # not for --help: the device package
+
     path, timeout = ctx.obj
     try:
         answer = send_command(path, command, timeout=timeout, **arguments)

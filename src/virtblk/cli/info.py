@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from virtblk.driver.disk import Disk
-from virtblk.spec import Feature, feature_names
 from virtblk.util import human_size
-from virtblk.vhost_user.messages import protocol_feature_names
+
+if TYPE_CHECKING:  # imported where it is used: ``--help`` loads no driver
+    from virtblk.driver.disk import Disk
 
 #: Bits a vhost-user device may offer that are not virtio features, so ``Feature`` has no
 #: name for them.  qemu-storage-daemon 7.2 offers bit 26 (dirty-page logging for
@@ -20,11 +20,16 @@ _VHOST_BITS = {"bit 26": "VHOST_F_LOG_ALL"}
 
 
 def _names(bits: int) -> list[str]:
+    from virtblk.spec import feature_names
+
     return [_VHOST_BITS.get(name, name) for name in feature_names(bits)]
 
 
 def describe(disk: Disk) -> dict[str, Any]:
     """Everything ``info`` reports, as a JSON-able dict."""
+    from virtblk.spec import Feature
+    from virtblk.vhost_user.messages import protocol_feature_names
+
     dev = disk.device
     c = dev.config
     return {
@@ -76,6 +81,8 @@ def _zoned(disk: Disk) -> dict[str, Any] | None:
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait.")
 def info(socket_path: str, as_json: bool, timeout: float) -> None:
     """Show a device's features, capacity, limits, serial, cache mode, topology and queues."""
+    from virtblk.driver.disk import Disk
+
     try:
         with Disk.connect(socket_path, timeout=timeout) as disk:
             data = describe(disk)

@@ -8,16 +8,15 @@ import re
 import signal
 import sys
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from virtblk.cli.params import SIZE
-from virtblk.device.control import ControlServer
-from virtblk.device.options import DeviceOptions
-from virtblk.spec import Lifetime
 from virtblk.util import human_size
-from virtblk.vhost_user.server import VhostUserServer
+
+if TYPE_CHECKING:  # imported where it is used, as the device modules are (not for --help)
+    from virtblk.spec import Lifetime
 
 log = logging.getLogger("virtblk.serve")
 
@@ -120,6 +119,10 @@ def serve(
     Exactly one of --file, --memory, --null.  One worker per queue; a frontend that
     disconnects leaves the server ready for the next.
     """
+    from virtblk.device.control import ControlServer
+    from virtblk.device.options import DeviceOptions
+    from virtblk.vhost_user.server import VhostUserServer
+
     chosen = [x for x in (file_path, memory_size, null_size) if x is not None]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of --file, --memory, --null")
@@ -253,6 +256,8 @@ def _geometry(text: str) -> tuple[int, int, int]:
 
 
 def _lifetime(text: str) -> Lifetime:
+    from virtblk.spec import Lifetime
+
     parts = text.split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
         raise click.UsageError(f"--lifetime {text!r} is not PRE_EOL,A,B (e.g. 1,2,3)")

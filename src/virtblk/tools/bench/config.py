@@ -1,0 +1,67 @@
+"""What a bench run is asked to do: fio's vocabulary (``rw``, ``bs``, ``iodepth``,
+``ioengine``, ``verify``...) and the constants the report uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+RwMode = Literal["read", "write", "randread", "randwrite", "randrw", "readwrite"]
+IoEngine = Literal["sync", "aio", "queue", "poll"]
+IoPath = Literal["bio", "request"]
+VerifyKind = Literal["md5", "crc32c"]
+
+PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0,
+               99.0, 99.5, 99.9, 99.95, 99.99)  # fmt: skip
+"""fio's default ``percentile_list``."""
+
+SAMPLE_NS = 500_000_000
+"""IOPS and bandwidth are sampled every 500 ms, fio's default averaging window."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What to run: fio's vocabulary."""
+
+    rw: RwMode = "randread"
+    bs: int = 4096
+    iodepth: int = 1
+    runtime: float = 5.0
+    size: int | None = None  # bytes of the disk to use from ``offset``; None = to the end
+    offset: int = 0
+    queue: int = 0  # the first job's hardware queue; job i drives queue + i
+    seed: int = 1
+    path: IoPath = "bio"
+    """``bio``: each I/O is one virtio request on the hardware queue; ``request``: I/Os go
+    through the block layer's plug, which merges adjacent ones (the seed's comparison)."""
+    rwmixread: int = 50  # percent of reads in randrw / readwrite
+    ioengine: IoEngine = "queue"
+    numjobs: int = 1
+    verify: VerifyKind | None = None
+    batch_complete_min: int = 1
+    """fio's ``iodepth_batch_complete_min``: completions the ``queue``/``poll`` engines wait
+    for before resubmitting; the device is asked to signal only once that many are done."""
+    poll_us: float = 0
+    """``queue`` engine: poll the used ring up to this long (adaptive) before sleeping."""
+    disable_cb_while_draining: bool = True
+    """False: the completion loop before the seed's "Disable callback in virtblk_done()"."""
+
+    @property
+    def mixed(self) -> bool:
+        """Reads and writes in one run."""
+        return self.rw in ("randrw", "readwrite")
+
+    @property
+    def writes(self) -> bool:
+        """Whether the workload writes at all."""
+        return self.rw in ("write", "randwrite") or (self.mixed and self.rwmixread < 100)
+
+    @property
+    def random(self) -> bool:
+        """Random offsets (else sequential)."""
+        return self.rw.startswith("rand")
+
+    @property
+    def depth(self) -> int:
+        """The iodepth the engine really uses: fio's sync engines do one I/O at a time."""
+        return 1 if self.ioengine == "sync" else self.iodepth
