@@ -13,7 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from virtblk import unixsock
 from virtblk.driver.blklayer import Bio, Plug, QueueLimits
@@ -36,9 +36,6 @@ from virtblk.spec import (
 CHUNK = 4 << 20
 """Bytes staged through shared memory per round when the caller's buffers are private."""
 
-if TYPE_CHECKING:
-    from virtblk.embedded import EmbeddedDevice
-
 Buffer = bytes | bytearray | memoryview
 
 
@@ -56,8 +53,11 @@ class Disk:
         self._thread_queue = threading.local()
         self._next_queue = 0
         self._serial: str | None = None
-        self.embedded_device: EmbeddedDevice | None = None
-        """The device this disk started (``Disk.embedded``), else None."""
+        # Typed Any: naming virtblk.embedded.EmbeddedDevice would import the composition
+        # root (and through it the device) into the driver.
+        self.embedded_device: Any = None
+        """The ``virtblk.embedded.EmbeddedDevice`` this disk started (``Disk.embedded``),
+        else None."""
         # Buffers handed out by ``buffer``: id -> (the view, its gpa, its segments), so the
         # fast paths know a buffer's address without asking the memory for it.
         self._buffers: dict[int, tuple[memoryview, int, tuple[tuple[int, int], ...]]] = {}
@@ -136,44 +136,20 @@ class Disk:
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
 
-        ``device_options`` go to :class:`virtblk.device.blk.BlkDevice` (``serial``,
-        ``read_only``, ``blk_size``, ``seg_max``...).  ``experimental_fua`` makes both ends
-        use VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is closed.
+        ``device_options`` are :class:`virtblk.device.options.BlkSettings` fields
+        (``serial``, ``blk_size``, ``seg_max``, ``writeback``...), plus ``read_only`` and
+        ``zoned`` (``ZonedMemoryBackend`` arguments); an unknown or mistyped one raises
+        TypeError here, before the device starts.  ``experimental_fua`` makes both ends use
+        VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is closed.
         """
-        if experimental_fua:
-            device_options["fua"] = True
-        from virtblk.device.options import DeviceOptions
-        from virtblk.embedded import start_embedded
+        # The composition lives in virtblk.embedded, which knows the device; imported
+        # here, when called, so that the driver's modules import nothing of it.
+        from virtblk.embedded import open_embedded
 
-        read_only = bool(device_options.pop("read_only", False))
-        zoned = device_options.pop("zoned", None)
-        embedded = start_embedded(
-            DeviceOptions(
-                backend=backend,
-                size=size,
-                path=path,
-                read_only=read_only,
-                num_queues=num_queues,
-                queue_size=queue_size,
-                device=device_options,
-                zoned=zoned,
-            ),
-            mode,
-        )
-        try:
-            disk = cls.from_socket(
-                embedded.sock,
-                num_queues=num_queues,
-                queue_size=queue_size,
-                queue_depth=queue_depth,
-                experimental_fua=experimental_fua,
-                on_close=embedded.stop,
-            )
-        except BaseException:
-            embedded.stop()
-            raise
-        disk.embedded_device = embedded
-        return disk
+        return open_embedded(
+            cls, size, backend, path, mode=mode, num_queues=num_queues,
+            queue_size=queue_size, queue_depth=queue_depth,
+            experimental_fua=experimental_fua, **device_options)
 
     # -- properties ---------------------------------------------------------------------------
     @property
