@@ -170,7 +170,8 @@ class AsyncDisk:
         return await self._rw(True, memoryview(data).cast("B"), offset)
 
     async def flush(self) -> None:
-        """FLUSH; a no-op on a device without the feature (its writes are durable)."""
+        """FLUSH in write-back mode; in write-through (or without the FLUSH feature)
+        writes are durable on completion and nothing is sent, as in the seed."""
         self._check_usable()
         if not self._requests.flush_needed:
             return

@@ -368,8 +368,9 @@ class Disk:
         return self._rw(True, views, offset, [self.buffer_address(b) for b in buffers], fua=fua)
 
     def flush(self) -> None:
-        """Make every completed write durable (FLUSH; a no-op for a write-through device
-        without the FLUSH feature, whose writes are durable on completion)."""
+        """Make every completed write durable: FLUSH in write-back mode; in write-through
+        (or without the FLUSH feature) writes are durable on completion, and, as in the
+        seed, nothing is sent."""
         self._check_open()
         if not self.requests.flush_needed:
             return

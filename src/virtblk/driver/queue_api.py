@@ -193,8 +193,9 @@ class QueueHandle:
         self._stage(free.popleft(), rtype, offset >> SECTOR_SHIFT, segs, into, user_data)
 
     def flush(self, user_data: Any = None) -> None:
-        """Enqueue a FLUSH.  Without the FLUSH feature writes are durable on completion, so
-        the request completes (ret 0) at the next ``do_io`` without reaching the device."""
+        """Enqueue a FLUSH.  In write-through mode (or without the FLUSH feature) writes are
+        durable on completion, so, as in the seed, the request completes (ret 0) at the
+        next ``do_io`` without reaching the device."""
         self._check_open()
         if not self._requests.flush_needed:
             self._ready.append(Completion(user_data, 0))

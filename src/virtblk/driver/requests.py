@@ -12,7 +12,7 @@ rules, and those rules live here:
   ``seg_max`` of them per request, so ``max_transfer`` bytes per read or write;
 * the DISCARD / WRITE_ZEROES / SECURE_ERASE payloads: segments split by the device's
   sector limit, packed ``max_*_seg`` to a request;
-* whether a FLUSH goes to the device at all.
+* whether a FLUSH goes to the device at all (write-back only, as in the seed).
 
 ``QueueHandle`` keeps its own inline copy of the two steps it takes per I/O (the registry
 lookup and a one-expression range test) and calls these only on the path that raises or
@@ -100,9 +100,14 @@ class RequestBuilder:
 
     @property
     def flush_needed(self) -> bool:
-        """Whether a flush must reach the device: not without the FLUSH feature, whose
-        writes are durable on completion."""
-        return self._dev.has(Feature.BLK_FLUSH)
+        """Whether a flush must reach the device.  The seed gives the block layer flush
+        support only in write-back mode (``virtblk_update_cache_mode``): in write-through
+        every completed write is durable already, so a flush completes at once.  The mode
+        is the driver's current view: the probe's, a ``cache_type`` store, and (unlike the
+        seed, which keeps the probe's flush support until a store) a host's change read
+        on a config change, so a host that turns its cache on gets our flushes."""
+        dev = self._dev
+        return dev.writeback and dev.has(Feature.BLK_FLUSH)
 
     # -- splitting by the limits -----------------------------------------------------------------
     @property
