@@ -124,8 +124,10 @@ def start_embedded(
                 device.backend.close()
                 raise
             return EmbeddedDevice(ours, thread=thread, control=control, workdir=workdir)
-        # Fail in the parent, with a clear message, on options the child would reject.
-        options.make_backend().close()
+        # Fail in the parent, with a clear message, on anything the child would reject:
+        # the storage, and the settings as the device judges them (a thread-mode device
+        # starts no process and serves nothing until a frontend connects).
+        _check_in_parent(options)
         fd = theirs.fileno()
         proc = subprocess.Popen(
             [sys.executable, "-m", "virtblk.embedded", str(fd), json.dumps(options.to_dict()),
@@ -183,6 +185,17 @@ def open_embedded(
         raise
     disk.embedded_device = embedded
     return disk
+
+
+def _check_in_parent(options: DeviceOptions) -> None:
+    """Build the device the child will build, in this process, and close it again.  Its
+    queues are threads here, so no worker process starts; a zoned device's are threads
+    anyway (and worker processes are refused for it, which the build must still see)."""
+    if options.zoned is None:
+        options = dataclasses.replace(options, workers="thread")
+    device = options.build()
+    device.close()
+    device.backend.close()
 
 
 def _serve(sock: socket.socket, device: Any) -> None:

@@ -37,3 +37,10 @@ def test_the_options_reach_the_device() -> None:
         assert disk.serial == "typed"
         assert disk.logical_block_size == 4096
         assert disk.cache_mode == "write through"
+
+
+def test_a_value_the_device_refuses_fails_in_the_caller() -> None:
+    """Values are the device's to judge (a serial longer than GET_ID's 20 bytes): it judges
+    them in the calling process too, before the child starts."""
+    with pytest.raises(ValueError, match="serial is 21 bytes"):
+        Disk.embedded(size=MiB, mode="process", serial="x" * 21)
