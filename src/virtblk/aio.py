@@ -11,9 +11,11 @@ whose per-request callbacks copy bounce buffers back, return tags and resolve fu
 * Submissions made during one loop iteration share one kick per queue (scheduled with
   ``call_soon``), the asyncio equivalent of blk-mq's ``bd->last``.
 * A request is never larger than the device accepts in one go (``seg_max`` segments of
-  ``size_max`` bytes) nor than :data:`~virtblk.driver.disk.CHUNK`; bigger I/O is split into
-  such pieces, all in flight at once.  Private buffers are staged through bounce buffers from
-  the shared-memory allocator; buffers from :meth:`Disk.buffer` go to the device directly.
+  ``size_max`` bytes) nor than :data:`~virtblk.driver.requests.CHUNK`; bigger I/O is split
+  into such pieces, all in flight at once (the rules are the disk's
+  :class:`~virtblk.driver.requests.RequestBuilder`, shared with ``Disk`` and the queue
+  API).  Private buffers are staged through bounce buffers from the shared-memory
+  allocator; buffers from :meth:`Disk.buffer` go to the device directly.
 * The device hanging up is noticed through an epoll set watching the vhost-user socket for
   ``EPOLLRDHUP`` only, itself registered with the loop: every waiter gets
   :class:`~virtblk.errors.DeviceGoneError`.
@@ -34,8 +36,9 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from virtblk.driver.blkmq import HardwareQueue, Request, Segments
-from virtblk.driver.disk import CHUNK, Buffer, Disk
-from virtblk.errors import BlockIOError, DeviceGoneError, status_error
+from virtblk.driver.disk import Disk
+from virtblk.driver.requests import CHUNK, Buffer
+from virtblk.errors import DeviceGoneError, status_error
 from virtblk.spec import SECTOR_SHIFT, Feature, RequestType, Status
 
 _OK = int(Status.OK)
@@ -90,11 +93,9 @@ class AsyncDisk:
             for q in self._queues:
                 q.unlisten(self)
             raise
-        self._memory = disk.device.memory
+        self._requests = disk.requests
         self._bs = disk.logical_block_size
-        lim = disk.limits
-        per_request = min(CHUNK, lim.max_segments * lim.max_segment_size)
-        self._max_piece = max(self._bs, per_request - per_request % self._bs)
+        self._max_piece = min(CHUNK, self._requests.max_transfer)
         self._tag_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._memory_waiters: list[asyncio.Future[None]] = []
         self._in_flight: set[_Op] = set()
@@ -169,9 +170,10 @@ class AsyncDisk:
         return await self._rw(True, memoryview(data).cast("B"), offset)
 
     async def flush(self) -> None:
-        """FLUSH; a no-op on a device without the feature (its writes are durable)."""
+        """FLUSH in write-back mode; in write-through (or without the FLUSH feature)
+        writes are durable on completion and nothing is sent, as in the seed."""
         self._check_usable()
-        if not self.disk.device.has(Feature.BLK_FLUSH):
+        if not self._requests.flush_needed:
             return
         fut = await self._start(RequestType.FLUSH, 0, (), (), f"{self.disk.name}: flush")
         await fut
@@ -189,16 +191,14 @@ class AsyncDisk:
         await self._ranges(RequestType.WRITE_ZEROES, offset, length, unmap=unmap)
 
     def _check_writable(self, what: str) -> None:
-        """Refuse changes to a read-only disk up front (EROFS), as ``Disk`` does."""
-        if self.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.disk.name}: {what}: the device is read-only")
+        self._requests.check_writable(f"{self.disk.name}: {what}")
 
     async def _rw(self, write: bool, view: memoryview, offset: int) -> int:
         what = f"{self.disk.name}: {'write' if write else 'read'}"
         total = len(view)
         self.disk.check_range(offset, total, what)
         self._check_usable()
-        direct = self._memory.guest_address_of(view)
+        direct = self._requests.address_of(view)
         type_ = RequestType.OUT if write else RequestType.IN
         futs: list[asyncio.Future[None]] = []
         try:
@@ -213,7 +213,7 @@ class AsyncDisk:
                     gpa = self._address(bounce)
                     if write:
                         bounce[:] = piece
-                (segs,) = self.disk.request_segments(gpa, n)
+                segs = self._requests.segments(gpa, n)
                 sector = (offset + pos) >> SECTOR_SHIFT
                 out, in_ = (segs, ()) if write else ((), segs)
                 dest = None if write or bounce is None else piece
@@ -230,7 +230,7 @@ class AsyncDisk:
         self.disk.check_range(offset, length, what)
         self._check_usable()
         futs: list[asyncio.Future[None]] = []
-        for payload in self.disk.range_payloads(type_, offset, length, unmap=unmap):
+        for payload in self._requests.range_payloads(type_, offset, length, unmap=unmap):
             bounce = await self._alloc(len(payload))
             bounce[:] = payload
             seg = [(self._address(bounce), len(payload))]
@@ -351,7 +351,7 @@ class AsyncDisk:
         _wake_all(self._memory_waiters)
 
     def _address(self, view: memoryview) -> int:
-        gpa = self._memory.guest_address_of(view)
+        gpa = self._requests.address_of(view)
         assert gpa is not None, "Disk.buffer() returned memory outside the shared region"
         return gpa
 

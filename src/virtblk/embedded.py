@@ -5,6 +5,10 @@ device runs in a child process (so driver and device CPU are measured apart and 
 share a GIL); ``mode="thread"`` keeps it in-process for debugging.  Either way the two
 ends speak vhost-user over the socketpair, share memfd memory and signal with eventfds:
 exactly the path a real device takes.
+
+This module is the composition root: the one place that knows both the device
+(``virtblk.device``) and the driver.  ``Disk.embedded`` and ``AsyncDisk.embedded`` call
+:func:`open_embedded` and import nothing of the device themselves.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from virtblk.device.control import ControlServer, notification_counters
-from virtblk.device.options import DeviceOptions
+from virtblk.device.control import ControlServer, notification_counters, send_command
+from virtblk.device.options import BackendKind, BlkSettings, DeviceOptions
 from virtblk.util import process_cpu_seconds
+
+if TYPE_CHECKING:
+    from virtblk.driver.disk import Disk
+
+    DiskT = TypeVar("DiskT", bound=Disk)
 
 log = logging.getLogger("virtblk.embedded")
 
@@ -52,6 +61,15 @@ class EmbeddedDevice:
     def counters(self) -> dict[str, int]:
         """The device's notification counters, summed over its queues."""
         return notification_counters(self.control_path)
+
+    def stats(self) -> dict[str, Any]:
+        """The device's request counters (``requests`` by type, bytes, errors, ``queues``),
+        as the control socket's ``stats`` answers them."""
+        answer = send_command(self.control_path, "stats")
+        if not answer.get("ok"):
+            raise OSError(f"control socket {self.control_path}: {answer.get('error')}")
+        stats: dict[str, Any] = answer["stats"]
+        return stats
 
     @property
     def pid(self) -> int:
@@ -106,8 +124,10 @@ def start_embedded(
                 device.backend.close()
                 raise
             return EmbeddedDevice(ours, thread=thread, control=control, workdir=workdir)
-        # Fail in the parent, with a clear message, on options the child would reject.
-        options.make_backend().close()
+        # Fail in the parent, with a clear message, on anything the child would reject:
+        # the storage, and the settings as the device judges them (a thread-mode device
+        # starts no process and serves nothing until a frontend connects).
+        _check_in_parent(options)
         fd = theirs.fileno()
         proc = subprocess.Popen(
             [sys.executable, "-m", "virtblk.embedded", str(fd), json.dumps(options.to_dict()),
@@ -121,6 +141,61 @@ def start_embedded(
         theirs.close()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
+
+
+def open_embedded(
+    disk_class: type[DiskT],
+    size: int = 64 << 20,
+    backend: BackendKind = "memory",
+    path: str | None = None,
+    *,
+    mode: Literal["process", "thread"] = "process",
+    num_queues: int = 1,
+    queue_size: int = 256,
+    queue_depth: int | None = None,
+    experimental_fua: bool = False,
+    read_only: bool = False,
+    zoned: dict[str, Any] | None = None,
+    **device_options: Any,
+) -> DiskT:
+    """Start our own device and connect a ``disk_class`` (``Disk``) to it: what
+    ``Disk.embedded`` does (its docstring says what the arguments mean).
+
+    ``device_options`` become :class:`BlkSettings` here, in the caller's process: a
+    misspelled or mistyped option raises TypeError naming it before any device starts."""
+    settings = BlkSettings.from_dict(
+        {**device_options, "fua": True} if experimental_fua else device_options)
+    embedded = start_embedded(
+        DeviceOptions(backend=backend, size=size, path=path, read_only=read_only,
+                      num_queues=num_queues, queue_size=queue_size, device=settings,
+                      zoned=zoned),
+        mode,
+    )
+    try:
+        disk = disk_class.from_socket(
+            embedded.sock,
+            num_queues=num_queues,
+            queue_size=queue_size,
+            queue_depth=queue_depth,
+            experimental_fua=experimental_fua,
+            on_close=embedded.stop,
+        )
+    except BaseException:
+        embedded.stop()
+        raise
+    disk.embedded_device = embedded
+    return disk
+
+
+def _check_in_parent(options: DeviceOptions) -> None:
+    """Build the device the child will build, in this process, and close it again.  Its
+    queues are threads here, so no worker process starts; a zoned device's are threads
+    anyway (and worker processes are refused for it, which the build must still see)."""
+    if options.zoned is None:
+        options = dataclasses.replace(options, workers="thread")
+    device = options.build()
+    device.close()
+    device.backend.close()
 
 
 def _serve(sock: socket.socket, device: Any) -> None:

@@ -83,9 +83,25 @@ def test_use_after_close(disk: Disk) -> None:
         disk.pread(512, 0)
 
 
+def _flushes(disk: Disk) -> int:
+    """FLUSH requests the device has received (its per-type counters)."""
+    return int(disk.embedded_device.stats()["requests"].get("FLUSH", 0))
+
+
 def test_flush(disk: Disk) -> None:
+    """A flush reaches the device in write-back only: in write-through the seed's block
+    layer has no flush support, writes are durable on completion."""
+    assert disk.cache_mode == "write back"
     disk.pwrite(b"\1" * 512, 0)
     disk.flush()
+    assert _flushes(disk) == 1
+    disk.cache_mode = "write through"
+    disk.pwrite(b"\2" * 512, 0)
+    disk.flush()
+    assert _flushes(disk) == 1
+    disk.cache_mode = "write back"
+    disk.flush()
+    assert _flushes(disk) == 2
 
 
 def test_read_only_disk_refuses_writes_up_front() -> None:

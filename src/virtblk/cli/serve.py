@@ -16,6 +16,7 @@ from virtblk.cli.params import SIZE
 from virtblk.util import human_size
 
 if TYPE_CHECKING:  # imported where it is used, as the device modules are (not for --help)
+    from virtblk.device.options import BackendKind
     from virtblk.spec import Lifetime
 
 log = logging.getLogger("virtblk.serve")
@@ -120,7 +121,7 @@ def serve(
     disconnects leaves the server ready for the next.
     """
     from virtblk.device.control import ControlServer
-    from virtblk.device.options import DeviceOptions
+    from virtblk.device.options import BlkSettings, DeviceOptions
     from virtblk.vhost_user.server import VhostUserServer
 
     chosen = [x for x in (file_path, memory_size, null_size) if x is not None]
@@ -130,46 +131,49 @@ def serve(
         raise click.UsageError("--serial is at most 20 bytes")
     if num_queues < 1:
         raise click.UsageError("--num-queues must be at least 1")
-    if file_path is not None:
-        opts = DeviceOptions(backend="file", path=file_path, size=size)
-    elif memory_size is not None:
-        opts = DeviceOptions(backend="memory", size=memory_size)
-    else:
-        opts = DeviceOptions(backend="null", size=null_size)
-    opts.read_only = read_only
-    if workers is not None:
-        if zoned and workers == "process":
-            raise click.UsageError("--zoned serves its queues from threads (--workers thread)")
-        opts.workers = workers  # type: ignore[assignment]
-    opts.num_queues = num_queues
-    opts.queue_size = queue_size
-    opts.device = {"serial": serial, "blk_size": blk_size, "writeback": writeback,
-                   **_topology(blk_size, physical_block_size, alignment_offset, min_io_size,
-                               opt_io_size)}
-    if geometry is not None:
-        opts.device["geometry"] = _geometry(geometry)
-    if lifetime is not None:
-        opts.device["lifetime"] = _lifetime(lifetime)
-    if experimental_fua:
-        opts.device["fua"] = True
-    opts.device["poll_us"] = poll_us
-    opts.device["io_threads"] = io_threads
-    opts.device["aio"] = aio
-    for name, value, top in (
-        ("max_discard_sectors", max_discard_sectors, 0xFFFFFFFF),
-        ("max_discard_seg", max_discard_seg, 0xFFFFFFFF),
-        ("discard_sector_alignment", discard_alignment, 0xFFFFFFFF),
-        ("max_write_zeroes_sectors", max_write_zeroes_sectors, 0xFFFFFFFF),
-        ("max_write_zeroes_seg", max_write_zeroes_seg, 0xFFFFFFFF),
-    ):
-        if value is not None:
-            opts.device[name] = _in_range(f"--{name.replace('_', '-')}", value, top)
-    if zoned:
-        if memory_size is None:
-            raise click.UsageError("--zoned needs --memory")
-        opts.zoned = {"zone_size": zone_size, "zone_capacity": zone_capacity,
-                      "max_open_zones": max_open_zones, "max_active_zones": max_active_zones,
-                      "conventional_zones": conventional_zones}
+    if zoned and workers == "process":
+        raise click.UsageError("--zoned serves its queues from threads (--workers thread)")
+    if zoned and memory_size is None:
+        raise click.UsageError("--zoned needs --memory")
+    limits = {
+        name: _in_range(f"--{name.replace('_', '-')}", value, 0xFFFFFFFF)
+        for name, value in (
+            ("max_discard_sectors", max_discard_sectors),
+            ("max_discard_seg", max_discard_seg),
+            ("discard_sector_alignment", discard_alignment),
+            ("max_write_zeroes_sectors", max_write_zeroes_sectors),
+            ("max_write_zeroes_seg", max_write_zeroes_seg),
+        )
+        if value is not None
+    }
+    settings = BlkSettings(
+        serial=serial,
+        blk_size=blk_size,
+        writeback=writeback,
+        **_topology(blk_size, physical_block_size, alignment_offset, min_io_size, opt_io_size),
+        geometry=None if geometry is None else _geometry(geometry),
+        lifetime=None if lifetime is None else _lifetime(lifetime),
+        fua=experimental_fua,
+        poll_us=poll_us,
+        io_threads=io_threads,
+        aio=aio,  # type: ignore[arg-type]
+        **limits,
+    )
+    backend: BackendKind = ("file" if file_path is not None
+                            else "memory" if memory_size is not None else "null")
+    opts = DeviceOptions(
+        backend=backend,
+        size={"file": size, "memory": memory_size, "null": null_size}[backend],
+        path=file_path,
+        read_only=read_only,
+        num_queues=num_queues,
+        queue_size=queue_size,
+        device=settings,
+        zoned={"zone_size": zone_size, "zone_capacity": zone_capacity,
+               "max_open_zones": max_open_zones, "max_active_zones": max_active_zones,
+               "conventional_zones": conventional_zones} if zoned else None,
+        workers=workers,  # type: ignore[arg-type]
+    )
     try:
         device = opts.build()
     except (OSError, ValueError) as exc:

@@ -8,17 +8,17 @@ there (:meth:`Disk.buffer`), in which case the device reads and writes them dire
 
 from __future__ import annotations
 
-import errno
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from virtblk import unixsock
 from virtblk.driver.blklayer import Bio, Plug, QueueLimits
 from virtblk.driver.blkmq import HardwareQueue, raise_for
 from virtblk.driver.naming import DiskIndex
+from virtblk.driver.requests import CHUNK, Buffer, RequestBuilder
 from virtblk.driver.virtio_blk import (
     CACHE_TYPES,
     Geometry,
@@ -33,20 +33,11 @@ from virtblk.spec import (
     SECTOR_SHIFT,
     SECTOR_SIZE,
     VIRTIO_BLK_ID_BYTES,
-    DiscardSegment,
     Feature,
     Lifetime,
     RequestType,
     feature_names,
 )
-
-CHUNK = 4 << 20
-"""Bytes staged through shared memory per round when the caller's buffers are private."""
-
-if TYPE_CHECKING:
-    from virtblk.embedded import EmbeddedDevice
-
-Buffer = bytes | bytearray | memoryview
 
 
 class Disk:
@@ -63,11 +54,14 @@ class Disk:
         self._thread_queue = threading.local()
         self._next_queue = 0
         self._serial: str | None = None
-        self.embedded_device: EmbeddedDevice | None = None
-        """The device this disk started (``Disk.embedded``), else None."""
-        # Buffers handed out by ``buffer``: id -> (the view, its gpa, its segments), so the
-        # fast paths know a buffer's address without asking the memory for it.
-        self._buffers: dict[int, tuple[memoryview, int, tuple[tuple[int, int], ...]]] = {}
+        # Typed Any: naming virtblk.embedded.EmbeddedDevice would import the composition
+        # root (and through it the device) into the driver.
+        self.embedded_device: Any = None
+        """The ``virtblk.embedded.EmbeddedDevice`` this disk started (``Disk.embedded``),
+        else None."""
+        self.requests = RequestBuilder(dev)
+        """The request rules (range checks, buffer addresses, splitting by the limits,
+        range payloads) this disk, its ``AsyncDisk`` and its queue handles share."""
         self._handles: list[Any] = []  # open queue handles, closed before the disk
         self._index = DiskIndex.acquire()
         self.name = DiskIndex.name(self._index)
@@ -143,44 +137,20 @@ class Disk:
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
 
-        ``device_options`` go to :class:`virtblk.device.blk.BlkDevice` (``serial``,
-        ``read_only``, ``blk_size``, ``seg_max``...).  ``experimental_fua`` makes both ends
-        use VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is closed.
+        ``device_options`` are :class:`virtblk.device.options.BlkSettings` fields
+        (``serial``, ``blk_size``, ``seg_max``, ``writeback``...), plus ``read_only`` and
+        ``zoned`` (``ZonedMemoryBackend`` arguments); an unknown or mistyped one raises
+        TypeError here, before the device starts.  ``experimental_fua`` makes both ends use
+        VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is closed.
         """
-        if experimental_fua:
-            device_options["fua"] = True
-        from virtblk.device.options import DeviceOptions
-        from virtblk.embedded import start_embedded
+        # The composition lives in virtblk.embedded, which knows the device; imported
+        # here, when called, so that the driver's modules import nothing of it.
+        from virtblk.embedded import open_embedded
 
-        read_only = bool(device_options.pop("read_only", False))
-        zoned = device_options.pop("zoned", None)
-        embedded = start_embedded(
-            DeviceOptions(
-                backend=backend,
-                size=size,
-                path=path,
-                read_only=read_only,
-                num_queues=num_queues,
-                queue_size=queue_size,
-                device=device_options,
-                zoned=zoned,
-            ),
-            mode,
-        )
-        try:
-            disk = cls.from_socket(
-                embedded.sock,
-                num_queues=num_queues,
-                queue_size=queue_size,
-                queue_depth=queue_depth,
-                experimental_fua=experimental_fua,
-                on_close=embedded.stop,
-            )
-        except BaseException:
-            embedded.stop()
-            raise
-        disk.embedded_device = embedded
-        return disk
+        return open_embedded(
+            cls, size, backend, path, mode=mode, num_queues=num_queues,
+            queue_size=queue_size, queue_depth=queue_depth,
+            experimental_fua=experimental_fua, **device_options)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -320,8 +290,7 @@ class Disk:
     def zone_append(self, data: Buffer, zone_offset: int) -> int:
         """Append ``data`` to the zone at ``zone_offset`` (ZONE_APPEND); returns the byte
         offset where the device wrote it."""
-        if self.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.name}: the device is read-only")
+        self._check_writable("zone_append")
         return self._zone_ops("zone_append").append(data, zone_offset)
 
     def refresh(self) -> None:
@@ -337,7 +306,7 @@ class Disk:
         self._check_open()
         gpa = self._alloc(size)
         view = self._dev.memory.view(gpa, size)
-        self._buffers[id(view)] = (view, gpa, tuple(self._segments(gpa, size)))
+        self.requests.register(view, gpa)
         return view
 
     def free_buffer(self, buf: memoryview) -> None:
@@ -345,19 +314,14 @@ class Disk:
         gpa = self.buffer_address(buf)
         if gpa is None:
             raise ValueError("not a buffer from Disk.buffer()")
-        entry = self._buffers.get(id(buf))
-        if entry is not None and entry[0] is buf:
-            del self._buffers[id(buf)]
+        self.requests.unregister(buf)
         buf.release()
         self._free(gpa)
 
     def buffer_address(self, buf: Buffer) -> int | None:
         """The guest-physical address of a buffer in shared memory (one from
         :meth:`buffer`, or a part of one), else None."""
-        entry = self._buffers.get(id(buf))
-        if entry is not None and entry[0] is buf:
-            return entry[1]
-        return self._dev.memory.guest_address_of(buf)
+        return self.requests.address_of(buf)
 
     def _register_handle(self, handle: Any) -> None:
         self._handles.append(handle)
@@ -370,7 +334,7 @@ class Disk:
     def queue_limits(self) -> QueueLimits:
         """What one request may carry: the device's seg_max and size_max, Linux's default
         cap on a request's size, the logical block size."""
-        return QueueLimits.from_limits(self.limits, self.logical_block_size)
+        return self.requests.queue_limits
 
     def plug(self, *, merge: bool = True) -> Plug:
         """A plug on the calling thread's hardware queue (``blk_start_plug``): bios added
@@ -403,18 +367,18 @@ class Disk:
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int, *, fua: bool = False) -> int:
         """Write ``buffers`` (in order) at ``offset``; returns the bytes written."""
-        if self.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.name}: the device is read-only")
+        self._check_writable("write")
         if fua:
             self._dev.require(Feature.BLK_OUT_FUA, "a FUA write (experimental)")
         views = [memoryview(b).cast("B") for b in buffers]
         return self._rw(True, views, offset, [self.buffer_address(b) for b in buffers], fua=fua)
 
     def flush(self) -> None:
-        """Make every completed write durable (FLUSH; a no-op for a write-through device
-        without the FLUSH feature, whose writes are durable on completion)."""
+        """Make every completed write durable: FLUSH in write-back mode; in write-through
+        (or without the FLUSH feature) writes are durable on completion, and, as in the
+        seed, nothing is sent."""
         self._check_open()
-        if not self._dev.has(Feature.BLK_FLUSH):
+        if not self.requests.flush_needed:
             return
         q = self._queue()
         req = q.get_tag()
@@ -450,11 +414,7 @@ class Disk:
             raise ValueError(f"I/O on closed disk {self.name}")
 
     def _check_writable(self, what: str) -> None:
-        """A VIRTIO_BLK_F_RO disk is refused up front, as Linux's block layer does (EROFS).
-        A device made read-only at run time cannot say so (the bit is fixed at
-        negotiation): its writes fail with EIO instead."""
-        if self.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.name}: {what}: the device is read-only")
+        self.requests.check_writable(f"{self.name}: {what}")
 
     def _queue(self) -> HardwareQueue:
         """The hardware queue of the calling thread (blk-mq maps each CPU to one)."""
@@ -483,23 +443,9 @@ class Disk:
         self._thread_queue.q = queues[index]
 
     def check_range(self, offset: int, length: int, what: str) -> None:
-        """Refuse I/O on a closed disk, negative, misaligned or past the end (ValueError);
-        public so that other front ends (``virtblk.aio``, the queue API) apply the same
-        rules."""
+        """Refuse I/O on a closed disk, negative, misaligned or past the end (ValueError)."""
         self._check_open()
-        bs = self.logical_block_size
-        if offset < 0 or length < 0:
-            raise ValueError(f"{what}: negative offset or length ({offset}, {length})")
-        if offset % bs or length % bs:
-            raise ValueError(
-                f"{what}: offset {offset} and length {length} must be multiples of the "
-                f"logical block size {bs}"
-            )
-        if offset + length > self.size:
-            raise ValueError(
-                f"{what}: {length} bytes at offset {offset} end past the end of the disk "
-                f"({self.size} bytes)"
-            )
+        self.requests.check_range(offset, length, what)
 
     def _alloc(self, size: int) -> int:
         with self._alloc_lock:
@@ -509,45 +455,10 @@ class Disk:
         with self._alloc_lock:
             self._dev.allocator.free(gpa)
 
-    def _segments(self, gpa: int, length: int) -> list[tuple[int, int]]:
-        """One contiguous buffer as segments no larger than the device's ``size_max``."""
-        step = self.limits.max_segment_size
-        return [(a, min(step, gpa + length - a)) for a in range(gpa, gpa + length, step)]
-
     def request_segments(self, gpa: int, length: int) -> list[list[tuple[int, int]]]:
-        """One contiguous shared buffer as the segment lists of the requests that carry it:
-        segments of at most ``size_max``, at most ``seg_max`` per request (how blk-mq
-        splits a bio by the queue limits)."""
-        segs = self._segments(gpa, length)
-        per = self.limits.max_segments
-        return [segs[i : i + per] for i in range(0, len(segs), per)]
-
-    def range_payloads(
-        self, type_: RequestType, offset: int, length: int, *, unmap: bool = False
-    ) -> list[bytes]:
-        """The payloads (packed segments) of the DISCARD / WRITE_ZEROES / SECURE_ERASE
-        requests covering a checked range, split by the device's sector and segment
-        limits."""
-        lim = self.limits
-        max_sectors, max_seg = {
-            RequestType.DISCARD: (lim.max_discard_sectors, lim.max_discard_seg),
-            RequestType.WRITE_ZEROES: (lim.max_write_zeroes_sectors, lim.max_write_zeroes_seg),
-            RequestType.SECURE_ERASE: (lim.max_secure_erase_sectors, lim.max_secure_erase_seg),
-        }[type_]
-        max_sectors = max_sectors or 0xFFFFFFFF
-        flags = 1 if unmap else 0
-        sector = offset >> SECTOR_SHIFT
-        remaining = length >> SECTOR_SHIFT
-        segs: list[DiscardSegment] = []
-        while remaining:
-            n = min(remaining, max_sectors)
-            segs.append(DiscardSegment(sector, n, flags))
-            sector += n
-            remaining -= n
-        return [
-            b"".join(s.pack() for s in segs[i : i + max_seg])
-            for i in range(0, len(segs), max(1, max_seg))
-        ]
+        """One contiguous shared buffer as the segment lists of the requests that carry it
+        (:meth:`RequestBuilder.request_segments`)."""
+        return self.requests.request_segments(gpa, length)
 
     def _rw(
         self, write: bool, views: list[memoryview], offset: int,
@@ -620,7 +531,7 @@ class Disk:
         what = f"{self.name}: {type_.name.lower()}"
         self.check_range(offset, length, what)
         q = self._queue()
-        for payload in self.range_payloads(type_, offset, length, unmap=unmap):
+        for payload in self.requests.range_payloads(type_, offset, length, unmap=unmap):
             gpa = self._alloc(len(payload))
             req = q.get_tag()
             try:
@@ -664,7 +575,7 @@ class Disk:
         for handle in list(self._handles):
             handle.close()
         self._closed = True
-        self._buffers.clear()
+        self.requests.buffers.clear()
         try:
             self._dev.close()
         finally:

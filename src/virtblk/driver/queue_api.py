@@ -38,8 +38,9 @@ import time
 from typing import Any, NamedTuple
 
 from virtblk.driver.blkmq import SLOT, HardwareQueue
-from virtblk.driver.disk import Buffer, Disk
-from virtblk.errors import BlockIOError, DeviceGoneError, status_error
+from virtblk.driver.disk import Disk
+from virtblk.driver.requests import Buffer, Segments
+from virtblk.errors import DeviceGoneError, status_error
 from virtblk.spec import SECTOR_SHIFT, DiscardSegment, Feature, RequestHeader, RequestType, Status
 from virtblk.virtio.polling import AdaptivePoll
 from virtblk.virtio.split import DeviceProtocolError
@@ -66,7 +67,6 @@ class Completion(NamedTuple):
 
 
 _new_completion = tuple.__new__
-_Segments = tuple[tuple[int, int], ...]
 
 
 class QueueHandle:
@@ -79,7 +79,7 @@ class QueueHandle:
     __slots__ = (
         "_bs_mask", "_buffers", "_closed", "_config_generation", "_dev", "_disable_cb",
         "_free", "_hangup", "_hdr_of_tag", "_in_flight", "_layout", "_max_segments",
-        "_pending", "_poll", "_q", "_read_only", "_ready", "_seg_area",
+        "_pending", "_poll", "_q", "_read_only", "_ready", "_requests", "_seg_area",
         "_seg_of_tag", "_size", "_slots", "_staged", "_status_of_tag", "_type_of_tag",
         "_user_data", "_vq", "_waiter", "disk", "index", "max_transfer", "poll",
     )
@@ -103,20 +103,20 @@ class QueueHandle:
         self._poll = AdaptivePoll(int(poll_us * 1000), restart_after=1)  # QEMU's rule
         self._disable_cb = disable_cb_while_draining
         self._q: HardwareQueue = q
-        lim = disk.limits
-        bs = disk.logical_block_size
-        per_request = lim.max_segments * lim.max_segment_size
-        self.max_transfer = per_request - per_request % bs
+        # The disk's request rules, and what the enqueue path reads of them inline: the
+        # limits and the block size (fixed), the size (refreshed when the config changes).
+        self._requests = disk.requests
+        self.max_transfer = self._requests.max_transfer
         """Largest read or write one request may carry, in bytes."""
-        self._max_segments = lim.max_segments
-        self._bs_mask = bs - 1
+        self._max_segments = disk.limits.max_segments
+        self._bs_mask = disk.logical_block_size - 1
         self._size = disk.size
         self._dev = disk.device
         self._config_generation = self._dev.config_generation
         self._read_only = disk.read_only
-        self._buffers = disk._buffers  # the disk's registry of its buffers
+        self._buffers = self._requests.buffers
         # Requests enqueued: on a tag already (staged) when one was free, else pending.
-        self._pending: collections.deque[tuple[int, int, _Segments, bool, Any]] = (
+        self._pending: collections.deque[tuple[int, int, Segments, bool, Any]] = (
             collections.deque())
         self._staged: list[int] = []
         self._ready: collections.deque[Completion] = collections.deque()
@@ -127,7 +127,7 @@ class QueueHandle:
         self._seg_area = disk.buffer(depth * DiscardSegment.SIZE)
         seg_gpa = disk.buffer_address(self._seg_area)
         assert seg_gpa is not None
-        self._seg_of_tag: list[_Segments] = [
+        self._seg_of_tag: list[Segments] = [
             ((seg_gpa + tag * DiscardSegment.SIZE, DiscardSegment.SIZE),) for tag in range(depth)]
         self._hangup = select.poll()
         self._hangup.register(disk.device.frontend.fileno(), select.POLLRDHUP)
@@ -145,7 +145,7 @@ class QueueHandle:
             self._user_data: list[Any] = [None] * depth
             self._type_of_tag = [0] * depth
             # What each tag's prepared chain carries: (data segments, device writes them).
-            self._layout: list[tuple[_Segments, bool] | None] = [None] * depth
+            self._layout: list[tuple[Segments, bool] | None] = [None] * depth
             if poll:
                 self._vq.disable_cb()
             disk._register_handle(self)
@@ -169,7 +169,10 @@ class QueueHandle:
         (``_stage``: nothing on the ring before ``do_io``), else into the pending queue.
         The common case costs no lookup beyond the disk's own registry: a buffer as
         disk.buffer() made it, a size that is current, a tag whose chain already carries
-        this buffer."""
+        this buffer.  The registry lookup and the range test are the disk's
+        ``RequestBuilder`` rules written inline (a call each would cost this path more
+        than the rest of it); what they refuse is refused by the builder, with its
+        message."""
         if self._closed:
             self._check_open()
         if self._dev.config_generation != self._config_generation:
@@ -190,10 +193,11 @@ class QueueHandle:
         self._stage(free.popleft(), rtype, offset >> SECTOR_SHIFT, segs, into, user_data)
 
     def flush(self, user_data: Any = None) -> None:
-        """Enqueue a FLUSH.  Without the FLUSH feature writes are durable on completion, so
-        the request completes (ret 0) at the next ``do_io`` without reaching the device."""
+        """Enqueue a FLUSH.  In write-through mode (or without the FLUSH feature) writes are
+        durable on completion, so, as in the seed, the request completes (ret 0) at the
+        next ``do_io`` without reaching the device."""
         self._check_open()
-        if not self.disk.device.has(Feature.BLK_FLUSH):
+        if not self._requests.flush_needed:
             self._ready.append(Completion(user_data, 0))
             return
         self._pending.append((int(RequestType.FLUSH), 0, (), False, user_data))
@@ -202,8 +206,7 @@ class QueueHandle:
         """Enqueue a DISCARD of one range (at most ``max_discard_sectors``)."""
         self.disk.device.require(Feature.BLK_DISCARD, "discard")
         self._check_writable("discard")
-        limit = self.disk.limits.max_discard_sectors
-        seg = self._range_segment("discard", offset, length, limit, 0)
+        seg = self._range_segment(RequestType.DISCARD, offset, length, unmap=False)
         self._pending.append((int(RequestType.DISCARD), 0, (), False, (seg, user_data)))
 
     def write_zeroes(
@@ -212,24 +215,21 @@ class QueueHandle:
         """Enqueue a WRITE_ZEROES of one range; ``unmap`` lets the device deallocate it."""
         self.disk.device.require(Feature.BLK_WRITE_ZEROES, "write_zeroes")
         self._check_writable("write_zeroes")
-        limit = self.disk.limits.max_write_zeroes_sectors
-        seg = self._range_segment("write_zeroes", offset, length, limit, int(unmap))
+        seg = self._range_segment(RequestType.WRITE_ZEROES, offset, length, unmap=unmap)
         self._pending.append((int(RequestType.WRITE_ZEROES), 0, (), False, (seg, user_data)))
 
     def _check_writable(self, what: str) -> None:
-        """Refuse changes to a read-only disk up front (EROFS), as ``Disk`` does."""
         self._check_open()
-        if self.disk.read_only:
-            raise BlockIOError(errno.EROFS, f"{self.disk.name}: {what}: the device is read-only")
+        self._requests.check_writable(f"{self.disk.name}: {what}")
 
-    def _segments(self, what: str, buf: Buffer, *, writable: bool) -> tuple[_Segments, int]:
+    def _segments(self, what: str, buf: Buffer, *, writable: bool) -> tuple[Segments, int]:
         """The slow path of ``read``/``write``: a buffer the disk did not hand out as is
         (a slice of one, say), or one that is refused with the reason."""
         self._check_open()
         view = memoryview(buf).cast("B")
         if writable and view.readonly:
             raise TypeError(f"{what}: the buffer must be writable")
-        gpa = self.disk.buffer_address(view)
+        gpa = self._requests.address_of(view)
         if gpa is None:
             raise TypeError(
                 f"{what}: the buffer is not in shared memory; allocate it with "
@@ -243,8 +243,7 @@ class QueueHandle:
                 f"{what}: {length} bytes exceed max_transfer ({self.max_transfer} bytes, "
                 "the device's seg_max x size_max)"
             )
-        (segs,) = self.disk.request_segments(gpa, length)
-        return tuple(segs), length
+        return self._requests.segments(gpa, length), length
 
     def _refresh_size(self) -> None:
         """The device's config changed (a resize): take the new size."""
@@ -252,20 +251,24 @@ class QueueHandle:
         self._size = self.disk.size
 
     def _check_range(self, what: str, offset: int, length: int) -> None:
-        self.disk.check_range(offset, length, f"{self.disk.name}: {what}")
+        self._requests.check_range(offset, length, f"{self.disk.name}: {what}")
 
     def _range_segment(
-        self, what: str, offset: int, length: int, max_sectors: int, flags: int
+        self, type_: RequestType, offset: int, length: int, *, unmap: bool
     ) -> DiscardSegment:
-        self.disk.check_range(offset, length, f"{self.disk.name}: {what}")
-        sectors = length >> SECTOR_SHIFT
-        if not sectors:
+        """The one segment a DISCARD / WRITE_ZEROES carries here: a tag holds one, and a
+        range the device would need split is refused (as ``max_transfer`` is)."""
+        what = type_.name.lower()
+        self._check_range(what, offset, length)
+        segs = self._requests.range_segments(type_, offset, length, unmap=unmap)
+        if not segs:
             raise ValueError(f"{what}: empty range")
-        if max_sectors and sectors > max_sectors:
+        if len(segs) > 1:
             raise ValueError(
-                f"{what}: {sectors} sectors exceed the device's limit of {max_sectors} per request"
+                f"{what}: {length >> SECTOR_SHIFT} sectors exceed the device's limit of "
+                f"{self._requests.max_range_sectors(type_)} per request"
             )
-        return DiscardSegment(offset >> SECTOR_SHIFT, sectors, flags)
+        return segs[0]
 
     # -- submit and reap ---------------------------------------------------------------------
     def do_io(
@@ -314,7 +317,7 @@ class QueueHandle:
         return [ready.popleft() for _ in range(max_completions)]
 
     def _stage(
-        self, tag: int, rtype: int, sector: int, segs: _Segments, into: bool, ud: Any
+        self, tag: int, rtype: int, sector: int, segs: Segments, into: bool, ud: Any
     ) -> None:
         """Make ``tag`` carry a request: its header and status byte written, its chain
         prepared (rewritten only when its buffers changed).  Nothing reaches the ring
@@ -359,7 +362,7 @@ class QueueHandle:
                 except BlockingIOError:
                     pass  # the counter is saturated: the device has a wakeup pending anyway
 
-    def _prepare(self, tag: int, segs: _Segments, into: bool) -> None:
+    def _prepare(self, tag: int, segs: Segments, into: bool) -> None:
         """Write ``tag``'s chain for a read (``into``) or write of ``segs``."""
         try:
             if into:
@@ -374,7 +377,7 @@ class QueueHandle:
     def _prepare_other(self, tag: int, rtype: int, ud: Any) -> Any:
         """FLUSH, DISCARD, WRITE_ZEROES: their chains (with the tag's segment for the last
         two); returns the caller's user data."""
-        segs: _Segments = ()
+        segs: Segments = ()
         if rtype != RequestType.FLUSH:
             seg, ud = ud
             base = tag * DiscardSegment.SIZE

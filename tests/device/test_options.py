@@ -1,0 +1,110 @@
+"""DeviceOptions: a device described before it exists, checked where it is described and
+handed to a child process as JSON without losing anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from typing import Any
+
+import pytest
+
+from virtblk.device.blk import BlkDevice
+from virtblk.device.options import DEFAULT_POLL_US, BlkSettings, DeviceOptions
+from virtblk.spec import Lifetime
+
+MiB = 1 << 20
+
+NOT_SETTINGS = {"self", "backend", "num_queues", "queue_size", "read_only", "workers"}
+"""BlkDevice arguments that DeviceOptions holds itself (or, the backend, builds)."""
+
+
+def test_every_blk_device_setting_is_a_field_with_its_default() -> None:
+    params = {name: p.default for name, p in inspect.signature(BlkDevice.__init__).parameters
+              .items() if name not in NOT_SETTINGS}
+    fields = {f.name: f.default for f in dataclasses.fields(BlkSettings)}
+    assert fields.keys() == params.keys()
+    # Two differ on purpose: poll_us None lets DeviceOptions pick by where queues are
+    # served, and the serial is text (JSON has no bytes).
+    assert fields["poll_us"] is None and fields["serial"] == ""
+    assert {**fields, "poll_us": params["poll_us"], "serial": b""} == params
+
+
+def _not_defaults() -> DeviceOptions:
+    """Every field set, none to its default, so a field the hand-off dropped shows."""
+    settings = BlkSettings(
+        serial="round-trip", blk_size=4096, seg_max=17, size_max=65536,
+        physical_block_exp=3, alignment_offset=1, min_io_size=2, opt_io_size=64,
+        geometry=(1024, 16, 63), max_discard_sectors=2048, max_discard_seg=4,
+        discard_sector_alignment=16, max_write_zeroes_sectors=4096, max_write_zeroes_seg=2,
+        max_secure_erase_sectors=1024, max_secure_erase_seg=3,
+        secure_erase_sector_alignment=32, writeback=False, lifetime=Lifetime(1, 2, 3),
+        fua=True, poll_us=12.5, io_threads=7, aio="threads",
+    )
+    defaults = BlkSettings()
+    for field in dataclasses.fields(BlkSettings):
+        assert getattr(settings, field.name) != getattr(defaults, field.name), field.name
+    return DeviceOptions(
+        backend="file", size=8 * MiB, path="/tmp/image", read_only=True, num_queues=3,
+        queue_size=64, device=settings, zoned={"zone_size": MiB}, workers="thread",
+    )
+
+
+def test_the_json_hand_off_keeps_every_field() -> None:
+    options = _not_defaults()
+    back = DeviceOptions.from_dict(json.loads(json.dumps(options.to_dict())))
+    assert back == options
+    assert isinstance(back.device.lifetime, Lifetime)
+    assert back.device.geometry == (1024, 16, 63)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: DeviceOptions(backend="null", size=MiB, serail="x"),
+    lambda: BlkSettings(serail="x"),
+    lambda: BlkSettings.from_dict({"serail": "x"}),
+    lambda: DeviceOptions.from_dict({"backend": "null", "size": MiB,
+                                     "device": {"serail": "x"}}),
+])
+def test_a_misspelled_option_names_itself(build: Any) -> None:
+    with pytest.raises(TypeError, match="serail"):
+        build()
+
+
+def test_the_closest_name_is_suggested() -> None:
+    with pytest.raises(TypeError, match=r"unknown device option 'max_discard_segs' \(did you "
+                                        r"mean 'max_discard_seg'\?\)"):
+        BlkSettings.from_dict({"max_discard_segs": 2})
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("blk_size", "4096"), ("blk_size", True), ("writeback", 1), ("serial", b"bytes"),
+    ("geometry", (1, 2)), ("geometry", [1, 2, 3]), ("lifetime", (1, 2, 3)),
+    ("aio", "fibers"), ("poll_us", "10"), ("seg_max", 1.5),
+])
+def test_a_value_of_the_wrong_type_names_its_field(field: str, value: Any) -> None:
+    with pytest.raises(TypeError, match=f"{field} must be"):
+        BlkSettings(**{field: value})
+
+
+def test_device_options_check_their_own_fields() -> None:
+    with pytest.raises(TypeError, match="backend must be"):
+        DeviceOptions(backend="tape", size=MiB)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="device must be"):
+        DeviceOptions(backend="null", size=MiB, device={"serial": "x"})  # type: ignore[arg-type]
+
+
+def test_an_integer_poll_time_is_a_float_and_unset_is_chosen_by_the_workers() -> None:
+    assert BlkSettings(poll_us=10).poll_us == 10
+    dev = DeviceOptions(backend="null", size=MiB, workers="thread").build()
+    try:
+        assert dev.poll_ns == 0
+    finally:
+        dev.close()
+        dev.backend.close()
+    dev = DeviceOptions(backend="null", size=MiB, device=BlkSettings(serial="s")).build()
+    try:
+        assert dev.poll_ns == int(DEFAULT_POLL_US * 1000) and dev.serial == b"s"
+    finally:
+        dev.close()
+        dev.backend.close()
