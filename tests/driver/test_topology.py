@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from virtblk import Disk
-from virtblk.device.options import DeviceOptions
+from virtblk.device.options import BlkSettings, DeviceOptions
 from virtblk.driver.virtio_blk import Topology, VirtioBlk
 from virtblk.embedded import start_embedded
 from virtblk.spec import Feature
@@ -80,8 +80,8 @@ def test_without_the_topology_feature_the_logical_block_is_everything() -> None:
     """A driver that did not negotiate TOPOLOGY ignores the fields the device filled in."""
     embedded = start_embedded(
         DeviceOptions(backend="memory", size=4 * MiB,
-                      device=dict(blk_size=4096, physical_block_exp=3, alignment_offset=1,
-                                  min_io_size=16, opt_io_size=64)),
+                      device=BlkSettings(blk_size=4096, physical_block_exp=3,
+                                         alignment_offset=1, min_io_size=16, opt_io_size=64)),
         "thread",
     )
     try:
