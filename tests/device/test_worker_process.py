@@ -180,15 +180,35 @@ def test_a_device_cpu_counts_its_worker_processes() -> None:
         (worker,) = dev.worker_pids
         before = process_cpu_seconds(os.getpid())
         worker_before = process_cpu_seconds(worker)
+        burnt_r, burnt_w = os.pipe()  # the child says when it has burnt 0.15 s
+        stop_r, stop_w = os.pipe()  # and burns on until we close this
         burner = os.fork()
-        if burner == 0:  # a child of ours that burns 0.3 s of CPU
-            end = time.process_time() + 0.3
-            while time.process_time() < end:
-                pass
+        if burner == 0:  # a child of ours that burns CPU
+            os.close(burnt_r)
+            os.close(stop_w)
+            os.set_blocking(stop_r, False)
+            start = time.process_time()
+            told = False
+            while True:
+                if not told and time.process_time() - start >= 0.15:
+                    os.write(burnt_w, b"x")
+                    told = True
+                if told and time.process_time() - start >= 0.3:
+                    try:
+                        if os.read(stop_r, 1) == b"":
+                            break
+                    except BlockingIOError:
+                        pass
             os._exit(0)
-        time.sleep(0.2)
-        during = process_cpu_seconds(os.getpid())  # counted while it runs
-        os.waitpid(burner, 0)
+        os.close(burnt_w)
+        os.close(stop_r)
+        try:
+            assert os.read(burnt_r, 1) == b"x"  # a condition, however loaded the machine
+            during = process_cpu_seconds(os.getpid())  # counted while it runs
+        finally:
+            os.close(stop_w)
+            os.close(burnt_r)
+            os.waitpid(burner, 0)
         after = process_cpu_seconds(os.getpid())  # and once it is waited for
         assert during - before >= 0.1
         assert after - before >= 0.25
