@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +25,6 @@ from virtblk.util import process_cpu_seconds
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 
 MiB = 1 << 20
-
-
 
 
 def alive(pid: int) -> bool:
@@ -170,6 +169,40 @@ def test_what_workers_cannot_serve_is_refused_up_front() -> None:
     finally:
         dev.close()
         dev.backend.close()
+
+
+def test_stats_during_a_stop_wait_for_the_workers_last_counts(
+    memory: tuple[GuestMemory, BufferAllocator],
+) -> None:
+    """A stats request that comes while a queue is being stopped (a driver that just
+    disconnected) reports the queue's counts, not the stale copy from before the stop."""
+    dev = BlkDevice(MemoryBackend(MiB), workers="process")
+    drv = Driver(*memory, event_idx=True)
+    try:
+        start(dev, 0, drv, event_idx=True)
+        for token in range(3):
+            drv.submit(token, RequestType.OUT, 8 * token, out=b"\x33" * 4096)
+        drv.kick_device()
+        assert len(drv.wait(3)) == 3
+        (worker,) = dev.worker_pids
+        os.kill(worker, signal.SIGSTOP)  # the stop below waits for the worker's answer
+        try:
+            stopping = threading.Thread(target=dev.stop_queue, args=(0,))
+            stopping.start()
+            deadline = time.monotonic() + 20
+            while 0 in dev.running_queues() and time.monotonic() < deadline:
+                time.sleep(0.01)  # (running_queues hides a stopping queue since the stop began)
+            seen: list[dict[str, object]] = []
+            asking = threading.Thread(target=lambda: seen.append(dev.stats()))
+            asking.start()
+            asking.join(0.5)  # it waits for the stop (fixed) or answers at once (stale)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        stopping.join(20)
+        asking.join(20)
+        assert seen and seen[0]["requests"] == {"OUT": 3}
+    finally:
+        dev.close()
 
 
 def test_a_device_cpu_counts_its_worker_processes() -> None:

@@ -196,6 +196,11 @@ class BlkDevice:
         self._stats = [QueueStats() for _ in range(num_queues)]
         self._workers: dict[int, QueueWorker] = {}
         self._workers_lock = threading.Lock()
+        # Held by stats() and by the stop of a worker process's queue: between the stop's
+        # first step (the queue leaves the running set) and its last (the worker's final
+        # counters become the queue's), stats() would report the stale copy. Reentrant:
+        # a failed stop calls the failed hook, which may come back to stop other queues.
+        self._stats_lock = threading.RLock()
         self._handlers: dict[int, Callable[[BlkRequest], tuple[int, int]]] = {
             RequestType.IN: self._do_in,
             RequestType.OUT: self._do_out,
@@ -481,6 +486,10 @@ class BlkDevice:
 
     def stats(self) -> dict[str, object]:
         """Totals over all queues plus each queue's own counters."""
+        with self._stats_lock:
+            return self._stats_now()
+
+    def _stats_now(self) -> dict[str, object]:
         if self._procs is not None:
             for index in list(self._remote):
                 try:
@@ -861,11 +870,12 @@ class BlkDevice:
 
     def stop_queue(self, index: int) -> int:
         """Stop serving queue ``index``; returns the next avail index to resume from."""
-        with self._workers_lock:
-            worker = self._workers.pop(index, None)
-            remote = self._remote.pop(index, None)
-        if remote is not None:
-            return self._stop_remote(index, remote)
+        with self._stats_lock:
+            with self._workers_lock:
+                worker = self._workers.pop(index, None)
+                remote = self._remote.pop(index, None)
+            if remote is not None:
+                return self._stop_remote(index, remote)
         if worker is None:
             raise ValueError(f"queue {index} is not running")
         worker.stop()
