@@ -1,0 +1,154 @@
+"""The layering the architecture promises, read from the source's import statements.
+
+Data flows one way (``Disk -> blk-mq -> virtqueue -> transport`` and ``transport ->
+virtqueue -> request -> backend``), so each package may import only what lies below it.
+Every ``import`` counts, including those inside functions: a lazy import is still a
+dependency. The one exception is named below.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pathlib
+
+import pytest
+
+SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
+
+FORBIDDEN: dict[str, frozenset[str]] = {
+    # The spec is the floor: constants and wire structs only.
+    "virtblk.spec": frozenset({"*"}),
+    # A virtqueue knows memory and the spec, no block layer, backend or transport.
+    "virtblk.virtio": frozenset({"virtblk.driver", "virtblk.device", "virtblk.vhost_user",
+                                 "virtblk.aio", "virtblk.embedded", "virtblk.tools"}),
+    # The transport carries messages; it never knows which end of virtio-blk it serves.
+    "virtblk.vhost_user": frozenset({"virtblk.driver", "virtblk.device", "virtblk.aio",
+                                     "virtblk.embedded", "virtblk.tools"}),
+    # The device never knows who drives it, nor over what: the server hands it rings.
+    "virtblk.device": frozenset({"virtblk.driver", "virtblk.vhost_user", "virtblk.aio",
+                                 "virtblk.embedded", "virtblk.tools"}),
+    # The driver drives any device: ours is only reachable through the composition root.
+    "virtblk.driver": frozenset({"virtblk.device", "virtblk.tools"}),
+    "virtblk.aio": frozenset({"virtblk.device", "virtblk.tools"}),
+    "virtblk.embedded": frozenset({"virtblk.tools"}),
+}
+"""Package -> packages it must not import (besides ``virtblk.cli``, which only
+``virtblk.__main__`` may import)."""
+
+LAZY_ONLY = {("virtblk.driver", "virtblk.embedded"), ("virtblk.aio", "virtblk.embedded")}
+"""``Disk.embedded`` and ``AsyncDisk.embedded`` stay the public spelling of "start our own
+device": they delegate to the composition root, importing it inside the method so that
+loading the driver never loads the device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """One import statement: who imports what, where, and whether at module level."""
+
+    source: str
+    target: str
+    file: str
+    line: int
+    top_level: bool
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_submodule(name: str) -> bool:
+    base = SRC.joinpath(*name.split("."))
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def _edges(path: pathlib.Path) -> list[Edge]:
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(node) for node in tree.body}
+    for node in tree.body:  # imports under a module-level if/try are module level too...
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            continue  # ...except the typing-only ones, which never run
+        if isinstance(node, (ast.If, ast.Try)):
+            top.update(id(child) for child in ast.walk(node))
+    found: list[Edge] = []
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            # ``from virtblk import unixsock`` imports the submodule, not the package.
+            targets = [f"{base}.{alias.name}" if _is_submodule(f"{base}.{alias.name}")
+                       else base for alias in node.names]
+        for target in targets:
+            if target == "virtblk" or target.startswith("virtblk."):
+                found.append(Edge(module, target, str(path.relative_to(SRC)), node.lineno,
+                                  id(node) in top))
+    return found
+
+
+def _package(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _all_edges() -> list[Edge]:
+    return [edge for path in sorted(SRC.rglob("*.py")) for edge in _edges(path)]
+
+
+def _violations(edges: list[Edge]) -> list[str]:
+    bad = []
+    for edge in edges:
+        source, target = _package(edge.source), _package(edge.target)
+        if source == target:
+            continue
+        where = f"{edge.file}:{edge.line}: {edge.source} imports {edge.target}"
+        if target == "virtblk.cli" and edge.source != "virtblk.__main__":
+            bad.append(f"{where} (nothing in the library imports the command)")
+            continue
+        forbidden = FORBIDDEN.get(source, frozenset())
+        if "*" in forbidden or target in forbidden:
+            bad.append(f"{where} (an upward or sideways import)")
+        elif (source, target) in LAZY_ONLY and edge.top_level:
+            bad.append(f"{where} (allowed only inside the delegating method)")
+    return bad
+
+
+def test_the_source_is_parsed() -> None:
+    """The graph is read from the real tree (an empty walk would pass every rule)."""
+    edges = _all_edges()
+    pairs = {(_package(e.source), _package(e.target)) for e in edges}
+    assert ("virtblk.device", "virtblk.virtio") in pairs
+    assert ("virtblk.driver", "virtblk.virtio") in pairs
+    assert ("virtblk.__main__", "virtblk.cli") in pairs
+
+
+def test_no_upward_or_sideways_import() -> None:
+    assert _violations(_all_edges()) == []
+
+
+@pytest.mark.parametrize(("source", "target", "top_level"), [
+    ("virtblk.virtio.memory", "virtblk.driver.disk", False),
+    ("virtblk.virtio.polling", "virtblk.vhost_user.frontend", True),
+    ("virtblk.device.blk", "virtblk.driver.blkmq", False),
+    ("virtblk.device.blk", "virtblk.vhost_user.backend", True),
+    ("virtblk.vhost_user.backend", "virtblk.device.blk", True),
+    ("virtblk.aio", "virtblk.device.options", False),
+    ("virtblk.driver.disk", "virtblk.device.options", False),
+    ("virtblk.driver.disk", "virtblk.embedded", True),
+    ("virtblk.device.control", "virtblk.cli.main", False),
+    ("virtblk.spec", "virtblk.errors", True),
+])
+def test_each_rule_catches_its_import(source: str, target: str, top_level: bool) -> None:
+    """The checker itself: each kind of forbidden import is reported."""
+    edge = Edge(source, target, "x.py", 1, top_level)
+    assert len(_violations([edge])) == 1
+
+
+def test_the_lazy_delegate_is_allowed() -> None:
+    assert _violations([Edge("virtblk.driver.disk", "virtblk.embedded", "x.py", 1, False)]) == []
