@@ -67,18 +67,19 @@ def _edges(path: pathlib.Path) -> list[Edge]:
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
-    top = {id(node) for node in tree.body}
-    for node in tree.body:  # imports under a module-level if/try are module level too...
-        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+    top = {id(statement) for statement in tree.body}
+    for statement in tree.body:  # imports under a module-level if/try are module level too...
+        if isinstance(statement, ast.If) and ast.unparse(statement.test).endswith("TYPE_CHECKING"):
             continue  # ...except the typing-only ones, which never run
-        if isinstance(node, (ast.If, ast.Try)):
-            top.update(id(child) for child in ast.walk(node))
+        if isinstance(statement, (ast.If, ast.Try)):
+            top.update(id(child) for child in ast.walk(statement))
     found: list[Edge] = []
     for node in ast.walk(tree):
-        targets: list[str] = []
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
+        else:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
