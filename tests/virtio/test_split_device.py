@@ -14,14 +14,14 @@ from virtblk.spec import (
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
 )
-from virtblk.virtio.split import (
+from virtblk.virtio.split_device import (
     ChainError,
     DescriptorChain,
     DeviceVirtqueue,
     RingError,
     Triple,
-    VringAddrs,
 )
+from virtblk.virtio.split_layout import VringAddrs
 
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 NUM = 8
@@ -530,3 +530,18 @@ def test_pop_batch_gives_the_request_shape_as_offsets(guest: Guest) -> None:
     view[triple.third] = 0x5A  # the status byte, written through the batch's view
     assert guest.memory.view(BUF + 0x2000, 1)[0] == 0x5A
     assert vq.last_avail_idx == 2 and vq.pop_batch(8)[1] == []
+
+
+def test_add_used_batch_wraps_and_refuses_what_add_used_refuses(guest: Guest) -> None:
+    addrs = VringAddrs.allocate(guest.allocator, 4)
+    dev = DeviceVirtqueue(guest.memory, addrs, event_idx=False, used_idx=2)
+    raw = RawRing(guest, addrs)
+    dev.add_used_batch([3, 10, 1, 20, 0, 30])  # slots 2, 3, then 0 after the wrap
+    dev.flush_used()
+    assert raw.used[1] == 5 and raw.used_entries(2, 3) == [(3, 10), (1, 20), (0, 30)]
+    for bad in ([4, 1], [0, 1 << 32], [-1, 1]):
+        with pytest.raises(ValueError, match="outside the queue"):
+            dev.add_used_batch(bad)
+    assert dev.used_idx == 5  # nothing half-written
+    dev.add_used_batch([])
+    assert dev.used_idx == 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
-from virtblk.virtio.split import VringAddrs
+from virtblk.virtio.split_layout import VringAddrs
 
 REGION_GPA = 0x10_0000
 REGION_SIZE = 1 << 20

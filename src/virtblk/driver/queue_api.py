@@ -42,7 +42,7 @@ from virtblk.driver.disk import Buffer, Disk
 from virtblk.errors import BlockIOError, DeviceGoneError, status_error
 from virtblk.spec import SECTOR_SHIFT, DiscardSegment, Feature, RequestHeader, RequestType, Status
 from virtblk.virtio.polling import AdaptivePoll
-from virtblk.virtio.split import DeviceProtocolError
+from virtblk.virtio.split_driver import DeviceProtocolError
 
 _OK = int(Status.OK)
 _IOERR = int(Status.IOERR)

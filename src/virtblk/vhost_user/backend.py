@@ -36,7 +36,14 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from virtblk.spec import VIRTQUEUE_MAX_SIZE, Feature, has_feature
+from virtblk.spec import (
+    VIRTQUEUE_MAX_SIZE,
+    VRING_AVAIL_ALIGN,
+    VRING_DESC_ALIGN,
+    VRING_USED_ALIGN,
+    Feature,
+    has_feature,
+)
 from virtblk.vhost_user.codec import CLOSED, Decoder, Event, Sentinel, encode
 from virtblk.vhost_user.errors import ProtocolError
 from virtblk.vhost_user.messages import (
@@ -81,7 +88,8 @@ from virtblk.vhost_user.messages import (
     protocol_feature_names,
 )
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
-from virtblk.virtio.split import DeviceVirtqueue, RingError, VringAddrs
+from virtblk.virtio.split_device import DeviceVirtqueue, RingError
+from virtblk.virtio.split_layout import VringAddrs, ring_sizes
 
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
@@ -550,10 +558,11 @@ class BackendConnection:
     def _translate(self, index: int, num: int, desc: int, avail: int, used: int) -> VringAddrs:
         """Ring user addresses -> guest addresses; the whole of each area must be mapped."""
         assert self.memory is not None
+        desc_size, avail_size, used_size = ring_sizes(num)
         areas = (
-            ("descriptor table", desc, 16 * num, 16),
-            ("avail ring", avail, 6 + 2 * num, 2),
-            ("used ring", used, 6 + 8 * num, 4),
+            ("descriptor table", desc, desc_size, VRING_DESC_ALIGN),
+            ("avail ring", avail, avail_size, VRING_AVAIL_ALIGN),
+            ("used ring", used, used_size, VRING_USED_ALIGN),
         )
         gpas: list[int] = []
         for name, uva, length, align in areas:
