@@ -26,6 +26,7 @@ from virtblk.spec import (
     VRING_USED_ALIGN,
     VRING_USED_ELEM_SIZE,
     VRING_USED_F_NO_NOTIFY,
+    vring_need_event,
 )
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.split_layout import (
@@ -535,7 +536,7 @@ class DeviceVirtqueue:
                 self._signalled_before = True
                 return True
             event = self._avail_h[self._used_event_i]
-            return ((new - event - 1) & U16) < ((new - old) & U16)
+            return vring_need_event(event, new, old)
         return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
 
     def disable_notifications(self) -> None:

@@ -20,6 +20,7 @@ from virtblk.spec import (
     VRING_DESC_SIZE,
     VRING_USED_ELEM_SIZE,
     VRING_USED_F_NO_NOTIFY,
+    vring_need_event,
 )
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 from virtblk.virtio.split_layout import (
@@ -391,7 +392,7 @@ class DriverVirtqueue:
         self._barrier()  # the device must see idx before we read its suppression state
         if self.event_idx:
             event = self._used_h[self._avail_event_i]
-            return ((new - event - 1) & U16) < added
+            return vring_need_event(event, new, (new - added) & U16)
         return not self._used_h[0] & VRING_USED_F_NO_NOTIFY
 
     # -- completion
