@@ -263,13 +263,13 @@ def test_add_used_checks_its_arguments(guest: Guest) -> None:
         vq.add_used(0, 1 << 32)
 
 
-def test_pop_many_returns_errors_in_place(guest: Guest) -> None:
+def test_pop_batch_returns_errors_in_place(guest: Guest) -> None:
     vq, raw = make(guest)
     good_chain(raw, 0)
     raw.write_desc(3, BUF, 1, NEXT, 99)
     good_chain(raw, 4)
     raw.offer(0, 3, 4)
-    got = vq.pop_many(8)
+    _view, got = vq.pop_batch(8)
     assert [type(x) for x in got] == [DescriptorChain, ChainError, DescriptorChain]
     assert isinstance(got[1], ChainError) and got[1].head == 3
 

@@ -62,7 +62,6 @@ from virtblk.vhost_user.messages import (
     ProtocolFeature,
     RemMemReg,
     ResetDevice,
-    ResetOwner,
     SetBackendReqFd,
     SetConfig,
     SetFeatures,
@@ -74,7 +73,6 @@ from virtblk.vhost_user.messages import (
     SetVringBase,
     SetVringCall,
     SetVringEnable,
-    SetVringErr,
     SetVringKick,
     SetVringNum,
 )
@@ -284,10 +282,6 @@ class VhostUserFrontend:
         """Claim the session."""
         self._with_ack(lambda ack: SetOwner(need_reply=ack))
 
-    def reset_owner(self) -> None:
-        """Deprecated RESET_OWNER (backends disable their rings)."""
-        self._with_ack(lambda ack: ResetOwner(need_reply=ack))
-
     def reset_device(self) -> None:
         """RESET_DEVICE: disable rings and reset the device (RESET_DEVICE feature)."""
         self._with_ack(lambda ack: ResetDevice(need_reply=ack))
@@ -382,10 +376,6 @@ class VhostUserFrontend:
         """The eventfd the backend writes on completions (None: we poll)."""
         self._with_ack(lambda ack: SetVringCall(index, fd, need_reply=ack))
 
-    def set_vring_err(self, index: int, fd: int | None) -> None:
-        """The eventfd the backend writes on a ring error."""
-        self._with_ack(lambda ack: SetVringErr(index, fd, need_reply=ack))
-
     def set_vring_enable(self, index: int, enable: bool) -> None:
         """Enable or disable ring ``index`` (needs VHOST_USER_F_PROTOCOL_FEATURES)."""
         self._with_ack(lambda ack: SetVringEnable(index, enable, need_reply=ack))
@@ -413,13 +403,19 @@ class VhostUserFrontend:
         return channel
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> GetInflightFdReply:
-        """The backend's inflight buffer (INFLIGHT_SHMFD); the caller owns the reply's fd."""
+        """The backend's inflight buffer (INFLIGHT_SHMFD); the caller owns the reply's fd.
+
+        Nothing calls it yet: it stays for the reliability work (issue 11), which resumes
+        in-flight requests from this buffer after a backend restart."""
         return self._ask(GetInflightFd(num_queues, queue_size), GetInflightFdReply)
 
     def set_inflight_fd(
         self, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int, fd: int
     ) -> None:
-        """Hand an inflight buffer back to the backend (INFLIGHT_SHMFD)."""
+        """Hand an inflight buffer back to the backend (INFLIGHT_SHMFD).
+
+        Nothing calls it yet: it stays for the reliability work (issue 11), which gives a
+        restarted backend the buffer ``get_inflight_fd`` returned."""
         self._with_ack(
             lambda ack: SetInflightFd(
                 mmap_size, mmap_offset, num_queues, queue_size, fd, need_reply=ack

@@ -472,16 +472,6 @@ class DeviceVirtqueue:
                 raise ChainError(head, f"next index {nxt} is outside the {what} (size {limit})")
             index = nxt
 
-    def pop_many(self, limit: int) -> list[DescriptorChain | ChainError]:
-        """Up to ``limit`` pops in one call; malformed chains come back as their ChainError
-        (already consumed) so one bad request does not hide the good ones behind it.
-
-        The avail index is read once and the heads are read as one slice: a batch costs
-        one shared-memory index load, not one per request.
-        """
-        view, items = self.pop_batch(limit)
-        return [x.chain(view) if isinstance(x, Triple) else x for x in items]
-
     def add_used(self, head: int, length: int) -> None:
         """Record a completion: ``length`` bytes written into the chain at ``head``.
 
