@@ -452,3 +452,24 @@ def test_reply_flag_decides_request_or_reply() -> None:
     request, _ = encode(GetFeatures())
     assert _decode_all(request, []) == [GetFeatures()]
     assert HEADER.unpack_from(data)[1] & Flag.REPLY
+
+
+def test_a_failed_decoder_raises_its_error_again_without_growing_it() -> None:
+    """Every later call raises the same error; re-raising must not pile each call's frames
+    onto its traceback (a caller polling a dead stream grew without bound: 18 GB in a
+    minute under the backend fuzzer)."""
+    decoder = Decoder()
+    decoder.receive_data(raw(99, 0x1, b""))
+
+    def depth() -> int:
+        with pytest.raises(ProtocolError) as info:
+            decoder.next_event()
+        tb, frames = info.value.__traceback__, 0
+        while tb is not None:
+            tb, frames = tb.tb_next, frames + 1
+        return frames
+
+    first, again = depth(), depth()
+    for _ in range(100):
+        depth()
+    assert depth() == again <= first

@@ -109,7 +109,9 @@ class Decoder:
     def next_event(self) -> Event:
         """The next complete message, NEED_DATA, or CLOSED; raises ProtocolError."""
         if self._error is not None:
-            raise self._error
+            # The same error, with this call's frames only: a raise appends to the
+            # traceback it carries, so a caller polling a dead stream would grow it forever.
+            raise self._error.with_traceback(None)
         try:
             return self._next()
         except ProtocolError as exc:
