@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtblk.vhost_user.codec import CLOSED, HEADER, NEED_DATA, Decoder, encode
@@ -191,21 +191,25 @@ BACKEND_CHANNEL = st.one_of(
 )
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(REQUESTS)
 def test_every_request_round_trips(message: Message) -> None:
     assert plain(roundtrip(message)) == plain(message)
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(REPLIES)
 def test_every_reply_round_trips(message: Message) -> None:
     assert plain(roundtrip(message)) == plain(message)
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(BACKEND_CHANNEL)
 def test_backend_channel_messages_round_trip(message: Message) -> None:
     assert plain(roundtrip(message)) == plain(message)
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(st.lists(REQUESTS, min_size=1, max_size=6), st.integers(1, 64))
 def test_stream_split_anywhere_yields_the_same_messages(
     messages: list[Message], chunk: int
