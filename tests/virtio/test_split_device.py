@@ -591,6 +591,36 @@ def test_a_hostile_ring_is_served_as_the_oracle_says(
         check_against_oracle(g, addrs, event_idx=event_idx, last_avail=last_avail)
 
 
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        ((BUFS, 512), (END - 1, 1)),  # ends exactly at the region's end: a request
+        ((BUFS, 512), (END, 1)),  # in the adjacent region: valid, not the batch's view
+        ((END - 511, 512), (BUFS, 1)),  # one byte across the boundary: malformed
+        ((END - 512, 512), (BUFS, 1)),
+        ((END, 512), (BUFS, 1)),
+        ((BUFS, 512), (END - 1, 2)),
+    ],
+)
+@pytest.mark.parametrize("writable_data", [False, True])
+def test_request_shaped_chains_at_the_region_boundary(
+    data: tuple[int, int], status: tuple[int, int], writable_data: bool
+) -> None:
+    """The request shape pop_batch takes as offsets into one region's view, with each
+    buffer just inside, just across and just past that region's end."""
+    with Guest(size=FUZZ_SIZE, gpa=REGION_GPA, adjacent=ADJACENT) as g:
+        addrs = VringAddrs.allocate(g.allocator, 8)
+        raw = RawRing(g, addrs)
+        entries = [(BUFS + 0x1000, 16, NEXT, 1),
+                   (*data, NEXT | WRITE if writable_data else NEXT, 2), (*status, WRITE, 0)]
+        view = g.memory.view(TABLE_GPA, 48)
+        for i, entry in enumerate(entries):
+            RawRing.write_desc_into(view, i, *entry)
+        raw.write_desc(5, TABLE_GPA, 48, INDIRECT, 0)
+        raw.offer(5)
+        check_against_oracle(g, addrs, event_idx=False, last_avail=0)
+
+
 PACKED_RING_BYTES = 288 + 6 + 8 * 8  # num 8: desc at 0, avail at 128, used at 288
 
 
