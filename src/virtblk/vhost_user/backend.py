@@ -299,7 +299,7 @@ class BackendConnection:
             self._events.append(reply)
 
     def _wants_ack(self, message: Message) -> bool:
-        return bool(getattr(message, "need_reply", False)) and bool(
+        return message.wants_ack and bool(
             self.protocol_features & ProtocolFeature.REPLY_ACK.mask
         )
 

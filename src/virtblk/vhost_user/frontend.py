@@ -208,7 +208,7 @@ class VhostUserFrontend:
                 _send_message(self._sock, message)
                 if reply_type is not None:
                     return self._await_reply(message, reply_type)
-                if getattr(message, "need_reply", False):
+                if message.wants_ack:
                     ack = self._await_reply(message, Ack)
                     if not ack.ok:
                         raise NackError(message.name, ack.status)

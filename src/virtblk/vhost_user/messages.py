@@ -349,6 +349,11 @@ class Message:
         return b"", ()
 
     @property
+    def wants_ack(self) -> bool:
+        """True when the sender set NEED_REPLY (only a request can)."""
+        return False
+
+    @property
     def owned_fds(self) -> tuple[OwnedFd, ...]:
         """The fds the message carries and owns (those taken from it are empty now)."""
         return ()
@@ -386,6 +391,11 @@ class _Request(Message):
     """A request (either channel): the sender may ask for an ack with NEED_REPLY."""
 
     need_reply: bool = dataclasses.field(default=False, kw_only=True)
+
+    @property
+    def wants_ack(self) -> bool:
+        """True when the sender set NEED_REPLY."""
+        return self.need_reply
 
     @property
     def header_flags(self) -> int:
