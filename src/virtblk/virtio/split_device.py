@@ -68,7 +68,6 @@ class RingError(VirtqueueError):
     """The ring itself is unusable (e.g. avail idx ran ahead); broken until reset."""
 
 
-
 @dataclasses.dataclass(slots=True)
 class DescriptorChain:
     """One validated request: device-readable buffers, then device-writable ones.

@@ -57,7 +57,6 @@ class QueueFull(VirtqueueError):
     """Not enough free descriptors for the chain; complete something and retry."""
 
 
-
 class DriverVirtqueue:
     """The driver's end of a split virtqueue, like Linux ``virtio_ring.c``.
 

@@ -87,7 +87,6 @@ class VirtqueueError(Exception):
     """Base of the errors a virtqueue raises about the peer's or the caller's misuse."""
 
 
-
 def check_queue_size(num: int) -> None:
     """Raise ValueError unless ``num`` is a queue size the spec allows."""
     if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
@@ -136,4 +135,3 @@ class Barrier:
     def __call__(self) -> None:
         self._lock.acquire()
         self._lock.release()
-
