@@ -406,7 +406,8 @@ class VhostUserFrontend:
         return channel
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> GetInflightFdReply:
-        """The backend's inflight buffer (INFLIGHT_SHMFD); the caller owns the reply's fd.
+        """The backend's inflight buffer (INFLIGHT_SHMFD); the reply owns its fd: close it,
+        or take the fd.
 
         Nothing calls it yet: it stays for the reliability work (issue 11), which resumes
         in-flight requests from this buffer after a backend restart."""
