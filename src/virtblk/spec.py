@@ -84,17 +84,6 @@ def has_feature(bits: int, feature: Feature) -> bool:
     return bool(bits & (1 << int(feature)))
 
 
-class DeviceStatus(enum.IntFlag):
-    """The device status field (spec 2.1)."""
-
-    ACKNOWLEDGE = 1
-    DRIVER = 2
-    DRIVER_OK = 4
-    FEATURES_OK = 8
-    DEVICE_NEEDS_RESET = 64
-    FAILED = 128
-
-
 class RequestType(enum.IntEnum):
     """``virtio_blk_req.type`` values."""
 

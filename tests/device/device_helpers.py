@@ -10,7 +10,9 @@ import select
 from virtblk.device.blk import BlkDevice
 from virtblk.spec import RequestHeader
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
-from virtblk.virtio.split import DeviceVirtqueue, DriverVirtqueue, VringAddrs
+from virtblk.virtio.split_device import DeviceVirtqueue
+from virtblk.virtio.split_driver import DriverVirtqueue
+from virtblk.virtio.split_layout import VringAddrs
 
 NUM = 64
 

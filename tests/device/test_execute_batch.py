@@ -14,7 +14,8 @@ from virtblk.device.backends import MemoryBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.request import BlkRequest
 from virtblk.spec import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, RequestType
-from virtblk.virtio.split import DeviceVirtqueue, Triple, VringAddrs
+from virtblk.virtio.split_device import DeviceVirtqueue, Triple
+from virtblk.virtio.split_layout import VringAddrs
 from virtio.virtq_helpers import REGION_GPA, Guest, RawRing
 
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT

@@ -20,7 +20,7 @@ from virtblk.device.blk import BlkDevice
 from virtblk.spec import RequestHeader, RequestType, Status
 from virtblk.util import process_cpu_seconds
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
-from virtblk.virtio.split import DeviceVirtqueue
+from virtblk.virtio.split_device import DeviceVirtqueue
 
 MiB = 1 << 20
 

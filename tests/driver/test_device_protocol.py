@@ -21,7 +21,7 @@ from virtblk.device.blk import BlkDevice
 from virtblk.device.request import BlkRequest
 from virtblk.spec import RequestType, Status
 from virtblk.vhost_user.server import serve_connected
-from virtblk.virtio.split import DeviceProtocolError
+from virtblk.virtio.split_driver import DeviceProtocolError
 
 LIAR = 64  # reads of this sector report more bytes written than the driver offered
 

@@ -25,6 +25,7 @@ from virtblk.vhost_user.backend import (
 )
 from virtblk.vhost_user.codec import CLOSED, NEED_DATA, Decoder, encode
 from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.fd import OwnedFd
 from virtblk.vhost_user.messages import (
     Ack,
     AddMemReg,
@@ -102,7 +103,7 @@ def negotiate(conn: BackendConnection, features: int = WITH_PROTOCOL_FEATURES) -
 
 
 def map_memory(conn: BackendConnection, region: MemoryRegion) -> None:
-    conn.handle(SetMemTable((describe(region),), (os.dup(region.fd),)))
+    conn.handle(SetMemTable((describe(region),), (OwnedFd.dup(region.fd),)))
 
 
 def setup_ring(conn: BackendConnection, index: int, *, num: int = 64) -> tuple[int, int]:
@@ -113,8 +114,8 @@ def setup_ring(conn: BackendConnection, index: int, *, num: int = 64) -> tuple[i
     conn.handle(SetVringBase(index, 0))
     conn.handle(SetVringAddr(index, slot + DESC_OFF, slot + USED_OFF, slot + AVAIL_OFF))
     kick, call = os.eventfd(0), os.eventfd(0)
-    conn.handle(SetVringCall(index, os.dup(call)))
-    conn.handle(SetVringKick(index, os.dup(kick)))
+    conn.handle(SetVringCall(index, OwnedFd.dup(call)))
+    conn.handle(SetVringKick(index, OwnedFd.dup(kick)))
     return kick, call
 
 
@@ -142,7 +143,7 @@ def test_ring_and_memory_requests_need_set_owner(
 ) -> None:
     fd = os.dup(region.fd)
     with pytest.raises(ProtocolError, match="SET_MEM_TABLE before SET_OWNER"):
-        conn.handle(SetMemTable((describe(region),), (fd,)))
+        conn.handle(SetMemTable((describe(region),), (OwnedFd(fd),)))
     assert is_closed(fd)  # a rejected message's fds are closed
     with pytest.raises(ProtocolError, match="before SET_OWNER"):
         conn.handle(SetVringNum(0, 64))
@@ -206,7 +207,7 @@ def test_vring_base_resumes_where_the_device_stopped(
     conn.handle(SetVringAddr(0, GUEST_UVA + DESC_OFF, GUEST_UVA + USED_OFF, GUEST_UVA + AVAIL_OFF))
     # the driver's used idx says 5 entries were completed before
     region.view[USED_OFF + 2 : USED_OFF + 4].cast("H")[0] = 5
-    conn.handle(SetVringKick(0, os.eventfd(0)))
+    conn.handle(SetVringKick(0, OwnedFd(os.eventfd(0))))
     vq = device.running[0][0]
     assert (vq.last_avail_idx, vq.used_idx) == (7, 5)
     assert device.running[0][2] == -1  # no call fd: the frontend polls
@@ -221,7 +222,7 @@ def test_new_call_fd_restarts_a_running_ring(
     kick, call = setup_ring(conn, 0)
     old_call = device.running[0][2]
     new = os.eventfd(0)
-    conn.handle(SetVringCall(0, new))
+    conn.handle(SetVringCall(0, OwnedFd(new)))
     assert device.log == [("start", 0), ("stop", 0), ("start", 0)]
     assert device.running[0][2] == new
     assert is_closed(old_call)
@@ -241,7 +242,7 @@ def test_vring_index_out_of_range(conn: BackendConnection, region: MemoryRegion)
             conn.handle(message)
     fd = os.eventfd(0)
     with pytest.raises(ProtocolError, match="ring index 200 out of range"):
-        conn.handle(SetVringKick(200, fd))
+        conn.handle(SetVringKick(200, OwnedFd(fd)))
     assert is_closed(fd)
 
 
@@ -272,7 +273,7 @@ def test_kick_without_ring_setup_is_an_error(conn: BackendConnection, region: Me
     negotiate(conn, Feature.VERSION_1.mask)
     map_memory(conn, region)
     with pytest.raises(ProtocolError, match="without its size and addresses"):
-        conn.handle(SetVringKick(0, os.eventfd(0)))
+        conn.handle(SetVringKick(0, OwnedFd(os.eventfd(0))))
 
 
 # --------------------------------------------------------------------------- memory
@@ -283,18 +284,18 @@ def test_overlapping_and_excess_regions(device: RecordingDevice) -> None:
     first, overlapping, third = guest_region(0), guest_region(0x80000, GUEST_UVA * 2), None
     try:
         negotiate(conn)
-        conn.handle(AddMemReg(describe(first), os.dup(first.fd)))
+        conn.handle(AddMemReg(describe(first), OwnedFd.dup(first.fd)))
         fd = os.dup(overlapping.fd)
         with pytest.raises(ProtocolError, match="overlaps"):
-            conn.handle(AddMemReg(describe(overlapping), fd))
+            conn.handle(AddMemReg(describe(overlapping), OwnedFd(fd)))
         assert is_closed(fd)
         third = guest_region(1 << 30, GUEST_UVA * 3)
-        conn.handle(AddMemReg(describe(third), os.dup(third.fd)))
+        conn.handle(AddMemReg(describe(third), OwnedFd.dup(third.fd)))
         with pytest.raises(ProtocolError, match="all 2 memory slots are used"):
-            conn.handle(AddMemReg(MemRegion(1 << 40, 4096, 1 << 45, 0), os.dup(third.fd)))
+            conn.handle(AddMemReg(MemRegion(1 << 40, 4096, 1 << 45, 0), OwnedFd.dup(third.fd)))
         regions = tuple(MemRegion(i << 30, 4096, i << 40, 0) for i in range(3))
         with pytest.raises(ProtocolError, match="3 regions, at most 2"):
-            conn.handle(SetMemTable(regions, tuple(os.dup(first.fd) for _ in range(3))))
+            conn.handle(SetMemTable(regions, tuple(OwnedFd.dup(first.fd) for _ in range(3))))
         conn.handle(RemMemReg(describe(third)))
         assert conn.memory is not None and len(conn.memory.regions) == 1
         with pytest.raises(ProtocolError, match="no region at gpa"):
@@ -373,7 +374,7 @@ def test_config_change_goes_out_on_the_backend_channel(
     device.config_changed()  # no channel yet: nothing to send
     assert conn.backend_data_to_send() == []
     ours, theirs = os.pipe()  # any fd will do for the state machine
-    conn.handle(SetBackendReqFd(theirs))
+    conn.handle(SetBackendReqFd(OwnedFd(theirs)))
     device.config_changed()
     (sent,) = conn.backend_data_to_send()
     decoder = Decoder(Channel.BACKEND)
@@ -398,12 +399,18 @@ def test_inflight_buffer_has_the_split_queue_size(device: RecordingDevice) -> No
         assert isinstance(reply, GetInflightFdReply) and reply.fd is not None
         assert inflight_queue_size(128) == 2112  # 16 + 16 * 128 = 2064, rounded up to 64
         assert reply.mmap_size == 2 * inflight_queue_size(128)
-        assert os.fstat(reply.fd).st_size == reply.mmap_size
+        with reply:  # the reply owns its fd (a dup of the buffer the connection keeps)
+            assert os.fstat(reply.fd.fileno()).st_size == reply.mmap_size
+            sent = reply.fd.fileno()
+        assert is_closed(sent)
+        assert conn.inflight_fd is not None
+        kept = conn.inflight_fd.fileno()
+        assert os.fstat(kept).st_size == reply.mmap_size
         with pytest.raises(ProtocolError, match="for 3 queues"):
             conn.handle(GetInflightFd(3, 128))
     finally:
         conn.close()
-    assert is_closed(reply.fd)
+    assert is_closed(kept)
 
 
 def test_close_resets_the_device_and_releases_everything(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtblk.vhost_user.codec import CLOSED, HEADER, NEED_DATA, Decoder, encode
 from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.fd import OwnedFd
 from virtblk.vhost_user.messages import (
     MAX_CONFIG_SIZE,
     Ack,
@@ -64,7 +67,33 @@ U64 = st.integers(0, 2**64 - 1)
 U32 = st.integers(0, 2**32 - 1)
 U16 = st.integers(0, 2**16 - 1)
 INDEX = st.integers(0, 255)
-FD = 1000  # fds are opaque ints to the codec; real fds are used where they are closed
+FD = 1000
+"""A number no test opens: the codec only passes fds along, and a message that decodes is
+never closed here, so it is never closed; real fds are used where closing is checked."""
+
+
+def fake_fds(count: int) -> tuple[OwnedFd, ...]:
+    return tuple(OwnedFd(fd) for fd in range(FD, FD + count))
+
+
+FAKE_FD = st.builds(OwnedFd, st.just(FD))
+MAYBE_FD = st.none() | FAKE_FD
+
+
+def plain(message: object) -> tuple[type, tuple[Any, ...]]:
+    """A message as comparable values: its class and fields, each fd as its number (an
+    ``OwnedFd`` compares by identity, and a decoded message holds new ones)."""
+    assert dataclasses.is_dataclass(message)
+
+    def value(v: object) -> object:
+        if isinstance(v, OwnedFd):
+            return ("fd", v.fileno())
+        if isinstance(v, tuple):
+            return tuple(value(x) for x in v)
+        return v
+
+    return type(message), tuple(value(getattr(message, f.name))
+                                for f in dataclasses.fields(message))
 FLAG = st.booleans()
 
 
@@ -117,22 +146,22 @@ REQUESTS = st.one_of(
     st.builds(GetVringBase, U32, need_reply=FLAG),
     st.builds(SetVringEnable, U32, st.booleans(), need_reply=FLAG),
     st.builds(SetVringAddr, U32, U64, U64, U64, U64, st.sampled_from([0, 1]), need_reply=FLAG),
-    st.builds(SetVringKick, INDEX, st.sampled_from([None, FD]), need_reply=FLAG),
-    st.builds(SetVringCall, INDEX, st.sampled_from([None, FD]), need_reply=FLAG),
-    st.builds(SetVringErr, INDEX, st.sampled_from([None, FD]), need_reply=FLAG),
+    st.builds(SetVringKick, INDEX, MAYBE_FD, need_reply=FLAG),
+    st.builds(SetVringCall, INDEX, MAYBE_FD, need_reply=FLAG),
+    st.builds(SetVringErr, INDEX, MAYBE_FD, need_reply=FLAG),
     st.builds(GetConfig, U32, st.integers(0, MAX_CONFIG_SIZE), U32, need_reply=FLAG),
     st.builds(SetConfig, U32, st.binary(max_size=MAX_CONFIG_SIZE), U32, need_reply=FLAG),
-    st.builds(SetBackendReqFd, st.just(FD), need_reply=FLAG),
+    st.builds(SetBackendReqFd, FAKE_FD, need_reply=FLAG),
     st.builds(GetInflightFd, U16, U16, need_reply=FLAG),
-    st.builds(SetInflightFd, U64, U64, U16, U16, st.just(FD), need_reply=FLAG),
+    st.builds(SetInflightFd, U64, U64, U16, U16, FAKE_FD, need_reply=FLAG),
     st.integers(0, 8).flatmap(
         lambda n: st.builds(
-            SetMemTable, regions(n), st.just(tuple(range(FD, FD + n))), need_reply=FLAG
+            SetMemTable, regions(n), st.builds(fake_fds, st.just(n)), need_reply=FLAG
         )
     ),
-    st.builds(AddMemReg, regions(1).map(lambda r: r[0]), st.just(FD), need_reply=FLAG),
+    st.builds(AddMemReg, regions(1).map(lambda r: r[0]), FAKE_FD, need_reply=FLAG),
     st.builds(
-        RemMemReg, regions(1).map(lambda r: r[0]), st.sampled_from([None, FD]), need_reply=FLAG
+        RemMemReg, regions(1).map(lambda r: r[0]), MAYBE_FD, need_reply=FLAG
     ),
 )
 
@@ -145,7 +174,7 @@ REPLIES = st.one_of(
     st.builds(GetVringBaseReply, U32, U32),
     st.builds(GetConfigReply, U32, st.binary(min_size=0, max_size=MAX_CONFIG_SIZE), U32),
     st.just(GetConfigFailed()),
-    st.builds(GetInflightFdReply, st.integers(1, 2**64 - 1), U64, U16, U16, st.just(FD)),
+    st.builds(GetInflightFdReply, st.integers(1, 2**64 - 1), U64, U16, U16, FAKE_FD),
     st.builds(GetInflightFdReply, st.just(0), U64, U16, U16, st.none()),
     st.builds(
         Ack,
@@ -162,21 +191,25 @@ BACKEND_CHANNEL = st.one_of(
 )
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(REQUESTS)
 def test_every_request_round_trips(message: Message) -> None:
-    assert roundtrip(message) == message
+    assert plain(roundtrip(message)) == plain(message)
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(REPLIES)
 def test_every_reply_round_trips(message: Message) -> None:
-    assert roundtrip(message) == message
+    assert plain(roundtrip(message)) == plain(message)
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(BACKEND_CHANNEL)
 def test_backend_channel_messages_round_trip(message: Message) -> None:
-    assert roundtrip(message) == message
+    assert plain(roundtrip(message)) == plain(message)
 
 
+@settings(deadline=None)  # a slow example on a loaded machine is not a failure
 @given(st.lists(REQUESTS, min_size=1, max_size=6), st.integers(1, 64))
 def test_stream_split_anywhere_yields_the_same_messages(
     messages: list[Message], chunk: int
@@ -191,7 +224,7 @@ def test_stream_split_anywhere_yields_the_same_messages(
     out = []
     while (event := decoder.next_event()) is not NEED_DATA:
         out.append(event)
-    assert out == messages
+    assert [plain(m) for m in out] == [plain(m) for m in messages]
 
 
 def test_header_layout_matches_the_spec() -> None:
@@ -330,7 +363,7 @@ def test_extra_fds_are_refused_and_closed(pipe_fds: list[int]) -> None:
 
 def test_mem_table_fd_count_must_match(pipe_fds: list[int]) -> None:
     regions = (MemRegion(0, 4096, 0x10000, 0), MemRegion(8192, 4096, 0x20000, 0))
-    data, _ = encode(SetMemTable(regions, (1, 2)))
+    data, _ = encode(SetMemTable(regions, fake_fds(2)))
     assert "with 2 regions: 1 file descriptors" in reject(data, pipe_fds[:1])
     assert is_closed(pipe_fds[0])
 
@@ -342,15 +375,15 @@ def test_too_many_memory_regions() -> None:
 
 def test_overlapping_and_empty_regions(pipe_fds: list[int]) -> None:
     overlap = (MemRegion(0, 8192, 0x10000, 0), MemRegion(4096, 4096, 0x40000, 0))
-    data, _ = encode(SetMemTable(overlap, (0, 0)))
+    data, _ = encode(SetMemTable(overlap, fake_fds(2)))
     assert "overlaps" in reject(data, pipe_fds[:2])
     user_overlap = (MemRegion(0, 4096, 0x10000, 0), MemRegion(8192, 4096, 0x10800, 0))
-    data, _ = encode(SetMemTable(user_overlap, (0, 0)))
+    data, _ = encode(SetMemTable(user_overlap, fake_fds(2)))
     assert "overlaps" in reject(data, pipe_fds[2:4])
-    data, _ = encode(AddMemReg(MemRegion(0, 0, 0, 0), 0))
+    data, _ = encode(AddMemReg(MemRegion(0, 0, 0, 0), OwnedFd(FD)))
     assert "size 0" in reject(data, [os.dup(0)])
     wrap = MemRegion(2**64 - 4096, 8192, 0, 0)
-    data, _ = encode(AddMemReg(wrap, 0))
+    data, _ = encode(AddMemReg(wrap, OwnedFd(FD)))
     assert "wraps" in reject(data, [os.dup(0)])
     assert all(is_closed(fd) for fd in pipe_fds)
 
@@ -399,15 +432,18 @@ def test_fds_in_the_middle_of_a_message_are_an_error(pipe_fds: list[int]) -> Non
 
 def test_fds_belong_to_the_last_message_starting_in_their_chunk(pipe_fds: list[int]) -> None:
     first, _ = encode(GetFeatures())
-    second, _ = encode(SetVringCall(1, 0))
+    second, _ = encode(SetVringCall(1, OwnedFd(FD)))
     decoder = Decoder()
     decoder.receive_data(first + second, pipe_fds[:1])
     assert decoder.next_event() == GetFeatures()
-    assert decoder.next_event() == SetVringCall(1, pipe_fds[0])
+    event = decoder.next_event()
+    assert plain(event) == plain(SetVringCall(1, OwnedFd(pipe_fds[0])))
+    assert isinstance(event, SetVringCall) and event.fd is not None
+    event.fd.take()  # the fixture closes the pipe
 
 
 def test_close_releases_fds_not_handed_out(pipe_fds: list[int]) -> None:
-    data, _ = encode(SetVringKick(0, 0))
+    data, _ = encode(SetVringKick(0, OwnedFd(FD)))
     decoder = Decoder()
     decoder.receive_data(data[:5], pipe_fds[:1])
     decoder.close()
@@ -420,3 +456,24 @@ def test_reply_flag_decides_request_or_reply() -> None:
     request, _ = encode(GetFeatures())
     assert _decode_all(request, []) == [GetFeatures()]
     assert HEADER.unpack_from(data)[1] & Flag.REPLY
+
+
+def test_a_failed_decoder_raises_its_error_again_without_growing_it() -> None:
+    """Every later call raises the same error; re-raising must not pile each call's frames
+    onto its traceback (a caller polling a dead stream grew without bound: 18 GB in a
+    minute under the backend fuzzer)."""
+    decoder = Decoder()
+    decoder.receive_data(raw(99, 0x1, b""))
+
+    def depth() -> int:
+        with pytest.raises(ProtocolError) as info:
+            decoder.next_event()
+        tb, frames = info.value.__traceback__, 0
+        while tb is not None:
+            tb, frames = tb.tb_next, frames + 1
+        return frames
+
+    first, again = depth(), depth()
+    for _ in range(100):
+        depth()
+    assert depth() == again <= first

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from virtblk.spec import BlkConfig, Feature
 from virtblk.vhost_user.messages import MemRegion
 from virtblk.virtio.memory import MemoryRegion
-from virtblk.virtio.split import DeviceVirtqueue
+from virtblk.virtio.split_device import DeviceVirtqueue
 
 DEVICE_FEATURES = (
     Feature.VERSION_1.mask

@@ -14,14 +14,8 @@ from virtblk.spec import (
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
 )
-from virtblk.virtio.split import (
-    DeviceProtocolError,
-    DeviceVirtqueue,
-    DriverVirtqueue,
-    QueueFull,
-    VringAddrs,
-    ring_sizes,
-)
+from virtblk.virtio.split_driver import DeviceProtocolError, DriverVirtqueue, QueueFull
+from virtblk.virtio.split_layout import VringAddrs, ring_sizes
 
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 
@@ -314,31 +308,6 @@ def test_close_returns_the_indirect_tables(guest: Guest) -> None:
     assert guest.allocator.free_bytes == before - rings
 
 
-def test_a_delayed_callback_sleeps_through_the_first_completions(guest: Guest) -> None:
-    """``enable_cb(delay)`` (EVENT_IDX): the device, deciding as the spec says, signals
-    only at the completion the driver waits for, not at each one before it."""
-    vq, _ = make(guest, event_idx=True, indirect=True)
-    dev = DeviceVirtqueue(guest.memory, vq.addrs, event_idx=True)
-    for token in range(8):
-        vq.add([(0x1000, 16)], [(0x3000, 1)], token)
-    vq.kick_prepare()
-    _view, chains = dev.pop_batch(8)
-    assert len(chains) == 8
-    dev.add_used(0, 1)  # a fresh device queue signals its first decision, whatever
-    dev.flush_used()
-    assert dev.needs_notification()
-    assert vq.get_used() == [(0, 1)]
-    assert vq.enable_cb(3)  # wake me at the 4th completion from here
-    signals = []
-    for head in range(1, 8):
-        dev.add_used(head, 1)
-        dev.flush_used()
-        signals.append(dev.needs_notification())
-    assert signals == [False, False, False, True, False, False, False]
-    assert not vq.enable_cb(3)  # 7 already there: more than the delay, drain first
-    assert len(vq.get_used()) == 7 and vq.enable_cb(3)
-
-
 def test_a_delay_cannot_be_asked_without_event_idx(guest: Guest) -> None:
     """Flags-based suppression has no ``used_event``: any completion pending means drain."""
     vq, raw = make(guest, event_idx=False, indirect=True)
@@ -347,18 +316,3 @@ def test_a_delay_cannot_be_asked_without_event_idx(guest: Guest) -> None:
     assert vq.enable_cb(5)
     raw.complete((raw.avail[2], 1))
     assert not vq.enable_cb(5)
-
-
-def test_add_used_batch_wraps_and_refuses_what_add_used_refuses(guest: Guest) -> None:
-    addrs = VringAddrs.allocate(guest.allocator, 4)
-    dev = DeviceVirtqueue(guest.memory, addrs, event_idx=False, used_idx=2)
-    raw = RawRing(guest, addrs)
-    dev.add_used_batch([3, 10, 1, 20, 0, 30])  # slots 2, 3, then 0 after the wrap
-    dev.flush_used()
-    assert raw.used[1] == 5 and raw.used_entries(2, 3) == [(3, 10), (1, 20), (0, 30)]
-    for bad in ([4, 1], [0, 1 << 32], [-1, 1]):
-        with pytest.raises(ValueError, match="outside the queue"):
-            dev.add_used_batch(bad)
-    assert dev.used_idx == 5  # nothing half-written
-    dev.add_used_batch([])
-    assert dev.used_idx == 5

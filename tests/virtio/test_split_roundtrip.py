@@ -17,13 +17,9 @@ from hypothesis.stateful import (
 )
 from virtq_helpers import Guest
 
-from virtblk.virtio.split import (
-    DescriptorChain,
-    DeviceVirtqueue,
-    DriverVirtqueue,
-    QueueFull,
-    VringAddrs,
-)
+from virtblk.virtio.split_device import DescriptorChain, DeviceVirtqueue
+from virtblk.virtio.split_driver import DriverVirtqueue, QueueFull
+from virtblk.virtio.split_layout import VringAddrs
 
 MAX_TOKENS = 12
 MAX_CHAIN = 6
@@ -249,3 +245,30 @@ def test_indices_wrap_past_65535(guest: Guest, event_idx: bool, indirect: bool) 
         total += batch
     assert device.last_avail_idx == total & 0xFFFF and device.used_idx == total & 0xFFFF
     assert total > 0xFFFF and driver.in_flight == 0 and driver.num_free == 4
+
+
+def test_a_delayed_callback_sleeps_through_the_first_completions(guest: Guest) -> None:
+    """``enable_cb(delay)`` (EVENT_IDX): the device, deciding as the spec says, signals
+    only at the completion the driver waits for, not at each one before it."""
+    addrs = VringAddrs.allocate(guest.allocator, 8)
+    vq = DriverVirtqueue(guest.memory, addrs, event_idx=True, indirect=True,
+                         allocator=guest.allocator, max_chain=4)
+    dev = DeviceVirtqueue(guest.memory, addrs, event_idx=True)
+    for token in range(8):
+        vq.add([(0x1000, 16)], [(0x3000, 1)], token)
+    vq.kick_prepare()
+    _view, chains = dev.pop_batch(8)
+    assert len(chains) == 8
+    dev.add_used(0, 1)  # a fresh device queue signals its first decision, whatever
+    dev.flush_used()
+    assert dev.needs_notification()
+    assert vq.get_used() == [(0, 1)]
+    assert vq.enable_cb(3)  # wake me at the 4th completion from here
+    signals = []
+    for head in range(1, 8):
+        dev.add_used(head, 1)
+        dev.flush_used()
+        signals.append(dev.needs_notification())
+    assert signals == [False, False, False, True, False, False, False]
+    assert not vq.enable_cb(3)  # 7 already there: more than the delay, drain first
+    assert len(vq.get_used()) == 7 and vq.enable_cb(3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
-from virtblk.virtio.split import VringAddrs
+from virtblk.virtio.split_layout import VringAddrs
 
 REGION_GPA = 0x10_0000
 REGION_SIZE = 1 << 20
@@ -13,11 +13,18 @@ DESC = struct.Struct("<QIHH")
 
 
 class Guest:
-    """A guest memory of one region with an allocator: what both queue ends share."""
+    """A guest memory of one region with an allocator: what both queue ends share.
 
-    def __init__(self, size: int = REGION_SIZE, gpa: int = REGION_GPA) -> None:
+    ``adjacent`` adds a second region of that many bytes right after the first (the
+    allocator stays in the first): a buffer may lie in either, never across both.
+    """
+
+    def __init__(self, size: int = REGION_SIZE, gpa: int = REGION_GPA, adjacent: int = 0) -> None:
         self.region = MemoryRegion.create(size, guest_phys_addr=gpa)
-        self.memory = GuestMemory([self.region])
+        regions = [self.region]
+        if adjacent:
+            regions.append(MemoryRegion.create(adjacent, guest_phys_addr=gpa + size))
+        self.memory = GuestMemory(regions)
         self.allocator = BufferAllocator(self.region)
 
     def close(self) -> None:

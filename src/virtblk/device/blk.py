@@ -57,7 +57,7 @@ from virtblk.spec import (
     feature_names,
     has_feature,
 )
-from virtblk.virtio.split import ChainError, DescriptorChain, DeviceVirtqueue, Triple
+from virtblk.virtio.split_device import ChainError, DescriptorChain, DeviceVirtqueue, Triple
 
 log = logging.getLogger("virtblk.device")
 

@@ -28,7 +28,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 from virtblk.virtio.polling import AdaptivePoll
-from virtblk.virtio.split import ChainError, DescriptorChain, DeviceVirtqueue, RingError, Triple
+from virtblk.virtio.split_device import (
+    ChainError,
+    DescriptorChain,
+    DeviceVirtqueue,
+    RingError,
+    Triple,
+)
 
 log = logging.getLogger("virtblk.device")
 

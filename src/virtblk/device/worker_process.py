@@ -40,7 +40,8 @@ from typing import Any
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
 from virtblk.virtio.memory import GuestMemory, MemoryRegion
-from virtblk.virtio.split import DeviceVirtqueue, VringAddrs
+from virtblk.virtio.split_device import DeviceVirtqueue
+from virtblk.virtio.split_layout import VringAddrs
 
 log = logging.getLogger("virtblk.device")
 

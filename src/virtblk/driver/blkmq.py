@@ -28,7 +28,7 @@ from typing import Any
 from virtblk.errors import DeviceGoneError, status_error
 from virtblk.spec import RequestHeader, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
-from virtblk.virtio.split import DeviceProtocolError, DriverVirtqueue, QueueFull
+from virtblk.virtio.split_driver import DeviceProtocolError, DriverVirtqueue, QueueFull
 
 Segments = Sequence[tuple[int, int]]
 """Buffers in guest memory as ``(guest physical address, length)`` pairs."""

@@ -43,7 +43,7 @@ from virtblk.driver.requests import Buffer, Segments
 from virtblk.errors import DeviceGoneError, status_error
 from virtblk.spec import SECTOR_SHIFT, DiscardSegment, Feature, RequestHeader, RequestType, Status
 from virtblk.virtio.polling import AdaptivePoll
-from virtblk.virtio.split import DeviceProtocolError
+from virtblk.virtio.split_driver import DeviceProtocolError
 
 _OK = int(Status.OK)
 _IOERR = int(Status.IOERR)

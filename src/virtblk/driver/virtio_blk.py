@@ -22,7 +22,8 @@ from virtblk.spec import SECTOR_SIZE, BlkConfig, Feature, config_size, has_featu
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
-from virtblk.virtio.split import DriverVirtqueue, VringAddrs
+from virtblk.virtio.split_driver import DriverVirtqueue
+from virtblk.virtio.split_layout import VringAddrs
 
 log = logging.getLogger("virtblk.driver")
 

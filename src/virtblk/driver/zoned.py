@@ -130,11 +130,6 @@ class Zone:
         """The first byte after the zone."""
         return self.start + self.length
 
-    @property
-    def sequential(self) -> bool:
-        """True for SWR and SWP zones (they have a write pointer)."""
-        return self.type != ZoneType.CONV
-
 
 def parse_zone(desc: ZoneDescriptor, zone_sectors: int, capacity_sectors: int,
                what: str) -> Zone:

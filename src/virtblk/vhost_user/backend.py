@@ -23,12 +23,17 @@ connection on the first violation, as qemu-storage-daemon does: a frontend that 
 garbage is not trusted with the device.  Requests the device itself refuses (a config
 read past its end, a config write it rejects) are answered with a failure, not a
 violation.
+
+File descriptors: a message owns its fds (``OwnedFd``).  ``handle`` takes the ones the
+connection keeps (``message.fd.take()``, into an ``OwnedFd`` of its own) and closes the
+message when it is done, whatever happened, so the fds of a refused message, and the
+stray fd an old frontend attaches to REM_MEM_REG, are closed there and nowhere else.  The
+device only borrows the ring eventfds: the connection stops a ring before it closes them.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import os
@@ -36,9 +41,17 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from virtblk.spec import VIRTQUEUE_MAX_SIZE, Feature, has_feature
+from virtblk.spec import (
+    VIRTQUEUE_MAX_SIZE,
+    VRING_AVAIL_ALIGN,
+    VRING_DESC_ALIGN,
+    VRING_USED_ALIGN,
+    Feature,
+    has_feature,
+)
 from virtblk.vhost_user.codec import CLOSED, Decoder, Event, Sentinel, encode
 from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.fd import OwnedFd, close_all
 from virtblk.vhost_user.messages import (
     Ack,
     AddMemReg,
@@ -81,7 +94,8 @@ from virtblk.vhost_user.messages import (
     protocol_feature_names,
 )
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
-from virtblk.virtio.split import DeviceVirtqueue, RingError, VringAddrs
+from virtblk.virtio.split_device import DeviceVirtqueue, RingError
+from virtblk.virtio.split_layout import VringAddrs, ring_sizes
 
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
@@ -155,12 +169,6 @@ def inflight_queue_size(queue_size: int) -> int:
     return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
 
 
-def _close(fd: int | None) -> None:
-    if fd is not None and fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
 @dataclasses.dataclass
 class _Vring:
     """What the frontend told us about one ring (addresses are frontend user addresses)."""
@@ -170,17 +178,16 @@ class _Vring:
     desc_uva: int | None = None
     avail_uva: int | None = None
     used_uva: int | None = None
-    kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
+    kick_fd: OwnedFd | None = None
+    call_fd: OwnedFd | None = None
+    err_fd: OwnedFd | None = None
     started: bool = False  # SET_VRING_KICK seen, no GET_VRING_BASE since
     enabled: bool | None = None  # None: never set by SET_VRING_ENABLE
     running: bool = False  # the device serves it
 
     def close_fds(self) -> None:
-        for name in ("kick_fd", "call_fd", "err_fd"):
-            _close(getattr(self, name))
-            setattr(self, name, None)
+        close_all((self.kick_fd, self.call_fd, self.err_fd))
+        self.kick_fd = self.call_fd = self.err_fd = None
 
 
 _NEEDS_OWNER = (
@@ -201,15 +208,9 @@ _NEEDS_PROTOCOL_FEATURE: dict[type[Message], ProtocolFeature] = {
 }
 
 
-def _message_fds(message: Message) -> list[int]:
-    fds: list[int] = []
-    for name in ("fd", "fds"):
-        value = getattr(message, name, None)
-        if isinstance(value, int):
-            fds.append(value)
-        elif isinstance(value, tuple):
-            fds.extend(value)
-    return fds
+def _keep(fd: OwnedFd) -> OwnedFd:
+    """Take ``fd`` out of its message: the message's close no longer touches it."""
+    return OwnedFd(fd.take())
 
 
 class BackendConnection:
@@ -242,14 +243,14 @@ class BackendConnection:
         self.owned = False
         self.memory: GuestMemory | None = None
         self.vrings = [_Vring() for _ in range(device.num_queues)]
-        self.backend_req_fd: int | None = None
-        self.inflight_fd: int | None = None
+        self.backend_req: OwnedFd | None = None
+        """The backend channel's socket (SET_BACKEND_REQ_FD); the shell sends on a dup."""
+        self.inflight_fd: OwnedFd | None = None
         self.wakeup: Callable[[], None] = lambda: None
         """Called (from any thread) when ``backend_data_to_send`` has something."""
         self._decoder = Decoder(Channel.MAIN)
         self._backend_decoder = Decoder(Channel.BACKEND)
         self._events: collections.deque[BackendEvent] = collections.deque()
-        self._unowned_fds: list[int] = []
         self._backend_lock = threading.Lock()
         self._backend_outbox: list[tuple[bytes, list[int]]] = []
         self.backend_acks_pending = 0
@@ -268,7 +269,8 @@ class BackendConnection:
     def next_event(self) -> BackendEvent:
         """The next reply to send, a ProtocolViolation, NEED_DATA or CLOSED.
 
-        Replies may borrow fds the connection keeps (GET_INFLIGHT_FD): send, do not close.
+        A reply owns its fds (GET_INFLIGHT_FD's is a dup of the buffer we keep): send it,
+        then close it.
         """
         while not self._events:
             try:
@@ -278,7 +280,7 @@ class BackendConnection:
             if not isinstance(event, Message):
                 return event
             if event.IS_REPLY:
-                _close_all(_message_fds(event))
+                event.close()
                 return ProtocolViolation(
                     ProtocolError(f"frontend sent a reply ({event.name}) on the main channel")
                 )
@@ -297,7 +299,7 @@ class BackendConnection:
             self._events.append(reply)
 
     def _wants_ack(self, message: Message) -> bool:
-        return bool(getattr(message, "need_reply", False)) and bool(
+        return message.wants_ack and bool(
             self.protocol_features & ProtocolFeature.REPLY_ACK.mask
         )
 
@@ -306,28 +308,20 @@ class BackendConnection:
     def handle(self, message: Message) -> Message | None:
         """Apply one frontend request; return the reply to send, if any.
 
-        Raises ProtocolError for a request the protocol forbids; the message's fds are
-        then closed.  When REPLY_ACK asked for an ack and the request has no reply of its
-        own, the reply is an ``Ack``.
+        Takes the message: the fds the connection keeps are taken out of it, the rest
+        are closed here (all of them when the request is refused).  Raises ProtocolError
+        for a request the protocol forbids.  When REPLY_ACK asked for an ack and the
+        request has no reply of its own, the reply is an ``Ack``.
         """
         log.debug("<- %r", message)
-        self._unowned_fds = _message_fds(message)
-        try:
+        with message:  # closes what the handlers did not take, whatever happens
             self._check_allowed(message)
             reply = self._dispatch(message)
-        finally:
-            fds, self._unowned_fds = self._unowned_fds, []
-            _close_all(fds)  # rejected messages' fds, and REM_MEM_REG's stray fd
         if reply is None and self._wants_ack(message):
             return Ack(message.code, 0)
         if isinstance(reply, _Nack):
             return Ack(message.code, 1) if self._wants_ack(message) else None
         return reply
-
-    def _take(self, fd: int) -> int:
-        """Take ownership of a message's fd (it will not be closed after handling)."""
-        self._unowned_fds.remove(fd)
-        return fd
 
     def _check_allowed(self, message: Message) -> None:
         if isinstance(message, _NEEDS_OWNER) and not self.owned:
@@ -378,8 +372,9 @@ class BackendConnection:
                 self._set_vring_call(index, fd)
             case SetVringErr(index=index, fd=fd):
                 ring = self._ring(index, "SET_VRING_ERR")
-                _close(ring.err_fd)
-                ring.err_fd = None if fd is None else self._take(fd)
+                if ring.err_fd is not None:
+                    ring.err_fd.close()
+                ring.err_fd = None if fd is None else _keep(fd)
             case SetVringEnable(index=index, enable=enable):
                 self._set_vring_enable(index, enable)
             case GetConfig():
@@ -388,7 +383,7 @@ class BackendConnection:
                 return self._set_config(message)
             case SetBackendReqFd(fd=fd):
                 self._close_backend_channel()
-                self.backend_req_fd = self._take(fd)
+                self.backend_req = _keep(fd)
             case GetInflightFd():
                 return self._get_inflight_fd(message)
             case SetInflightFd():
@@ -442,7 +437,7 @@ class BackendConnection:
         try:
             for desc, fd in zip(message.regions, message.fds, strict=True):
                 region = MemoryRegion.map_fd(
-                    self._take(fd),
+                    fd.take(),
                     size=desc.memory_size,
                     mmap_offset=desc.mmap_offset,
                     guest_phys_addr=desc.guest_phys_addr,
@@ -469,7 +464,7 @@ class BackendConnection:
         desc = message.region
         try:
             region = MemoryRegion.map_fd(
-                self._take(message.fd),
+                message.fd.take(),
                 size=desc.memory_size,
                 mmap_offset=desc.mmap_offset,
                 guest_phys_addr=desc.guest_phys_addr,
@@ -550,10 +545,11 @@ class BackendConnection:
     def _translate(self, index: int, num: int, desc: int, avail: int, used: int) -> VringAddrs:
         """Ring user addresses -> guest addresses; the whole of each area must be mapped."""
         assert self.memory is not None
+        desc_size, avail_size, used_size = ring_sizes(num)
         areas = (
-            ("descriptor table", desc, 16 * num, 16),
-            ("avail ring", avail, 6 + 2 * num, 2),
-            ("used ring", used, 6 + 8 * num, 4),
+            ("descriptor table", desc, desc_size, VRING_DESC_ALIGN),
+            ("avail ring", avail, avail_size, VRING_AVAIL_ALIGN),
+            ("used ring", used, used_size, VRING_USED_ALIGN),
         )
         gpas: list[int] = []
         for name, uva, length, align in areas:
@@ -566,22 +562,24 @@ class BackendConnection:
             gpas.append(gpa)
         return VringAddrs(num=num, desc=gpas[0], avail=gpas[1], used=gpas[2])
 
-    def _set_vring_kick(self, index: int, fd: int | None) -> None:
+    def _set_vring_kick(self, index: int, fd: OwnedFd | None) -> None:
         ring = self._ring(index, "SET_VRING_KICK")
         if fd is None:
             raise ProtocolError(f"SET_VRING_KICK: ring {index} without a kick fd (polling mode)")
         self._stop_ring(index)  # a new kick fd for a running ring: restart it on the new fd
-        _close(ring.kick_fd)
-        ring.kick_fd = self._take(fd)
+        if ring.kick_fd is not None:
+            ring.kick_fd.close()
+        ring.kick_fd = _keep(fd)
         ring.started = True
         self._maybe_start(index)
 
-    def _set_vring_call(self, index: int, fd: int | None) -> None:
+    def _set_vring_call(self, index: int, fd: OwnedFd | None) -> None:
         ring = self._ring(index, "SET_VRING_CALL")
         # The device has no "swap the call fd" hook: restart the ring around the change.
         was_running = self._stop_ring(index)
-        _close(ring.call_fd)
-        ring.call_fd = None if fd is None else self._take(fd)
+        if ring.call_fd is not None:
+            ring.call_fd.close()
+        ring.call_fd = None if fd is None else _keep(fd)
         if was_running:
             self._maybe_start(index)
 
@@ -597,8 +595,7 @@ class BackendConnection:
         ring = self._ring(index, "GET_VRING_BASE")
         self._stop_ring(index)
         ring.started = False
-        _close(ring.kick_fd)
-        _close(ring.call_fd)
+        close_all((ring.kick_fd, ring.call_fd))
         ring.kick_fd = ring.call_fd = None
         return ring.base
 
@@ -629,9 +626,9 @@ class BackendConnection:
             )
         except RingError as exc:
             raise ProtocolError(f"ring {index}: {exc}") from exc
-        call_fd = -1 if ring.call_fd is None else ring.call_fd
+        call_fd = -1 if ring.call_fd is None else ring.call_fd.fileno()
         try:
-            self.device.start_queue(index, vq, ring.kick_fd, call_fd)
+            self.device.start_queue(index, vq, ring.kick_fd.fileno(), call_fd)
         except ValueError as exc:
             raise ProtocolError(f"ring {index}: the device refused to start it: {exc}") from exc
         ring.running = True
@@ -699,15 +696,15 @@ class BackendConnection:
         if not 1 <= size <= VIRTQUEUE_MAX_SIZE or size & (size - 1):
             raise ProtocolError(f"GET_INFLIGHT_FD: queue size {size} is not a power of two")
         mmap_size = message.num_queues * inflight_queue_size(size)
-        fd = os.memfd_create("virtblk-inflight", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, mmap_size)
-        except OSError:
-            os.close(fd)
-            raise
-        _close(self.inflight_fd)
-        self.inflight_fd = fd
-        return GetInflightFdReply(mmap_size, 0, message.num_queues, size, fd)
+        with OwnedFd(os.memfd_create("virtblk-inflight", os.MFD_CLOEXEC)) as fd:
+            os.ftruncate(fd.fileno(), mmap_size)
+            reply = GetInflightFdReply(
+                mmap_size, 0, message.num_queues, size, OwnedFd.dup(fd.fileno())
+            )
+            if self.inflight_fd is not None:
+                self.inflight_fd.close()
+            self.inflight_fd = _keep(fd)
+        return reply
 
     def _set_inflight_fd(self, message: SetInflightFd) -> None:
         """Keep the buffer the frontend returns (resuming from it is not implemented)."""
@@ -722,8 +719,9 @@ class BackendConnection:
                 f"SET_INFLIGHT_FD: buffer of {message.mmap_size} bytes, {needed} needed for "
                 f"{message.num_queues} queues of {message.queue_size}"
             )
-        _close(self.inflight_fd)
-        self.inflight_fd = self._take(message.fd)
+        if self.inflight_fd is not None:
+            self.inflight_fd.close()
+        self.inflight_fd = _keep(message.fd)
 
     # ------------------------------------------------------------------ backend channel
 
@@ -734,7 +732,7 @@ class BackendConnection:
         device thread on the frontend, which may answer with GET_CONFIG first).
         """
         needed = ProtocolFeature.CONFIG.mask | ProtocolFeature.BACKEND_REQ.mask
-        if self.protocol_features & needed != needed or self.backend_req_fd is None:
+        if self.protocol_features & needed != needed or self.backend_req is None:
             log.info("config changed, but the frontend cannot be told (no backend channel)")
             return
         need_reply = bool(self.protocol_features & ProtocolFeature.REPLY_ACK.mask)
@@ -769,7 +767,7 @@ class BackendConnection:
                     self._close_backend_channel()
                 return
             if not isinstance(event, Ack):
-                _close_all(_message_fds(event))
+                event.close()
                 raise ProtocolError(f"frontend sent {event.name} on the backend channel")
             with self._backend_lock:
                 self.backend_acks_pending = max(0, self.backend_acks_pending - 1)
@@ -777,8 +775,9 @@ class BackendConnection:
                 log.warning("frontend answered %s with status %d", event.name, event.status)
 
     def _close_backend_channel(self) -> None:
-        _close(self.backend_req_fd)
-        self.backend_req_fd = None
+        if self.backend_req is not None:
+            self.backend_req.close()
+        self.backend_req = None
         self._backend_decoder.close()
         self._backend_decoder = Decoder(Channel.BACKEND)
 
@@ -803,10 +802,14 @@ class BackendConnection:
                 self.memory.close()
                 self.memory = None
             self._close_backend_channel()
-            _close(self.inflight_fd)
+            if self.inflight_fd is not None:
+                self.inflight_fd.close()
             self.inflight_fd = None
             self._decoder.close()
             self._backend_decoder.close()
+            for event in self._events:
+                if isinstance(event, Message):
+                    event.close()  # a reply never sent (GET_INFLIGHT_FD's dup)
             self._events.clear()
 
 
@@ -815,8 +818,3 @@ class _Nack:
 
 
 _NACK = _Nack()
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        _close(fd)

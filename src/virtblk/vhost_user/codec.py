@@ -10,9 +10,10 @@ the fds that arrive with a chunk belong to the *last* message whose header start
 chunk; fds in a chunk where no message starts are a protocol error.  Readers that read
 exactly one header at a time (as libvhost-user does) are a special case of this rule.
 
-The decoder owns the fds it was given until it hands them out inside a message; fds of a
-rejected message, and any it still holds on ``close``, it closes itself, so a hostile peer
-cannot make us leak descriptors.
+The decoder owns the fds it was given (as ``OwnedFd``s from the moment they arrive) until
+it hands them out inside a message, which then owns them; fds of a rejected message, and
+any it still holds on ``close``, it closes itself, so a hostile peer cannot make us leak
+descriptors.
 
 After a ProtocolError the stream is unusable (a size or header we refused leaves us without
 framing): the decoder raises the same error again on every later call.
@@ -20,14 +21,13 @@ framing): the decoder raises the same error again on every later call.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import os
 import struct
 from collections.abc import Sequence
 from typing import Literal
 
 from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.fd import OwnedFd, close_all
 from virtblk.vhost_user.messages import (
     MAX_FDS,
     MAX_PAYLOAD,
@@ -59,16 +59,11 @@ Event = Message | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]
 
 
 def encode(message: Message) -> tuple[bytes, list[int]]:
-    """The wire bytes of ``message`` and the fds to send with them (borrowed, not closed)."""
+    """The wire bytes of ``message`` and the fds to send with them (borrowed from the
+    message, which still owns them: close it once sent)."""
     payload, fds = message.encode_payload()
     header = HEADER.pack(message.code, message.header_flags, len(payload))
     return header + payload, list(fds)
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class Decoder:
@@ -86,7 +81,7 @@ class Decoder:
         self._buffer = bytearray()
         self._offset = 0  # stream position of _buffer[0]
         self._received = 0  # stream position after the last byte received
-        self._batches: list[tuple[int, int, list[int]]] = []  # (start, end, fds)
+        self._batches: list[tuple[int, int, list[OwnedFd]]] = []  # (start, end, fds)
         self._eof = False
         self._error: ProtocolError | None = None
 
@@ -98,25 +93,25 @@ class Decoder:
     def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Add what one receive returned; ``b""`` means the peer closed (end of stream).
 
-        Takes ownership of ``fds``.
+        Takes ownership of ``fds`` (what ``recvmsg`` returned: nobody else holds them).
         """
-        if self._eof or self._error is not None:
-            _close_all(fds)
-            return
-        if not data:
-            self._eof = True
-            _close_all(fds)
+        owned = [OwnedFd(fd) for fd in fds]
+        if self._eof or self._error is not None or not data:
+            self._eof = self._eof or not data
+            close_all(owned)
             return
         start = self._received
         self._received += len(data)
         self._buffer += data
-        if fds:
-            self._batches.append((start, self._received, list(fds)))
+        if owned:
+            self._batches.append((start, self._received, owned))
 
     def next_event(self) -> Event:
         """The next complete message, NEED_DATA, or CLOSED; raises ProtocolError."""
         if self._error is not None:
-            raise self._error
+            # The same error, with this call's frames only: a raise appends to the
+            # traceback it carries, so a caller polling a dead stream would grow it forever.
+            raise self._error.with_traceback(None)
         try:
             return self._next()
         except ProtocolError as exc:
@@ -129,7 +124,7 @@ class Decoder:
         self._buffer.clear()
         batches, self._batches = self._batches, []
         for _start, _end, fds in batches:
-            _close_all(fds)
+            close_all(fds)
 
     def _fail(self, exc: ProtocolError) -> None:
         self._error = exc
@@ -156,10 +151,10 @@ class Decoder:
         try:
             return decode(code, flags, payload, tuple(fds))
         except ProtocolError:
-            _close_all(fds)
+            close_all(fds)
             raise
         except (ValueError, OverflowError) as exc:  # belt and braces: never another type
-            _close_all(fds)
+            close_all(fds)
             raise ProtocolError(f"{request_name(code, self.channel)}: {exc}") from exc
 
     def _starved(self) -> Event:
@@ -191,11 +186,11 @@ class Decoder:
             )
         return bool(flags & Flag.REPLY)
 
-    def _claim_fds(self, start: int, end: int) -> list[int]:
+    def _claim_fds(self, start: int, end: int) -> list[OwnedFd]:
         """The fds of the message occupying stream bytes [start, end)."""
-        mine: list[int] = []
-        orphans: list[int] = []
-        keep: list[tuple[int, int, list[int]]] = []
+        mine: list[OwnedFd] = []
+        orphans: list[OwnedFd] = []
+        keep: list[tuple[int, int, list[OwnedFd]]] = []
         for batch in self._batches:
             chunk_start, chunk_end, fds = batch
             if chunk_start <= start < chunk_end and end >= chunk_end:
@@ -206,12 +201,12 @@ class Decoder:
                 keep.append(batch)
         self._batches = keep
         if orphans:
-            _close_all(orphans)
-            _close_all(mine)
+            close_all(orphans)
+            close_all(mine)
             raise ProtocolError(
                 f"{len(orphans)} file descriptors arrived in the middle of a message"
             )
         if len(mine) > MAX_FDS:
-            _close_all(mine)
+            close_all(mine)
             raise ProtocolError(f"{len(mine)} file descriptors with one message, at most {MAX_FDS}")
         return mine

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
 import socket
 import threading
@@ -36,6 +35,7 @@ from virtblk.vhost_user.errors import (
     ReplyTimeoutError,
     VhostUserError,
 )
+from virtblk.vhost_user.fd import OwnedFd, dup_all
 from virtblk.vhost_user.messages import (
     MAX_FDS,
     Ack,
@@ -62,7 +62,6 @@ from virtblk.vhost_user.messages import (
     ProtocolFeature,
     RemMemReg,
     ResetDevice,
-    ResetOwner,
     SetBackendReqFd,
     SetConfig,
     SetFeatures,
@@ -74,7 +73,6 @@ from virtblk.vhost_user.messages import (
     SetVringBase,
     SetVringCall,
     SetVringEnable,
-    SetVringErr,
     SetVringKick,
     SetVringNum,
 )
@@ -198,8 +196,11 @@ class VhostUserFrontend:
         self.close()
 
     def _transact(self, message: Message, reply_type: type[_M] | None) -> _M | None:
-        """Send ``message``; wait for its reply if it has one or an ack was asked for."""
-        with self._lock:
+        """Send ``message``; wait for its reply if it has one or an ack was asked for.
+
+        Takes the message: its fds (our dups of the caller's) are closed once it is sent.
+        """
+        with message, self._lock:
             if self._failure is not None:
                 raise type(self._failure)(f"connection unusable after: {self._failure}")
             try:
@@ -207,7 +208,7 @@ class VhostUserFrontend:
                 _send_message(self._sock, message)
                 if reply_type is not None:
                     return self._await_reply(message, reply_type)
-                if getattr(message, "need_reply", False):
+                if message.wants_ack:
                     ack = self._await_reply(message, Ack)
                     if not ack.ok:
                         raise NackError(message.name, ack.status)
@@ -241,15 +242,15 @@ class VhostUserFrontend:
     @staticmethod
     def _check_reply(request: Message, reply_type: type[_M], reply: Message) -> _M:
         if not reply.IS_REPLY:
-            _close_fds_of(reply)
+            reply.close()
             raise ProtocolError(f"backend sent request {reply.name} on the main channel")
         if reply.code != request.code:
-            _close_fds_of(reply)
+            reply.close()
             raise ProtocolError(f"backend answered {reply.name} to {request.name}")
         if isinstance(reply, GetConfigFailed) and reply_type is GetConfigReply:
             raise NackError(request.name, 1)
         if not isinstance(reply, reply_type):
-            _close_fds_of(reply)
+            reply.close()
             raise ProtocolError(
                 f"backend answered {request.name} with {type(reply).__name__}, "
                 f"expected {reply_type.__name__}"
@@ -284,10 +285,6 @@ class VhostUserFrontend:
         """Claim the session."""
         self._with_ack(lambda ack: SetOwner(need_reply=ack))
 
-    def reset_owner(self) -> None:
-        """Deprecated RESET_OWNER (backends disable their rings)."""
-        self._with_ack(lambda ack: ResetOwner(need_reply=ack))
-
     def reset_device(self) -> None:
         """RESET_DEVICE: disable rings and reset the device (RESET_DEVICE feature)."""
         self._with_ack(lambda ack: ResetDevice(need_reply=ack))
@@ -305,13 +302,13 @@ class VhostUserFrontend:
     def set_mem_table(self, regions: Sequence[MemoryRegionLike]) -> None:
         """Send the whole memory table (the fds are borrowed, not closed)."""
         descs = tuple(_describe(region) for region in regions)
-        fds = tuple(region.fd for region in regions)
+        fds = dup_all(region.fd for region in regions)
         self._with_ack(lambda ack: SetMemTable(descs, fds, need_reply=ack))
 
     def add_mem_reg(self, region: MemoryRegionLike) -> None:
         """Map one more region (CONFIGURE_MEM_SLOTS)."""
         desc = _describe(region)
-        self._with_ack(lambda ack: AddMemReg(desc, region.fd, need_reply=ack))
+        self._with_ack(lambda ack: AddMemReg(desc, OwnedFd.dup(region.fd), need_reply=ack))
 
     def rem_mem_reg(self, region: MemoryRegionLike) -> None:
         """Unmap a region added before (CONFIGURE_MEM_SLOTS)."""
@@ -376,15 +373,11 @@ class VhostUserFrontend:
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """The eventfd we write to kick ring ``index`` (None: the backend polls)."""
-        self._with_ack(lambda ack: SetVringKick(index, fd, need_reply=ack))
+        self._with_ack(lambda ack: SetVringKick(index, _dup(fd), need_reply=ack))
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
         """The eventfd the backend writes on completions (None: we poll)."""
-        self._with_ack(lambda ack: SetVringCall(index, fd, need_reply=ack))
-
-    def set_vring_err(self, index: int, fd: int | None) -> None:
-        """The eventfd the backend writes on a ring error."""
-        self._with_ack(lambda ack: SetVringErr(index, fd, need_reply=ack))
+        self._with_ack(lambda ack: SetVringCall(index, _dup(fd), need_reply=ack))
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         """Enable or disable ring ``index`` (needs VHOST_USER_F_PROTOCOL_FEATURES)."""
@@ -394,7 +387,7 @@ class VhostUserFrontend:
 
     def set_backend_req_fd(self, fd: int) -> None:
         """Hand over the socket for backend-initiated requests (BACKEND_REQ)."""
-        self._with_ack(lambda ack: SetBackendReqFd(fd, need_reply=ack))
+        self._with_ack(lambda ack: SetBackendReqFd(OwnedFd.dup(fd), need_reply=ack))
 
     def open_backend_channel(self, on_config_change: Callable[[], None]) -> BackendChannel:
         """Create the backend channel, send its far end, and return our end.
@@ -413,27 +406,31 @@ class VhostUserFrontend:
         return channel
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> GetInflightFdReply:
-        """The backend's inflight buffer (INFLIGHT_SHMFD); the caller owns the reply's fd."""
+        """The backend's inflight buffer (INFLIGHT_SHMFD); the reply owns its fd: close it,
+        or take the fd.
+
+        Nothing calls it yet: it stays for the reliability work (issue 11), which resumes
+        in-flight requests from this buffer after a backend restart."""
         return self._ask(GetInflightFd(num_queues, queue_size), GetInflightFdReply)
 
     def set_inflight_fd(
         self, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int, fd: int
     ) -> None:
-        """Hand an inflight buffer back to the backend (INFLIGHT_SHMFD)."""
+        """Hand an inflight buffer back to the backend (INFLIGHT_SHMFD).
+
+        Nothing calls it yet: it stays for the reliability work (issue 11), which gives a
+        restarted backend the buffer ``get_inflight_fd`` returned."""
         self._with_ack(
             lambda ack: SetInflightFd(
-                mmap_size, mmap_offset, num_queues, queue_size, fd, need_reply=ack
+                mmap_size, mmap_offset, num_queues, queue_size, OwnedFd.dup(fd),
+                need_reply=ack,
             )
         )
 
 
-def _close_fds_of(message: Message) -> None:
-    for name in ("fd", "fds"):
-        value = getattr(message, name, None)
-        for fd in value if isinstance(value, tuple) else (value,):
-            if isinstance(fd, int):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+def _dup(fd: int | None) -> OwnedFd | None:
+    """Our own copy of an eventfd the caller keeps (None: no fd, poll instead)."""
+    return None if fd is None else OwnedFd.dup(fd)
 
 
 class BackendChannel:
@@ -498,7 +495,7 @@ class BackendChannel:
 
     def _handle(self, message: Message) -> None:
         if not isinstance(message, ConfigChangeMsg):
-            _close_fds_of(message)
+            message.close()
             raise ProtocolError(f"unexpected {message.name} on the backend channel")
         self.config_changes += 1
         status = 0

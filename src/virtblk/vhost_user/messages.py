@@ -9,9 +9,11 @@ negotiated, ordering) live in the backend state machine, because they need state
 
 Numbers are in the machine's native byte order, as the spec says: both ends share a host.
 
-File descriptors inside messages are plain ints.  A decoded message's fds belong to
-whoever takes the message from the decoder; an encoded message's fds are only borrowed
-for the send.
+File descriptors inside messages are ``OwnedFd``s, in typed fields (``fd``, ``fds``), and a
+message owns them: whoever holds a message either takes the fds it keeps
+(``message.fd.take()``) or leaves them, and closes the message when done with it
+(``message.close()`` or ``with message:``), which closes whatever nobody took.  Encoding
+only borrows the fds for the send, so a sender closes its message after sending too.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import dataclasses
 import enum
 import struct
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import ClassVar, Self
 
 from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.fd import OwnedFd, close_all
 
 __all__ = [
     "MAX_CONFIG_SIZE",
@@ -97,6 +101,9 @@ VRING_NOFD = 1 << 8
 """SET_VRING_KICK/CALL/ERR: no fd attached (poll instead)."""
 VRING_F_LOG = 1
 """SET_VRING_ADDR flags: log writes to the used ring (live migration)."""
+
+Fds = tuple[OwnedFd, ...]
+"""The fds that arrived with a message, handed to its decoder (which gives them to the message)."""
 
 _U64 = struct.Struct("=Q")
 _STATE = struct.Struct("=II")
@@ -238,7 +245,7 @@ def _expect_size(what: str, payload: bytes, size: int) -> None:
         raise ProtocolError(f"{what}: payload is {len(payload)} bytes, expected {size}")
 
 
-def _expect_fds(what: str, fds: Sequence[int], count: int) -> None:
+def _expect_fds(what: str, fds: Sequence[OwnedFd], count: int) -> None:
     if len(fds) != count:
         raise ProtocolError(f"{what}: {len(fds)} file descriptors attached, expected {count}")
 
@@ -338,11 +345,36 @@ class Message:
         return int(Flag.VERSION | Flag.REPLY) if self.IS_REPLY else int(Flag.VERSION)
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
-        """Payload bytes and the fds to attach (the default: nothing)."""
+        """Payload bytes and the fds to attach, borrowed from the message (default: none)."""
         return b"", ()
 
+    @property
+    def wants_ack(self) -> bool:
+        """True when the sender set NEED_REPLY (only a request can)."""
+        return False
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        """The fds the message carries and owns (those taken from it are empty now)."""
+        return ()
+
+    def close(self) -> None:
+        """Close every fd of the message nobody took (idempotent)."""
+        close_all(self.owned_fds)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         """Rebuild the message; raise ProtocolError on anything malformed."""
         what = request_name(code, cls.CHANNEL)
         _expect_size(what, payload, 0)
@@ -359,6 +391,11 @@ class _Request(Message):
     """A request (either channel): the sender may ask for an ack with NEED_REPLY."""
 
     need_reply: bool = dataclasses.field(default=False, kw_only=True)
+
+    @property
+    def wants_ack(self) -> bool:
+        """True when the sender set NEED_REPLY."""
+        return self.need_reply
 
     @property
     def header_flags(self) -> int:
@@ -382,7 +419,7 @@ class _U64Request(_Request):
         return _U64.pack(self.value), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = request_name(code, cls.CHANNEL)
         value = _u64(what, payload)
         _expect_fds(what, fds, 0)
@@ -402,7 +439,7 @@ class _U64Reply(Message):
         return _U64.pack(self.value), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = f"reply to {request_name(code, cls.CHANNEL)}"
         value = _u64(what, payload)
         _expect_fds(what, fds, 0)
@@ -422,7 +459,7 @@ class _StateRequest(_Request):
         return _STATE.pack(self.index, self.num), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = request_name(code, cls.CHANNEL)
         index, num = _state(what, payload)
         _expect_fds(what, fds, 0)
@@ -436,15 +473,19 @@ class _VringFdRequest(_Request):
     SIZES: ClassVar[tuple[int, int]] = (8, 8)
 
     index: int
-    fd: int | None
+    fd: OwnedFd | None
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         if self.fd is None:
             return _U64.pack(self.index | VRING_NOFD), ()
-        return _U64.pack(self.index), (self.fd,)
+        return _U64.pack(self.index), (self.fd.fileno(),)
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        return () if self.fd is None else (self.fd,)
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = request_name(code, cls.CHANNEL)
         value = _u64(what, payload)
         if value & ~(VRING_INDEX_MASK | VRING_NOFD):
@@ -530,14 +571,20 @@ class SetMemTable(_Request):
     )
 
     regions: tuple[MemRegion, ...]
-    fds: tuple[int, ...]
+    fds: tuple[OwnedFd, ...]
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         body = b"".join(region.pack() for region in self.regions)
-        return _MEMORY_HEADER.pack(len(self.regions)) + body, tuple(self.fds)
+        return _MEMORY_HEADER.pack(len(self.regions)) + body, tuple(
+            fd.fileno() for fd in self.fds
+        )
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        return self.fds
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = "SET_MEM_TABLE"
         if len(payload) < _MEMORY_HEADER.size:
             raise ProtocolError(f"{what}: payload of {len(payload)} bytes has no region count")
@@ -573,17 +620,21 @@ class AddMemReg(_Request):
     SIZES: ClassVar[tuple[int, int]] = (_SINGLE_REGION.size, _SINGLE_REGION.size)
 
     region: MemRegion
-    fd: int
+    fd: OwnedFd
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         r = self.region
         data = _SINGLE_REGION.pack(
             r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset
         )
-        return data, (self.fd,)
+        return data, (self.fd.fileno(),)
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        return (self.fd,)
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("ADD_MEM_REG", payload, _SINGLE_REGION.size)
         _expect_fds("ADD_MEM_REG", fds, 1)
         region = MemRegion(*_SINGLE_REGION.unpack(payload))
@@ -602,17 +653,21 @@ class RemMemReg(_Request):
     SIZES: ClassVar[tuple[int, int]] = (_SINGLE_REGION.size, _SINGLE_REGION.size)
 
     region: MemRegion
-    fd: int | None = None
+    fd: OwnedFd | None = None
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         r = self.region
         data = _SINGLE_REGION.pack(
             r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset
         )
-        return data, (() if self.fd is None else (self.fd,))
+        return data, (() if self.fd is None else (self.fd.fileno(),))
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        return () if self.fd is None else (self.fd,)
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("REM_MEM_REG", payload, _SINGLE_REGION.size)
         if len(fds) > 1:
             raise ProtocolError(f"REM_MEM_REG: {len(fds)} file descriptors, expected 0 or 1")
@@ -647,7 +702,7 @@ class GetVringBase(_Request):
         return _STATE.pack(self.index, 0), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         index, _num = _state("GET_VRING_BASE", payload)  # num is unused in requests
         _expect_fds("GET_VRING_BASE", fds, 0)
         return cls(index, **cls._request_kwargs(flags))
@@ -667,7 +722,7 @@ class SetVringEnable(_Request):
         return _STATE.pack(self.index, int(self.enable)), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         index, num = _state("SET_VRING_ENABLE", payload)
         _expect_fds("SET_VRING_ENABLE", fds, 0)
         if num not in (0, 1):
@@ -701,7 +756,7 @@ class SetVringAddr(_Request):
         return data, ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("SET_VRING_ADDR", payload, _ADDR.size)
         _expect_fds("SET_VRING_ADDR", fds, 0)
         index, ring_flags, desc, used, avail, log = _ADDR.unpack(payload)
@@ -767,7 +822,7 @@ class GetConfig(_Request):
         return header + bytes(self.size), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         offset, size, config_flags, _zeros = _config_header("GET_CONFIG", payload)
         _expect_fds("GET_CONFIG", fds, 0)
         return cls(offset, size, config_flags, **cls._request_kwargs(flags))
@@ -789,7 +844,7 @@ class SetConfig(_Request):
         return header + bytes(self.data), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         offset, _size, config_flags, data = _config_header("SET_CONFIG", payload)
         _expect_fds("SET_CONFIG", fds, 0)
         return cls(offset, data, config_flags, **cls._request_kwargs(flags))
@@ -801,13 +856,17 @@ class SetBackendReqFd(_Request):
 
     CODE: ClassVar[int] = Request.SET_BACKEND_REQ_FD
 
-    fd: int
+    fd: OwnedFd
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
-        return b"", (self.fd,)
+        return b"", (self.fd.fileno(),)
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        return (self.fd,)
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("SET_BACKEND_REQ_FD", payload, 0)
         _expect_fds("SET_BACKEND_REQ_FD", fds, 1)
         return cls(fds[0], **cls._request_kwargs(flags))
@@ -827,7 +886,7 @@ class GetInflightFd(_Request):
         return _INFLIGHT.pack(0, 0, self.num_queues, self.queue_size), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("GET_INFLIGHT_FD", payload, _INFLIGHT.size)
         _expect_fds("GET_INFLIGHT_FD", fds, 0)
         _size, _offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
@@ -845,14 +904,18 @@ class SetInflightFd(_Request):
     mmap_offset: int
     num_queues: int
     queue_size: int
-    fd: int
+    fd: OwnedFd
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         data = _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-        return data, (self.fd,)
+        return data, (self.fd.fileno(),)
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        return (self.fd,)
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("SET_INFLIGHT_FD", payload, _INFLIGHT.size)
         _expect_fds("SET_INFLIGHT_FD", fds, 1)
         mmap_size, mmap_offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
@@ -928,7 +991,7 @@ class GetVringBaseReply(Message):
         return _STATE.pack(self.index, self.num), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         index, num = _state("reply to GET_VRING_BASE", payload)
         _expect_fds("reply to GET_VRING_BASE", fds, 0)
         return cls(index, num)
@@ -951,7 +1014,7 @@ class GetConfigReply(Message):
         return header + bytes(self.data), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_fds("reply to GET_CONFIG", fds, 0)
         if not payload:  # the spec's way of saying "failed"
             return GetConfigFailed()
@@ -982,14 +1045,18 @@ class GetInflightFdReply(Message):
     mmap_offset: int
     num_queues: int
     queue_size: int
-    fd: int | None
+    fd: OwnedFd | None
 
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         data = _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-        return data, (() if self.fd is None else (self.fd,))
+        return data, (() if self.fd is None else (self.fd.fileno(),))
+
+    @property
+    def owned_fds(self) -> tuple[OwnedFd, ...]:
+        return () if self.fd is None else (self.fd,)
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = "reply to GET_INFLIGHT_FD"
         _expect_size(what, payload, _INFLIGHT.size)
         mmap_size, mmap_offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
@@ -1031,11 +1098,11 @@ class Ack(Message):
         return _U64.pack(self.status), ()
 
     @classmethod
-    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         raise AssertionError("Ack is decoded by decode_ack, which knows the channel")
 
 
-def decode_ack(channel: Channel, code: int, payload: bytes, fds: tuple[int, ...]) -> Ack:
+def decode_ack(channel: Channel, code: int, payload: bytes, fds: Fds) -> Ack:
     """Decode a REPLY_ACK answer on ``channel``."""
     what = f"ack of {request_name(code, channel)}"
     status = _u64(what, payload)
@@ -1074,7 +1141,7 @@ for _reply_cls in (
     _REPLIES[_reply_cls.CODE] = _reply_cls
 
 
-PayloadDecoder = Callable[[int, int, bytes, tuple[int, ...]], Message]
+PayloadDecoder = Callable[[int, int, bytes, Fds], Message]
 
 
 def message_class(
@@ -1097,7 +1164,7 @@ def message_class(
     if code not in known._value2member_map_:
         raise ProtocolError(f"reply to unknown {channel.value}-channel request code {code}")
 
-    def ack(code: int, flags: int, payload: bytes, fds: tuple[int, ...]) -> Message:
+    def ack(code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         return decode_ack(channel, code, payload, fds)
 
     return Ack.SIZES, ack

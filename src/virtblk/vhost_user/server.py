@@ -33,6 +33,7 @@ from virtblk.vhost_user.backend import (
 from virtblk.vhost_user.codec import CLOSED, NEED_DATA
 from virtblk.vhost_user.codec import encode as encode_message
 from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.fd import OwnedFd
 from virtblk.vhost_user.messages import MAX_FDS, Message
 
 __all__ = ["VhostUserServer", "serve_connected"]
@@ -237,7 +238,7 @@ class _Session:
         self.poller.register(server._stop_r, select.POLLIN)
         self.poller.register(server._wake_fd, select.POLLIN)
         self.backend: socket.socket | None = None
-        self.backend_fd: int | None = None  # the connection's fd that ``backend`` dups
+        self.backend_of: OwnedFd | None = None  # the connection's fd that ``backend`` dups
 
     def run(self) -> None:
         while not self.server._stopping:
@@ -284,25 +285,26 @@ class _Session:
         raise _SessionEnd
 
     def _send(self, reply: Message) -> None:
-        data, fds = encode_message(reply)
-        try:
-            sent = socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
-        except OSError as exc:
-            log.info("frontend went away while we replied: %s", exc)
-            raise _SessionEnd from exc
+        with reply:  # a reply owns its fds (GET_INFLIGHT_FD's dup): closed once sent
+            data, fds = encode_message(reply)
+            try:
+                sent = socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            except OSError as exc:
+                log.info("frontend went away while we replied: %s", exc)
+                raise _SessionEnd from exc
 
     # ------------------------------------------------------------------ backend channel
 
     def _track_backend_channel(self) -> None:
         """Follow SET_BACKEND_REQ_FD: poll the channel the connection currently holds."""
-        if self.conn.backend_req_fd == self.backend_fd:
+        if self.conn.backend_req is self.backend_of:
             return
         self._drop_backend()
-        if self.conn.backend_req_fd is not None:
-            self.backend_fd = self.conn.backend_req_fd
-            self.backend = socket.socket(fileno=os.dup(self.backend_fd))
+        if self.conn.backend_req is not None:
+            self.backend_of = self.conn.backend_req
+            self.backend = socket.socket(fileno=os.dup(self.backend_of.fileno()))
             self.backend.settimeout(_BACKEND_SEND_TIMEOUT)
             self.poller.register(self.backend, select.POLLIN)
             self._flush_backend()
@@ -312,7 +314,7 @@ class _Session:
             self.poller.unregister(self.backend)
             self.backend.close()
         self.backend = None
-        self.backend_fd = None
+        self.backend_of = None
 
     def _flush_backend(self) -> None:
         self._track_backend_channel()
