@@ -19,7 +19,7 @@ NUM = 64
 
 @dataclasses.dataclass
 class FakeChain:
-    """Has the attributes of ``virtblk.virtio.split.DescriptorChain`` the device reads."""
+    """Has the attributes of ``virtblk.virtio.split_device.DescriptorChain`` the device reads."""
 
     head: int
     readable: list[memoryview]

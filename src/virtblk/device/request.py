@@ -42,7 +42,7 @@ status: ``struct virtio_blk_req_za``."""
 
 
 class ChainLike(Protocol):
-    """The attributes of ``virtblk.virtio.split.DescriptorChain`` a request needs."""
+    """The attributes of ``virtblk.virtio.split_device.DescriptorChain`` a request needs."""
 
     @property
     def head(self) -> int: ...
