@@ -16,8 +16,12 @@ import pytest
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 
+FLOOR = frozenset({"virtblk.spec", "virtblk.errors", "virtblk.util", "virtblk.unixsock"})
+"""The bottom row: the spec and the helpers every layer may use. They import nothing of ours
+but the spec."""
+
 FORBIDDEN: dict[str, frozenset[str]] = {
-    # The spec is the floor: constants and wire structs only.
+    # The spec is the floor's floor: constants and wire structs only.
     "virtblk.spec": frozenset({"*"}),
     # A virtqueue knows memory and the spec, no block layer, backend or transport.
     "virtblk.virtio": frozenset({"virtblk.driver", "virtblk.device", "virtblk.vhost_user",
@@ -29,7 +33,8 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "virtblk.device": frozenset({"virtblk.driver", "virtblk.vhost_user", "virtblk.aio",
                                  "virtblk.embedded", "virtblk.tools"}),
     # The driver drives any device: ours is only reachable through the composition root.
-    "virtblk.driver": frozenset({"virtblk.device", "virtblk.tools"}),
+    # The driver is below its asyncio face.
+    "virtblk.driver": frozenset({"virtblk.device", "virtblk.aio", "virtblk.tools"}),
     "virtblk.aio": frozenset({"virtblk.device", "virtblk.tools"}),
     "virtblk.embedded": frozenset({"virtblk.tools"}),
 }
@@ -63,16 +68,36 @@ def _is_submodule(name: str) -> bool:
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
+def _typing_only(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``, exactly."""
+    return ast.unparse(test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def _load_time(node: ast.AST) -> list[ast.AST]:
+    """``node`` and what under it runs with it: not the bodies of functions (nor lambdas)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        return [node]
+    return [node, *(n for child in ast.iter_child_nodes(node) for n in _load_time(child))]
+
+
 def _edges(path: pathlib.Path) -> list[Edge]:
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    tree = ast.parse(path.read_text(), str(path))
+    return _edges_in(path.read_text(), module, package, str(path.relative_to(SRC)))
+
+
+def _edges_in(source: str, module: str, package: str, file: str) -> list[Edge]:
+    """The imports of ``module`` (in ``package``) whose text is ``source``."""
+    tree = ast.parse(source, file)
     top = {id(statement) for statement in tree.body}
-    for statement in tree.body:  # imports under a module-level if/try are module level too...
-        if isinstance(statement, ast.If) and ast.unparse(statement.test).endswith("TYPE_CHECKING"):
-            continue  # ...except the typing-only ones, which never run
-        if isinstance(statement, (ast.If, ast.Try)):
-            top.update(id(child) for child in ast.walk(statement))
+    for statement in tree.body:
+        # What runs when the module loads: module level, and everything under a module-level
+        # if/try/with or class body (a function body runs only when called)...
+        if isinstance(statement, ast.If) and _typing_only(statement.test):
+            # ...except the typing-only block, which never runs; its else branch does
+            top.update(id(child) for stmt in statement.orelse for child in _load_time(stmt))
+            continue
+        top.update(id(child) for child in _load_time(statement))
     found: list[Edge] = []
     for node in ast.walk(tree):
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -89,7 +114,7 @@ def _edges(path: pathlib.Path) -> list[Edge]:
                        else base for alias in node.names]
         for target in targets:
             if target == "virtblk" or target.startswith("virtblk."):
-                found.append(Edge(module, target, str(path.relative_to(SRC)), node.lineno,
+                found.append(Edge(module, target, file, node.lineno,
                                   id(node) in top))
     return found
 
@@ -113,7 +138,9 @@ def _violations(edges: list[Edge]) -> list[str]:
             bad.append(f"{where} (nothing in the library imports the command)")
             continue
         forbidden = FORBIDDEN.get(source, frozenset())
-        if "*" in forbidden or target in forbidden:
+        if source in FLOOR and source != "virtblk.spec" and target != "virtblk.spec":
+            bad.append(f"{where} (the floor imports nothing of ours but the spec)")
+        elif "*" in forbidden or target in forbidden:
             bad.append(f"{where} (an upward or sideways import)")
         elif (source, target) in LAZY_ONLY and edge.top_level:
             bad.append(f"{where} (allowed only inside the delegating method)")
@@ -144,6 +171,10 @@ def test_no_upward_or_sideways_import() -> None:
     ("virtblk.driver.disk", "virtblk.embedded", True),
     ("virtblk.device.control", "virtblk.cli.main", False),
     ("virtblk.spec", "virtblk.errors", True),
+    ("virtblk.util", "virtblk.device.blk", False),
+    ("virtblk.errors", "virtblk.aio", True),
+    ("virtblk.unixsock", "virtblk.util", True),
+    ("virtblk.driver.disk", "virtblk.aio", False),
 ])
 def test_each_rule_catches_its_import(source: str, target: str, top_level: bool) -> None:
     """The checker itself: each kind of forbidden import is reported."""
@@ -153,3 +184,28 @@ def test_each_rule_catches_its_import(source: str, target: str, top_level: bool)
 
 def test_the_lazy_delegate_is_allowed() -> None:
     assert _violations([Edge("virtblk.driver.disk", "virtblk.embedded", "x.py", 1, False)]) == []
+
+
+@pytest.mark.parametrize("source", [
+    "from virtblk.embedded import open_embedded\n",
+    "if not TYPE_CHECKING:\n    from virtblk.embedded import open_embedded\n",
+    "if TYPE_CHECKING:\n    pass\nelse:\n    from virtblk.embedded import open_embedded\n",
+    "class Disk:\n    from virtblk.embedded import open_embedded\n",
+    "try:\n    import virtblk.embedded\nexcept ImportError:\n    pass\n",
+])
+def test_a_load_time_import_is_not_lazy(source: str) -> None:
+    """Only an import inside a function (or a typing-only block) waits for a call."""
+    edges = _edges_in(source, "virtblk.driver.probe", "virtblk.driver", "probe.py")
+    assert [e.top_level for e in edges] == [True]
+    assert len(_violations(edges)) == 1
+
+
+@pytest.mark.parametrize("source", [
+    "def f() -> None:\n    from virtblk.embedded import open_embedded\n",
+    "if TYPE_CHECKING:\n    from virtblk.embedded import EmbeddedDevice\n",
+    "import typing\nif typing.TYPE_CHECKING:\n    from virtblk.embedded import EmbeddedDevice\n",
+])
+def test_a_lazy_import_is_lazy(source: str) -> None:
+    edges = _edges_in(source, "virtblk.driver.probe", "virtblk.driver", "probe.py")
+    assert [e.top_level for e in edges] == [False]
+    assert _violations(edges) == []
