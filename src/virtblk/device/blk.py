@@ -69,6 +69,9 @@ _IN, _OUT, _OUT_FUA = int(RequestType.IN), int(RequestType.OUT), int(RequestType
 CACHE_WRITE_BACK = "write back"
 CACHE_WRITE_THROUGH = "write through"
 
+_STOP_WAIT = 60.0
+"""How long stats() waits for a queue's stop: a stop ends within a worker's reply timeout
+(30 s), after which the worker is killed and replaced."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -196,11 +199,11 @@ class BlkDevice:
         self._stats = [QueueStats() for _ in range(num_queues)]
         self._workers: dict[int, QueueWorker] = {}
         self._workers_lock = threading.Lock()
-        # Held by stats() and by the stop of a worker process's queue: between the stop's
-        # first step (the queue leaves the running set) and its last (the worker's final
-        # counters become the queue's), stats() would report the stale copy. Reentrant:
-        # a failed stop calls the failed hook, which may come back to stop other queues.
-        self._stats_lock = threading.RLock()
+        # Worker-process queues being stopped: between the stop's first step (the queue
+        # leaves the running set) and its last (the worker's final counters become the
+        # queue's), stats() would report the stale copy, so it waits for that queue's stop
+        # (and only for it: the other queues' stops and stats go on).
+        self._stopping: dict[int, threading.Event] = {}
         self._handlers: dict[int, Callable[[BlkRequest], tuple[int, int]]] = {
             RequestType.IN: self._do_in,
             RequestType.OUT: self._do_out,
@@ -486,10 +489,10 @@ class BlkDevice:
 
     def stats(self) -> dict[str, object]:
         """Totals over all queues plus each queue's own counters."""
-        with self._stats_lock:
-            return self._stats_now()
-
-    def _stats_now(self) -> dict[str, object]:
+        with self._workers_lock:
+            stopping = list(self._stopping.values())
+        for done in stopping:
+            done.wait(_STOP_WAIT)
         if self._procs is not None:
             for index in list(self._remote):
                 try:
@@ -870,12 +873,18 @@ class BlkDevice:
 
     def stop_queue(self, index: int) -> int:
         """Stop serving queue ``index``; returns the next avail index to resume from."""
-        with self._stats_lock:
-            with self._workers_lock:
-                worker = self._workers.pop(index, None)
-                remote = self._remote.pop(index, None)
+        with self._workers_lock:
+            worker = self._workers.pop(index, None)
+            remote = self._remote.pop(index, None)
             if remote is not None:
+                done = self._stopping[index] = threading.Event()
+        if remote is not None:
+            try:
                 return self._stop_remote(index, remote)
+            finally:
+                with self._workers_lock:
+                    del self._stopping[index]
+                done.set()
         if worker is None:
             raise ValueError(f"queue {index} is not running")
         worker.stop()
