@@ -123,7 +123,7 @@ class AsyncDisk:
         cls,
         size: int = 64 << 20,
         backend: Literal["memory", "null", "file"] = "memory",
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> Self:
         """``Disk.embedded(...)``: start our own device and connect to it."""

@@ -147,7 +147,7 @@ def open_embedded(
     disk_class: type[DiskT],
     size: int = 64 << 20,
     backend: BackendKind = "memory",
-    path: str | None = None,
+    path: str | os.PathLike[str] | None = None,
     *,
     mode: Literal["process", "thread"] = "process",
     num_queues: int = 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import pathlib
 from typing import Any
 
 import pytest
@@ -78,13 +79,24 @@ def test_the_closest_name_is_suggested() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("blk_size", "4096"), ("blk_size", True), ("writeback", 1), ("serial", b"bytes"),
+    ("blk_size", "4096"), ("blk_size", True), ("writeback", 1), ("serial", 42),
     ("geometry", (1, 2)), ("geometry", [1, 2, 3]), ("lifetime", (1, 2, 3)),
     ("aio", "fibers"), ("poll_us", "10"), ("seg_max", 1.5),
 ])
 def test_a_value_of_the_wrong_type_names_its_field(field: str, value: Any) -> None:
     with pytest.raises(TypeError, match=f"{field} must be"):
         BlkSettings(**{field: value})
+
+
+def test_what_blkdevice_takes_is_taken_as_text() -> None:
+    """A bytes serial (BlkDevice takes one) and a path-like are what they say, as text (the
+    hand-off to a child process is JSON); a serial that is not ASCII is refused."""
+    assert BlkSettings(serial=b"disk-7").serial == "disk-7"  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ASCII"):
+        BlkSettings(serial=b"\xff")  # type: ignore[arg-type]
+    options = DeviceOptions(backend="file", path=pathlib.Path("/tmp/x.img"))
+    assert options.path == "/tmp/x.img"
+    assert DeviceOptions.from_dict(options.to_dict()) == options
 
 
 def test_device_options_check_their_own_fields() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -61,6 +62,12 @@ class BlkSettings:
     aio: Literal["native", "threads"] = "native"
 
     def __post_init__(self) -> None:
+        serial: object = self.serial
+        if isinstance(serial, bytes | bytearray):  # BlkDevice takes bytes; JSON carries text
+            try:
+                object.__setattr__(self, "serial", bytes(serial).decode("ascii"))
+            except UnicodeDecodeError:
+                raise ValueError(f"serial must be ASCII, not {serial!r}") from None
         _check_types(self)
 
     @classmethod
@@ -88,7 +95,8 @@ class DeviceOptions:
 
     backend: BackendKind = "memory"
     size: int | None = None
-    path: str | None = None
+    path: str | os.PathLike[str] | None = None
+    """Text once given (a path-like is turned into its text)."""
     read_only: bool = False
     num_queues: int = 1
     queue_size: int = 256
@@ -101,6 +109,9 @@ class DeviceOptions:
     (their zone state lives in one process, so their queues are threads)."""
 
     def __post_init__(self) -> None:
+        path: object = self.path
+        if isinstance(path, os.PathLike):  # a pathlib.Path is as good as its text
+            object.__setattr__(self, "path", os.fspath(path))
         _check_types(self)
 
     def make_backend(self) -> Backend:
@@ -117,7 +128,9 @@ class DeviceOptions:
             return ZonedMemoryBackend(self.size, **self.zoned)
         if self.backend == "memory":
             return MemoryBackend(self.size)
-        return NullBackend(self.size)
+        if self.backend == "null":
+            return NullBackend(self.size)
+        raise ValueError(f"unknown backend {self.backend!r}: use memory, null or file")
 
     def build(self) -> BlkDevice:
         """The device over a new backend."""

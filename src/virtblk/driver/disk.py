@@ -8,11 +8,12 @@ there (:meth:`Disk.buffer`), in which case the device reads and writes them dire
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from virtblk import unixsock
 from virtblk.driver.blklayer import Bio, Plug, QueueLimits
@@ -39,6 +40,9 @@ from virtblk.spec import (
     feature_names,
 )
 
+if TYPE_CHECKING:  # typing only: the driver never loads the composition root
+    from virtblk.embedded import EmbeddedDevice
+
 
 class Disk:
     """A virtio-blk disk.  Thread-safe; each thread is mapped to one hardware queue.
@@ -54,11 +58,8 @@ class Disk:
         self._thread_queue = threading.local()
         self._next_queue = 0
         self._serial: str | None = None
-        # Typed Any: naming virtblk.embedded.EmbeddedDevice would import the composition
-        # root (and through it the device) into the driver.
-        self.embedded_device: Any = None
-        """The ``virtblk.embedded.EmbeddedDevice`` this disk started (``Disk.embedded``),
-        else None."""
+        self.embedded_device: EmbeddedDevice | None = None
+        """The device this disk started (``Disk.embedded``), else None."""
         self.requests = RequestBuilder(dev)
         """The request rules (range checks, buffer addresses, splitting by the limits,
         range payloads) this disk, its ``AsyncDisk`` and its queue handles share."""
@@ -126,7 +127,7 @@ class Disk:
         cls,
         size: int = 64 << 20,
         backend: Literal["memory", "null", "file"] = "memory",
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         *,
         mode: Literal["process", "thread"] = "process",
         num_queues: int = 1,
