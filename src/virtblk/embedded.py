@@ -71,6 +71,11 @@ class EmbeddedDevice:
         stats: dict[str, Any] = answer["stats"]
         return stats
 
+    def requests(self) -> dict[str, int]:
+        """Requests the device has received, by type (``{"IN": 3, "FLUSH": 1}``): what a
+        test reads to know what went over the wire, not just what came back."""
+        return {name: int(count) for name, count in self.stats()["requests"].items()}
+
     @property
     def pid(self) -> int:
         """The process that runs the device (ours in thread mode)."""

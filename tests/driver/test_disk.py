@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from virtblk import Disk
-from virtblk.device.control import send_command
 from virtblk.errors import BlockIOError, FeatureNotNegotiatedError
 
 MiB = 1 << 20
@@ -84,8 +83,8 @@ def test_use_after_close(disk: Disk) -> None:
 
 
 def _flushes(disk: Disk) -> int:
-    """FLUSH requests the device has received (its per-type counters)."""
-    return int(disk.embedded_device.stats()["requests"].get("FLUSH", 0))
+    assert disk.embedded_device is not None
+    return disk.embedded_device.requests().get("FLUSH", 0)
 
 
 def test_flush(disk: Disk) -> None:
@@ -132,7 +131,7 @@ def test_discard_and_write_zeroes(disk: Disk) -> None:
     # block after it keeps its data.
     assert disk.pread(12288, 0) == b"\0" * 8192 + b"\xff" * 4096
     assert disk.embedded_device is not None
-    requests = send_command(disk.embedded_device.control_path, "stats")["stats"]["requests"]
+    requests = disk.embedded_device.requests()
     assert (requests.get("WRITE_ZEROES"), requests.get("DISCARD")) == (1, 1), requests
 
 

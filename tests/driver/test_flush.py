@@ -20,7 +20,8 @@ MiB = 1 << 20
 
 def flushes(disk: Disk) -> int:
     """FLUSH requests the device has received."""
-    return int(disk.embedded_device.stats()["requests"].get("FLUSH", 0))
+    assert disk.embedded_device is not None
+    return disk.embedded_device.requests().get("FLUSH", 0)
 
 
 @pytest.fixture(params=["write back", "write through"])

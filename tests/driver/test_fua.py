@@ -18,7 +18,6 @@ import pytest
 
 from virtblk import Disk
 from virtblk.aio import AsyncDisk
-from virtblk.device.control import send_command
 from virtblk.driver.queue_api import Completion, QueueHandle
 
 MiB = 1 << 20
@@ -28,9 +27,7 @@ BS = 4096
 def requests(disk: Disk) -> dict[str, int]:
     """The device's request counters by type, over all its queues."""
     assert disk.embedded_device is not None
-    answer = send_command(disk.embedded_device.control_path, "stats")
-    assert answer["ok"], answer
-    return dict(answer["stats"]["requests"])
+    return disk.embedded_device.requests()
 
 
 @pytest.fixture(params=["memory", "file"])
