@@ -137,7 +137,10 @@ def check(
     elif verbose:
         from rich.console import Console
 
-        render_table(report, Console(width=max(Console().width, 160)))
+        console = Console()
+        if not console.is_terminal:  # a file or a pipe: whole rows, for grep and diff
+            console = Console(width=max(console.width, 160))
+        render_table(report, console)  # a terminal: its own width, the long cells wrapped
     else:
         render_compact(report, width)
     sys.exit(1 if report.failed else 0)
