@@ -36,7 +36,9 @@ def clear_stale(path: str) -> None:
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # stale: its server is gone
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot probe existing socket {path}: {exc}") from exc
+            raise OSError(
+                exc.errno, f"cannot probe existing socket {path}: {exc.strerror}"
+            ) from exc
         else:
             raise OSError(errno.EADDRINUSE, f"a server is already listening on {path}", path)
     with contextlib.suppress(FileNotFoundError):
