@@ -1,5 +1,6 @@
-"""``unixsock``'s errors name their errno once: the message of an ``OSError(errno, text)``
-is printed after ``[Errno N]``, so a text that embeds the original error repeats it."""
+"""``unixsock``'s errors say each thing once: the message of an ``OSError(errno, text)`` is
+printed after ``[Errno N]``, so a text that embeds the original error repeats it, and one
+given a filename too prints the path a second time after the text."""
 
 from __future__ import annotations
 
@@ -68,3 +69,24 @@ def test_a_missing_socket_cannot_be_connected(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         unixsock.connect(path, timeout=1.0)
     assert_errno_once(info.value, errno.ENOENT, path)
+
+
+def test_a_live_server_is_refused_naming_its_path_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "live.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        with pytest.raises(OSError) as info:
+            unixsock.clear_stale(path)
+    text = str(info.value)
+    assert info.value.errno == errno.EADDRINUSE
+    assert text.count(f"[Errno {errno.EADDRINUSE}]") == 1 and text.count(path) == 1, text
+
+
+def test_a_file_that_is_not_a_socket_is_refused_naming_its_path_once(tmp_path: Path) -> None:
+    path = tmp_path / "plain"
+    path.write_bytes(b"data")
+    with pytest.raises(FileExistsError) as info:
+        unixsock.clear_stale(str(path))
+    assert str(info.value).count(str(path)) == 1, str(info.value)
+    assert path.read_bytes() == b"data"
