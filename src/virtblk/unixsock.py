@@ -28,7 +28,7 @@ def clear_stale(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
@@ -36,9 +36,11 @@ def clear_stale(path: str) -> None:
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # stale: its server is gone
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot probe existing socket {path}: {exc}") from exc
+            raise OSError(
+                exc.errno, f"cannot probe existing socket {path}: {exc.strerror}"
+            ) from exc
         else:
-            raise OSError(errno.EADDRINUSE, f"a server is already listening on {path}", path)
+            raise OSError(errno.EADDRINUSE, f"a server is already listening on {path}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     log.info("replaced stale socket file %s", path)

@@ -61,6 +61,7 @@ from virtblk.vhost_user.messages import (
     SetVringNum,
 )
 from virtblk.virtio.memory import MemoryRegion
+from virtblk.virtio.split_layout import check_queue_size
 
 ALL_PROTOCOL = DEFAULT_PROTOCOL_FEATURES
 WITH_PROTOCOL_FEATURES = (
@@ -246,11 +247,35 @@ def test_vring_index_out_of_range(conn: BackendConnection, region: MemoryRegion)
     assert is_closed(fd)
 
 
-@pytest.mark.parametrize("num", [0, 3, 100, 65536])
-def test_vring_num_must_be_a_power_of_two_up_to_32768(conn: BackendConnection, num: int) -> None:
-    negotiate(conn)
-    with pytest.raises(ProtocolError, match=f"size {num} is not a power of two"):
-        conn.handle(SetVringNum(0, num))
+@pytest.mark.parametrize("num", [0, 1, 2, 3, 100, 256, 32768, 65536, (1 << 32) - 1])
+def test_queue_sizes_follow_the_split_layouts_rule(device: RecordingDevice, num: int) -> None:
+    """SET_VRING_NUM and GET_INFLIGHT_FD accept exactly the sizes split_layout accepts (the
+    one module that knows the ring) and refuse the others with its reason."""
+    try:
+        check_queue_size(num)
+        reason = None
+    except ValueError as exc:
+        reason = str(exc)
+    conn = BackendConnection(
+        device, protocol_features=ALL_PROTOCOL | ProtocolFeature.INFLIGHT_SHMFD.mask
+    )
+    try:
+        negotiate(conn)
+        conn.handle(SetProtocolFeatures(ProtocolFeature.INFLIGHT_SHMFD.mask))
+        for message, what in (
+            (SetVringNum(0, num), "SET_VRING_NUM: ring 0"),
+            (GetInflightFd(1, num), "GET_INFLIGHT_FD"),
+        ):
+            if reason is None:
+                reply = conn.handle(message)
+                if reply is not None:
+                    reply.close()
+            else:
+                with pytest.raises(ProtocolError) as info:
+                    conn.handle(message)
+                assert str(info.value) == f"{what}: {reason}"
+    finally:
+        conn.close()
 
 
 def test_ring_addresses_outside_memory(conn: BackendConnection, region: MemoryRegion) -> None:

@@ -8,10 +8,15 @@ its new owner.  Both are checked with ``os.fstat`` and the count of ``/proc/self
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import sys
 import threading
+import types
+import typing
 from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import pytest
 from vhost_user_helpers import (
@@ -35,15 +40,21 @@ from virtblk.vhost_user.fd import OwnedFd, dup_all
 from virtblk.vhost_user.frontend import VhostUserFrontend
 from virtblk.vhost_user.messages import (
     AddMemReg,
+    Channel,
     GetInflightFdReply,
     MemRegion,
+    Message,
     ProtocolFeature,
     RemMemReg,
     Request,
     SetBackendReqFd,
+    SetInflightFd,
+    SetMemTable,
     SetOwner,
     SetProtocolFeatures,
+    SetVringCall,
     SetVringErr,
+    SetVringKick,
 )
 from virtblk.vhost_user.server import VhostUserServer
 from virtblk.virtio.memory import MemoryRegion
@@ -119,6 +130,120 @@ def test_dup_all_leaves_nothing_open_when_one_dup_fails() -> None:
         assert open_fds() == before + 1  # only ``good`` itself
     finally:
         os.close(good)
+
+
+# --------------------------------------------------------------------------- every message class
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _NewMessage(Message):
+    """A message a later change might add: fds in every shape a field can hold them, and
+    not a word about closing them.  The base class must find them all by itself."""
+
+    CODE: ClassVar[int] = 99
+
+    count: int
+    fd: OwnedFd
+    maybe: OwnedFd | None
+    many: tuple[OwnedFd, ...]
+    listed: list[OwnedFd]
+
+
+def _message_classes() -> list[type[Message]]:
+    """Every subclass of ``Message``, at any depth, found by introspection.
+
+    ``dataclass(slots=True)`` builds a new class and the one it replaced stays in
+    ``__subclasses__`` (its methods' ``__class__`` cells keep it alive): only the class
+    its module names is the real one.
+    """
+    found: list[type[Message]] = []
+    pending = [Message]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            pending.append(sub)
+            if getattr(sys.modules[sub.__module__], sub.__qualname__, None) is sub:
+                found.append(sub)
+    return found
+
+
+_SAMPLES: dict[Any, Any] = {
+    int: 0,
+    bool: False,
+    bytes: b"",
+    MemRegion: MemRegion(0, 4096, 0, 0),
+    Channel: Channel.MAIN,
+}
+
+
+def _fd_shape(hint: Any) -> type | None:
+    """How a field annotated ``hint`` holds fds: ``OwnedFd`` (one, maybe optional), a
+    container type (several), or None (no fds)."""
+    if hint is OwnedFd or (
+        isinstance(hint, types.UnionType) and OwnedFd in typing.get_args(hint)
+    ):
+        return OwnedFd
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list) and OwnedFd in typing.get_args(hint):
+        return typing.cast(type, origin)
+    return None
+
+
+def _build(cls: type[Message]) -> tuple[Message, list[int]]:
+    """An instance of ``cls`` with fresh eventfds in every field annotated to hold fds, and
+    the numbers of those eventfds."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    numbers: list[int] = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        shape = _fd_shape(hint)
+        if shape is not None:
+            owned = [OwnedFd(os.eventfd(0)) for _ in range(1 if shape is OwnedFd else 2)]
+            numbers += [fd.fileno() for fd in owned]
+            values[field.name] = owned[0] if shape is OwnedFd else shape(owned)
+        elif field.default is not dataclasses.MISSING:
+            values[field.name] = field.default
+        elif typing.get_origin(hint) is tuple:
+            values[field.name] = ()
+        elif hint in _SAMPLES:
+            values[field.name] = _SAMPLES[hint]
+        else:
+            pytest.fail(f"{cls.__name__}.{field.name}: no sample for {hint}; add one")
+    return cls(**values), numbers
+
+
+def test_every_message_class_is_a_dataclass_and_the_walk_sees_the_fd_carriers() -> None:
+    """Fields outside the dataclass machinery would be invisible to ``owned_fds``; and a
+    walk that found no fd fields would make the test below pass on nothing."""
+    classes = _message_classes()
+    for cls in classes:
+        assert "__dataclass_fields__" in cls.__dict__, f"{cls.__name__} is not a dataclass"
+    carriers = {
+        cls
+        for cls in classes
+        if any(_fd_shape(hint) for hint in typing.get_type_hints(cls).values())
+    }
+    known = {SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr,
+             SetBackendReqFd, SetInflightFd, GetInflightFdReply, _NewMessage}
+    assert known <= carriers
+
+
+@pytest.mark.parametrize("how", ["close", "with"])
+@pytest.mark.parametrize("cls", _message_classes(), ids=lambda cls: cls.__name__)
+def test_closing_any_message_closes_every_fd_it_holds(cls: type[Message], how: str) -> None:
+    """Whatever the class, ``close()`` and ``with message:`` close each fd in each field
+    annotated to hold one (alone, optional, in a tuple or a list): no class has to say
+    which fields those are, so a new one cannot forget."""
+    message, numbers = _build(cls)
+    if how == "close":
+        message.close()
+    else:
+        with message:
+            assert all(is_open(number) for number in numbers)
+    leaked = [number for number in numbers if is_open(number)]
+    for number in leaked:
+        os.close(number)
+    assert not leaked, f"{cls.__name__}: fds {leaked} left open"
 
 
 # --------------------------------------------------------------------------- the backend

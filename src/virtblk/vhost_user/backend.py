@@ -14,9 +14,9 @@ SET_VRING_ENABLE(1).  The device runs the ring while it is started and enabled; 
 block device "started but disabled" (process without side effects) means "not serving".
 
 Errors: every check the spec allows us is made (ring index below ``num_queues``, ring size
-a power of two up to 32768, ring addresses inside the memory table, memory regions not
-overlapping and not more than GET_MAX_MEM_SLOTS, ring/memory requests only after
-SET_OWNER as the kernel's vhost requires, features that were offered).  A bad message is
+as ``split_layout.check_queue_size`` allows, ring addresses inside the memory table, memory
+regions not overlapping and not more than GET_MAX_MEM_SLOTS, ring/memory requests only
+after SET_OWNER as the kernel's vhost requires, features that were offered).  A bad message is
 answered if an answer is due (a NACK when REPLY_ACK asked for one) and then reported as a
 ``ProtocolViolation`` event.  The state machine stays consistent, but our server drops the
 connection on the first violation, as qemu-storage-daemon does: a frontend that sends
@@ -42,7 +42,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from virtblk.spec import (
-    VIRTQUEUE_MAX_SIZE,
     VRING_AVAIL_ALIGN,
     VRING_DESC_ALIGN,
     VRING_USED_ALIGN,
@@ -95,7 +94,7 @@ from virtblk.vhost_user.messages import (
 )
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.split_device import DeviceVirtqueue, RingError
-from virtblk.virtio.split_layout import VringAddrs, ring_sizes
+from virtblk.virtio.split_layout import VringAddrs, check_queue_size, ring_sizes
 
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
@@ -519,11 +518,10 @@ class BackendConnection:
     def _set_vring_num(self, index: int, num: int) -> None:
         ring = self._ring(index, "SET_VRING_NUM")
         self._not_running(index, ring, "SET_VRING_NUM")
-        if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
-            raise ProtocolError(
-                f"SET_VRING_NUM: ring {index} size {num} is not a power of two "
-                f"in 1..{VIRTQUEUE_MAX_SIZE}"
-            )
+        try:
+            check_queue_size(num)
+        except ValueError as exc:
+            raise ProtocolError(f"SET_VRING_NUM: ring {index}: {exc}") from exc
         ring.num = num
 
     def _set_vring_base(self, index: int, base: int) -> None:
@@ -693,8 +691,10 @@ class BackendConnection:
                 f"{len(self.vrings)}"
             )
         size = message.queue_size
-        if not 1 <= size <= VIRTQUEUE_MAX_SIZE or size & (size - 1):
-            raise ProtocolError(f"GET_INFLIGHT_FD: queue size {size} is not a power of two")
+        try:
+            check_queue_size(size)
+        except ValueError as exc:
+            raise ProtocolError(f"GET_INFLIGHT_FD: {exc}") from exc
         mmap_size = message.num_queues * inflight_queue_size(size)
         with OwnedFd(os.memfd_create("virtblk-inflight", os.MFD_CLOEXEC)) as fd:
             os.ftruncate(fd.fileno(), mmap_size)

@@ -310,6 +310,17 @@ class MemRegion:
 # --------------------------------------------------------------------------- base classes
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The dataclass fields of a message class, computed once per class."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(field.name for field in dataclasses.fields(cls))
+    return names
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
     """Base of every message.
@@ -355,8 +366,20 @@ class Message:
 
     @property
     def owned_fds(self) -> tuple[OwnedFd, ...]:
-        """The fds the message carries and owns (those taken from it are empty now)."""
-        return ()
+        """The fds the message carries and owns (those taken from it are empty now).
+
+        Found in the fields, not listed by each class: every field holding an ``OwnedFd``
+        or a tuple or list of them, so a new message cannot carry an fd its ``close``
+        misses.
+        """
+        fds: list[OwnedFd] = []
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
+            if isinstance(value, OwnedFd):
+                fds.append(value)
+            elif isinstance(value, tuple | list):
+                fds += [item for item in value if isinstance(item, OwnedFd)]
+        return tuple(fds)
 
     def close(self) -> None:
         """Close every fd of the message nobody took (idempotent)."""
@@ -480,10 +503,6 @@ class _VringFdRequest(_Request):
             return _U64.pack(self.index | VRING_NOFD), ()
         return _U64.pack(self.index), (self.fd.fileno(),)
 
-    @property
-    def owned_fds(self) -> tuple[OwnedFd, ...]:
-        return () if self.fd is None else (self.fd,)
-
     @classmethod
     def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = request_name(code, cls.CHANNEL)
@@ -579,10 +598,6 @@ class SetMemTable(_Request):
             fd.fileno() for fd in self.fds
         )
 
-    @property
-    def owned_fds(self) -> tuple[OwnedFd, ...]:
-        return self.fds
-
     @classmethod
     def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         what = "SET_MEM_TABLE"
@@ -629,10 +644,6 @@ class AddMemReg(_Request):
         )
         return data, (self.fd.fileno(),)
 
-    @property
-    def owned_fds(self) -> tuple[OwnedFd, ...]:
-        return (self.fd,)
-
     @classmethod
     def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("ADD_MEM_REG", payload, _SINGLE_REGION.size)
@@ -661,10 +672,6 @@ class RemMemReg(_Request):
             r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset
         )
         return data, (() if self.fd is None else (self.fd.fileno(),))
-
-    @property
-    def owned_fds(self) -> tuple[OwnedFd, ...]:
-        return () if self.fd is None else (self.fd,)
 
     @classmethod
     def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
@@ -861,10 +868,6 @@ class SetBackendReqFd(_Request):
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         return b"", (self.fd.fileno(),)
 
-    @property
-    def owned_fds(self) -> tuple[OwnedFd, ...]:
-        return (self.fd,)
-
     @classmethod
     def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
         _expect_size("SET_BACKEND_REQ_FD", payload, 0)
@@ -909,10 +912,6 @@ class SetInflightFd(_Request):
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         data = _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
         return data, (self.fd.fileno(),)
-
-    @property
-    def owned_fds(self) -> tuple[OwnedFd, ...]:
-        return (self.fd,)
 
     @classmethod
     def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
@@ -1050,10 +1049,6 @@ class GetInflightFdReply(Message):
     def encode_payload(self) -> tuple[bytes, tuple[int, ...]]:
         data = _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
         return data, (() if self.fd is None else (self.fd.fileno(),))
-
-    @property
-    def owned_fds(self) -> tuple[OwnedFd, ...]:
-        return () if self.fd is None else (self.fd,)
 
     @classmethod
     def decode_payload(cls, code: int, flags: int, payload: bytes, fds: Fds) -> Message:
