@@ -375,7 +375,7 @@ class AsyncDisk:
         gone = self._gone
         assert gone is not None
         if isinstance(gone, DeviceGoneError):
-            return DeviceGoneError(gone.errno, gone.strerror)  # a fresh traceback per waiter
+            return DeviceGoneError(*gone.args)  # a fresh traceback per waiter, same message
         return gone
 
     def _fail(self, exc: BaseException) -> None:
