@@ -51,6 +51,17 @@ def _leftover(pid: int, stat: ProcessStat) -> Leftover | None:
     return Leftover(pid, command, stat.started)
 
 
+def describe(pids: list[int]) -> list[Leftover]:
+    """These processes, with their command lines; one that is gone already (it was dying
+    when its pid was read) is still named, by pid."""
+    found = []
+    for pid in pids:
+        stat = process_stat(pid)
+        leftover = _leftover(pid, stat) if stat is not None else None
+        found.append(leftover or Leftover(pid, "(gone before its command line was read)", 0))
+    return found
+
+
 def tagged_processes(tag: str) -> list[Leftover]:
     """The live processes (this one excepted) exec'd with ``SESSION_ENV=tag``.
 
