@@ -15,8 +15,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
-from peers.process import accepts, wait_group_gone, wait_ready
+from peers.leftovers import Leftover, describe
+from peers.process import accepts, process_group, wait_group_gone, wait_ready
 
 #: How long ``virtblk serve`` may take to listen (it imports numpy, on a busy machine).
 START_TIMEOUT = 30.0
@@ -43,6 +45,18 @@ def run_virtblk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
     )
 
 
+class LeftRunning(RuntimeError):
+    """The server exited, but processes of its group outlived it (they are killed now)."""
+
+    def __init__(self, status: int, leftovers: list[Leftover]) -> None:
+        self.status = status
+        self.leftovers = leftovers
+        super().__init__("\n".join([
+            f"virtblk serve exited with status {status} but left these processes of its "
+            "group running (killed now):", *(f"  {leftover}" for leftover in leftovers),
+        ]))  # fmt: skip
+
+
 class ServeProcess:
     """``virtblk serve --socket PATH ARGS`` in a child process, ready once it listens.
 
@@ -52,8 +66,10 @@ class ServeProcess:
 
     A context manager: ``__exit__`` sends SIGTERM and waits ``stop_timeout`` seconds, then
     kills whatever of the group is left.  The block fails (``RuntimeError`` with the
-    server's output) when the server did not exit in time or exited with a non-zero status,
-    unless the block is already failing with an exception of its own.
+    server's output) when the server did not exit in time, exited with a non-zero status,
+    or exited leaving processes of its group running (its queue workers, say: the
+    session-end check would never see them, killed here), unless the block is already
+    failing with an exception of its own.
     """
 
     def __init__(
@@ -86,34 +102,52 @@ class ServeProcess:
                 self.process, lambda: accepts(self.socket_path), START_TIMEOUT, interval=0.05
             )
         except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"virtblk serve not listening after {START_TIMEOUT} s") from None
+            self._fail_start(f"virtblk serve not listening after {START_TIMEOUT} s")
         if rc is not None:
-            self.stop()
-            raise RuntimeError(f"virtblk serve exited with {rc} before listening:\n{self.output}")
+            self._fail_start(f"virtblk serve exited with {rc} before listening")
         return self
+
+    def _fail_start(self, why: str) -> NoReturn:
+        """Stop a server that could not start and raise ``RuntimeError`` saying why, with
+        what it left running, if anything, and its output."""
+        try:
+            self.stop()
+        except LeftRunning as left:
+            why = f"{why}; {left}"
+        raise RuntimeError(f"{why}:\n{self.output}") from None
 
     def terminate(self, timeout: float | None = None) -> int:
         """SIGTERM to its process group and wait (``stop_timeout`` by default); return the
         exit status.  Whatever of the group outlives the server is killed, and is gone when
         this returns.  Raises ``subprocess.TimeoutExpired`` when the server did not exit in
-        time (it is killed first)."""
+        time (it is killed first), and `LeftRunning` when it exited but left processes of
+        its group running."""
         assert self.process is not None
         if timeout is None:
             timeout = self.stop_timeout
         if self.process.poll() is None:
             self._signal_group(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=timeout)
+            status = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self._signal_group(signal.SIGKILL)
-            self.process.wait()
+            self._kill_group()
             raise
-        finally:
-            self._signal_group(signal.SIGKILL)
-            left = wait_group_gone(self.process.pid, KILL_TIMEOUT)
-            if left:
-                raise RuntimeError(f"processes {left} of virtblk serve survived SIGKILL")
+        # Read before the kill: a server that exits must have stopped what it started.
+        leftovers = describe(process_group(self.process.pid))
+        self._kill_group()
+        if leftovers:
+            raise LeftRunning(status, leftovers)
+        return status
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the group, reap the server, and wait until the group
+        is gone."""
+        assert self.process is not None
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+        left = wait_group_gone(self.process.pid, KILL_TIMEOUT)
+        if left:
+            raise RuntimeError(f"processes {left} of virtblk serve survived SIGKILL")
 
     def _signal_group(self, signum: int) -> None:
         assert self.process is not None
@@ -124,7 +158,8 @@ class ServeProcess:
 
     def stop(self) -> int | None:
         """Stop the server as ``terminate`` does, for cleanup paths: the exit status, or None
-        when it had to be killed (or never started)."""
+        when it had to be killed (or never started).  `LeftRunning` still propagates: in a
+        ``finally`` it is chained to the test's own exception, and hides neither."""
         if self.process is None:
             return None
         try:
@@ -149,6 +184,8 @@ class ServeProcess:
                 except subprocess.TimeoutExpired:
                     failure = (f"virtblk serve did not exit within {self.stop_timeout:g} s of "
                                f"SIGTERM (killed):\n{self.output}")
+                except LeftRunning as left:
+                    failure = f"{left}\n{self.output}"
                 else:
                     if rc != 0:
                         failure = f"virtblk serve exited with status {rc}:\n{self.output}"

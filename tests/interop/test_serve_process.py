@@ -2,13 +2,16 @@
 that died, failed or would not stop makes the block fail.
 
 The harness is proved against the real ``virtblk serve`` (and the real ``strace``), since
-that is what it runs for every other test here.
+that is what it runs for every other test here; only a server that leaves processes behind
+is a stand-in, since the real one does not (that is what the harness checks).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -86,4 +89,39 @@ def test_a_server_that_does_not_stop_makes_the_block_fail(sock_dir: Path) -> Non
         assert sp.process is not None
         leader = sp.process.pid
         os.kill(leader, signal.SIGSTOP)
+    assert process_group(leader) == []
+
+
+#: A stand-in for a ``virtblk serve`` that exits 0 on SIGTERM but leaves a process of its
+#: group running: it starts ``sleep`` with SIGTERM ignored (an ignored signal stays ignored
+#: across exec), as a queue worker ignores the SIGTERM sent to the group and waits for its
+#: server to say stop; then it listens on the socket, so ``start`` returns.
+_LEAVES_A_SLEEP = textwrap.dedent("""
+    import signal, socket, subprocess, sys
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    subprocess.Popen(["sleep", "30"])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sys.argv[1])
+    listener.listen()
+    while True:
+        signal.pause()
+""")
+
+
+def test_a_server_that_exits_cleanly_but_leaves_its_group_running_fails(
+    sock_dir: Path,
+) -> None:
+    """Exiting 0 is not enough: whatever of its group the server left running is named,
+    killed, and fails the block (the session-end check would never see it)."""
+    sp = ServeProcess(sock_dir / "vb.sock", [])
+    sp.argv = [sys.executable, "-c", _LEAVES_A_SLEEP, str(sp.socket_path)]
+    members: list[int] = []
+    with pytest.raises(RuntimeError, match=r"exited with status 0 but left") as failure, sp:
+        assert sp.process is not None
+        leader = sp.process.pid
+        members = [pid for pid in process_group(leader) if pid != leader]
+    (sleep,) = members
+    assert f"pid {sleep}: sleep 30" in str(failure.value)
+    assert _gone(sleep)
     assert process_group(leader) == []

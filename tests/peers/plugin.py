@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from .guest import GuestError, GuestKernel, prepare_guest_kernel
-from .leftovers import SESSION_ENV, kill, tagged_processes
+from .leftovers import SESSION_ENV, Leftover, descendants, kill, tagged_processes
 from .qsd import QemuStorageDaemon, short_socket_dir
 
 #: Tests with these markers exercise a real peer; not running them is a failure.  So is
@@ -49,11 +49,21 @@ settings.load_profile(os.environ.get(PROFILE_ENV) or ("ci" if os.environ.get("CI
 #: by pytester puts the outer one back).
 _SESSION_TAG = pytest.StashKey[tuple[str, str | None]]()
 
+#: The processes below this one when the session began, as (pid, start): not the session's.
+#: Empty for a session of its own; a session that pytester runs in-process shares the
+#: outer session's process, and must not count (and kill) what the outer one started.
+_BEFORE = pytest.StashKey[frozenset[tuple[int, int]]]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Declare the markers, and tag every process the tests will start (see `leftovers`)."""
+    """Declare the markers, tag every program the tests will run, and note what already runs
+    below this process (see `leftovers`)."""
     config.addinivalue_line("markers", "interop: against a real peer (must run, never skip)")
     config.addinivalue_line("markers", "guest: a Linux guest under QEMU (must run, never skip)")
+    config.stash[_BEFORE] = frozenset((p.pid, p.started) for p in descendants(os.getpid()))
+    # A fresh tag, never one inherited: a child pytest (pytester's subprocess runs) gets
+    # the outer session's tag in its environment, and reusing it would list the outer
+    # session's processes, the outer pytest itself included.
     tag = uuid.uuid4().hex
     config.stash[_SESSION_TAG] = (tag, os.environ.get(SESSION_ENV))
     os.environ[SESSION_ENV] = tag
@@ -145,13 +155,14 @@ def pytest_runtest_makereport(
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Fail the run if a process a test started is still alive (after every fixture was
-    torn down: this runs last), and kill it.
+    torn down: this runs last), and kill it: whatever still runs below this process, and
+    whatever carries the session's tag.
 
-    A server or a QEMU left behind holds its image and its socket, and says the test's
-    cleanup is broken; the next run would not notice it otherwise.
+    A server or a QEMU left behind holds its image and its socket, and a forked job its
+    share of the CPU; each says the test's cleanup is broken, and the next run would not
+    notice it otherwise.
     """
-    tag, _ = session.config.stash[_SESSION_TAG]
-    leftovers = tagged_processes(tag)
+    leftovers = _leftovers(session.config)
     if not leftovers:
         return
     survivors = kill(leftovers)
@@ -170,6 +181,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         reporter.stats.setdefault("error", []).append(report)
     if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _leftovers(config: pytest.Config) -> list[Leftover]:
+    """The session's live processes: new below this one, or tagged; each once, by pid."""
+    tag, _ = config.stash[_SESSION_TAG]
+    before = config.stash[_BEFORE]
+    found = {p.pid: p for p in descendants(os.getpid()) if (p.pid, p.started) not in before}
+    for tagged in tagged_processes(tag):
+        found.setdefault(tagged.pid, tagged)
+    return sorted(found.values(), key=lambda leftover: leftover.pid)
 
 
 @pytest.fixture

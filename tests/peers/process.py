@@ -1,6 +1,7 @@
-"""Waiting for a device process to serve its Unix socket, and finding the processes of a
-process group: shared by the harnesses that start ``qemu-storage-daemon``
-(``peers.qsd``) and ``virtblk serve`` (``interop.serve_process``)."""
+"""Waiting for a device process to serve its Unix socket, and reading processes from /proc
+(their state, parent, group and start): shared by the harnesses that start
+``qemu-storage-daemon`` (``peers.qsd``) and ``virtblk serve`` (``interop.serve_process``)
+and by the leftover-process check (``peers.leftovers``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -47,22 +49,49 @@ def wait_ready(
         time.sleep(interval)
 
 
+@dataclass(frozen=True)
+class ProcessStat:
+    """What the harness reads of a process in /proc/PID/stat."""
+
+    state: str  #: ``R``, ``S``, ``T``, ``Z``, ...
+    ppid: int
+    pgrp: int
+    #: When it started, in clock ticks after boot: with the pid, it names one process
+    #: (a pid is reused once its process is gone).
+    started: int
+
+
+def process_stat(pid: int) -> ProcessStat | None:
+    """The process's state, parent, group and start; None when it is gone.  The command
+    name before them is skipped by its last ``)``: it may hold spaces and parentheses."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Fields 3, 4, 5 and 22 of proc(5): the first after the name is number 3.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return ProcessStat(fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+
+
 def process_state(pid: int) -> str | None:
     """The state letter of a process (``R``, ``S``, ``T``, ``Z``, ...), None when it is gone."""
-    stat = _stat_fields(pid)
-    return stat[0] if stat is not None else None
+    stat = process_stat(pid)
+    return stat.state if stat is not None else None
+
+
+def all_processes() -> dict[int, ProcessStat]:
+    """Every process of /proc (zombies too) by pid, as ``process_stat`` reads it."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := process_stat(int(entry.name))) is not None:
+            table[int(entry.name)] = stat
+    return table
 
 
 def process_group(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group ``pgid``, from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _stat_fields(int(entry.name))
-        if stat is not None and stat[0] != "Z" and int(stat[2]) == pgid:
-            members.append(int(entry.name))
-    return sorted(members)
+    return sorted(pid for pid, stat in all_processes().items()
+                  if stat.state != "Z" and stat.pgrp == pgid)
 
 
 def wait_group_gone(pgid: int, timeout: float) -> list[int]:
@@ -72,14 +101,3 @@ def wait_group_gone(pgid: int, timeout: float) -> list[int]:
     while (left := process_group(pgid)) and time.monotonic() < deadline:
         time.sleep(0.01)
     return left
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...);
-    None when the process is gone.  The name is skipped by its last ``)``: it may hold
-    spaces and parentheses."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat[stat.rindex(")") + 2 :].split()

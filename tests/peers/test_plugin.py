@@ -4,6 +4,8 @@ must turn into a failure, and what it must leave alone."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -143,27 +145,71 @@ FAKE_SERVE = "import time\ntime.sleep(600)\n"
 def test_a_process_left_running_fails_the_run_and_is_killed(
     pytester: pytest.Pytester, tmp_path: Path
 ) -> None:
-    """Started in a session of its own (as ServeProcess does), so no process-tree walk
-    would find it: the environment tag does."""
+    """Started in a session of its own by a parent that then exits (as a daemon does), so
+    it is reparented and no walk down from pytest finds it: the environment tag does."""
     script = tmp_path / "virtblk"
     script.write_text(FAKE_SERVE)
     pidfile = tmp_path / "pid"
     result = _run(pytester, test_leak=f"""
-        import subprocess, sys
+        import os, subprocess, sys
+        from peers.leftovers import descendants
+
+        DAEMONIZE = (
+            "import subprocess, sys\\n"
+            "server = subprocess.Popen(sys.argv[1:], start_new_session=True,\\n"
+            "                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\\n"
+            "print(server.pid)\\n"
+        )
 
         def test_leaves_a_server_behind():
-            server = subprocess.Popen([sys.executable, {str(script)!r}, "serve"],
-                                      start_new_session=True)
-            open({str(pidfile)!r}, "w").write(str(server.pid))
+            started = subprocess.run(
+                [sys.executable, "-c", DAEMONIZE, sys.executable, {str(script)!r}, "serve"],
+                capture_output=True, text=True, check=True)
+            open({str(pidfile)!r}, "w").write(started.stdout)
+            assert int(started.stdout) not in [p.pid for p in descendants(os.getpid())]
     """)
+    pid = int(pidfile.read_text())
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(passed=1, errors=1)
-    pid = int(pidfile.read_text())
     result.stdout.fnmatch_lines([
         "*tests left these processes running (killed now):*",
         f"*pid {pid}: {sys.executable} {script} serve*",
     ])  # fmt: skip
     assert process_state(pid) in (None, "Z")
+
+
+def test_a_child_forked_without_exec_fails_the_run_and_is_killed(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """A forked child runs with the environment its parent was exec'd with, which lacks the
+    tag the session put into os.environ: the walk down from the pytest process finds it."""
+    pidfile = tmp_path / "pid"
+    try:
+        result = _run(pytester, test_fork=f"""
+            import os, time
+
+            def test_forks_a_worker_and_forgets_it():
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        time.sleep(600)
+                    finally:
+                        os._exit(0)
+                open({str(pidfile)!r}, "w").write(str(pid))
+        """)
+        pid = int(pidfile.read_text())
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines([
+            "*tests left these processes running (killed now):*", f"*pid {pid}: *",
+        ])  # fmt: skip
+        # Killed and reaped (it is a child of this process: pytester runs in-process).
+        assert process_state(pid) is None
+    finally:
+        # Without the check the child would sleep on, a child of this very process.
+        if pidfile.exists() and process_state(pid := int(pidfile.read_text())) is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def test_a_process_a_test_stops_is_not_a_leftover(
@@ -181,6 +227,25 @@ def test_a_process_a_test_stops_is_not_a_leftover(
     """)
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.OK
+
+
+def test_an_inner_session_leaves_the_outer_sessions_processes_alone(
+    pytester: pytest.Pytester,
+) -> None:
+    """pytester runs the inner session in this process: what already ran below it when
+    that session began is not the inner session's to count or kill."""
+    outer = subprocess.Popen(["sleep", "600"])
+    try:
+        result = _run(pytester, test_nothing="""
+            def test_starts_nothing():
+                pass
+        """)
+        result.assert_outcomes(passed=1)
+        assert result.ret == pytest.ExitCode.OK
+        assert outer.poll() is None
+    finally:
+        outer.kill()
+        outer.wait()
 
 
 # -- Hypothesis's profiles -----------------------------------------------------------------
