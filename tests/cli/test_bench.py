@@ -416,18 +416,23 @@ def test_notifications_are_counted_on_both_ends() -> None:
     assert n["driver_kicks"] - n["device_kicks"] < 0.1, n
 
 
-def test_waiting_for_a_batch_takes_fewer_interrupts() -> None:
-    """``--iodepth_batch_complete_min`` asks the device to signal once per batch."""
-    one = bench_json("--iodepth", "16", "--device-poll-us", "0")
+def test_waiting_for_a_batch_takes_at_most_one_interrupt_per_batch() -> None:
+    """``--iodepth_batch_complete_min`` asks the device to signal once per batch.
+
+    (Not compared with a run that waits for one completion: on a loaded machine that run
+    reaps many completions per interrupt too, 0.044 per I/O against the batch's 0.0625.)"""
     batch = bench_json("--iodepth", "16", "--device-poll-us", "0",
                        "--iodepth_batch_complete_min", "16")
-    per_io = [d["virtblk"]["notifications_per_io"]["driver_interrupts"] for d in (one, batch)]
-    assert 0 < per_io[1] <= 1 / 16 + 0.01, per_io
-    assert per_io[1] < per_io[0], per_io
+    n = batch["virtblk"]["notifications_per_io"]
+    assert 0 < n["driver_interrupts"] <= 1 / 16 + 0.01, n
+    assert n["device_notifications"] <= 1 / 16 + 0.01, n
 
 
 def test_polling_driver_takes_no_interrupt_from_a_polling_device() -> None:
-    data = bench_json("--iodepth", "1", "--poll-us", "500", "--device-poll-us", "500")
+    """Each end polls long enough to see the other's next move however loaded the machine
+    (at 500 us, a machine running four other busy processes took 0.8-0.9 interrupts per
+    I/O: the turnaround outlasted the polling)."""
+    data = bench_json("--iodepth", "1", "--poll-us", "20000", "--device-poll-us", "20000")
     n = data["virtblk"]["notifications_per_io"]
     assert n["driver_interrupts"] < 0.5 and n["device_kicks"] < 0.5, n
 
