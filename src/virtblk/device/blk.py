@@ -496,9 +496,15 @@ class BlkDevice:
         if self._procs is not None:
             for index in list(self._remote):
                 try:
-                    self._take_stats(index, self._procs[index].stats())
+                    snapshot = self._procs[index].stats()
                 except (WorkerError, IndexError) as exc:
                     log.error("%s", exc)
+                    continue
+                with self._workers_lock:
+                    # A stop that began meanwhile stores the final counters: this older
+                    # snapshot must not overwrite them.
+                    if index in self._remote:
+                        self._take_stats(index, snapshot)
         queues = [q.as_dict() for q in self._stats]
         requests: dict[str, int] = {}
         for q in self._stats:
