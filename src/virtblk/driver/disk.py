@@ -456,11 +456,6 @@ class Disk:
         with self._alloc_lock:
             self._dev.allocator.free(gpa)
 
-    def request_segments(self, gpa: int, length: int) -> list[list[tuple[int, int]]]:
-        """One contiguous shared buffer as the segment lists of the requests that carry it
-        (:meth:`RequestBuilder.request_segments`)."""
-        return self.requests.request_segments(gpa, length)
-
     def _rw(
         self, write: bool, views: list[memoryview], offset: int,
         direct: Sequence[int | None], *, fua: bool = False,

@@ -260,15 +260,14 @@ class QueueHandle:
         range the device would need split is refused (as ``max_transfer`` is)."""
         what = type_.name.lower()
         self._check_range(what, offset, length)
-        segs = self._requests.range_segments(type_, offset, length, unmap=unmap)
-        if not segs:
+        sectors = length >> SECTOR_SHIFT
+        if not sectors:
             raise ValueError(f"{what}: empty range")
-        if len(segs) > 1:
+        limit = self._requests.max_range_sectors(type_) or 0xFFFFFFFF  # a segment's u32
+        if sectors > limit:
             raise ValueError(
-                f"{what}: {length >> SECTOR_SHIFT} sectors exceed the device's limit of "
-                f"{self._requests.max_range_sectors(type_)} per request"
-            )
-        return segs[0]
+                f"{what}: {sectors} sectors exceed the device's limit of {limit} per request")
+        return DiscardSegment(offset >> SECTOR_SHIFT, sectors, 1 if unmap else 0)
 
     # -- submit and reap ---------------------------------------------------------------------
     def do_io(

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from virtblk.driver.blklayer import PluggedQueue, QueueLimits
+from virtblk.driver.blklayer import PluggedQueue
 from virtblk.driver.disk import Disk
 from virtblk.driver.queue_api import QueueHandle
 from virtblk.spec import SECTOR_SHIFT, Status
@@ -124,10 +124,8 @@ def _engine_plug(res: Resources, job: Job, deadline: int | None, clock: Clock) -
     for b in res.bufs:
         gpa = disk.buffer_address(b)
         assert gpa is not None
-        (segs,) = disk.request_segments(gpa, cfg.bs)
-        segs_of.append(segs)
-    engine = PluggedQueue(res.queue, QueueLimits.from_limits(disk.limits,
-                                                             disk.logical_block_size))
+        segs_of.append(list(disk.requests.segments(gpa, cfg.bs)))
+    engine = PluggedQueue(res.queue, disk.queue_limits)
     slots = [engine.bio(False, segs, user_data=i) for i, segs in enumerate(segs_of)]
     start = [0] * len(slots)
     slot_write = job.slot_write
