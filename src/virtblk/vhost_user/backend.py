@@ -42,9 +42,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from virtblk.spec import (
-    VRING_AVAIL_ALIGN,
-    VRING_DESC_ALIGN,
-    VRING_USED_ALIGN,
     Feature,
     has_feature,
 )
@@ -94,7 +91,7 @@ from virtblk.vhost_user.messages import (
 )
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.split_device import DeviceVirtqueue, RingError
-from virtblk.virtio.split_layout import VringAddrs, check_queue_size, ring_sizes
+from virtblk.virtio.split_layout import RING_AREAS, VringAddrs, check_queue_size, ring_sizes
 
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
@@ -543,14 +540,9 @@ class BackendConnection:
     def _translate(self, index: int, num: int, desc: int, avail: int, used: int) -> VringAddrs:
         """Ring user addresses -> guest addresses; the whole of each area must be mapped."""
         assert self.memory is not None
-        desc_size, avail_size, used_size = ring_sizes(num)
-        areas = (
-            ("descriptor table", desc, desc_size, VRING_DESC_ALIGN),
-            ("avail ring", avail, avail_size, VRING_AVAIL_ALIGN),
-            ("used ring", used, used_size, VRING_USED_ALIGN),
-        )
         gpas: list[int] = []
-        for name, uva, length, align in areas:
+        for (name, align), uva, length in zip(RING_AREAS, (desc, avail, used), ring_sizes(num),
+                                              strict=True):
             try:
                 gpa = self.memory.user_to_guest(uva, length)
             except GuestMemoryError as exc:

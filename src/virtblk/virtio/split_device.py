@@ -15,15 +15,11 @@ import struct
 from typing import Final, NamedTuple
 
 from virtblk.spec import (
-    VIRTQUEUE_MAX_SIZE,
-    VRING_AVAIL_ALIGN,
     VRING_AVAIL_F_NO_INTERRUPT,
-    VRING_DESC_ALIGN,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
-    VRING_USED_ALIGN,
     VRING_USED_ELEM_SIZE,
     VRING_USED_F_NO_NOTIFY,
     vring_need_event,
@@ -32,12 +28,14 @@ from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.split_layout import (
     DESC,
     NEXT_WRITE,
+    RING_AREAS,
     TABLE_STRUCTS,
     U16,
     Barrier,
     VirtqueueError,
     VringAddrs,
     avail_event_slot,
+    ring_sizes,
     table_struct,
     used_event_slot,
 )
@@ -174,22 +172,19 @@ class DeviceVirtqueue:
     ) -> None:
         """Attach to rings the driver set up; raises RingError if they are not in memory."""
         num = addrs.num
-        if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
-            raise RingError(f"queue size {num} is not a power of two in 1..{VIRTQUEUE_MAX_SIZE}")
-        for name, addr, align in (
-            ("descriptor table", addrs.desc, VRING_DESC_ALIGN),
-            ("avail ring", addrs.avail, VRING_AVAIL_ALIGN),
-            ("used ring", addrs.used, VRING_USED_ALIGN),
-        ):
+        try:
+            sizes = ring_sizes(num, event_idx=event_idx)
+        except ValueError as exc:
+            raise RingError(str(exc)) from None
+        starts = (addrs.desc, addrs.avail, addrs.used)
+        for (name, align), addr in zip(RING_AREAS, starts, strict=True):
             if addr % align:
                 raise RingError(f"{name} at {addr:#x} is not {align}-byte aligned")
         if not 0 <= last_avail_idx <= U16 or not 0 <= used_idx <= U16:
             raise RingError(f"ring indices {last_avail_idx}, {used_idx} are not 16-bit")
-        extra = 2 if event_idx else 0
         try:
-            self._desc = memory.view(addrs.desc, VRING_DESC_SIZE * num)
-            avail = memory.view(addrs.avail, 4 + 2 * num + extra)
-            used = memory.view(addrs.used, 4 + VRING_USED_ELEM_SIZE * num + extra)
+            self._desc, avail, used = (memory.view(addr, size)
+                                       for addr, size in zip(starts, sizes, strict=True))
         except GuestMemoryError as exc:
             raise RingError(f"ring not in guest memory: {exc}") from exc
         self.addrs = addrs

@@ -93,14 +93,25 @@ def check_queue_size(num: int) -> None:
         raise ValueError(f"queue size {num} must be a power of two in 1..{VIRTQUEUE_MAX_SIZE}")
 
 
-def ring_sizes(num: int) -> tuple[int, int, int]:
+RING_AREAS: tuple[tuple[str, int], ...] = (
+    ("descriptor table", VRING_DESC_ALIGN),
+    ("avail ring", VRING_AVAIL_ALIGN),
+    ("used ring", VRING_USED_ALIGN),
+)
+"""The three areas of a split ring, in the order :func:`ring_sizes` gives their sizes, with
+the alignment the spec requires of each."""
+
+
+def ring_sizes(num: int, *, event_idx: bool = True) -> tuple[int, int, int]:
     """Bytes of (descriptor table, avail ring, used ring) for ``num`` entries.
 
-    The avail and used sizes include the trailing ``used_event``/``avail_event`` fields,
-    which exist in memory whether or not EVENT_IDX is negotiated.
+    With ``event_idx`` (what a driver allocates and a frontend's mapping must cover), the
+    avail and used sizes include the trailing ``used_event``/``avail_event`` fields; without
+    it, only what a device that did not negotiate EVENT_IDX may touch.
     """
     check_queue_size(num)
-    return VRING_DESC_SIZE * num, 6 + 2 * num, 6 + VRING_USED_ELEM_SIZE * num
+    extra = 2 if event_idx else 0
+    return VRING_DESC_SIZE * num, 4 + 2 * num + extra, 4 + VRING_USED_ELEM_SIZE * num + extra
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,13 +126,9 @@ class VringAddrs:
     @classmethod
     def allocate(cls, allocator: BufferAllocator, num: int) -> VringAddrs:
         """Carve the three areas out of ``allocator`` with the spec's alignments."""
-        desc_size, avail_size, used_size = ring_sizes(num)
-        return cls(
-            num=num,
-            desc=allocator.alloc(desc_size, VRING_DESC_ALIGN),
-            avail=allocator.alloc(avail_size, VRING_AVAIL_ALIGN),
-            used=allocator.alloc(used_size, VRING_USED_ALIGN),
-        )
+        desc, avail, used = (allocator.alloc(size, align) for size, (_, align)
+                             in zip(ring_sizes(num), RING_AREAS, strict=True))
+        return cls(num=num, desc=desc, avail=avail, used=used)
 
 
 class Barrier:
