@@ -41,10 +41,10 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 """Package -> packages it must not import (besides ``virtblk.cli``, which only
 ``virtblk.__main__`` may import)."""
 
-LAZY_ONLY = {("virtblk.driver", "virtblk.embedded"), ("virtblk.aio", "virtblk.embedded")}
-"""``Disk.embedded`` and ``AsyncDisk.embedded`` stay the public spelling of "start our own
-device": they delegate to the composition root, importing it inside the method so that
-loading the driver never loads the device."""
+LAZY_ONLY = {("virtblk.driver", "virtblk.embedded")}
+"""``Disk.embedded`` stays the public spelling of "start our own device" (``AsyncDisk.embedded``
+goes through it): it delegates to the composition root, importing it inside the method so
+that loading the driver never loads the device."""
 
 
 @dataclasses.dataclass(frozen=True)
