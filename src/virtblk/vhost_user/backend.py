@@ -204,9 +204,12 @@ _NEEDS_PROTOCOL_FEATURE: dict[type[Message], ProtocolFeature] = {
 }
 
 
-def _keep(fd: OwnedFd) -> OwnedFd:
-    """Take ``fd`` out of its message: the message's close no longer touches it."""
-    return OwnedFd(fd.take())
+def _replace(held: OwnedFd | None, new: OwnedFd | None) -> OwnedFd | None:
+    """What to hold instead of ``held`` (closed now): ``new`` taken out of its message, so
+    the message's close no longer touches it."""
+    if held is not None:
+        held.close()
+    return None if new is None else OwnedFd(new.take())
 
 
 class BackendConnection:
@@ -368,9 +371,7 @@ class BackendConnection:
                 self._set_vring_call(index, fd)
             case SetVringErr(index=index, fd=fd):
                 ring = self._ring(index, "SET_VRING_ERR")
-                if ring.err_fd is not None:
-                    ring.err_fd.close()
-                ring.err_fd = None if fd is None else _keep(fd)
+                ring.err_fd = _replace(ring.err_fd, fd)
             case SetVringEnable(index=index, enable=enable):
                 self._set_vring_enable(index, enable)
             case GetConfig():
@@ -379,7 +380,7 @@ class BackendConnection:
                 return self._set_config(message)
             case SetBackendReqFd(fd=fd):
                 self._close_backend_channel()
-                self.backend_req = _keep(fd)
+                self.backend_req = _replace(None, fd)
             case GetInflightFd():
                 return self._get_inflight_fd(message)
             case SetInflightFd():
@@ -557,9 +558,7 @@ class BackendConnection:
         if fd is None:
             raise ProtocolError(f"SET_VRING_KICK: ring {index} without a kick fd (polling mode)")
         self._stop_ring(index)  # a new kick fd for a running ring: restart it on the new fd
-        if ring.kick_fd is not None:
-            ring.kick_fd.close()
-        ring.kick_fd = _keep(fd)
+        ring.kick_fd = _replace(ring.kick_fd, fd)
         ring.started = True
         self._maybe_start(index)
 
@@ -567,9 +566,7 @@ class BackendConnection:
         ring = self._ring(index, "SET_VRING_CALL")
         # The device has no "swap the call fd" hook: restart the ring around the change.
         was_running = self._stop_ring(index)
-        if ring.call_fd is not None:
-            ring.call_fd.close()
-        ring.call_fd = None if fd is None else _keep(fd)
+        ring.call_fd = _replace(ring.call_fd, fd)
         if was_running:
             self._maybe_start(index)
 
@@ -693,9 +690,7 @@ class BackendConnection:
             reply = GetInflightFdReply(
                 mmap_size, 0, message.num_queues, size, OwnedFd.dup(fd.fileno())
             )
-            if self.inflight_fd is not None:
-                self.inflight_fd.close()
-            self.inflight_fd = _keep(fd)
+            self.inflight_fd = _replace(self.inflight_fd, fd)
         return reply
 
     def _set_inflight_fd(self, message: SetInflightFd) -> None:
@@ -711,9 +706,7 @@ class BackendConnection:
                 f"SET_INFLIGHT_FD: buffer of {message.mmap_size} bytes, {needed} needed for "
                 f"{message.num_queues} queues of {message.queue_size}"
             )
-        if self.inflight_fd is not None:
-            self.inflight_fd.close()
-        self.inflight_fd = _keep(message.fd)
+        self.inflight_fd = _replace(self.inflight_fd, message.fd)
 
     # ------------------------------------------------------------------ backend channel
 
@@ -767,9 +760,7 @@ class BackendConnection:
                 log.warning("frontend answered %s with status %d", event.name, event.status)
 
     def _close_backend_channel(self) -> None:
-        if self.backend_req is not None:
-            self.backend_req.close()
-        self.backend_req = None
+        self.backend_req = _replace(self.backend_req, None)
         self._backend_decoder.close()
         self._backend_decoder = Decoder(Channel.BACKEND)
 
