@@ -15,16 +15,19 @@ if TYPE_CHECKING:  # imported where they are used: ``--help`` loads no check and
 
     from virtblk.tools.check import CheckResult, Report
 
-_STYLE = {"pass": "green", "fail": "bold red", "warn": "yellow", "skip": "dim"}
-"""rich's style of each outcome (``Outcome`` is a ``StrEnum``: its values are the keys)."""
-
 _MARK: dict[str, dict[str, Any]] = {
     "pass": {"fg": "green"},
     "fail": {"fg": "red", "bold": True},
     "warn": {"fg": "yellow"},
     "skip": {"dim": True},
 }
-"""click's style of each outcome's mark in the compact form."""
+"""click's style of each outcome's mark in the compact form (``Outcome`` is a ``StrEnum``:
+its values are the keys)."""
+
+_STYLE = {outcome: " ".join([*(k for k in ("bold", "dim") if style.get(k)),
+                             *([style["fg"]] if "fg" in style else [])])
+          for outcome, style in _MARK.items()}
+"""The same styles in rich's words, for the full table."""
 
 _DETAIL_INDENT = " " * 6
 
