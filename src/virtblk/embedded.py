@@ -129,17 +129,30 @@ def start_embedded(
                 device.backend.close()
                 raise
             return EmbeddedDevice(ours, thread=thread, control=control, workdir=workdir)
-        # Fail in the parent, with a clear message, on anything the child would reject:
-        # the storage, and the settings as the device judges them (a thread-mode device
-        # starts no process and serves nothing until a frontend connects).
-        _check_in_parent(options)
-        fd = theirs.fileno()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "virtblk.embedded", str(fd), json.dumps(options.to_dict()),
-             control_path],
-            pass_fds=[fd],
-        )
-        theirs.close()
+        # The options judged themselves when they were made (in this process): what is
+        # left for the child to find is what only the storage can tell, and it reports
+        # that (or that the device is built) on a pipe before it serves.
+        report_r, report_w = os.pipe()
+        with os.fdopen(report_r, "rb") as report_file:
+            try:
+                fd = theirs.fileno()
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "virtblk.embedded", str(fd),
+                     json.dumps(options.to_dict()), control_path, str(report_w)],
+                    pass_fds=[fd, report_w],
+                )
+            finally:
+                os.close(report_w)  # the child has its own copy; EOF is its close
+            theirs.close()
+            try:
+                report = report_file.read()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        if report != b"{}":
+            proc.wait()
+            _raise_build_error(report)
         return EmbeddedDevice(ours, process=proc, workdir=workdir)
     except BaseException:
         ours.close()
@@ -192,17 +205,6 @@ def open_embedded(
     return disk
 
 
-def _check_in_parent(options: DeviceOptions) -> None:
-    """Build the device the child will build, in this process, and close it again.  Its
-    queues are threads here, so no worker process starts; a zoned device's are threads
-    anyway (and worker processes are refused for it, which the build must still see)."""
-    if options.zoned is None:
-        options = dataclasses.replace(options, workers="thread")
-    device = options.build()
-    device.close()
-    device.backend.close()
-
-
 def _serve(sock: socket.socket, device: Any) -> None:
     from virtblk.vhost_user.server import serve_connected
 
@@ -214,12 +216,43 @@ def _serve(sock: socket.socket, device: Any) -> None:
         sock.close()
 
 
+def _build_error(exc: Exception) -> dict[str, Any]:
+    """What the parent needs to raise ``exc`` again as itself (an OSError by its errno,
+    so its message names the errno once)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return {"errno": exc.errno, "strerror": exc.strerror, "filename": exc.filename}
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def _raise_build_error(report: bytes) -> None:
+    """Raise in the parent what the child could not build the device for: the child's
+    own exception where it is an OSError, ValueError or TypeError."""
+    if not report:
+        raise RuntimeError("the embedded device exited before building the device "
+                           "(its standard error says why)")
+    error = json.loads(report)
+    if "errno" in error:
+        raise OSError(error["errno"], error["strerror"], error["filename"])
+    kinds: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError}
+    raise kinds.get(error["type"], RuntimeError)(error["message"])
+
+
 def main(argv: list[str]) -> int:
-    """Child entry point: ``python -m virtblk.embedded FD OPTIONS_JSON CONTROL_PATH``."""
+    """Child entry point:
+    ``python -m virtblk.embedded FD OPTIONS_JSON CONTROL_PATH REPORT_FD``.  REPORT_FD gets
+    ``{}`` once the device is built, or why it could not be (see
+    :func:`_raise_build_error`), and is closed before the device serves."""
     logging.basicConfig(level=logging.WARNING, format="virtblk-device: %(message)s")
     fd, spec, control_path = int(argv[0]), json.loads(argv[1]), argv[2]
     sock = socket.socket(fileno=fd)
-    device = DeviceOptions.from_dict(spec).build()
+    with os.fdopen(int(argv[3]), "w") as report:
+        try:
+            device = DeviceOptions.from_dict(spec).build()
+        except Exception as exc:
+            report.write(json.dumps(_build_error(exc)))
+            sock.close()
+            return 1
+        report.write("{}")
     with ControlServer(control_path, device):
         _serve(sock, device)
     return 0

@@ -7,10 +7,12 @@ import dataclasses
 import inspect
 import json
 import pathlib
+import re
 from typing import Any
 
 import pytest
 
+from virtblk.device.backends import NullBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.options import DEFAULT_POLL_US, BlkSettings, DeviceOptions
 from virtblk.spec import Lifetime
@@ -48,12 +50,17 @@ def _not_defaults() -> DeviceOptions:
         assert getattr(settings, field.name) != getattr(defaults, field.name), field.name
     return DeviceOptions(
         backend="file", size=8 * MiB, path="/tmp/image", read_only=True, num_queues=3,
-        queue_size=64, device=settings, zoned={"zone_size": MiB}, workers="thread",
+        queue_size=64, device=settings, workers="thread",
     )
 
 
-def test_the_json_hand_off_keeps_every_field() -> None:
-    options = _not_defaults()
+@pytest.mark.parametrize("options", [
+    _not_defaults(),
+    # zoned needs the memory backend, so it is set where the file backend is not
+    dataclasses.replace(_not_defaults(), backend="memory", path=None,
+                        zoned={"zone_size": MiB}),
+])
+def test_the_json_hand_off_keeps_every_field(options: DeviceOptions) -> None:
     back = DeviceOptions.from_dict(json.loads(json.dumps(options.to_dict())))
     assert back == options
     assert isinstance(back.device.lifetime, Lifetime)
@@ -86,6 +93,57 @@ def test_the_closest_name_is_suggested() -> None:
 def test_a_value_of_the_wrong_type_names_its_field(field: str, value: Any) -> None:
     with pytest.raises(TypeError, match=f"{field} must be"):
         BlkSettings(**{field: value})
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"blk_size": 1000}, "blk_size must be a power of two >= 512, got 1000"),
+    ({"blk_size": 256}, "blk_size must be a power of two >= 512, got 256"),
+    ({"serial": "x" * 21}, "serial is 21 bytes; GET_ID answers at most 20"),
+    ({"serial": "d\u00e9j\u00e0"}, "serial must be ASCII"),
+    ({"max_discard_seg": 0}, "max_discard_seg must be >= 1, got 0"),
+    ({"max_write_zeroes_seg": 0}, "max_write_zeroes_seg must be >= 1, got 0"),
+    ({"max_secure_erase_seg": -1}, "max_secure_erase_seg must be >= 1, got -1"),
+    ({"poll_us": -1.0}, "poll_us must be >= 0, got -1.0"),
+    ({"io_threads": -1}, "io_threads must be >= 0, got -1"),
+])
+def test_a_value_the_device_refuses_is_refused_where_it_is_given(
+        values: dict[str, Any], message: str) -> None:
+    """The device's rules for its settings are the settings' own: they hold when the
+    settings are made (in the caller's process), and BlkDevice, made from its keywords,
+    says the same."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BlkSettings(**values)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BlkDevice(NullBackend(MiB), **values)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"num_queues": 0}, "num_queues must be in 1..65535, got 0"),
+    ({"num_queues": 65536}, "num_queues must be in 1..65535, got 65536"),
+    ({"queue_size": 100}, "queue_size must be a power of two in 2..32768, got 100"),
+    ({"queue_size": 65536}, "queue_size must be a power of two in 2..32768, got 65536"),
+    ({"backend": "null", "size": None}, "the null backend needs a size > 0"),
+    ({"backend": "memory", "size": 0}, "the memory backend needs a size > 0"),
+    ({"backend": "file", "path": None}, "the file backend needs a path"),
+    ({"backend": "file", "path": "/tmp/z.img", "zoned": {"zone_size": MiB}},
+     "zoned devices use the memory backend, not file"),
+    ({"zoned": {"zone_size": MiB}, "workers": "process"},
+     "zoned devices and devices with their own execute() serve their queues from threads"),
+    ({"zoned": {"zone_sise": MiB}}, "zone_sise"),
+])
+def test_device_options_refuse_what_needs_no_storage_to_judge(
+        values: dict[str, Any], message: str) -> None:
+    """Judged when the description is made: nothing is opened, created or allocated."""
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        DeviceOptions(**{"backend": "memory", "size": MiB, **values})
+
+
+def test_blk_device_keeps_its_settings_as_given() -> None:
+    """BlkDevice makes its keywords a BlkSettings: every one reaches it (a keyword the
+    device forgot to pass on would leave a default here)."""
+    settings = _not_defaults().device
+    dev = BlkDevice(NullBackend(MiB), **settings.as_kwargs())
+    assert dev.settings == settings
 
 
 def test_what_blkdevice_takes_is_taken_as_text() -> None:

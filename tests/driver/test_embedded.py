@@ -4,6 +4,7 @@ device starts, so a misspelled one names itself instead of failing in a child.""
 from __future__ import annotations
 
 import asyncio
+import pathlib
 
 import pytest
 
@@ -40,7 +41,31 @@ def test_the_options_reach_the_device() -> None:
 
 
 def test_a_value_the_device_refuses_fails_in_the_caller() -> None:
-    """Values are the device's to judge (a serial longer than GET_ID's 20 bytes): it judges
-    them in the calling process too, before the child starts."""
+    """The device's rules for a value (a serial longer than GET_ID's 20 bytes) are the
+    settings': they hold where the settings are made, in the calling process, before the
+    child starts."""
     with pytest.raises(ValueError, match="serial is 21 bytes"):
         Disk.embedded(size=MiB, mode="process", serial="x" * 21)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_refused_options_touch_no_storage(tmp_path: pathlib.Path, mode: str) -> None:
+    """Judging the options needs no device: the image they name is not created."""
+    image = tmp_path / "new.img"
+    with pytest.raises(ValueError, match="blk_size must be a power of two"):
+        Disk.embedded(size=MiB, backend="file", path=image, mode=mode, blk_size=1000)
+    with pytest.raises(ValueError, match=r"num_queues must be in 1\.\.65535"):
+        Disk.embedded(size=MiB, backend="file", path=image, mode=mode, num_queues=0)
+    assert not image.exists()
+
+
+def test_what_only_the_storage_can_tell_fails_in_the_caller_as_itself(
+        tmp_path: pathlib.Path) -> None:
+    """The child opens the storage; when it cannot, the caller gets the child's own error
+    (not a connection the child dropped), and the child has exited."""
+    missing = tmp_path / "no-such-dir" / "x.img"
+    with pytest.raises(FileNotFoundError, match=r"^\[Errno 2\] No such file or directory: "):
+        Disk.embedded(backend="file", path=missing, mode="process")
+    # the zoned backend judges its zone size when it is made
+    with pytest.raises(ValueError, match=r"zone size \(1000\) must be multiples of 512"):
+        Disk.embedded(size=MiB, zoned={"zone_size": 1000}, mode="process")

@@ -41,6 +41,7 @@ from virtblk.device.request import (
     read_segments,
     type_name,
 )
+from virtblk.device.settings import ZONED_WORKERS_ERROR, BlkSettings, check_queues
 from virtblk.device.worker_process import WorkerError, WorkerProcess
 from virtblk.device.zoned import ZonedMemoryBackend, ZonedRequests
 from virtblk.spec import (
@@ -122,25 +123,26 @@ class BlkDevice:
         (``virtblk.device.worker_process``), so queues do not share one interpreter lock;
         the storage must then be a file, memory or null backend.  Call :meth:`close` to
         end those processes."""
-        # Everything but the storage, as a worker process rebuilds this device.
-        settings = {k: v for k, v in locals().items()
-                    if k not in ("self", "backend", "workers", "__class__")}
-        if not 1 <= num_queues <= 0xFFFF:
-            raise ValueError(f"num_queues must be in 1..65535, got {num_queues}")
-        if queue_size < 2 or queue_size & (queue_size - 1) or queue_size > 32768:
-            raise ValueError(f"queue_size must be a power of two in 2..32768, got {queue_size}")
-        if blk_size < SECTOR_SIZE or blk_size & (blk_size - 1):
-            raise ValueError(f"blk_size must be a power of two >= 512, got {blk_size}")
-        serial_bytes = serial.encode("ascii") if isinstance(serial, str) else bytes(serial)
-        if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
-            raise ValueError(
-                f"serial is {len(serial_bytes)} bytes; GET_ID answers at most "
-                f"{VIRTIO_BLK_ID_BYTES}")
-        for name, value in (("max_discard_seg", max_discard_seg),
-                            ("max_write_zeroes_seg", max_write_zeroes_seg),
-                            ("max_secure_erase_seg", max_secure_erase_seg)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        # One place judges the settings (the caller's, before any child process starts,
+        # when they came as a BlkSettings): made from the keywords, it judges them here.
+        self.settings = BlkSettings(
+            # latin-1 keeps a byte a character, so the settings' ASCII rule judges bytes too
+            serial=serial.decode("latin-1") if isinstance(serial, bytes) else serial,
+            blk_size=blk_size, seg_max=seg_max, size_max=size_max,
+            physical_block_exp=physical_block_exp, alignment_offset=alignment_offset,
+            min_io_size=min_io_size, opt_io_size=opt_io_size, geometry=geometry,
+            max_discard_sectors=max_discard_sectors, max_discard_seg=max_discard_seg,
+            discard_sector_alignment=discard_sector_alignment,
+            max_write_zeroes_sectors=max_write_zeroes_sectors,
+            max_write_zeroes_seg=max_write_zeroes_seg,
+            max_secure_erase_sectors=max_secure_erase_sectors,
+            max_secure_erase_seg=max_secure_erase_seg,
+            secure_erase_sector_alignment=secure_erase_sector_alignment,
+            writeback=writeback, lifetime=lifetime, fua=fua, poll_us=poll_us,
+            io_threads=io_threads, aio=aio)
+        """The settings other than the storage and the queues, as given."""
+        check_queues(num_queues, queue_size)
+        serial_bytes = self.settings.serial.encode("ascii")
         self.backend = backend
         self.num_queues = num_queues
         self.queue_size = queue_size
@@ -164,16 +166,10 @@ class BlkDevice:
             else default_alignment)
         self.lifetime = lifetime
         self.fua = fua
-        if poll_us < 0:
-            raise ValueError(f"poll_us must be >= 0, got {poll_us}")
         self.poll_ns = int(poll_us * 1000)
         """How long a queue worker may poll an empty ring before it sleeps (0: never)."""
-        if io_threads < 0:
-            raise ValueError(f"io_threads must be >= 0, got {io_threads}")
         self.io_threads = io_threads if backend.blocking else 0
         """Threads per queue making a blocking backend's calls (many reads in flight)."""
-        if aio not in ("native", "threads"):
-            raise ValueError(f"aio must be 'native' or 'threads', not {aio!r}")
         self.aio = aio
         """How a blocking backend keeps reads and writes in flight: Linux AIO on an
         O_DIRECT descriptor (``native``, where the file takes O_DIRECT) or threads."""
@@ -226,8 +222,10 @@ class BlkDevice:
         self._inline = self.zoned is None and type(self).execute is BlkDevice.execute
         if workers == "process":
             if self.zoned is not None or not self._inline:
-                raise ValueError("zoned devices and devices with their own execute() serve "
-                                 "their queues from threads")
+                raise ValueError(ZONED_WORKERS_ERROR)
+            # Everything but the storage, as a worker process rebuilds this device.
+            settings = {**self.settings.as_kwargs(), "num_queues": num_queues,
+                        "queue_size": queue_size, "read_only": read_only}
             self._procs = []
             try:
                 for index in range(num_queues):
