@@ -127,10 +127,6 @@ def serve(
     chosen = [x for x in (file_path, memory_size, null_size) if x is not None]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of --file, --memory, --null")
-    if len(serial.encode()) > 20:
-        raise click.UsageError("--serial is at most 20 bytes")
-    if num_queues < 1:
-        raise click.UsageError("--num-queues must be at least 1")
     if zoned and workers == "process":
         raise click.UsageError("--zoned serves its queues from threads (--workers thread)")
     if zoned and memory_size is None:
@@ -146,34 +142,37 @@ def serve(
         )
         if value is not None
     }
-    settings = BlkSettings(
-        serial=serial,
-        blk_size=blk_size,
-        writeback=writeback,
-        **_topology(blk_size, physical_block_size, alignment_offset, min_io_size, opt_io_size),
-        geometry=None if geometry is None else _geometry(geometry),
-        lifetime=None if lifetime is None else _lifetime(lifetime),
-        fua=experimental_fua,
-        poll_us=poll_us,
-        io_threads=io_threads,
-        aio=aio,  # type: ignore[arg-type]
-        **limits,
-    )
-    backend: BackendKind = ("file" if file_path is not None
-                            else "memory" if memory_size is not None else "null")
-    opts = DeviceOptions(
-        backend=backend,
-        size={"file": size, "memory": memory_size, "null": null_size}[backend],
-        path=file_path,
-        read_only=read_only,
-        num_queues=num_queues,
-        queue_size=queue_size,
-        device=settings,
-        zoned={"zone_size": zone_size, "zone_capacity": zone_capacity,
-               "max_open_zones": max_open_zones, "max_active_zones": max_active_zones,
-               "conventional_zones": conventional_zones} if zoned else None,
-        workers=workers,  # type: ignore[arg-type]
-    )
+    try:  # the options judge their own values (BlkSettings, DeviceOptions)
+        settings = BlkSettings(
+            serial=serial,
+            blk_size=blk_size,
+            writeback=writeback,
+            **_topology(blk_size, physical_block_size, alignment_offset, min_io_size, opt_io_size),
+            geometry=None if geometry is None else _geometry(geometry),
+            lifetime=None if lifetime is None else _lifetime(lifetime),
+            fua=experimental_fua,
+            poll_us=poll_us,
+            io_threads=io_threads,
+            aio=aio,  # type: ignore[arg-type]
+            **limits,
+        )
+        backend: BackendKind = ("file" if file_path is not None
+                                else "memory" if memory_size is not None else "null")
+        opts = DeviceOptions(
+            backend=backend,
+            size={"file": size, "memory": memory_size, "null": null_size}[backend],
+            path=file_path,
+            read_only=read_only,
+            num_queues=num_queues,
+            queue_size=queue_size,
+            device=settings,
+            zoned={"zone_size": zone_size, "zone_capacity": zone_capacity,
+                   "max_open_zones": max_open_zones, "max_active_zones": max_active_zones,
+                   "conventional_zones": conventional_zones} if zoned else None,
+            workers=workers,  # type: ignore[arg-type]
+        )
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
     try:
         device = opts.build()
     except (OSError, ValueError) as exc:
