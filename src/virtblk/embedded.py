@@ -163,21 +163,22 @@ def start_embedded(
 
 def open_embedded(
     disk_class: type[DiskT],
-    size: int = 64 << 20,
-    backend: BackendKind = "memory",
-    path: str | os.PathLike[str] | None = None,
     *,
-    mode: Literal["process", "thread"] = "process",
-    num_queues: int = 1,
-    queue_size: int = 256,
-    queue_depth: int | None = None,
-    experimental_fua: bool = False,
-    read_only: bool = False,
-    zoned: dict[str, Any] | None = None,
+    size: int,
+    backend: BackendKind,
+    path: str | os.PathLike[str] | None,
+    mode: Literal["process", "thread"],
+    num_queues: int,
+    queue_size: int,
+    queue_depth: int | None,
+    experimental_fua: bool,
+    read_only: bool,
+    zoned: dict[str, Any] | None,
     **device_options: Any,
 ) -> DiskT:
     """Start our own device and connect a ``disk_class`` (``Disk``) to it: what
-    ``Disk.embedded`` does (its docstring says what the arguments mean).
+    ``Disk.embedded`` does (its signature holds the defaults, its docstring says what the
+    arguments mean).
 
     ``device_options`` become :class:`BlkSettings` here, in the caller's process: a
     misspelled or mistyped option raises TypeError naming it before any device starts."""

@@ -134,14 +134,16 @@ class Disk:
         queue_size: int = 256,
         queue_depth: int | None = None,
         experimental_fua: bool = False,
+        read_only: bool = False,
+        zoned: dict[str, Any] | None = None,
         **device_options: Any,
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
 
-        ``device_options`` are :class:`virtblk.device.options.BlkSettings` fields
-        (``serial``, ``blk_size``, ``seg_max``, ``writeback``...), plus ``read_only`` and
-        ``zoned`` (``ZonedMemoryBackend`` arguments); an unknown or mistyped one raises
-        TypeError here, before the device starts.  ``experimental_fua`` makes both ends use
+        ``device_options`` are :class:`virtblk.device.settings.BlkSettings` fields
+        (``serial``, ``blk_size``, ``seg_max``, ``writeback``...); ``zoned`` makes a
+        host-managed zoned disk (``ZonedMemoryBackend`` arguments). An unknown or mistyped
+        option raises TypeError here, before the device starts.  ``experimental_fua`` makes both ends use
         VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is closed.
         """
         # The composition lives in virtblk.embedded, which knows the device; imported
@@ -149,9 +151,10 @@ class Disk:
         from virtblk.embedded import open_embedded
 
         return open_embedded(
-            cls, size, backend, path, mode=mode, num_queues=num_queues,
+            cls, size=size, backend=backend, path=path, mode=mode, num_queues=num_queues,
             queue_size=queue_size, queue_depth=queue_depth,
-            experimental_fua=experimental_fua, **device_options)
+            experimental_fua=experimental_fua, read_only=read_only, zoned=zoned,
+            **device_options)
 
     # -- properties ---------------------------------------------------------------------------
     @property
