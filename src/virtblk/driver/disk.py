@@ -143,8 +143,9 @@ class Disk:
         ``device_options`` are :class:`virtblk.device.settings.BlkSettings` fields
         (``serial``, ``blk_size``, ``seg_max``, ``writeback``...); ``zoned`` makes a
         host-managed zoned disk (``ZonedMemoryBackend`` arguments). An unknown or mistyped
-        option raises TypeError here, before the device starts.  ``experimental_fua`` makes both ends use
-        VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is closed.
+        option raises TypeError here, before the device starts.  ``experimental_fua``
+        makes both ends use VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is
+        closed.
         """
         # The composition lives in virtblk.embedded, which knows the device; imported
         # here, when called, so that the driver's modules import nothing of it.
