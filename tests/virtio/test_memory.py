@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,29 @@ class TestMemoryRegion:
         finally:
             region.close()
         assert region.closed and not fd_is_open(region.fd)
+
+    def test_a_device_cannot_resize_the_memory_we_create(self) -> None:
+        """A device holds our memfd (SET_MEM_TABLE passes it); truncating it would kill us
+        with SIGBUS at our next ring access. The region is sealed against shrinking and
+        growing, as QEMU seals its memfd memory. Run in a child, which such a crash kills."""
+        script = (
+            "import os\n"
+            "from virtblk.virtio.memory import MemoryRegion\n"
+            "region = MemoryRegion.create(4 * 4096)\n"
+            "region.view[8192] = 7\n"
+            "device_fd = os.dup(region.fd)  # what a device holds\n"
+            "for size in (0, 8 * 4096):\n"
+            "    try:\n"
+            "        os.ftruncate(device_fd, size)\n"
+            "        print('resized to', size)\n"
+            "    except PermissionError:\n"
+            "        print('refused', size)\n"
+            "print('read', region.view[8192])\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+        assert done.stdout.split("\n")[:3] == ["refused 0", f"refused {8 * 4096}", "read 7"]
 
     def test_create_rejects_an_empty_region(self) -> None:
         with pytest.raises(GuestMemoryError, match="positive"):

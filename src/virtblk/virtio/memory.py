@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
 import stat
@@ -113,9 +114,13 @@ class MemoryRegion:
             raise GuestMemoryError(f"region size {size} must be positive")
         if guest_phys_addr < 0:
             raise GuestMemoryError(f"guest physical address {guest_phys_addr:#x} is negative")
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The device gets this file: sealed against resizing (as QEMU seals its memfd
+            # memory), so a device that truncates it cannot kill us with SIGBUS at our
+            # next ring access, nor swap our data for zeros.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
