@@ -455,3 +455,42 @@ def test_close_resets_the_device_and_releases_everything(
     assert device.config_changed is None
     os.close(kick)
     os.close(call)
+
+
+# --------------------------------------------------------------------------- unsealed memory
+
+
+def unsealed_memfd(size: int) -> int:
+    """Guest memory a frontend could still shrink (and so kill the device with SIGBUS)."""
+    fd = os.memfd_create("unsealed-guest", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_memory_a_frontend_could_shrink_is_refused(
+    conn: BackendConnection, region: MemoryRegion
+) -> None:
+    negotiate(conn)
+    fd = unsealed_memfd(region.size)
+    with pytest.raises(ProtocolError, match="not sealed against shrinking"):
+        conn.handle(SetMemTable((describe(region),), (OwnedFd(fd),)))
+    assert is_closed(fd)
+    assert conn.memory is None
+    fd = unsealed_memfd(region.size)
+    with pytest.raises(ProtocolError, match="not sealed against shrinking"):
+        conn.handle(AddMemReg(describe(region), OwnedFd(fd)))
+    map_memory(conn, region)  # sealed (MemoryRegion.create seals): mapped
+    assert conn.memory is not None and len(conn.memory.regions) == 1
+
+
+def test_unsealed_memory_is_mapped_when_the_user_accepts_the_risk(
+    device: RecordingDevice, region: MemoryRegion
+) -> None:
+    conn = BackendConnection(device, accept_unsealed_memory=True)
+    try:
+        negotiate(conn)
+        conn.handle(SetMemTable((describe(region),),
+                                (OwnedFd(unsealed_memfd(region.size)),)))
+        assert conn.memory is not None and len(conn.memory.regions) == 1
+    finally:
+        conn.close()

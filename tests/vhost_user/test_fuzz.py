@@ -9,6 +9,7 @@ fed well-framed but otherwise arbitrary requests with real fds, answers with rep
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Callable
 
@@ -172,8 +173,10 @@ def eventfd() -> OwnedFd:
 
 
 def memfd() -> OwnedFd:
-    fd = OwnedFd(os.memfd_create("fuzz-guest", os.MFD_CLOEXEC))
+    """Guest memory as a frontend must hand it over: sealed against resizing."""
+    fd = OwnedFd(os.memfd_create("fuzz-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
     os.ftruncate(fd.fileno(), REGION_SIZE)
+    fcntl.fcntl(fd.fileno(), fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 

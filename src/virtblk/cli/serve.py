@@ -79,6 +79,10 @@ log = logging.getLogger("virtblk.serve")
 @click.option("--workers", type=click.Choice(["process", "thread"]), default=None,
               help="Serve each queue from a process of its own (default; not with --zoned) "
               "or from a thread of this process.")
+@click.option("--accept-unsealed-memory", is_flag=True,
+              help="Map guest memory whose file is not sealed against shrinking (e.g. "
+              "memory-backend-file): a frontend that truncated it would kill this device "
+              "with SIGBUS. By default such memory is refused.")
 def serve(
     socket_path: str,
     file_path: str | None,
@@ -114,6 +118,7 @@ def serve(
     io_threads: int,
     aio: str,
     workers: str | None,
+    accept_unsealed_memory: bool,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
@@ -178,7 +183,8 @@ def serve(
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        server = VhostUserServer(socket_path, device)
+        server = VhostUserServer(socket_path, device,
+                                 accept_unsealed_memory=accept_unsealed_memory)
     except OSError as exc:
         raise click.ClickException(str(exc)) from exc
     control: ControlServer | None = None

@@ -225,6 +225,7 @@ class BackendConnection:
         *,
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+        accept_unsealed_memory: bool = False,
     ) -> None:
         """Serve ``device``, offering ``protocol_features`` (a subset of what we support)."""
         unsupported = protocol_features & ~SUPPORTED_PROTOCOL_FEATURES
@@ -235,6 +236,9 @@ class BackendConnection:
         self.device = device
         self.offered_protocol_features = protocol_features
         self.max_mem_slots = max_mem_slots
+        self.accept_unsealed_memory = accept_unsealed_memory
+        """Map guest memory whose file can still be shrunk (a frontend that shrinks it kills
+        the device with SIGBUS): off unless the user takes that risk."""
         self.protocol_features = 0
         """What SET_PROTOCOL_FEATURES enabled."""
         self.acked_features: int | None = None
@@ -439,6 +443,7 @@ class BackendConnection:
                     mmap_offset=desc.mmap_offset,
                     guest_phys_addr=desc.guest_phys_addr,
                     user_addr=desc.userspace_addr,
+                    require_sealed=not self.accept_unsealed_memory,
                 )
                 try:
                     memory.add(region)
@@ -466,6 +471,7 @@ class BackendConnection:
                 mmap_offset=desc.mmap_offset,
                 guest_phys_addr=desc.guest_phys_addr,
                 user_addr=desc.userspace_addr,
+                require_sealed=not self.accept_unsealed_memory,
             )
         except GuestMemoryError as exc:
             raise ProtocolError(f"ADD_MEM_REG: {exc}") from exc

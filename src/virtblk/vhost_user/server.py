@@ -64,14 +64,18 @@ class VhostUserServer:
         device_factory: Callable[[], VhostUserDevice] | None = None,
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+        accept_unsealed_memory: bool = False,
     ) -> None:
-        """Prepare to serve; a path is bound at once (so a clash is reported here)."""
+        """Prepare to serve; a path is bound at once (so a clash is reported here).
+        ``accept_unsealed_memory`` maps guest memory a frontend could still shrink (and so
+        kill this process with SIGBUS); refused by default."""
         if (device is None) == (device_factory is None):
             raise ValueError("give exactly one of device= or device_factory=")
         self._device = device
         self._device_factory = device_factory
         self.protocol_features = protocol_features
         self.max_mem_slots = max_mem_slots
+        self.accept_unsealed_memory = accept_unsealed_memory
         self.path: str | None = None
         self._listener: socket.socket | None = None
         self._connected: socket.socket | None = None
@@ -180,7 +184,9 @@ class VhostUserServer:
         try:
             device = self._device if self._device is not None else self._new_device()
             conn = BackendConnection(
-                device, protocol_features=self.protocol_features, max_mem_slots=self.max_mem_slots
+                device, protocol_features=self.protocol_features,
+                max_mem_slots=self.max_mem_slots,
+                accept_unsealed_memory=self.accept_unsealed_memory,
             )
         except BaseException:
             sock.close()  # the frontend sees the connection end instead of waiting on it

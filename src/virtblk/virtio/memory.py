@@ -64,6 +64,15 @@ def _buffer_address(buffer: Buffer) -> tuple[int, int] | None:
             return address, flat.nbytes
 
 
+def sealed_against_shrinking(fd: int) -> bool:
+    """Whether nobody can make ``fd``'s file shorter (a memfd with ``F_SEAL_SHRINK``)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd, or a file system without seals: nothing stops a truncate
+        return False
+    return bool(seals & fcntl.F_SEAL_SHRINK)
+
+
 class MemoryRegion:
     """One shared mapping of guest memory.
 
@@ -144,13 +153,23 @@ class MemoryRegion:
         mmap_offset: int,
         guest_phys_addr: int,
         user_addr: int,
+        require_sealed: bool = False,
     ) -> MemoryRegion:
         """Device side: map a region the frontend sent (``SET_MEM_TABLE``/``ADD_MEM_REG``).
 
         Takes ownership of ``fd``: it is closed with the region, or at once if mapping
         fails.  ``mmap_offset`` need not be page aligned: we map from the page below it.
+        ``require_sealed`` refuses a file not sealed against shrinking: a frontend that
+        truncated it would kill this process with SIGBUS at its next access.
         """
         try:
+            if require_sealed and not sealed_against_shrinking(fd):
+                raise GuestMemoryError(
+                    "the region's file is not sealed against shrinking (F_SEAL_SHRINK): a "
+                    "frontend that truncated it would kill the device with SIGBUS; seal it "
+                    "(QEMU's memory-backend-memfd does, seal=on) or let the device accept "
+                    "unsealed memory"
+                )
             if size <= 0:
                 raise GuestMemoryError(f"region size {size} must be positive")
             if mmap_offset < 0 or guest_phys_addr < 0 or user_addr < 0:
