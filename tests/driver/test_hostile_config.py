@@ -83,3 +83,14 @@ def test_zero_seg_max_means_one_segment() -> None:
         data = os.urandom(64 * 1024)
         disk.pwrite(data, 4096)
         assert disk.pread(len(data), 4096) == data
+
+
+def test_zero_capacity_is_refused_at_probe() -> None:
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(
+        target=serve_connected, args=(theirs, LyingDevice(capacity=0)), daemon=True
+    )
+    t.start()
+    with pytest.raises(NegotiationError, match="capacity of 0"):
+        Disk.from_socket(ours)
+    t.join(10)

@@ -256,6 +256,13 @@ class VirtioBlk:
             )
         if self.has(Feature.BLK_MQ) and c.num_queues == 0:
             raise NegotiationError("the device offers MQ but reports zero queues")
+        if c.capacity == 0:
+            # Linux would show an empty disk; here every request would fail as "past the
+            # end" (a ValueError, the caller's error): say at connect that the device is
+            # unusable, and why.
+            raise NegotiationError(
+                "the device reports a capacity of 0 sectors: no block can be read or written"
+            )
 
     def _has_protocol(self, feature: int) -> bool:
         return bool(self.protocol_features & (1 << feature))
