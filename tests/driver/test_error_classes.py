@@ -18,6 +18,7 @@ from virtblk.aio import AsyncDisk
 from virtblk.device.backends import MemoryBackend
 from virtblk.device.blk import BlkDevice
 from virtblk.device.request import BlkRequest
+from virtblk.driver.queue_api import QueueHandle
 from virtblk.errors import DeviceFaultError, VirtblkError
 from virtblk.spec import RequestType
 from virtblk.vhost_user.server import serve_connected
@@ -87,3 +88,18 @@ def test_a_broken_used_ring_is_a_virtblk_error_for_asyncdisk() -> None:
     result = asyncio.run(main())
     assert isinstance(result, BaseException)
     _check_device_fault(result)
+
+
+@pytest.mark.parametrize("poll", [False, True])
+def test_a_broken_used_ring_is_a_virtblk_error_for_queuehandle(poll: bool) -> None:
+    ours, t = _serve(OverlongReadDevice())
+    disk = Disk.from_socket(ours, num_queues=1)
+    try:
+        with QueueHandle(disk, 0, poll=poll) as q:
+            q.read(0, disk.buffer(512), user_data=0)
+            with pytest.raises(VirtblkError) as info:
+                q.do_io(1, timeout=10)
+            _check_device_fault(info.value)
+    finally:
+        disk.close()
+        t.join(10)
