@@ -24,8 +24,24 @@ class DeviceGoneError(ConnectionError, VirtblkError):
     """The device went away (its socket closed or it stopped answering)."""
 
 
+class DeviceFaultError(OSError, VirtblkError):
+    """The device broke the virtio protocol while serving requests (a used ring entry with an
+    id not in flight, twice, too long, or an index that jumps): errno ``EIO``.
+
+    Nothing the caller did causes it, so it is no ``ValueError``; like a failed request it is
+    an ``OSError`` with the errno the Linux driver's ``virtqueue_get_buf`` failure leads to
+    (the ring is marked broken and its requests end with ``BLK_STS_IOERR``).  The queue that
+    saw it stays broken: every later request on it raises the same class.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
 class NegotiationError(VirtblkError):
-    """Driver and device could not agree on features or queues."""
+    """Driver and device could not agree on features or queues, or the device described
+    itself as no usable block device (its config space); raised by the probe, before any
+    request."""
 
 
 class FeatureNotNegotiatedError(VirtblkError):

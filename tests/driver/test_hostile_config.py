@@ -83,3 +83,36 @@ def test_zero_seg_max_means_one_segment() -> None:
         data = os.urandom(64 * 1024)
         disk.pwrite(data, 4096)
         assert disk.pread(len(data), 4096) == data
+
+
+def test_zero_capacity_is_refused_at_probe() -> None:
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(
+        target=serve_connected, args=(theirs, LyingDevice(capacity=0)), daemon=True
+    )
+    t.start()
+    with pytest.raises(NegotiationError, match="capacity of 0"):
+        Disk.from_socket(ours)
+    t.join(10)
+
+
+class TurncoatDevice(LyingDevice):
+    """Honest at probe; after a device reset its config space says ``later``."""
+
+    def __init__(self, **later: int) -> None:
+        super().__init__()
+        self.later = later
+
+    def reset(self) -> None:
+        super().reset()
+        self.overrides = self.later
+
+
+def test_a_config_invalid_after_reset_is_refused_by_restore() -> None:
+    """restore() negotiates again and reads the config again: it is checked as at probe,
+    so the disk never works with a block size of 0 (a ZeroDivisionError on the next I/O)."""
+    with connect(TurncoatDevice(blk_size=0)) as disk:
+        disk.freeze()
+        with pytest.raises(NegotiationError, match="invalid block size 0"):
+            disk.restore()
+        assert disk.logical_block_size == 512

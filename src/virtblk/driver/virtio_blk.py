@@ -238,16 +238,15 @@ class VirtioBlk:
             self.features = zoned_driver_features(self.features, self._read_config())
         vhost_bit = self.offered_features & Feature.VHOST_USER_PROTOCOL_FEATURES.mask
         fe.set_features(self.features | vhost_bit)
-        self.config = self._read_config()
-        self._validate_config()
+        self.config = self._validate_config(self._read_config())
         if self._has_protocol(ProtocolFeature.BACKEND_REQ):
             self._backend_channel = fe.open_backend_channel(self._on_config_change)
             self._backend_channel.start()
 
-    def _validate_config(self) -> None:
+    def _validate_config(self, c: BlkConfig) -> BlkConfig:
         """Refuse a config space no block device can have, as Linux's probe does, rather
-        than misbehave later (everything the device says is checked, not trusted)."""
-        c = self.config
+        than misbehave later (everything the device says is checked, not trusted); returns
+        ``c`` when it is usable."""
         if self.has(Feature.BLK_BLK_SIZE) and not (
             SECTOR_SIZE <= c.blk_size <= 65536 and c.blk_size & (c.blk_size - 1) == 0
         ):
@@ -256,6 +255,14 @@ class VirtioBlk:
             )
         if self.has(Feature.BLK_MQ) and c.num_queues == 0:
             raise NegotiationError("the device offers MQ but reports zero queues")
+        if c.capacity == 0:
+            # Linux would show an empty disk; here every request would fail as "past the
+            # end" (a ValueError, the caller's error): say at connect that the device is
+            # unusable, and why.
+            raise NegotiationError(
+                "the device reports a capacity of 0 sectors: no block can be read or written"
+            )
+        return c
 
     def _has_protocol(self, feature: int) -> bool:
         return bool(self.protocol_features & (1 << feature))
@@ -402,7 +409,12 @@ class VirtioBlk:
                 fe.set_protocol_features(self.protocol_features)
             vhost_bit = offered & Feature.VHOST_USER_PROTOCOL_FEATURES.mask
             fe.set_features(self.features | vhost_bit)
-            self.config = BlkConfig.unpack(fe.get_config(self._config_size()))
+            # Checked as at probe before it replaces the config the disk runs with: a
+            # device that comes back from reset with a block size of 0 is refused here,
+            # not met as a ZeroDivisionError at the next request.
+            self.config = self._validate_config(
+                BlkConfig.unpack(fe.get_config(self._config_size()))
+            )
             fe.set_mem_table([self.region])
             for index, q in enumerate(self.queues):
                 q.thaw(self._setup_vring(index, q.depth))

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Sequence
 from typing import NoReturn
 
+from virtblk.errors import DeviceFaultError
 from virtblk.spec import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_ALIGN,
@@ -41,8 +42,11 @@ from virtblk.virtio.split_layout import (
 __all__ = ["DeviceProtocolError", "DriverVirtqueue", "QueueFull"]
 
 
-class DeviceProtocolError(VirtqueueError):
+class DeviceProtocolError(DeviceFaultError, VirtqueueError):
     """The device broke the used-ring protocol; the driver queue is now broken.
+
+    A ``virtblk.errors.DeviceFaultError`` (``OSError``, errno ``EIO``), so a ``Disk`` caller
+    catches it with the rest of the documented hierarchy, and still a ``VirtqueueError``.
 
     ``completed`` holds the valid ``(token, written_len)`` completions that the same
     ``get_used`` call read before the bad entry: the caller still owns completing them.
