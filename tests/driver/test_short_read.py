@@ -19,7 +19,7 @@ from virtblk import Disk
 from virtblk.aio import AsyncDisk
 from virtblk.driver.queue_api import QueueHandle
 from virtblk.errors import BlockIOError
-from virtblk.spec import RequestType
+from virtblk.spec import Lifetime, RequestType
 
 BS = 4096
 OFFSETS = [0, 2 * BS, 5 * BS, 9 * BS]
@@ -102,3 +102,14 @@ def test_get_id_answered_short_reads_as_no_serial() -> None:
     with faulty_disk(serial="shortread") as (disk, device, _):
         _write_patterns(disk)
         assert disk.serial == "shortread"
+
+
+def test_get_lifetime_answered_short_fails_with_eio() -> None:
+    with faulty_disk(lifetime=Lifetime(1, 2, 3)) as (disk, device, _):
+        _write_patterns(disk)
+        device.short_answers.add(RequestType.GET_LIFETIME)
+        with pytest.raises(BlockIOError) as exc:
+            disk.lifetime  # noqa: B018 (the property sends the request)
+        assert exc.value.errno == errno.EIO
+        device.short_answers.clear()
+        assert disk.lifetime == Lifetime(1, 2, 3)
