@@ -4,14 +4,16 @@ A real ``BlkDevice`` over a real vhost-user session (in a thread, on a socketpai
 ``execute`` is overridden: requests at ``bad_sector`` answer IOERR, FLUSH answers UNSUPP
 when asked to, and a request at ``slow_sector`` is held until ``release`` is set
 (``holding`` is set once it is: a test waits on that, not on a guess of how long its
-thread takes to get there).
+thread takes to get there).  Requests whose type is in ``short_answers`` (a set a test may
+change between requests) are answered status OK with used length 1: the status byte and
+not one byte of the data the request asked for.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,16 +35,20 @@ class FaultyDevice(BlkDevice):
         bad_sector: int | None = None,
         slow_sector: int | None = None,
         unsupp_flush: bool = False,
+        short_answers: Collection[int] = (),
         **options: Any,
     ) -> None:
         super().__init__(MemoryBackend(size), **options)
         self.bad_sector = bad_sector
         self.slow_sector = slow_sector
         self.unsupp_flush = unsupp_flush
+        self.short_answers = set(short_answers)
         self.release = threading.Event()
         self.holding = threading.Event()
 
     def execute(self, req: BlkRequest) -> tuple[int, int]:
+        if req.type in self.short_answers:
+            return int(Status.OK), 1
         if req.type == RequestType.FLUSH and self.unsupp_flush:
             return int(Status.UNSUPP), 1
         if req.type in (RequestType.IN, RequestType.OUT):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import os
 import select
 import threading
@@ -41,18 +42,43 @@ _EVENTFD_ONE = (1).to_bytes(8, "little")
 _IOERR = int(Status.IOERR)
 _HEADER = RequestHeader.FORMAT
 _STATUS_PENDING = 0xFF  # not a valid status: a device that completes without writing one shows
+_OK = int(Status.OK)
+log = logging.getLogger("virtblk.driver")
+
+
+def short_status(status: int, written: int, need: int, where: str) -> int:
+    """The status of a request whose used length ``written`` is short of the ``need``
+    bytes it gave the device to write (its data, then the status byte).
+
+    The spec lets a driver trust no byte beyond the used length (VIRTIO 1.2, 2.7.8.2), so
+    an OK there is not believed: its data would be whatever the buffer held before (a
+    bounce buffer: another request's data).  It fails with IOERR.  A failure status is
+    kept (a device may answer a failed read with used length 1, as ours does),
+    and a used length of 0 (the chain rejected) is IOERR, as the status byte is unwritten.
+    Both completion loops (``HardwareQueue``'s and ``QueueHandle``'s) call this, only
+    when the one comparison they make per completion finds a short used length.
+    """
+    if written and status != _OK:
+        return status
+    if written:
+        log.warning("%s: the device answered OK with used length %d, short of the %d bytes "
+                    "it had to write: the request fails with EIO", where, written, need)
+    return _IOERR
 
 
 class Request:
     """One in-flight virtio-blk request, reused per tag (no per-I/O object churn).
 
     ``status`` and ``written`` are valid once ``done`` is true; ``user_data`` is the caller's.
+    ``need`` is the used length a complete answer has: the bytes of ``in_bufs`` and the
+    status byte.
     """
 
     __slots__ = (
         "callback",
         "done",
         "in_bufs",
+        "need",
         "out_bufs",
         "sector",
         "status",
@@ -68,6 +94,7 @@ class Request:
         self.sector = 0
         self.out_bufs: Segments = ()
         self.in_bufs: Segments = ()
+        self.need = 1
         self.user_data: Any = None
         self.callback: CompletionCallback | None = None
         self.status = _STATUS_PENDING
@@ -282,8 +309,13 @@ class HardwareQueue:
         so a benchmark or a reused buffer rewrites nothing.  False when the ring is full."""
         hdr = self._slots_gpa + req.tag * SLOT
         vq = self.vq
+        in_bufs = req.in_bufs
         vq.prepare(req.tag, ((hdr, RequestHeader.SIZE), *req.out_bufs),
-                   (*req.in_bufs, (hdr + 16, 1)))
+                   (*in_bufs, (hdr + 16, 1)))
+        need = 1
+        for _, length in in_bufs:
+            need += length
+        req.need = need
         try:
             vq.add_prepared(req.tag)
         except QueueFull:
@@ -336,9 +368,10 @@ class HardwareQueue:
             for tag, written in used:
                 req = requests[tag]
                 req.written = written
-                # A used length of 0 means the device did not write the status byte (it
-                # rejected the chain): report it as an I/O error, not as whatever was there.
-                req.status = slots[tag * SLOT + 16] if written else _IOERR
+                status = slots[tag * SLOT + 16]
+                if written < req.need:  # the answer does not cover the data and status
+                    status = short_status(status, written, req.need, f"{self.name} tag {tag}")
+                req.status = status
                 req.done = True
                 completed.append(req)
             if error is not None or not rearm or vq.enable_cb():

@@ -37,7 +37,7 @@ import select
 import time
 from typing import Any, NamedTuple
 
-from virtblk.driver.blkmq import SLOT, HardwareQueue
+from virtblk.driver.blkmq import SLOT, HardwareQueue, short_status
 from virtblk.driver.disk import Disk
 from virtblk.driver.requests import Buffer, Segments
 from virtblk.errors import DeviceGoneError, status_error
@@ -46,7 +46,6 @@ from virtblk.virtio.polling import AdaptivePoll
 from virtblk.virtio.split_driver import DeviceProtocolError
 
 _OK = int(Status.OK)
-_IOERR = int(Status.IOERR)
 _IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
 _STATUS_PENDING = 0xFF
 _EVENTFD_ONE = (1).to_bytes(8, "little")
@@ -79,7 +78,7 @@ class QueueHandle:
     __slots__ = (
         "_bs_mask", "_buffers", "_closed", "_config_generation", "_dev", "_disable_cb",
         "_free", "_hangup", "_hdr_of_tag", "_in_flight", "_layout", "_max_segments",
-        "_pending", "_poll", "_q", "_read_only", "_ready", "_requests", "_seg_area",
+        "_need_of_tag", "_pending", "_poll", "_q", "_read_only", "_ready", "_requests", "_seg_area",
         "_seg_of_tag", "_size", "_slots", "_staged", "_status_of_tag", "_type_of_tag",
         "_user_data", "_vq", "_waiter", "disk", "index", "max_transfer", "poll",
     )
@@ -146,6 +145,9 @@ class QueueHandle:
             self._type_of_tag = [0] * depth
             # What each tag's prepared chain carries: (data segments, device writes them).
             self._layout: list[tuple[Segments, bool] | None] = [None] * depth
+            # The used length a complete answer on each tag's chain has: its device-
+            # writable data and the status byte (set with the chain, in ``_prepare``).
+            self._need_of_tag = [1] * depth
             if poll:
                 self._vq.disable_cb()
             disk._register_handle(self)
@@ -372,6 +374,7 @@ class QueueHandle:
             self._layout[tag] = None
             raise
         self._layout[tag] = (segs, into)
+        self._need_of_tag[tag] = 1 + sum(n for _, n in segs) if into else 1
 
     def _prepare_other(self, tag: int, rtype: int, ud: Any) -> Any:
         """FLUSH, DISCARD, WRITE_ZEROES: their chains (with the tag's segment for the last
@@ -383,6 +386,7 @@ class QueueHandle:
             self._seg_area[base : base + DiscardSegment.SIZE] = seg.pack()
             segs = self._seg_of_tag[tag]
         self._layout[tag] = None
+        self._need_of_tag[tag] = 1
         self._vq.prepare(tag, self._hdr_of_tag[tag] + segs, self._status_of_tag[tag])
         return ud
 
@@ -402,23 +406,27 @@ class QueueHandle:
     def _complete(self, used: list[tuple[int, int]]) -> None:
         slots = self._slots
         user_data = self._user_data
+        need = self._need_of_tag
         free = self._free
         ready = self._ready
         for tag, written in used:
-            # A used length of 0 means the device did not write the status byte (it
-            # rejected the chain): report it as an I/O error, not as whatever was there.
-            status = slots[tag * SLOT + 16] if written else _IOERR
+            status = slots[tag * SLOT + 16]
             ud = user_data[tag]
             user_data[tag] = None
             free.append(tag)
-            if status == _OK:
+            # An answer whose used length does not cover the data and the status byte is
+            # not believed (``short_status``): the data would be what the buffer held.
+            if status == _OK and written >= need[tag]:
                 ready.append(_new_completion(Completion, (ud, 0, "")))
             else:
-                ready.append(self._failed(tag, status, ud))
+                ready.append(self._failed(tag, status, written, ud))
         self._in_flight -= len(used)
 
-    def _failed(self, tag: int, status: int, ud: Any) -> Completion:
+    def _failed(self, tag: int, status: int, written: int, ud: Any) -> Completion:
         name = RequestType(self._type_of_tag[tag]).name.lower()
+        need = self._need_of_tag[tag]
+        if written < need:
+            status = short_status(status, written, need, f"{self._q.name} tag {tag}")
         exc = status_error(status, f"{self.disk.name}: {name}")
         assert exc.errno is not None
         return Completion(ud, -exc.errno, str(exc.strerror))
