@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from virtblk.errors import DeviceGoneError, status_error
-from virtblk.spec import RequestHeader, Status
+from virtblk.spec import ZONE_REPORT_HEADER, RequestHeader, RequestType, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 from virtblk.virtio.split_driver import DeviceProtocolError, DriverVirtqueue, QueueFull
 
@@ -40,6 +40,7 @@ SLOT = 32
 """Bytes of a tag's shared area: its 16-byte header, the status byte at 16, padding."""
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 _IOERR = int(Status.IOERR)
+_ZONE_REPORT = int(RequestType.ZONE_REPORT)
 _HEADER = RequestHeader.FORMAT
 _STATUS_PENDING = 0xFF  # not a valid status: a device that completes without writing one shows
 _OK = int(Status.OK)
@@ -71,7 +72,7 @@ class Request:
 
     ``status`` and ``written`` are valid once ``done`` is true; ``user_data`` is the caller's.
     ``need`` is the used length a complete answer has: the bytes of ``in_bufs`` and the
-    status byte.
+    status byte (for a zone report, its header and the status byte).
     """
 
     __slots__ = (
@@ -312,10 +313,16 @@ class HardwareQueue:
         in_bufs = req.in_bufs
         vq.prepare(req.tag, ((hdr, RequestHeader.SIZE), *req.out_bufs),
                    (*in_bufs, (hdr + 16, 1)))
-        need = 1
-        for _, length in in_bufs:
-            need += length
-        req.need = need
+        if req.type == _ZONE_REPORT:
+            # A report fills as many descriptors as there are zones, not its whole buffer:
+            # the header is what a complete answer must cover (the reader trusts no
+            # descriptor past the used length).
+            req.need = 1 + ZONE_REPORT_HEADER.size
+        else:
+            need = 1
+            for _, length in in_bufs:
+                need += length
+            req.need = need
         try:
             vq.add_prepared(req.tag)
         except QueueFull:

@@ -226,13 +226,15 @@ class ZoneManager:
 
     def _run(self, type_: RequestType, sector: int, what: str,
              out_bufs: list[tuple[int, int]] | None = None,
-             in_bufs: list[tuple[int, int]] | None = None) -> None:
+             in_bufs: list[tuple[int, int]] | None = None) -> int:
+        """Run one request; the bytes the device wrote (its used length, status included)."""
         q = self._queue()
         req = q.get_tag()
         try:
             q.submit(req, type_, sector, out_bufs or (), in_bufs or ())
             q.wait_for(req)
             raise_for(req, f"{self._name}: {what}")
+            return req.written
         finally:
             if req.done:
                 q.put_tag(req)
@@ -260,10 +262,12 @@ class ZoneManager:
             view = self._memory.view(gpa, length)
             while left > 0 and sector < capacity:
                 view[:ZONE_REPORT_HEADER.size] = bytes(ZONE_REPORT_HEADER.size)
-                self._run(RequestType.ZONE_REPORT, sector, "report_zones",
-                          in_bufs=[(gpa, length)])
+                written = self._run(RequestType.ZONE_REPORT, sector, "report_zones",
+                                    in_bufs=[(gpa, length)])
                 (nr,) = ZONE_REPORT_HEADER.unpack_from(view)
-                nr = min(nr, per, left)
+                # Only descriptors the used length covers were written by the device.
+                covered = (written - 1 - ZONE_REPORT_HEADER.size) // ZoneDescriptor.SIZE
+                nr = min(nr, per, left, covered)
                 if nr == 0:
                     break
                 for i in range(nr):
