@@ -46,27 +46,23 @@ def connect(device: BlkDevice) -> Iterator[Disk]:
         t.join(10)
 
 
-@pytest.mark.parametrize("blk_size", [0, 100, 513, 1 << 20])
-def test_invalid_block_size_is_refused(blk_size: int) -> None:
+def refused_at_probe(device: LyingDevice, reason: str) -> None:
+    """The driver refuses ``device`` at connect, with ``reason`` in its NegotiationError."""
     ours, theirs = socket.socketpair()
-    t = threading.Thread(
-        target=serve_connected, args=(theirs, LyingDevice(blk_size=blk_size)), daemon=True
-    )
+    t = threading.Thread(target=serve_connected, args=(theirs, device), daemon=True)
     t.start()
-    with pytest.raises(NegotiationError, match="invalid block size"):
+    with pytest.raises(NegotiationError, match=reason):
         Disk.from_socket(ours)
     t.join(10)
+
+
+@pytest.mark.parametrize("blk_size", [0, 100, 513, 1 << 20])
+def test_invalid_block_size_is_refused(blk_size: int) -> None:
+    refused_at_probe(LyingDevice(blk_size=blk_size), "invalid block size")
 
 
 def test_zero_queues_with_mq_is_refused() -> None:
-    ours, theirs = socket.socketpair()
-    t = threading.Thread(
-        target=serve_connected, args=(theirs, LyingDevice(num_queues=0)), daemon=True
-    )
-    t.start()
-    with pytest.raises(NegotiationError, match="zero queues"):
-        Disk.from_socket(ours)
-    t.join(10)
+    refused_at_probe(LyingDevice(num_queues=0), "zero queues")
 
 
 def test_tiny_size_max_still_carries_whole_blocks() -> None:
@@ -86,14 +82,7 @@ def test_zero_seg_max_means_one_segment() -> None:
 
 
 def test_zero_capacity_is_refused_at_probe() -> None:
-    ours, theirs = socket.socketpair()
-    t = threading.Thread(
-        target=serve_connected, args=(theirs, LyingDevice(capacity=0)), daemon=True
-    )
-    t.start()
-    with pytest.raises(NegotiationError, match="capacity of 0"):
-        Disk.from_socket(ours)
-    t.join(10)
+    refused_at_probe(LyingDevice(capacity=0), "capacity of 0")
 
 
 class TurncoatDevice(LyingDevice):
