@@ -14,6 +14,7 @@ from vhost_user_helpers import (
     RecordingDevice,
     describe,
     guest_region,
+    is_open,
 )
 
 from virtblk.spec import BlkConfig, Feature
@@ -67,14 +68,6 @@ ALL_PROTOCOL = DEFAULT_PROTOCOL_FEATURES
 WITH_PROTOCOL_FEATURES = (
     Feature.VERSION_1.mask | Feature.RING_EVENT_IDX.mask | Feature.VHOST_USER_PROTOCOL_FEATURES.mask
 )
-
-
-def is_closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
 
 
 @pytest.fixture
@@ -145,7 +138,7 @@ def test_ring_and_memory_requests_need_set_owner(
     fd = os.dup(region.fd)
     with pytest.raises(ProtocolError, match="SET_MEM_TABLE before SET_OWNER"):
         conn.handle(SetMemTable((describe(region),), (OwnedFd(fd),)))
-    assert is_closed(fd)  # a rejected message's fds are closed
+    assert not is_open(fd)  # a rejected message's fds are closed
     with pytest.raises(ProtocolError, match="before SET_OWNER"):
         conn.handle(SetVringNum(0, 64))
 
@@ -181,7 +174,7 @@ def test_ring_starts_on_enable_when_protocol_features_acked(
     assert kick_fd >= 0 and call_fd >= 0
     assert conn.handle(GetVringBase(1)) == GetVringBaseReply(1, 0)
     assert device.log == [("start", 1), ("stop", 1)]
-    assert is_closed(kick_fd) and is_closed(call_fd)  # stopped ring's fds are released
+    assert not is_open(kick_fd) and not is_open(call_fd)  # stopped ring's fds are released
     os.close(kick)
     os.close(call)
 
@@ -226,7 +219,7 @@ def test_new_call_fd_restarts_a_running_ring(
     conn.handle(SetVringCall(0, OwnedFd(new)))
     assert device.log == [("start", 0), ("stop", 0), ("start", 0)]
     assert device.running[0][2] == new
-    assert is_closed(old_call)
+    assert not is_open(old_call)
     os.close(kick)
     os.close(call)
 
@@ -244,7 +237,7 @@ def test_vring_index_out_of_range(conn: BackendConnection, region: MemoryRegion)
     fd = os.eventfd(0)
     with pytest.raises(ProtocolError, match="ring index 200 out of range"):
         conn.handle(SetVringKick(200, OwnedFd(fd)))
-    assert is_closed(fd)
+    assert not is_open(fd)
 
 
 @pytest.mark.parametrize("num", [0, 1, 2, 3, 100, 256, 32768, 65536, (1 << 32) - 1])
@@ -313,7 +306,7 @@ def test_overlapping_and_excess_regions(device: RecordingDevice) -> None:
         fd = os.dup(overlapping.fd)
         with pytest.raises(ProtocolError, match="overlaps"):
             conn.handle(AddMemReg(describe(overlapping), OwnedFd(fd)))
-        assert is_closed(fd)
+        assert not is_open(fd)
         third = guest_region(1 << 30, GUEST_UVA * 3)
         conn.handle(AddMemReg(describe(third), OwnedFd.dup(third.fd)))
         with pytest.raises(ProtocolError, match="all 2 memory slots are used"):
@@ -427,7 +420,7 @@ def test_inflight_buffer_has_the_split_queue_size(device: RecordingDevice) -> No
         with reply:  # the reply owns its fd (a dup of the buffer the connection keeps)
             assert os.fstat(reply.fd.fileno()).st_size == reply.mmap_size
             sent = reply.fd.fileno()
-        assert is_closed(sent)
+        assert not is_open(sent)
         assert conn.inflight_fd is not None
         kept = conn.inflight_fd.fileno()
         assert os.fstat(kept).st_size == reply.mmap_size
@@ -435,7 +428,7 @@ def test_inflight_buffer_has_the_split_queue_size(device: RecordingDevice) -> No
             conn.handle(GetInflightFd(3, 128))
     finally:
         conn.close()
-    assert is_closed(kept)
+    assert not is_open(kept)
 
 
 def test_close_resets_the_device_and_releases_everything(
@@ -451,7 +444,7 @@ def test_close_resets_the_device_and_releases_everything(
     mapped_fd = memory.regions[0].fd
     conn.close()
     assert device.resets == 1 and device.running == {}
-    assert all(is_closed(fd) for fd in (kick_fd, call_fd, mapped_fd))
+    assert all(not is_open(fd) for fd in (kick_fd, call_fd, mapped_fd))
     assert device.config_changed is None
     os.close(kick)
     os.close(call)
@@ -474,7 +467,7 @@ def test_memory_a_frontend_could_shrink_is_refused(
     fd = unsealed_memfd(region.size)
     with pytest.raises(ProtocolError, match="not sealed against shrinking"):
         conn.handle(SetMemTable((describe(region),), (OwnedFd(fd),)))
-    assert is_closed(fd)
+    assert not is_open(fd)
     assert conn.memory is None
     fd = unsealed_memfd(region.size)
     with pytest.raises(ProtocolError, match="not sealed against shrinking"):

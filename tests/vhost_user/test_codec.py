@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vhost_user_helpers import is_open
 
 from virtblk.vhost_user.codec import CLOSED, HEADER, NEED_DATA, Decoder, encode
 from virtblk.vhost_user.errors import ProtocolError
@@ -280,14 +281,6 @@ def pipe_fds() -> Iterator[list[int]]:
             pass
 
 
-def is_closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
-
-
 def raw(request: int, flags: int, payload: bytes, size: int | None = None) -> bytes:
     return HEADER.pack(request, flags, len(payload) if size is None else size) + payload
 
@@ -358,14 +351,14 @@ def test_extra_fds_are_refused_and_closed(pipe_fds: list[int]) -> None:
     assert "no-fd flag" in reject(data, pipe_fds[:1])
     data, _ = encode(SetFeatures(1))
     assert "expected 0" in reject(data, pipe_fds[1:3])
-    assert all(is_closed(fd) for fd in pipe_fds[:3])
+    assert all(not is_open(fd) for fd in pipe_fds[:3])
 
 
 def test_mem_table_fd_count_must_match(pipe_fds: list[int]) -> None:
     regions = (MemRegion(0, 4096, 0x10000, 0), MemRegion(8192, 4096, 0x20000, 0))
     data, _ = encode(SetMemTable(regions, fake_fds(2)))
     assert "with 2 regions: 1 file descriptors" in reject(data, pipe_fds[:1])
-    assert is_closed(pipe_fds[0])
+    assert not is_open(pipe_fds[0])
 
 
 def test_too_many_memory_regions() -> None:
@@ -385,7 +378,7 @@ def test_overlapping_and_empty_regions(pipe_fds: list[int]) -> None:
     wrap = MemRegion(2**64 - 4096, 8192, 0, 0)
     data, _ = encode(AddMemReg(wrap, OwnedFd(FD)))
     assert "wraps" in reject(data, [os.dup(0)])
-    assert all(is_closed(fd) for fd in pipe_fds)
+    assert all(not is_open(fd) for fd in pipe_fds)
 
 
 def test_mem_table_size_must_match_region_count() -> None:
@@ -427,7 +420,7 @@ def test_fds_in_the_middle_of_a_message_are_an_error(pipe_fds: list[int]) -> Non
     decoder.receive_data(data[40:])
     with pytest.raises(ProtocolError, match="middle of a message"):
         decoder.next_event()
-    assert is_closed(pipe_fds[0])
+    assert not is_open(pipe_fds[0])
 
 
 def test_fds_belong_to_the_last_message_starting_in_their_chunk(pipe_fds: list[int]) -> None:
@@ -447,7 +440,7 @@ def test_close_releases_fds_not_handed_out(pipe_fds: list[int]) -> None:
     decoder = Decoder()
     decoder.receive_data(data[:5], pipe_fds[:1])
     decoder.close()
-    assert is_closed(pipe_fds[0])
+    assert not is_open(pipe_fds[0])
 
 
 def test_reply_flag_decides_request_or_reply() -> None:

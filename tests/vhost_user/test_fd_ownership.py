@@ -26,6 +26,8 @@ from vhost_user_helpers import (
     RecordingDevice,
     describe,
     guest_region,
+    is_open,
+    open_fds,
 )
 
 from virtblk.spec import Feature
@@ -58,18 +60,6 @@ from virtblk.vhost_user.messages import (
 )
 from virtblk.vhost_user.server import VhostUserServer
 from virtblk.virtio.memory import MemoryRegion
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vhost_user_helpers import AVAIL_OFF, DESC_OFF, GUEST_UVA, USED_OFF, RecordingDevice
+from vhost_user_helpers import AVAIL_OFF, DESC_OFF, GUEST_UVA, USED_OFF, RecordingDevice, open_fds
 
 from virtblk.spec import Feature
 from virtblk.vhost_user.backend import (
@@ -61,10 +61,6 @@ FUZZ = settings(
 )
 """No deadline and no speed health check: on a loaded machine a slow example is not a
 failure; what an example does depends only on its input."""
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def drain(decoder: Decoder, budget: int, out: list[Message]) -> bool:

@@ -6,6 +6,7 @@ backend asked of it, so the state machine's decisions can be asserted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,3 +77,17 @@ def guest_region(gpa: int = 0, uva: int = GUEST_UVA, size: int = GUEST_SIZE) -> 
 
 def describe(region: MemoryRegion) -> MemRegion:
     return MemRegion(region.guest_phys_addr, region.size, region.user_addr, region.mmap_offset)
+
+
+def is_open(fd: int) -> bool:
+    """Whether ``fd`` is an open descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def open_fds() -> int:
+    """How many descriptors this process has open (a leak shows as a difference)."""
+    return len(os.listdir("/proc/self/fd"))
