@@ -82,6 +82,7 @@ class Request:
         "need",
         "out_bufs",
         "sector",
+        "seq",
         "status",
         "tag",
         "type",
@@ -96,6 +97,7 @@ class Request:
         self.out_bufs: Segments = ()
         self.in_bufs: Segments = ()
         self.need = 1
+        self.seq = 0  # when it went on the ring: resubmitted in this order after a reconnect
         self.user_data: Any = None
         self.callback: CompletionCallback | None = None
         self.status = _STATUS_PENDING
@@ -149,6 +151,13 @@ class HardwareQueue:
         self._owner: object | None = None  # a QueueHandle driving the ring itself
         self._listeners: set[int] = set()  # ids of those reaping from the call eventfd
         self.broken: BaseException | None = None
+        self._lost = False  # the device went away; a reconnect is under way (``suspend``)
+        self.on_lost: Callable[[HardwareQueue], None] | None = None
+        """Called (without the queue's lock) when the device hangs up, instead of failing
+        the queue: the disk reconnects (``VirtioBlk`` with a ``reconnect_timeout``)."""
+        self._seq = 0
+        self._hangup_fd = hangup_fd
+        self.stats_resubmitted = 0
         self.stats_submitted = 0
         self.stats_busy = 0
         self.stats_kicks = 0
@@ -327,6 +336,8 @@ class HardwareQueue:
             vq.add_prepared(req.tag)
         except QueueFull:
             return False
+        req.seq = self._seq
+        self._seq += 1
         self.stats_submitted += 1
         self._unkicked = True
         return True
@@ -438,7 +449,7 @@ class HardwareQueue:
         """Poll the call eventfd once (as the poller) or wait for the current poller."""
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"{self.name}: no completion before the timeout")
-        if self._poller_active:
+        if self._poller_active or self._lost:  # lost: ``resume`` or ``fail`` wakes us
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self.cond.wait(remaining)
             return []
@@ -471,7 +482,11 @@ class HardwareQueue:
                 except BlockingIOError:
                     pass  # the device made the fd nonblocking and someone read it first
             elif ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
-                self.fail(DeviceGoneError(errno.ECONNRESET, f"{self.name}: the device went away"))
+                if self.on_lost is not None:
+                    self.on_lost(self)
+                else:
+                    self.fail(DeviceGoneError(errno.ECONNRESET,
+                                              f"{self.name}: the device went away"))
         return got_call
 
     # -- freeze and restore -----------------------------------------------------------------
@@ -500,6 +515,69 @@ class HardwareQueue:
             while self._busy and self._add_locked(self._busy[0]):
                 self._busy.popleft()
             self._kick_locked()
+            self.cond.notify_all()
+
+    # -- reconnect ---------------------------------------------------------------------------
+    # The device went away and the disk dials it again (``VirtioBlk``'s reconnect).  The
+    # queue is frozen meanwhile, as by ``freeze``, but without waiting for the ring (nobody
+    # will complete it): what is submitted is parked, waiters sleep on the condition.
+    # Then either the device resubmits from its in-flight buffer (``resume`` on the same
+    # ring) or the driver does (``salvage``, then ``resume`` on a fresh ring).
+    @property
+    def lost(self) -> bool:
+        """Between the device going away and ``resume`` (or ``fail``)."""
+        return self._lost
+
+    def suspend(self) -> None:
+        """The device is gone: stop reaping and submitting until ``resume``."""
+        with self.cond:
+            self._lost = True
+            self._frozen = True
+            self._stopped = True
+            self.cond.notify_all()
+
+    def salvage(self) -> int:
+        """Complete what the dead device published in the used ring, then take every
+        request still on the ring off it and park it ahead of those that waited, in the
+        order it was first submitted: ``resume`` on a fresh ring sends them again.  The
+        old ring's indirect tables are freed.  Returns how many are to be resubmitted.
+        The driver's own resubmission, for a device without the in-flight buffer."""
+        with self.cond:
+            self._stopped = False
+            try:
+                self._drain_locked(rearm=False)  # frozen: nothing parked goes out
+            except DeviceProtocolError:
+                return 0  # the ring is broken: the queue is failed, its waiters raise why
+            finally:
+                self._stopped = True
+            outstanding = sorted((self._requests[tag] for tag in self.vq.detach_unused()),
+                                 key=_by_seq)
+            slots = self._slots
+            for req in outstanding:
+                slots[req.tag * SLOT + 16] = _STATUS_PENDING
+            self._busy.extendleft(reversed(outstanding))
+            self.vq.close()
+            self.stats_resubmitted += len(outstanding)
+            return len(outstanding)
+
+    def resume(self, vq: DriverVirtqueue, hangup_fd: int | None) -> None:
+        """The device is back: serve ``vq`` (a fresh ring after ``salvage``, or the same
+        one, which the device resubmits from its in-flight buffer), watch ``hangup_fd``
+        (the new connection) and send what was parked."""
+        with self.cond:
+            if self._hangup_fd is not None:
+                self._poll.unregister(self._hangup_fd)
+            self._hangup_fd = hangup_fd
+            if hangup_fd is not None:
+                self._poll.register(hangup_fd, select.POLLRDHUP)
+            self._lost = False
+        self.thaw(vq)
+
+    def give_up(self, exc: BaseException) -> None:
+        """No device came back (or one that differs): fail the queue with ``exc`` and wake
+        every waiter, parked requests' too, to raise it."""
+        with self.cond:
+            self.fail(exc)
             self.cond.notify_all()
 
     # -- failure and teardown -------------------------------------------------------------
@@ -546,6 +624,10 @@ class HardwareQueue:
         self._poll.unregister(self.call_fd)
         self._slots.release()
         self._allocator.free(self._slots_gpa)
+
+
+def _by_seq(req: Request) -> int:
+    return req.seq
 
 
 def raise_for(req: Request, what: str) -> None:

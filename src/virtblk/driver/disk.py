@@ -66,6 +66,7 @@ class Disk:
         self._handles: list[Any] = []  # open queue handles, closed before the disk
         self._index = DiskIndex.acquire()
         self.name = DiskIndex.name(self._index)
+        dev.name_for_errors = self.name
         self._zones = ZoneManager.probe(
             dev, queue=self._queue, alloc=self._alloc, free=self._free, name=self.name)
 
@@ -80,21 +81,35 @@ class Disk:
         queue_depth: int | None = None,
         timeout: float = 10.0,
         experimental_fua: bool = False,
+        reconnect_timeout: float | None = None,
     ) -> Self:
         """Connect to a vhost-user-blk device listening on ``socket_path``.
 
         ``num_queues=None`` takes as many queues as the device offers, at most one per CPU
         (as Linux does).  ``queue_depth`` overrides the seed's rule (fill the ring; half of
         it without indirect descriptors).
+
+        ``reconnect_timeout`` (seconds) survives a device restart: when the device goes
+        away, ``socket_path`` is dialled again until it answers or the timeout passes;
+        the device must come back with the same features and config, and the requests it
+        had not completed are sent again (by the device from its in-flight buffer when it
+        offers one, else by the driver).  Callers only wait meanwhile.  Past the timeout
+        every waiter gets ``DeviceGoneError`` (ECONNRESET), as without the option at once;
+        a device that comes back different gives ``NegotiationError``.  ``from_socket`` and
+        ``embedded`` have no such option: they have no path to dial again.
         """
+        if reconnect_timeout is not None and reconnect_timeout < 0:
+            raise ValueError(f"reconnect_timeout must be >= 0, not {reconnect_timeout}")
         sock = unixsock.connect(socket_path, timeout)
-        return cls.from_socket(
+        return cls._open(
             sock,
             num_queues=num_queues,
             queue_size=queue_size,
             queue_depth=queue_depth,
             timeout=timeout,
             experimental_fua=experimental_fua,
+            redial=lambda: unixsock.connect(socket_path, timeout),
+            reconnect_timeout=reconnect_timeout,
         )
 
     @classmethod
@@ -109,7 +124,34 @@ class Disk:
         experimental_fua: bool = False,
         on_close: Callable[[], None] | None = None,
     ) -> Self:
-        """Drive the device on an already-connected vhost-user socket (takes ownership)."""
+        """Drive the device on an already-connected vhost-user socket (takes ownership).
+
+        A socket cannot be dialled again: a device lost here fails every request with
+        ``DeviceGoneError`` (``connect`` with ``reconnect_timeout`` reconnects)."""
+        return cls._open(
+            sock,
+            num_queues=num_queues,
+            queue_size=queue_size,
+            queue_depth=queue_depth,
+            timeout=timeout,
+            experimental_fua=experimental_fua,
+            on_close=on_close,
+        )
+
+    @classmethod
+    def _open(
+        cls,
+        sock: socket.socket,
+        *,
+        num_queues: int | None,
+        queue_size: int,
+        queue_depth: int | None,
+        timeout: float,
+        experimental_fua: bool,
+        on_close: Callable[[], None] | None = None,
+        redial: Callable[[], socket.socket] | None = None,
+        reconnect_timeout: float | None = None,
+    ) -> Self:
         sock.settimeout(None)
         extra = Feature.BLK_OUT_FUA.mask if experimental_fua else 0
         dev = VirtioBlk(
@@ -119,6 +161,8 @@ class Disk:
             queue_depth=queue_depth,
             extra_features=extra,
             reply_timeout=timeout,
+            redial=redial,
+            reconnect_timeout=reconnect_timeout,
         )
         return cls(dev, on_close=on_close)
 
@@ -245,6 +289,12 @@ class Disk:
         """Negotiate with the device again and resume, sending the I/O that waited."""
         self._check_open()
         self._dev.restore()
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the device went away and the disk reached it again
+        (``connect(..., reconnect_timeout=...)``)."""
+        return self._dev.reconnects
 
     @property
     def frozen(self) -> bool:

@@ -9,16 +9,27 @@ topology, geometry with the sd fallback, cache mode, read-only, limits).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from virtblk.driver.blkmq import HardwareQueue
 from virtblk.driver.zoned import driver_features as zoned_driver_features
-from virtblk.errors import FeatureNotNegotiatedError, NegotiationError
-from virtblk.spec import SECTOR_SIZE, BlkConfig, Feature, config_size, has_feature
+from virtblk.errors import DeviceGoneError, FeatureNotNegotiatedError, NegotiationError
+from virtblk.spec import (
+    SECTOR_SIZE,
+    BlkConfig,
+    Feature,
+    config_size,
+    feature_names,
+    has_feature,
+)
+from virtblk.vhost_user.errors import VhostUserError
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
@@ -128,6 +139,14 @@ class Limits:
 ConfigCallback = Callable[[int, int], None]
 """Called with (old size, new size) in bytes after a config change that resized the disk."""
 
+Redial = Callable[[], socket.socket]
+"""Connects a new socket to the device (``Disk.connect``'s path) for a reconnect."""
+
+RECONNECT_FIRST_DELAY = 0.01
+RECONNECT_MAX_DELAY = 0.25
+"""Seconds between two attempts to reach a lost device: from the first, doubling up to
+the second (a restarted ``virtblk serve`` listens within a fraction of a second)."""
+
 
 def string_get_size(size: int, base: int) -> str:
     """Linux's ``string_get_size``: three significant digits, rounded half up, so
@@ -177,7 +196,13 @@ class VirtioBlk:
         extra_features: int = 0,
         exclude_features: int = 0,
         reply_timeout: float = 10.0,
+        redial: Redial | None = None,
+        reconnect_timeout: float | None = None,
     ) -> None:
+        """``redial`` and ``reconnect_timeout`` together make a lost device (its socket
+        hung up) be dialled again until the timeout passes, and the requests it had not
+        completed resubmitted (see ``_reconnect``); without them, a lost device fails every
+        request with ``DeviceGoneError``."""
         if queue_size < 4 or queue_size > 32768 or queue_size & (queue_size - 1):
             # A request is at least header + data + status: 3 descriptors, and a split
             # ring's size is a power of two.
@@ -200,6 +225,13 @@ class VirtioBlk:
         self.queues: list[HardwareQueue] = []
         self._vrings: list[tuple[VringAddrs, int, int]] = []  # ring memory, kick, call
         self.frozen = False
+        self._redial = redial if reconnect_timeout is not None else None
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnects = 0
+        """How many times the device was lost and reached again."""
+        self._reconnecting: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._inflight_buffer: tuple[int, int, int] | None = None  # fd, size, offset
         self._fds: list[int] = []
         self.region = MemoryRegion.create(memory_size, name="virtblk-driver")
         self.memory = GuestMemory([self.region])
@@ -222,7 +254,12 @@ class VirtioBlk:
             )
         self.protocol_features = 0
         if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
-            self.protocol_features = fe.get_protocol_features() & PROTOCOL_FEATURES
+            wanted = PROTOCOL_FEATURES
+            if self._redial is not None:
+                # A device that keeps its in-flight requests in a buffer we hand back
+                # resubmits them itself after a restart (vhost-user "Inflight I/O tracking").
+                wanted |= 1 << ProtocolFeature.INFLIGHT_SHMFD
+            self.protocol_features = fe.get_protocol_features() & wanted
             fe.set_protocol_features(self.protocol_features)
         if not self._has_protocol(ProtocolFeature.CONFIG):
             raise NegotiationError(
@@ -314,6 +351,9 @@ class VirtioBlk:
         return depth
 
     def _start_queues(self) -> None:
+        if self._has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            self._get_inflight_buffer(self._num_vqs())
+            self._set_inflight_buffer(self.frontend)
         self.frontend.set_mem_table([self.region])
         depth = self._depth()
         for index in range(self._num_vqs()):
@@ -336,13 +376,23 @@ class VirtioBlk:
                     hangup_fd=self._sock.fileno(),
                 )
             )
+            if self._redial is not None:
+                self.queues[-1].on_lost = self._on_lost
 
     def _setup_vring(self, index: int, depth: int) -> DriverVirtqueue:
         """A fresh (zeroed) ring for queue ``index``, announced to the device."""
-        fe = self.frontend
-        addrs, kick, call = self._vrings[index]
-        uva_offset = self.region.user_addr - self.region.guest_phys_addr
-        vq = DriverVirtqueue(
+        vq = self._new_vq(index, depth)
+        try:
+            self._announce_vring(self.frontend, index, 0)
+        except BaseException:
+            vq.close()
+            raise
+        return vq
+
+    def _new_vq(self, index: int, depth: int) -> DriverVirtqueue:
+        """A fresh (zeroed) ring for queue ``index``, not yet announced."""
+        addrs, _kick, _call = self._vrings[index]
+        return DriverVirtqueue(
             self.memory,
             addrs,
             event_idx=self.has(Feature.RING_EVENT_IDX),
@@ -351,8 +401,14 @@ class VirtioBlk:
             max_tokens=depth,
             max_chain=self.sg_elems + 2,
         )
+
+    def _announce_vring(self, fe: VhostUserFrontend, index: int, base: int) -> None:
+        """Tell the device where ring ``index`` is, that it starts at avail index
+        ``base``, its eventfds, and enable it."""
+        addrs, kick, call = self._vrings[index]
+        uva_offset = self.region.user_addr - self.region.guest_phys_addr
         fe.set_vring_num(index, self.queue_size)
-        fe.set_vring_base(index, 0)
+        fe.set_vring_base(index, base)
         fe.set_vring_addr(
             index,
             desc_uva=addrs.desc + uva_offset,
@@ -363,7 +419,6 @@ class VirtioBlk:
         fe.set_vring_kick(index, kick)
         if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
             fe.set_vring_enable(index, True)
-        return vq
 
     # -- freeze and restore (the seed's virtblk_freeze / virtblk_restore) ------------------------
     def freeze(self, timeout: float | None = None) -> None:
@@ -419,6 +474,180 @@ class VirtioBlk:
             for index, q in enumerate(self.queues):
                 q.thaw(self._setup_vring(index, q.depth))
             self.frozen = False
+
+    # -- reconnect (issue 11) -----------------------------------------------------------------
+    # With ``reconnect_timeout``, a device that hangs up is dialled again until the timeout
+    # passes.  QEMU's vhost-user-blk order: features, the in-flight buffer (GET_INFLIGHT_FD
+    # once, SET_INFLIGHT_FD at every start), the memory table, then each ring.  What must
+    # agree with the first connection (features, protocol features, queues, the config the
+    # disk runs with) is checked, and a device that differs is a NegotiationError for every
+    # waiter, never a silent change.  Requests the dead device did not complete go out
+    # again: the device resubmits them from the in-flight buffer when it has one (the ring
+    # is left as it is and starts at its used idx), else the driver does (``salvage``: a
+    # fresh ring, the requests in their original order).  Callers only wait meanwhile.
+    def _get_inflight_buffer(self, num_queues: int) -> None:
+        """GET_INFLIGHT_FD, once: the buffer the device keeps its in-flight state in, kept
+        to hand to its next incarnation."""
+        with self.frontend.get_inflight_fd(num_queues, self.queue_size) as reply:
+            if reply.mmap_size and reply.fd is not None:
+                fd = reply.fd.take()
+                self._fds.append(fd)
+                self._inflight_buffer = (fd, reply.mmap_size, reply.mmap_offset)
+
+    def _set_inflight_buffer(self, fe: VhostUserFrontend) -> None:
+        """SET_INFLIGHT_FD: hand the device the buffer (at every start, as QEMU does)."""
+        if self._inflight_buffer is not None:
+            fd, size, offset = self._inflight_buffer
+            fe.set_inflight_fd(size, offset, len(self._vrings) or self._num_vqs(),
+                               self.queue_size, fd)
+
+    def _on_lost(self, _queue: HardwareQueue) -> None:
+        """A queue saw the device hang up: stop every queue and reconnect in a thread (once
+        per loss; the queues resume or fail when it ends)."""
+        with self._lock:
+            if self._reconnecting is not None or self._closing.is_set():
+                return
+            hung_up = select.poll()
+            hung_up.register(self._sock.fileno(), select.POLLRDHUP)
+            if not hung_up.poll(0):
+                return  # that was the connection a reconnect has replaced already
+            for q in self.queues:
+                q.suspend()
+            self._reconnecting = threading.Thread(
+                target=self._reconnect, name="virtblk-reconnect", daemon=True)
+            self._reconnecting.start()
+
+    def _reconnect(self) -> None:
+        assert self._redial is not None and self.reconnect_timeout is not None
+        deadline = time.monotonic() + self.reconnect_timeout
+        device_resubmits = self._inflight_buffer is not None
+        with self._lock:
+            if self._backend_channel is not None:
+                self._backend_channel.close()
+                self._backend_channel = None
+            self.frontend.close()
+            if not device_resubmits:
+                for q in self.queues:
+                    q.salvage()
+        delay = RECONNECT_FIRST_DELAY
+        why = "no attempt"
+        while not self._closing.is_set():
+            try:
+                sock = self._redial()
+            except OSError as exc:
+                why = str(exc)
+            else:
+                try:
+                    with self._lock:
+                        self._resume_on(sock, device_resubmits)
+                except NegotiationError as exc:
+                    self._give_up(NegotiationError(f"{self.name_for_errors}: after a reconnect: "
+                                                   f"{exc}"))
+                    return
+                except (VhostUserError, OSError) as exc:
+                    why = str(exc)  # lost again while renegotiating: try again
+                else:
+                    log.info("%s: reconnected to the device (%d requests resubmitted)",
+                             self.name_for_errors, sum(q.stats_resubmitted for q in self.queues))
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._closing.wait(min(delay, remaining))
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        self._give_up(DeviceGoneError(
+            errno.ECONNRESET, f"{self.name_for_errors}: the device went away and did not come "
+            f"back within {self.reconnect_timeout:g} s ({why})"))
+
+    name_for_errors = "virtblk"
+    """How the device is named in reconnect errors (the disk sets its name)."""
+
+    def _give_up(self, exc: BaseException) -> None:
+        with self._lock:
+            self._reconnecting = None
+            for q in self.queues:
+                q.give_up(exc)
+
+    def _resume_on(self, sock: socket.socket, device_resubmits: bool) -> None:
+        """Renegotiate on ``sock`` as the first connection did, check the device agrees,
+        re-register memory and rings, and resume every queue (under ``_lock``)."""
+        fe = VhostUserFrontend(sock, timeout=self.frontend.timeout)
+        vqs: list[DriverVirtqueue] = []
+        try:
+            self._renegotiate(fe)
+            channel = None
+            if self._has_protocol(ProtocolFeature.BACKEND_REQ):
+                channel = fe.open_backend_channel(self._on_config_change)
+            try:
+                self._set_inflight_buffer(fe)
+                fe.set_mem_table([self.region])
+                for index, q in enumerate(self.queues):
+                    if device_resubmits:
+                        self._announce_vring(fe, index, self._used_idx(index))
+                    else:
+                        vqs.append(self._new_vq(index, q.depth))
+                        self._announce_vring(fe, index, 0)
+            except BaseException:
+                if channel is not None:
+                    channel.close()
+                raise
+        except BaseException:
+            for vq in vqs:
+                vq.close()
+            fe.close()
+            raise
+        self.frontend = fe
+        self._sock = sock
+        self._backend_channel = channel
+        if channel is not None:
+            channel.start()
+        self.reconnects += 1
+        self._reconnecting = None
+        for index, q in enumerate(self.queues):
+            q.resume(vqs[index] if vqs else q.vq, sock.fileno())
+
+    def _renegotiate(self, fe: VhostUserFrontend) -> None:
+        """The first connection's negotiation again on ``fe``; NegotiationError when the
+        device now differs in what the disk runs with."""
+        fe.set_owner()
+        offered = fe.get_features()
+        wanted = offered & self._wanted
+        if self.has(Feature.BLK_ZONED) and has_feature(wanted, Feature.BLK_ZONED):
+            wanted = self.features  # the zoned model's DISCARD rule was applied at probe
+        if wanted != self.features:
+            raise NegotiationError(
+                f"the device now offers features {offered:#x}: negotiated {wanted:#x}, "
+                f"not {self.features:#x} as before (differs in "
+                f"{', '.join(feature_names(wanted ^ self.features))})")
+        if self.protocol_features:
+            offered_protocol = fe.get_protocol_features()
+            if offered_protocol & self.protocol_features != self.protocol_features:
+                raise NegotiationError(
+                    f"the device now offers protocol features {offered_protocol:#x}, lacking "
+                    f"{self.protocol_features & ~offered_protocol:#x} used before")
+            fe.set_protocol_features(self.protocol_features)
+        if self._has_protocol(ProtocolFeature.MQ) and fe.get_queue_num() < len(self.queues):
+            raise NegotiationError(f"the device now has fewer than {len(self.queues)} queues")
+        vhost_bit = offered & Feature.VHOST_USER_PROTOCOL_FEATURES.mask
+        fe.set_features(self.features | vhost_bit)
+        config = self._validate_config(BlkConfig.unpack(fe.get_config(self._config_size())))
+        if dataclasses.replace(config, writeback=self.config.writeback) != self.config:
+            changed = [field.name for field in dataclasses.fields(BlkConfig)
+                       if field.name != "writeback"
+                       and getattr(config, field.name) != getattr(self.config, field.name)]
+            raise NegotiationError(
+                "the device's config differs from the one the disk runs with: "
+                + ", ".join(f"{name} {getattr(config, name)} (was "
+                            f"{getattr(self.config, name)})" for name in changed))
+        if config.writeback != self.config.writeback and self.has(Feature.BLK_CONFIG_WCE):
+            # The cache mode the disk was switched to, not the device's default.
+            fe.set_config(BlkConfig.OFFSET_WRITEBACK, bytes([self.config.writeback]))
+
+    def _used_idx(self, index: int) -> int:
+        """The used idx of ring ``index`` as it is in ring memory (the second u16 of the
+        used ring, ``struct virtq_used``): what the device finished publishing."""
+        addrs, _kick, _call = self._vrings[index]
+        return int.from_bytes(self.memory.view(addrs.used + 2, 2), "little")
 
     # -- properties the seed derives -----------------------------------------------------------
     @property
@@ -582,6 +811,14 @@ class VirtioBlk:
     def close(self, timeout: float = 10.0) -> None:
         """Wait (up to ``timeout`` per queue) for requests on the rings, fail what is left
         with EIO, then tear down the queues, the connection and the shared memory."""
+        self._closing.set()
+        thread = self._reconnecting
+        if thread is not None:
+            thread.join()
+            for q in self.queues:
+                if q.lost:  # the device is gone: nothing on the rings will complete
+                    q.give_up(DeviceGoneError(errno.ECONNRESET, "the disk was closed while "
+                                              "reconnecting to its device"))
         for q in self.queues:
             try:
                 q.freeze(timeout)
