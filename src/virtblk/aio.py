@@ -31,7 +31,7 @@ import collections
 import errno
 import os
 import select
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -87,7 +87,7 @@ class AsyncDisk:
         self._queues: list[HardwareQueue] = []
         try:
             for i in queues:  # refuses a queue a QueueHandle drives
-                all_queues[i].listen(self)
+                all_queues[i].listen(self, self._deliver)
                 self._queues.append(all_queues[i])
         except ValueError:
             for q in self._queues:
@@ -101,6 +101,7 @@ class AsyncDisk:
         self._in_flight: set[_Op] = set()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._kick_scheduled = False
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._gone: BaseException | None = None
         self._closed = False
         for q in self._queues:
@@ -108,13 +109,16 @@ class AsyncDisk:
         # EPOLLRDHUP only: the socket also carries replies to config requests, which must
         # not wake us; a peer that shuts down (or dies) does.
         self._hangup = select.epoll()
-        self._hangup.register(disk.device.frontend.fileno(), select.EPOLLRDHUP)
+        self._sock_fd = disk.device.frontend.fileno()
+        self._hangup.register(self._sock_fd, select.EPOLLRDHUP)
         self._loop.add_reader(self._hangup.fileno(), self._on_hangup)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
     async def connect(cls, socket_path: str, **options: Any) -> Self:
-        """``Disk.connect(socket_path, **options)`` (probing runs in a worker thread)."""
+        """``Disk.connect(socket_path, **options)`` (probing runs in a worker thread);
+        with ``reconnect_timeout`` a device restart costs the awaiting callers only time,
+        as for the ``Disk``."""
         disk = await asyncio.to_thread(Disk.connect, socket_path, **options)
         return cls(disk)
 
@@ -368,8 +372,45 @@ class AsyncDisk:
             self._fail(exc)
 
     def _on_hangup(self) -> None:
-        if self._hangup.poll(0):
+        if not self._hangup.poll(0):
+            return
+        q = self._queues[0] if self._queues else None
+        on_lost = None if q is None else q.on_lost
+        if q is None or on_lost is None:
             self._fail(DeviceGoneError(errno.ECONNRESET, f"{self.disk.name}: the device went away"))
+            return
+        # The disk reconnects: stop watching the dead connection (it would wake us for
+        # ever) and wait, off the loop, for the queues to resume; what is submitted
+        # meanwhile is parked on them, what was on the rings goes out again.
+        self._loop.remove_reader(self._hangup.fileno())
+        self._hangup.unregister(self._sock_fd)
+        # Kept: the loop holds only a weak reference to its tasks.
+        self._reconnect_task = self._loop.create_task(self._await_reconnect(q, on_lost))
+
+    async def _await_reconnect(
+        self, q: HardwareQueue, on_lost: Callable[[HardwareQueue], None]
+    ) -> None:
+        try:
+            await asyncio.to_thread(on_lost, q)
+            for queue in self._queues:
+                await asyncio.to_thread(queue.wait_resumed)
+        except Exception as exc:  # no device came back, or one that differs
+            self._fail(exc)
+            return
+        if self._closed or self._gone is not None:
+            return
+        self._sock_fd = self.disk.device.frontend.fileno()
+        self._hangup.register(self._sock_fd, select.EPOLLRDHUP)
+        self._loop.add_reader(self._hangup.fileno(), self._on_hangup)
+
+    def _deliver(self, completed: list[Request]) -> None:
+        """Run completion callbacks on the loop (a reconnect completes requests the dead
+        device had answered from its own thread)."""
+        def run() -> None:
+            for req in completed:
+                if req.callback is not None:
+                    req.callback(req)
+        self._loop.call_soon_threadsafe(run)
 
     def _gone_error(self) -> BaseException:
         gone = self._gone

@@ -451,3 +451,68 @@ def test_notifications_of_an_external_device_through_its_control_socket(
     line = next(x for x in result.stdout.splitlines() if "notifications per I/O" in x)
     assert re.search(r"device interrupted \d\.\d+, was kicked awake \d\.\d+", line), line
     assert re.search(r"CPU per I/O: driver [\d.]+ us, device [\d.]+ us", result.stdout)
+
+
+# -- a device restart (issue 11) ---------------------------------------------------------------
+BENCH_KILLS = {"queue": 20, "aio": 5, "sync": 5}
+"""Kills in the bench test per engine: each costs a start of ``virtblk serve``, and the
+bench's runtime must cover them all (the Disk test in tests/interop/test_reconnect.py does
+100; the default engine, ``queue``, gets the most here)."""
+
+
+def _wait_for_write(image: Path, bench: subprocess.Popen[str]) -> None:
+    """Wait until the device of the moment has written to ``image`` (its mtime moves): the
+    bench is connected to it and under load."""
+    before = image.stat().st_mtime_ns
+    while image.stat().st_mtime_ns == before:
+        assert bench.poll() is None, "the bench ended before the kills did"
+        threading.Event().wait(0.01)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("engine", ["queue", "aio", "sync"])
+def test_bench_keeps_running_across_device_restarts(
+    sock_dir: Path, tmp_path: Path, engine: str
+) -> None:
+    """``--reconnect-timeout``: SIGKILL and restart ``virtblk serve`` under a verified
+    random-write load; the run ends clean, every block verifies and the JSON counts each
+    reconnect."""
+    from interop.restarts import KillableServe
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 << 20))
+    sock = sock_dir / "vb.sock"
+    args = ["--file", str(image)]
+    server = KillableServe(sock, args).start()
+    bench = subprocess.Popen(
+        virtblk_argv("bench", str(sock), "--rw", "randwrite", "--ioengine", engine,
+                     "--iodepth", "16", "--verify", "crc32c", "--size", "4M",
+                     "--runtime", str(2 * BENCH_KILLS[engine]), "--reconnect-timeout", "60",
+                     "--output-format", "json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(BENCH_KILLS[engine]):
+            _wait_for_write(image, bench)
+            server.kill()
+            server = KillableServe(sock, args).start()
+        _wait_for_write(image, bench)
+        out, err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.communicate()
+        if server.process is not None:
+            server.stop()
+    assert bench.returncode == 0, err
+    ours = json.loads(out)["virtblk"]
+    assert ours["reconnects"] == BENCH_KILLS[engine]
+    assert ours["verify"]["verified"] > 0
+    assert ours["verify"]["mismatches"] == 0
+    assert json.loads(out)["jobs"][0]["write"]["total_ios"] > 0
+
+
+def test_reconnect_timeout_needs_a_socket() -> None:
+    result = run_virtblk("bench", *QUICK, "--reconnect-timeout", "5")
+    assert result.returncode == 2
+    assert "--reconnect-timeout needs SOCKET" in result.stderr

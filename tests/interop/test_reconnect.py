@@ -19,15 +19,13 @@ import errno
 import gc
 import os
 import random
-import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from interop.serve_process import ServeProcess
-from peers.process import wait_group_gone
+from interop.restarts import KillableServe
 from peers.qsd import QemuStorageDaemon
 from virtblk import Disk
 from virtblk.errors import DeviceGoneError, NegotiationError
@@ -43,19 +41,6 @@ RECONNECT_TIMEOUT = 60.0
 WRITES_BETWEEN_KILLS = 8
 """Acknowledged writes each incarnation of the device must see before it is killed: the
 kill then falls on a loaded device, never on one still starting."""
-
-
-class KillableServe(ServeProcess):
-    """``virtblk serve`` that can be killed with SIGKILL, as a crash would."""
-
-    def kill(self) -> None:
-        """SIGKILL the server's group and wait until it is gone."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        left = wait_group_gone(self.process.pid, 10.0)
-        assert not left, f"processes {left} survived SIGKILL"
-        self.process = None
 
 
 def pattern(block: int, generation: int) -> bytes:
@@ -273,3 +258,157 @@ def test_a_device_that_never_comes_back_fails_after_the_timeout(sock_dir: Path,
     assert set(threading.enumerate()) == threads_before
     left = _fds() - fds_before
     assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left}
+
+
+class Killer:
+    """Kills ``virtblk serve`` and starts it again ``kills`` times from a thread, each time
+    once the load has made progress on the device of the moment (``progressed``)."""
+
+    def __init__(self, sock: Path, args: list[str], kills: int) -> None:
+        self.sock = sock
+        self.args = args
+        self.kills = kills
+        self.done = 0
+        self.server = KillableServe(sock, args).start()
+        self.error: BaseException | None = None
+        self._progress = threading.Condition()
+        self._count = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="killer")
+
+    def progressed(self) -> None:
+        """One more write acknowledged (any thread)."""
+        with self._progress:
+            self._count += 1
+            self._progress.notify_all()
+
+    def _wait_progress(self, since: int) -> bool:
+        """False when the test stops the killer instead."""
+        with self._progress:
+            while self._count < since + WRITES_BETWEEN_KILLS and not self._stopping:
+                self._progress.wait()
+            return not self._stopping
+
+    def _run(self) -> None:
+        try:
+            for _ in range(self.kills):
+                if not self._wait_progress(self._count):
+                    return
+                self.server.kill()
+                self.server = KillableServe(self.sock, self.args).start()
+                self.done += 1
+            self._wait_progress(self._count)
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Join the thread (the load has ended) and stop the server."""
+        with self._progress:
+            self._stopping = True  # no more waiting for progress that may not come
+            self._progress.notify_all()
+        self._thread.join()
+        if self.server.process is not None:
+            self.server.stop()
+
+
+ASYNC_KILLS = 30
+"""Kills in the AsyncDisk and QueueHandle tests (the Disk test does 100)."""
+
+
+def test_async_disk_survives_sigkills_of_virtblk_serve(sock_dir: Path, image: Path) -> None:
+    import asyncio
+
+    from virtblk.aio import AsyncDisk
+
+    killer = Killer(sock_dir / "vb.sock", ["--file", str(image)], ASYNC_KILLS)
+    acked = [0] * BLOCKS
+    errors: list[BaseException] = []
+
+    async def writer(adisk: AsyncDisk, owner: int, stop: asyncio.Event) -> None:
+        rng = random.Random(owner)
+        mine = range(owner, BLOCKS, 8)
+        while not stop.is_set():
+            block = rng.choice(mine)
+            generation = acked[block] + 1
+            try:
+                await adisk.write(pattern(block, generation), block * BLOCK)
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+            acked[block] = generation
+            killer.progressed()
+
+    async def main() -> None:
+        async with await AsyncDisk.connect(str(killer.sock),
+                                           reconnect_timeout=RECONNECT_TIMEOUT) as adisk:
+            stop = asyncio.Event()
+            killer.start()
+            tasks = [asyncio.create_task(writer(adisk, t, stop)) for t in range(8)]
+            while not killer.finished and not errors:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert adisk.disk.reconnects == killer.done
+            for block in range(BLOCKS):
+                assert await adisk.read(BLOCK, block * BLOCK) == pattern(block, acked[block])
+
+    try:
+        asyncio.run(main())
+    finally:
+        killer.stop()
+    assert killer.error is None, killer.error
+    assert not errors, f"the caller saw errors: {errors!r}"
+    assert killer.done == ASYNC_KILLS
+    data = read_image(image)
+    assert all(data(b) == pattern(b, acked[b]) for b in range(BLOCKS))
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupts", "polling"])
+def test_queue_handle_survives_sigkills_of_virtblk_serve(
+    sock_dir: Path, image: Path, poll: bool
+) -> None:
+    from virtblk.driver.queue_api import QueueHandle
+
+    killer = Killer(sock_dir / "vb.sock", ["--file", str(image)], ASYNC_KILLS)
+    acked = [0] * BLOCKS
+    depth = 16
+    rng = random.Random(0)
+    try:
+        with Disk.connect(str(killer.sock), reconnect_timeout=RECONNECT_TIMEOUT) as disk:
+            buffers = [disk.buffer(BLOCK) for _ in range(depth)]
+            free = list(range(depth))
+            busy: set[int] = set()  # one write in flight per block
+            with QueueHandle(disk, 0, poll=poll) as handle:
+                killer.start()
+                while not killer.finished or busy:
+                    while free and not killer.finished:
+                        block = rng.randrange(BLOCKS)
+                        if block in busy:
+                            continue
+                        slot = free.pop()
+                        buffers[slot][:] = pattern(block, acked[block] + 1)
+                        handle.write(block * BLOCK, buffers[slot], (slot, block))
+                        busy.add(block)
+                    for completion in handle.do_io(min_completions=1):
+                        assert completion.ret == 0, completion.error_msg
+                        slot, block = completion.user_data
+                        acked[block] += 1
+                        busy.discard(block)
+                        free.append(slot)
+                        killer.progressed()
+            assert disk.reconnects == killer.done
+            for block in range(BLOCKS):
+                assert disk.pread(BLOCK, block * BLOCK) == pattern(block, acked[block])
+    finally:
+        killer.stop()
+    assert killer.error is None, killer.error
+    assert killer.done == ASYNC_KILLS
+    data = read_image(image)
+    assert all(data(b) == pattern(b, acked[b]) for b in range(BLOCKS))

@@ -123,6 +123,11 @@ _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
     "--device-poll-us", type=click.FloatRange(min=0), default=None,
     help="Embedded device: its --poll-us (default: serve's).",
 )  # fmt: skip
+@click.option(
+    "--reconnect-timeout", type=click.FloatRange(min=0), default=None,
+    help="With SOCKET: keep running across a device restart, dialling it again for up to "
+    "this many seconds (Disk.connect's reconnect_timeout); the result counts reconnects.",
+)  # fmt: skip
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -153,6 +158,7 @@ def bench(
     device_pid: int | None,
     device_control: str | None,
     device_poll_us: float | None,
+    reconnect_timeout: float | None,
 ) -> None:
     """Measure IOPS, bandwidth, completion latency and CPU per I/O, fio-style.
 
@@ -177,6 +183,12 @@ def bench(
                                "(with SOCKET)")
     if socket_path is not None and device_poll_us is not None:
         raise click.UsageError("--device-poll-us configures the embedded device (no SOCKET)")
+    if reconnect_timeout is not None and socket_path is None:
+        raise click.UsageError("--reconnect-timeout needs SOCKET: the embedded device is "
+                               "not restarted")
+    if reconnect_timeout is not None and numjobs > 1:
+        raise click.UsageError("--reconnect-timeout runs one job (jobs 2.. are forked "
+                               "processes, each with its own copy of the connection)")
     if io_path == "request" and ioengine != "queue":
         raise click.UsageError("--path request goes with --ioengine queue")
     if rw == "rw":
@@ -217,7 +229,7 @@ def bench(
     with ExitStack() as stack:
         disk, device_cpu, target = _open(
             stack, socket_path, numjobs, queue_size, backend, device_size, file_path,
-            device_pid, device_poll_us,
+            device_pid, device_poll_us, reconnect_timeout,
         )  # fmt: skip
         counters: DeviceCounters | None = None
         if disk.embedded_device is not None:
@@ -255,6 +267,7 @@ def _open(
     file_path: str | None,
     device_pid: int | None,
     device_poll_us: float | None,
+    reconnect_timeout: float | None = None,
 ) -> tuple[Disk, Callable[[], float] | None, str]:
     """Connect (or start the embedded device) with one hardware queue per job."""
     from virtblk.driver.disk import Disk
@@ -278,7 +291,8 @@ def _open(
         return disk, device_cpu, f"embedded {backend} device, {human_size(disk.size)}"
     try:
         disk = stack.enter_context(
-            Disk.connect(socket_path, num_queues=numjobs, queue_size=queue_size)
+            Disk.connect(socket_path, num_queues=numjobs, queue_size=queue_size,
+                         reconnect_timeout=reconnect_timeout)
         )
     except NegotiationError as exc:
         if numjobs > 1:
@@ -389,6 +403,8 @@ def format_result(r: BenchResult, target: str) -> str:
         line += (f"; device interrupted {n['device_notifications']:.3f}, "
                  f"was kicked awake {n['device_kicks']:.3f}")
     lines.append(line)
+    if r.reconnects:
+        lines.append(f"  reconnects: {r.reconnects} (the device went away and came back)")
     return "\n".join(lines)
 
 

@@ -150,6 +150,7 @@ class HardwareQueue:
         self._poller_active = False
         self._owner: object | None = None  # a QueueHandle driving the ring itself
         self._listeners: set[int] = set()  # ids of those reaping from the call eventfd
+        self._deliver: Callable[[list[Request]], None] | None = None  # see ``listen``
         self.broken: BaseException | None = None
         self._lost = False  # the device went away; a reconnect is under way (``suspend``)
         self.on_lost: Callable[[HardwareQueue], None] | None = None
@@ -197,17 +198,25 @@ class HardwareQueue:
                 raise ValueError(f"{self.name} has requests in flight; claim it idle")
             self._owner = owner
 
-    def listen(self, listener: object) -> None:
+    def listen(
+        self, listener: object, deliver: Callable[[list[Request]], None] | None = None
+    ) -> None:
         """``listener`` (an ``AsyncDisk``) reaps this queue from its call eventfd: no queue
-        handle may claim it meanwhile, and it may not be claimed now."""
+        handle may claim it meanwhile, and it may not be claimed now.  ``deliver`` runs
+        the callbacks of requests a reconnect completes (``salvage``, on the reconnect's
+        thread) where the listener wants them run: its event loop."""
         with self.cond:
             self._check_unowned()
             self._listeners.add(id(listener))
+            if deliver is not None:
+                self._deliver = deliver
 
     def unlisten(self, listener: object) -> None:
         """``listener`` reaps this queue no more."""
         with self.cond:
             self._listeners.discard(id(listener))
+            if not self._listeners:
+                self._deliver = None
 
     def release(self, owner: object) -> None:
         """End ``owner``'s claim; blocking I/O may use the queue again."""
@@ -535,30 +544,49 @@ class HardwareQueue:
             self._frozen = True
             self._stopped = True
             self.cond.notify_all()
+        self._wake_owner()
 
-    def salvage(self) -> int:
+    def salvage(self) -> DriverVirtqueue:
         """Complete what the dead device published in the used ring, then take every
         request still on the ring off it and park it ahead of those that waited, in the
-        order it was first submitted: ``resume`` on a fresh ring sends them again.  The
-        old ring's indirect tables are freed.  Returns how many are to be resubmitted.
+        order it was first submitted: ``resume`` on a fresh ring sends them again.
+        Returns the old ring, for the caller to close (under the allocator's lock).
         The driver's own resubmission, for a device without the in-flight buffer."""
         with self.cond:
-            self._stopped = False
+            # The used ring read as ``_drain_locked`` reads it, but the callbacks of an
+            # AsyncDisk's requests must run on its event loop, not on this thread.
             try:
-                self._drain_locked(rearm=False)  # frozen: nothing parked goes out
-            except DeviceProtocolError:
-                return 0  # the ring is broken: the queue is failed, its waiters raise why
-            finally:
-                self._stopped = True
+                used = self.vq.get_used()
+            except DeviceProtocolError as exc:
+                used = exc.completed  # what it published before the bad entry is real
+                self.fail(exc)
+            completed: list[Request] = []
+            slots = self._slots
+            for tag, written in used:
+                req = self._requests[tag]
+                req.written = written
+                status = slots[tag * SLOT + 16]
+                if written < req.need:
+                    status = short_status(status, written, req.need, f"{self.name} tag {tag}")
+                req.status = status
+                req.done = True
+                completed.append(req)
+            if self._deliver is not None:
+                self._deliver(completed)
+            else:
+                for req in completed:
+                    if req.callback is not None:
+                        req.callback(req)
+            self.cond.notify_all()
+            if self.broken is not None:
+                return self.vq  # the ring is broken: the waiters raise why
             outstanding = sorted((self._requests[tag] for tag in self.vq.detach_unused()),
                                  key=_by_seq)
-            slots = self._slots
             for req in outstanding:
                 slots[req.tag * SLOT + 16] = _STATUS_PENDING
             self._busy.extendleft(reversed(outstanding))
-            self.vq.close()
             self.stats_resubmitted += len(outstanding)
-            return len(outstanding)
+            return self.vq
 
     def resume(self, vq: DriverVirtqueue, hangup_fd: int | None) -> None:
         """The device is back: serve ``vq`` (a fresh ring after ``salvage``, or the same
@@ -572,6 +600,21 @@ class HardwareQueue:
                 self._poll.register(hangup_fd, select.POLLRDHUP)
             self._lost = False
         self.thaw(vq)
+        self._wake_owner()
+
+    def _wake_owner(self) -> None:
+        """A queue handle asleep on the call eventfd looks at the queue again."""
+        try:
+            os.write(self.call_fd, _EVENTFD_ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: it is being woken anyway
+
+    def wait_resumed(self) -> None:
+        """Wait until a reconnect ends; raise what failed the queue if it failed."""
+        with self.cond:
+            while self._lost and self.broken is None:
+                self.cond.wait()
+            self._check_broken()
 
     def give_up(self, exc: BaseException) -> None:
         """No device came back (or one that differs): fail the queue with ``exc`` and wake
@@ -579,6 +622,7 @@ class HardwareQueue:
         with self.cond:
             self.fail(exc)
             self.cond.notify_all()
+        self._wake_owner()
 
     # -- failure and teardown -------------------------------------------------------------
     def fail(self, exc: BaseException) -> None:

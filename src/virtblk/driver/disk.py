@@ -54,7 +54,7 @@ class Disk:
         self._dev = dev
         self._on_close = on_close
         self._closed = False
-        self._alloc_lock = threading.Lock()
+        self._alloc_lock = dev.alloc_lock  # a reconnect allocates rings from it too
         self._thread_queue = threading.local()
         self._next_queue = 0
         self._serial: str | None = None

@@ -50,6 +50,7 @@ _IN, _OUT = int(RequestType.IN), int(RequestType.OUT)
 _STATUS_PENDING = 0xFF
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 _pack_header = RequestHeader.FORMAT.pack_into
+_HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 _HANGUP_CHECK_EVERY = 4096
 """Empty polls between two looks at the vhost-user socket (a dead device never completes)."""
 _CLOSE_TIMEOUT = 10.0
@@ -79,7 +80,7 @@ class QueueHandle:
         "_bs_mask", "_buffers", "_closed", "_config_generation", "_dev", "_disable_cb",
         "_free", "_hangup", "_hdr_of_tag", "_in_flight", "_layout", "_max_segments",
         "_need_of_tag", "_pending", "_poll", "_q", "_read_only", "_ready", "_requests", "_seg_area",
-        "_seg_of_tag", "_size", "_slots", "_staged", "_status_of_tag", "_type_of_tag",
+        "_seg_of_tag", "_size", "_slots", "_sock_fd", "_staged", "_status_of_tag", "_type_of_tag",
         "_user_data", "_vq", "_waiter", "disk", "index", "max_transfer", "poll",
     )
 
@@ -128,11 +129,12 @@ class QueueHandle:
         assert seg_gpa is not None
         self._seg_of_tag: list[Segments] = [
             ((seg_gpa + tag * DiscardSegment.SIZE, DiscardSegment.SIZE),) for tag in range(depth)]
+        self._sock_fd = disk.device.frontend.fileno()
         self._hangup = select.poll()
-        self._hangup.register(disk.device.frontend.fileno(), select.POLLRDHUP)
+        self._hangup.register(self._sock_fd, select.POLLRDHUP)
         self._waiter = select.poll()
         self._waiter.register(q.call_fd, select.POLLIN)
-        self._waiter.register(disk.device.frontend.fileno(), select.POLLRDHUP)
+        self._waiter.register(self._sock_fd, select.POLLRDHUP)
         q.claim(self)
         try:
             self._vq = q.vq
@@ -301,6 +303,8 @@ class QueueHandle:
                 f"need 0 <= min_completions ({min_completions}) <= max_completions "
                 f"({max_completions})"
             )
+        if self._vq is not self._q.vq:  # the disk reconnected to its device meanwhile
+            self._adopt()
         if self._staged or self._pending:
             self._submit()
         if self._in_flight:
@@ -444,6 +448,7 @@ class QueueHandle:
             idle += 1
             if idle % _HANGUP_CHECK_EVERY == 0:
                 self._check_alive()
+                pending = self._vq.pending  # a new ring after a reconnect
                 if deadline is not None and time.monotonic() >= deadline:
                     self._timed_out(wanted)
 
@@ -490,8 +495,11 @@ class QueueHandle:
                         os.read(fd, 8)
                     except BlockingIOError:
                         pass
-                elif mask & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                elif mask & _HUNG_UP:
                     self._gone()
+            if q.lost or self._vq is not q.vq:  # woken by a reconnect
+                self._gone()
+            vq = self._vq
             self._reap_and_refill()
 
     def _reap_and_refill(self) -> None:
@@ -516,15 +524,73 @@ class QueueHandle:
         )
 
     def _check_alive(self) -> None:
-        if self._q.broken is not None:
-            raise self._q.broken
-        if self._hangup.poll(0):
+        q = self._q
+        if q.broken is not None:
+            raise q.broken
+        if self._hangup.poll(0) or q.lost or self._vq is not q.vq:
             self._gone()
 
     def _gone(self) -> None:
-        exc = DeviceGoneError(errno.ECONNRESET, f"{self._q.name}: the device went away")
-        self._q.fail(exc)
-        raise exc
+        """The device went away: fail, or (a disk with ``reconnect_timeout``) wait for the
+        reconnect and carry on on the new ring."""
+        q = self._q
+        if q.on_lost is None:
+            exc = DeviceGoneError(errno.ECONNRESET, f"{q.name}: the device went away")
+            q.fail(exc)
+            raise exc
+        q.on_lost(q)  # starts a reconnect, unless one runs or has replaced this connection
+        q.wait_resumed()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Carry on after a reconnect: watch the new connection; unless the device
+        resubmits from its in-flight buffer (the same ring), complete what the dead device
+        published on the old ring, free it, and put what it left unanswered (in tag order)
+        and what was staged onto the new ring, each tag's chain written afresh there."""
+        q = self._q
+        dev = self._dev
+        fd = dev.frontend.fileno()
+        for poller in (self._hangup, self._waiter):
+            try:
+                poller.unregister(self._sock_fd)
+            except KeyError:
+                pass
+            poller.register(fd, select.POLLRDHUP)
+        self._sock_fd = fd
+        old = self._vq
+        if old is q.vq:
+            return
+        try:
+            used = old.get_used()
+        except DeviceProtocolError as exc:
+            used = exc.completed
+        self._complete(used)
+        tags = sorted(old.detach_unused())
+        self._in_flight -= len(tags)
+        q.stats_resubmitted += len(tags)
+        with dev.alloc_lock:
+            old.close()
+            for gpa in (old.addrs.desc, old.addrs.avail, old.addrs.used):
+                dev.allocator.free(gpa)
+        self._vq = q.vq
+        self._layout, layout = [None] * len(self._layout), self._layout
+        slots = self._slots
+        staged = tags + self._staged
+        for tag in staged:
+            slots[tag * SLOT + 16] = _STATUS_PENDING
+            rtype = self._type_of_tag[tag]
+            shape = layout[tag]
+            if rtype <= _OUT and shape is not None:
+                self._prepare(tag, *shape)
+            elif rtype == RequestType.FLUSH:
+                self._vq.prepare(tag, self._hdr_of_tag[tag], self._status_of_tag[tag])
+            else:
+                self._vq.prepare(tag, self._hdr_of_tag[tag] + self._seg_of_tag[tag],
+                                 self._status_of_tag[tag])
+        self._staged = staged
+        if self.poll:
+            self._vq.disable_cb()
+        self._submit()
 
     # -- state ---------------------------------------------------------------------------------
     @property

@@ -232,6 +232,9 @@ class VirtioBlk:
         self._reconnecting: threading.Thread | None = None
         self._closing = threading.Event()
         self._inflight_buffer: tuple[int, int, int] | None = None  # fd, size, offset
+        self.alloc_lock = threading.Lock()
+        """Held around every use of ``allocator`` once the disk runs (the ``Disk``'s
+        buffers and a reconnect's rings are taken from it on different threads)."""
         self._fds: list[int] = []
         self.region = MemoryRegion.create(memory_size, name="virtblk-driver")
         self.memory = GuestMemory([self.region])
@@ -392,15 +395,16 @@ class VirtioBlk:
     def _new_vq(self, index: int, depth: int) -> DriverVirtqueue:
         """A fresh (zeroed) ring for queue ``index``, not yet announced."""
         addrs, _kick, _call = self._vrings[index]
-        return DriverVirtqueue(
-            self.memory,
-            addrs,
-            event_idx=self.has(Feature.RING_EVENT_IDX),
-            indirect=self.has(Feature.RING_INDIRECT_DESC),
-            allocator=self.allocator,
-            max_tokens=depth,
-            max_chain=self.sg_elems + 2,
-        )
+        with self.alloc_lock:
+            return DriverVirtqueue(
+                self.memory,
+                addrs,
+                event_idx=self.has(Feature.RING_EVENT_IDX),
+                indirect=self.has(Feature.RING_INDIRECT_DESC),
+                allocator=self.allocator,
+                max_tokens=depth,
+                max_chain=self.sg_elems + 2,
+            )
 
     def _announce_vring(self, fe: VhostUserFrontend, index: int, base: int) -> None:
         """Tell the device where ring ``index`` is, that it starts at avail index
@@ -527,8 +531,15 @@ class VirtioBlk:
                 self._backend_channel = None
             self.frontend.close()
             if not device_resubmits:
-                for q in self.queues:
-                    q.salvage()
+                for index, q in enumerate(self.queues):
+                    if q.owner is None:
+                        old = q.salvage()
+                        with self.alloc_lock:
+                            old.close()
+                    else:
+                        # A queue handle takes its requests off its old ring itself, when
+                        # it next runs: its new ring lies elsewhere, the old one is its.
+                        self._move_ring(index)
         delay = RECONNECT_FIRST_DELAY
         why = "no attempt"
         while not self._closing.is_set():
@@ -584,9 +595,9 @@ class VirtioBlk:
                 for index, q in enumerate(self.queues):
                     if device_resubmits:
                         self._announce_vring(fe, index, self._used_idx(index))
-                    else:
-                        vqs.append(self._new_vq(index, q.depth))
-                        self._announce_vring(fe, index, 0)
+                        continue
+                    vqs.append(self._new_vq(index, q.depth))
+                    self._announce_vring(fe, index, 0)
             except BaseException:
                 if channel is not None:
                     channel.close()
@@ -642,6 +653,13 @@ class VirtioBlk:
         if config.writeback != self.config.writeback and self.has(Feature.BLK_CONFIG_WCE):
             # The cache mode the disk was switched to, not the device's default.
             fe.set_config(BlkConfig.OFFSET_WRITEBACK, bytes([self.config.writeback]))
+
+    def _move_ring(self, index: int) -> None:
+        """Give ring ``index`` fresh memory (the old ring's is freed by its owner)."""
+        _addrs, kick, call = self._vrings[index]
+        with self.alloc_lock:
+            addrs = VringAddrs.allocate(self.allocator, self.queue_size)
+        self._vrings[index] = (addrs, kick, call)
 
     def _used_idx(self, index: int) -> int:
         """The used idx of ring ``index`` as it is in ring memory (the second u16 of the

@@ -55,6 +55,7 @@ def fio_json(
             else round(result.device_cpu_per_io_us, 3)
         ),
         "notifications_per_io": result.notifications_per_io(),
+        "reconnects": result.reconnects,
         "sample_ms": SAMPLE_NS // 1_000_000,
         "verify": None if c.verify is None else {
             "kind": c.verify,

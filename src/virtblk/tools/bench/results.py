@@ -67,6 +67,9 @@ class BenchResult:
     device_cpu: float | None
     device_counters: dict[str, int] | None = None
     """What our device counted during the run, when the device is ours."""
+    reconnects: int = 0
+    """How many times the disk reached its device again during the run (``Disk.reconnects``,
+    with ``--reconnect-timeout``)."""
     timestamp: float = dataclasses.field(default_factory=time.time)
 
     def notifications_per_io(self) -> dict[str, float | None]:

@@ -108,6 +108,7 @@ def run_bench(
         for i in range(cfg.numjobs):
             resources.append(Resources(disk, cfg, i))
         bases = [first + i * span * cfg.bs for i in range(cfg.numjobs)]
+        reconnects0 = disk.reconnects
         dev0 = device_cpu() if device_cpu else None
         counted0 = device_counters() if device_counters else None
         with _Monitor(counters, progress):
@@ -125,7 +126,8 @@ def run_bench(
         # it, and the run's own error is what the caller must see.
         with contextlib.suppress(BufferError):
             shared.close()
-    return BenchResult(config=cfg, jobs=jobs, device_cpu=dev_cpu, device_counters=counted)
+    return BenchResult(config=cfg, jobs=jobs, device_cpu=dev_cpu, device_counters=counted,
+                       reconnects=disk.reconnects - reconnects0)
 
 
 class _Monitor:
