@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from virtblk.driver.blkmq import HardwareQueue
 from virtblk.driver.zoned import driver_features as zoned_driver_features
@@ -29,7 +30,7 @@ from virtblk.spec import (
     feature_names,
     has_feature,
 )
-from virtblk.vhost_user.errors import VhostUserError
+from virtblk.vhost_user.errors import PeerGoneError, VhostUserError
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
@@ -37,6 +38,8 @@ from virtblk.virtio.split_driver import DriverVirtqueue
 from virtblk.virtio.split_layout import VringAddrs
 
 log = logging.getLogger("virtblk.driver")
+
+_T = TypeVar("_T")
 
 DRIVER_FEATURES = (
     Feature.VERSION_1.mask
@@ -211,6 +214,7 @@ class VirtioBlk:
         self._sock = sock
         self.frontend = VhostUserFrontend(sock, timeout=reply_timeout)
         self._lock = threading.RLock()  # one vhost-user request at a time
+        self._config_lock = threading.Lock()  # one re-read (or switch) of the config at a time
         self._config_callbacks: list[ConfigCallback] = []
         self.config_generation = 0
         """Bumped each time the config is re-read: a fast path that caches the size (a
@@ -229,6 +233,9 @@ class VirtioBlk:
         self.reconnect_timeout = reconnect_timeout
         self.reconnects = 0
         """How many times the device was lost and reached again."""
+        self.reconnect_seconds = 0.0
+        """The time those reconnects took in all, from the loss seen to the queues resumed
+        (the device's restart included)."""
         self._reconnecting: threading.Thread | None = None
         self._closing = threading.Event()
         self._inflight_buffer: tuple[int, int, int] | None = None  # fd, size, offset
@@ -505,7 +512,23 @@ class VirtioBlk:
             fe.set_inflight_fd(size, offset, len(self._vrings) or self._num_vqs(),
                                self.queue_size, fd)
 
-    def _on_lost(self, _queue: HardwareQueue) -> None:
+    def _request(self, call: Callable[[VhostUserFrontend], _T]) -> _T:
+        """One vhost-user request after the probe.  A connection found dead is, with a
+        ``reconnect_timeout``, reconnected as for I/O (the caller waits) and the request
+        sent again on the new one; else (or when no device came back) the error is raised."""
+        try:
+            with self._lock:
+                return call(self.frontend)
+        except PeerGoneError:
+            if self._redial is None or not self.queues:
+                raise
+        self._on_lost(None)
+        for q in self.queues:
+            q.wait_resumed()
+        with self._lock:
+            return call(self.frontend)
+
+    def _on_lost(self, _queue: HardwareQueue | None) -> None:
         """A queue saw the device hang up: stop every queue and reconnect in a thread (once
         per loss; the queues resume or fail when it ends)."""
         with self._lock:
@@ -523,7 +546,8 @@ class VirtioBlk:
 
     def _reconnect(self) -> None:
         assert self._redial is not None and self.reconnect_timeout is not None
-        deadline = time.monotonic() + self.reconnect_timeout
+        started = time.monotonic()
+        deadline = started + self.reconnect_timeout
         device_resubmits = self._inflight_buffer is not None
         with self._lock:
             if self._backend_channel is not None:
@@ -558,6 +582,7 @@ class VirtioBlk:
                 except (VhostUserError, OSError) as exc:
                     why = str(exc)  # lost again while renegotiating: try again
                 else:
+                    self.reconnect_seconds += time.monotonic() - started
                     log.info("%s: reconnected to the device (%d requests resubmitted)",
                              self.name_for_errors, sum(q.stats_resubmitted for q in self.queues))
                     return
@@ -709,8 +734,9 @@ class VirtioBlk:
     def set_writeback(self, writeback: bool) -> None:
         """Switch the device cache (``cache_type`` store); needs CONFIG_WCE."""
         self.require(Feature.BLK_CONFIG_WCE, "switching the cache mode")
-        with self._lock:
-            self.frontend.set_config(BlkConfig.OFFSET_WRITEBACK, bytes([int(writeback)]))
+        with self._config_lock:
+            self._request(lambda fe: fe.set_config(BlkConfig.OFFSET_WRITEBACK,
+                                                   bytes([int(writeback)])))
             self._reread_config()
 
     @property
@@ -788,7 +814,7 @@ class VirtioBlk:
         Called on CONFIG_CHANGE_MSG; also callable by hand for devices that resize
         without telling (qemu-storage-daemon 7.2 after QMP ``block_resize``).
         """
-        with self._lock:  # the config work thread and a caller may refresh at once
+        with self._config_lock:  # the config work thread and a caller may refresh at once
             old = self.size
             self._reread_config()
             new = self.size
@@ -807,11 +833,13 @@ class VirtioBlk:
         """Take the capacity and the cache mode from the device's config space now, as
         Linux's config work and cache-mode reads do; the limits and the block size stay
         those of the probe, which the rings were built for and users align to."""
-        fresh = self._read_config()
-        self.config = dataclasses.replace(
-            self.config, capacity=fresh.capacity, writeback=fresh.writeback
-        )
-        self.config_generation += 1
+        size = self._config_size()
+        fresh = BlkConfig.unpack(self._request(lambda fe: fe.get_config(size)))
+        with self._lock:
+            self.config = dataclasses.replace(
+                self.config, capacity=fresh.capacity, writeback=fresh.writeback
+            )
+            self.config_generation += 1
 
     def _on_config_change(self) -> None:
         """CONFIG_CHANGE_MSG arrived: re-read the config in a worker thread, as the seed
