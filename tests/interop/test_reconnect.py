@@ -443,3 +443,34 @@ def test_a_vhost_user_request_finds_the_device_gone_and_reconnects(sock_dir: Pat
     finally:
         if server.process is not None:
             server.stop()
+
+
+def test_closing_the_disk_ends_a_reconnect_that_waits(sock_dir: Path, image: Path) -> None:
+    """``close`` during a reconnect stops it: the waiting caller gets DeviceGoneError and
+    the close returns, long before the reconnect timeout."""
+    sock = sock_dir / "vb.sock"
+    server = KillableServe(sock, ["--file", str(image)]).start()
+    threads_before = set(threading.enumerate())
+    seen: list[BaseException] = []
+    try:
+        disk = Disk.connect(str(sock), reconnect_timeout=3600)
+        disk.pwrite(pattern(0, 1), 0)
+        server.kill()
+
+        def read() -> None:
+            try:
+                disk.pread(BLOCK, 0)
+            except BaseException as exc:
+                seen.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        while not disk.device.queues[0].lost:  # the reader found the device gone
+            threading.Event().wait(0.01)
+        disk.close()
+        reader.join()
+    finally:
+        if server.process is not None:
+            server.stop()
+    assert len(seen) == 1 and isinstance(seen[0], DeviceGoneError), seen
+    assert set(threading.enumerate()) == threads_before
