@@ -30,7 +30,11 @@ from peers.qsd import QemuStorageDaemon
 from virtblk import Disk
 from virtblk.errors import DeviceGoneError, NegotiationError
 
-pytestmark = pytest.mark.interop
+pytestmark = [
+    pytest.mark.interop,
+    # The reconnect runs in a thread of its own: an exception there fails the test.
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 
 MiB = 1 << 20
 BLOCK = 4096

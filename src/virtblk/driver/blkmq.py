@@ -152,7 +152,9 @@ class HardwareQueue:
         self._listeners: set[int] = set()  # ids of those reaping from the call eventfd
         self._deliver: Callable[[list[Request]], None] | None = None  # see ``listen``
         self.broken: BaseException | None = None
-        self._lost = False  # the device went away; a reconnect is under way (``suspend``)
+        self.lost = False
+        """True from the device going away (``suspend``) to ``resume`` (or ``give_up``):
+        a plain attribute, read by a queue handle at every wakeup."""
         self.on_lost: Callable[[HardwareQueue], None] | None = None
         """Called (without the queue's lock) when the device hangs up, instead of failing
         the queue: the disk reconnects (``VirtioBlk`` with a ``reconnect_timeout``)."""
@@ -458,7 +460,7 @@ class HardwareQueue:
         """Poll the call eventfd once (as the poller) or wait for the current poller."""
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"{self.name}: no completion before the timeout")
-        if self._poller_active or self._lost:  # lost: ``resume`` or ``fail`` wakes us
+        if self._poller_active or self.lost:  # lost: ``resume`` or ``fail`` wakes us
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self.cond.wait(remaining)
             return []
@@ -532,15 +534,10 @@ class HardwareQueue:
     # will complete it): what is submitted is parked, waiters sleep on the condition.
     # Then either the device resubmits from its in-flight buffer (``resume`` on the same
     # ring) or the driver does (``salvage``, then ``resume`` on a fresh ring).
-    @property
-    def lost(self) -> bool:
-        """Between the device going away and ``resume`` (or ``fail``)."""
-        return self._lost
-
     def suspend(self) -> None:
         """The device is gone: stop reaping and submitting until ``resume``."""
         with self.cond:
-            self._lost = True
+            self.lost = True
             self._frozen = True
             self._stopped = True
             self.cond.notify_all()
@@ -598,7 +595,7 @@ class HardwareQueue:
             self._hangup_fd = hangup_fd
             if hangup_fd is not None:
                 self._poll.register(hangup_fd, select.POLLRDHUP)
-            self._lost = False
+            self.lost = False
         self.thaw(vq)
         self._wake_owner()
 
@@ -612,7 +609,7 @@ class HardwareQueue:
     def wait_resumed(self) -> None:
         """Wait until a reconnect ends; raise what failed the queue if it failed."""
         with self.cond:
-            while self._lost and self.broken is None:
+            while self.lost and self.broken is None:
                 self.cond.wait()
             self._check_broken()
 

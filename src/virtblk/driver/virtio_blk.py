@@ -231,12 +231,15 @@ class VirtioBlk:
         self.frozen = False
         self._redial = redial if reconnect_timeout is not None else None
         self.reconnect_timeout = reconnect_timeout
+        self.name_for_errors = "virtblk"
+        """How reconnect errors name the device (the disk sets its own name)."""
         self.reconnects = 0
         """How many times the device was lost and reached again."""
         self.reconnect_seconds = 0.0
         """The time those reconnects took in all, from the loss seen to the queues resumed
         (the device's restart included)."""
-        self._reconnecting: threading.Thread | None = None
+        self._reconnecting = False  # a reconnect thread is at work
+        self._reconnect_thread: threading.Thread | None = None  # the last one, to join
         self._closing = threading.Event()
         self._inflight_buffer: tuple[int, int, int] | None = None  # fd, size, offset
         self.alloc_lock = threading.Lock()
@@ -532,7 +535,7 @@ class VirtioBlk:
         """A queue saw the device hang up: stop every queue and reconnect in a thread (once
         per loss; the queues resume or fail when it ends)."""
         with self._lock:
-            if self._reconnecting is not None or self._closing.is_set():
+            if self._reconnecting or self._closing.is_set():
                 return
             hung_up = select.poll()
             hung_up.register(self._sock.fileno(), select.POLLRDHUP)
@@ -540,11 +543,18 @@ class VirtioBlk:
                 return  # that was the connection a reconnect has replaced already
             for q in self.queues:
                 q.suspend()
-            self._reconnecting = threading.Thread(
+            if self._reconnect_thread is not None:
+                self._reconnect_thread.join()  # done with the last loss: it is ending
+            self._reconnecting = True
+            self._reconnect_thread = threading.Thread(
                 target=self._reconnect, name="virtblk-reconnect", daemon=True)
-            self._reconnecting.start()
+            self._reconnect_thread.start()
 
     def _reconnect(self) -> None:
+        """The reconnect thread: take the requests off the dead device's rings (unless it
+        resubmits them itself), then dial until a device answers that agrees with the
+        first, or the timeout passes (every waiter then gets DeviceGoneError), or the disk
+        is closed."""
         assert self._redial is not None and self.reconnect_timeout is not None
         started = time.monotonic()
         deadline = started + self.reconnect_timeout
@@ -583,7 +593,8 @@ class VirtioBlk:
                     why = str(exc)  # lost again while renegotiating: try again
                 else:
                     self.reconnect_seconds += time.monotonic() - started
-                    log.info("%s: reconnected to the device (%d requests resubmitted)",
+                    log.info("%s: reconnected to the device (%d requests resubmitted by the "
+                             "driver so far)",
                              self.name_for_errors, sum(q.stats_resubmitted for q in self.queues))
                     return
             remaining = deadline - time.monotonic()
@@ -595,12 +606,9 @@ class VirtioBlk:
             errno.ECONNRESET, f"{self.name_for_errors}: the device went away and did not come "
             f"back within {self.reconnect_timeout:g} s ({why})"))
 
-    name_for_errors = "virtblk"
-    """How the device is named in reconnect errors (the disk sets its name)."""
-
     def _give_up(self, exc: BaseException) -> None:
         with self._lock:
-            self._reconnecting = None
+            self._reconnecting = False
             for q in self.queues:
                 q.give_up(exc)
 
@@ -638,7 +646,7 @@ class VirtioBlk:
         if channel is not None:
             channel.start()
         self.reconnects += 1
-        self._reconnecting = None
+        self._reconnecting = False
         for index, q in enumerate(self.queues):
             q.resume(vqs[index] if vqs else q.vq, sock.fileno())
 
@@ -647,14 +655,17 @@ class VirtioBlk:
         device now differs in what the disk runs with."""
         fe.set_owner()
         offered = fe.get_features()
+        # The zoned model decided on DISCARD at probe (not with host-managed zones).
+        same = ~Feature.BLK_DISCARD.mask if self.has(Feature.BLK_ZONED) else ~0
         wanted = offered & self._wanted
-        if self.has(Feature.BLK_ZONED) and has_feature(wanted, Feature.BLK_ZONED):
-            wanted = self.features  # the zoned model's DISCARD rule was applied at probe
-        if wanted != self.features:
+        if (wanted ^ self.features) & same:
             raise NegotiationError(
                 f"the device now offers features {offered:#x}: negotiated {wanted:#x}, "
                 f"not {self.features:#x} as before (differs in "
-                f"{', '.join(feature_names(wanted ^ self.features))})")
+                f"{', '.join(feature_names((wanted ^ self.features) & same))})")
+        if self.protocol_features and not has_feature(
+                offered, Feature.VHOST_USER_PROTOCOL_FEATURES):
+            raise NegotiationError("the device now offers no vhost-user protocol features")
         if self.protocol_features:
             offered_protocol = fe.get_protocol_features()
             if offered_protocol & self.protocol_features != self.protocol_features:
@@ -858,7 +869,7 @@ class VirtioBlk:
         """Wait (up to ``timeout`` per queue) for requests on the rings, fail what is left
         with EIO, then tear down the queues, the connection and the shared memory."""
         self._closing.set()
-        thread = self._reconnecting
+        thread = self._reconnect_thread
         if thread is not None:
             thread.join()
             for q in self.queues:

@@ -409,17 +409,15 @@ class VhostUserFrontend:
         """The backend's inflight buffer (INFLIGHT_SHMFD); the reply owns its fd: close it,
         or take the fd.
 
-        Nothing calls it yet: it stays for the reliability work (issue 11), which resumes
-        in-flight requests from this buffer after a backend restart."""
+        A driver that reconnects (``VirtioBlk`` with a ``reconnect_timeout``) asks once and
+        keeps the buffer, for the backend's next incarnation to resubmit from."""
         return self._ask(GetInflightFd(num_queues, queue_size), GetInflightFdReply)
 
     def set_inflight_fd(
         self, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int, fd: int
     ) -> None:
-        """Hand an inflight buffer back to the backend (INFLIGHT_SHMFD).
-
-        Nothing calls it yet: it stays for the reliability work (issue 11), which gives a
-        restarted backend the buffer ``get_inflight_fd`` returned."""
+        """Hand an inflight buffer back to the backend (INFLIGHT_SHMFD): at every start, as
+        QEMU does, so a restarted backend resubmits what the buffer says was in flight."""
         self._with_ack(
             lambda ack: SetInflightFd(
                 mmap_size, mmap_offset, num_queues, queue_size, OwnedFd.dup(fd),
