@@ -478,3 +478,32 @@ def test_closing_the_disk_ends_a_reconnect_that_waits(sock_dir: Path, image: Pat
             server.stop()
     assert len(seen) == 1 and isinstance(seen[0], DeviceGoneError), seen
     assert set(threading.enumerate()) == threads_before
+
+
+def test_an_async_disk_whose_device_never_comes_back_fails_after_the_timeout(
+    sock_dir: Path, image: Path
+) -> None:
+    import asyncio
+
+    from virtblk.aio import AsyncDisk
+
+    sock = sock_dir / "vb.sock"
+    server = KillableServe(sock, ["--file", str(image)]).start()
+    threads_before = set(threading.enumerate())
+
+    async def main() -> None:
+        async with await AsyncDisk.connect(str(sock), reconnect_timeout=1.0) as adisk:
+            await adisk.write(pattern(0, 1), 0)
+            server.kill()
+            with pytest.raises(DeviceGoneError) as gone:
+                await asyncio.gather(*(adisk.read(BLOCK, b * BLOCK) for b in range(8)))
+            assert gone.value.errno == errno.ECONNRESET
+            with pytest.raises(DeviceGoneError):
+                await adisk.write(pattern(0, 2), 0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if server.process is not None:
+            server.stop()
+    assert set(threading.enumerate()) == threads_before
