@@ -507,3 +507,28 @@ def test_an_async_disk_whose_device_never_comes_back_fails_after_the_timeout(
         if server.process is not None:
             server.stop()
     assert set(threading.enumerate()) == threads_before
+
+
+def test_the_config_change_channel_is_reopened(sock_dir: Path, image: Path) -> None:
+    """After a reconnect the new device's CONFIG_CHANGE_MSG reaches the disk: a resize
+    through its control socket shows in ``size`` and the ``on_resize`` callback."""
+    from interop.serve_process import run_virtblk
+
+    sock, control = sock_dir / "vb.sock", sock_dir / "ctl.sock"
+    args = ["--file", str(image), "--control", str(control)]
+    server = KillableServe(sock, args).start()
+    resized = threading.Event()
+    try:
+        with Disk.connect(str(sock), reconnect_timeout=RECONNECT_TIMEOUT) as disk:
+            disk.on_resize(lambda old, new: resized.set())
+            server.kill()
+            server = KillableServe(sock, args).start()
+            assert disk.pread(BLOCK, 0) == bytes(BLOCK)  # reconnects
+            assert disk.reconnects == 1
+            result = run_virtblk("control", str(control), "resize", str(2 * IMAGE_SIZE))
+            assert result.returncode == 0, result.stderr
+            assert resized.wait(60)
+            assert disk.size == 2 * IMAGE_SIZE
+    finally:
+        if server.process is not None:
+            server.stop()
