@@ -532,3 +532,29 @@ def test_the_config_change_channel_is_reopened(sock_dir: Path, image: Path) -> N
     finally:
         if server.process is not None:
             server.stop()
+
+
+def test_two_queues_survive_sigkills_of_virtblk_serve(sock_dir: Path, image: Path) -> None:
+    """Each writer thread is mapped to one of two hardware queues: both are resumed, each
+    with what it had outstanding."""
+    sock = sock_dir / "vb.sock"
+    args = ["--file", str(image), "--num-queues", "2"]
+    server = [KillableServe(sock, args).start()]
+
+    def restart() -> None:
+        server[0] = KillableServe(sock, args).start()
+
+    try:
+        with Disk.connect(str(sock), num_queues=2,
+                          reconnect_timeout=RECONNECT_TIMEOUT) as disk:
+            assert disk.num_queues == 2
+            with Load(disk) as load:
+                kill_and_restart(load, ASYNC_KILLS, lambda: server[0].kill(), restart)
+            assert not load.errors, f"the caller saw errors: {load.errors!r}"
+            assert disk.reconnects == ASYNC_KILLS
+            assert all(q.stats_submitted for q in disk.device.queues)
+            load.verify(lambda b: disk.pread(BLOCK, b * BLOCK), "read from the device")
+        load.verify(read_image(image), "in the image file")
+    finally:
+        if server[0].process is not None:
+            server[0].stop()
