@@ -546,9 +546,10 @@ class VirtioBlk:
             if self._reconnect_thread is not None:
                 self._reconnect_thread.join()  # done with the last loss: it is ending
             self._reconnecting = True
-            self._reconnect_thread = threading.Thread(
-                target=self._reconnect, name="virtblk-reconnect", daemon=True)
-            self._reconnect_thread.start()
+            thread = threading.Thread(target=self._reconnect, name="virtblk-reconnect",
+                                      daemon=True)
+            thread.start()
+            self._reconnect_thread = thread
 
     def _reconnect(self) -> None:
         """The reconnect thread: take the requests off the dead device's rings (unless it
@@ -868,8 +869,9 @@ class VirtioBlk:
     def close(self, timeout: float = 10.0) -> None:
         """Wait (up to ``timeout`` per queue) for requests on the rings, fail what is left
         with EIO, then tear down the queues, the connection and the shared memory."""
-        self._closing.set()
-        thread = self._reconnect_thread
+        with self._lock:  # a loss being noticed now either starts its thread first or not
+            self._closing.set()
+            thread = self._reconnect_thread
         if thread is not None:
             thread.join()
             for q in self.queues:
