@@ -177,3 +177,15 @@ def test_a_sigkilled_device_s_requests_are_resubmitted_by_its_successor(
     data = image.read_bytes()
     for sector in (*WRITES, 40):
         assert data[sector * 512 : sector * 512 + 4096] == pattern(sector), sector
+
+
+@pytest.mark.parametrize(("args", "offered"), [([], True), (["--no-inflight"], False)])
+def test_serve_offers_the_inflight_buffer_unless_told_not_to(
+    sock_dir: Path, args: list[str], offered: bool
+) -> None:
+    path = sock_dir / "blk.sock"
+    with ServeProcess(path, ["--memory", "1M", *args]), \
+            VhostUserFrontend.connect(str(path)) as fe:
+        fe.get_features()
+        features = fe.get_protocol_features()
+    assert bool(features & ProtocolFeature.INFLIGHT_SHMFD.mask) is offered
