@@ -358,3 +358,37 @@ def test_a_half_recorded_last_batch_is_settled(setup: Setup) -> None:
     assert recovery == inflight_module.Recovery(False, 4, (6,), 2)
     assert struct.unpack_from("<H", buffer, 14) == (3,)
     assert buffer[16 + 16 * 5] == 0 and buffer[16 + 16 * 4] == 0 and buffer[16 + 16 * 6] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.binary(min_size=queue_region_size(NUM), max_size=queue_region_size(NUM)),
+    version_one=st.booleans(),
+    used_idx=st.integers(0, 0xFFFF),
+    outstanding=st.integers(0, NUM + 2),
+)
+def test_any_buffer_recovers_sanely_or_is_refused(
+    data: bytes, version_one: bool, used_idx: int, outstanding: int
+) -> None:
+    """Whatever the frontend hands over: a Recovery whose heads are in the queue, distinct
+    and no more than the driver has outstanding, or InflightError; nothing else."""
+    buffer = bytearray(data)
+    if version_one:  # else random: mostly refused by the version check
+        struct.pack_into("<HH", buffer, 8, 1, NUM)
+        for head in range(NUM):  # flags of 0 or 1, as a real buffer has them
+            buffer[16 + 16 * head] &= 1
+    avail_idx = (used_idx + outstanding) & 0xFFFF
+    journal = InflightJournal(memoryview(buffer), NUM)
+    before = bytes(buffer)
+    try:
+        recovery = journal.recover(used_idx, avail_idx)
+    except InflightError:
+        assert bytes(buffer) == before  # refused untouched
+        return
+    if recovery.fresh:
+        return
+    heads = recovery.resubmit
+    assert len(set(heads)) == len(heads) and all(0 <= h < NUM for h in heads)
+    assert len(heads) <= outstanding
+    assert recovery.last_avail == (used_idx + len(heads)) & 0xFFFF
+    assert sorted(journal.in_flight()) == sorted(heads)
