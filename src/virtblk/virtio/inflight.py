@@ -91,8 +91,11 @@ class InflightJournal:
     __slots__ = (
         "_b",
         "_batch",
+        "_counters",
+        "_flags",
         "_h",
         "_last_head",
+        "_nexts",
         "_q",
         "counter",
         "num",
@@ -111,6 +114,10 @@ class InflightJournal:
         self._b = view
         self._h = view.cast("H")
         self._q = view.cast("Q")
+        # Strided views of the descriptor states' fields, indexed by head: one store each.
+        self._flags = view[_HEADER::_DESC_STATE]  # DescStateSplit.inflight (u8)
+        self._nexts = self._h[(_HEADER + 6) // 2 :: _DESC_STATE // 2]  # .next (u16)
+        self._counters = self._q[(_HEADER + 8) // 8 :: _DESC_STATE // 8]  # .counter (u64)
         self.num = num
         self.counter = counter
         self._batch: list[int] = []  # linked, not settled
@@ -138,14 +145,14 @@ class InflightJournal:
         """Record popped heads as in flight, in avail order: each head's counter, then its
         flag (a flag is never set over a stale counter).  Heads outside the queue (a
         broken avail entry, never answered) are not recorded."""
-        b = self._b
-        q = self._q
+        flags = self._flags
+        counters = self._counters
         num = self.num
         counter = self.counter
         for head in heads:
             if head < num:
-                q[3 + 2 * head] = counter
-                b[16 + 16 * head] = 1
+                counters[head] = counter
+                flags[head] = 1
                 counter += 1
         self.counter = counter
 
@@ -153,20 +160,20 @@ class InflightJournal:
         """Chain heads about to be answered onto the batch list (before the used idx that
         publishes them is stored): ``recover`` walks it to settle a batch the driver saw
         but the buffer did not record."""
-        h = self._h
+        nexts = self._nexts
         last = self._last_head
         for head in heads:
-            h[11 + 8 * head] = last
+            nexts[head] = last
             last = head
-        h[_LAST_BATCH_HEAD_H] = last
+        self._h[_LAST_BATCH_HEAD_H] = last
         self._last_head = last
-        self._batch.extend(heads)
+        self._batch += heads
 
     def settle(self, used_idx: int) -> None:
         """The used idx ``used_idx`` was stored: the linked heads are no longer in flight."""
-        b = self._b
+        flags = self._flags
         for head in self._batch:
-            b[16 + 16 * head] = 0
+            flags[head] = 0
         self._h[_USED_IDX_H] = used_idx
         self._batch.clear()
 
@@ -174,8 +181,8 @@ class InflightJournal:
 
     def in_flight(self) -> list[int]:
         """Heads flagged in flight, in table order (for inspection and tests)."""
-        b = self._b
-        return [head for head in range(self.num) if b[16 + 16 * head]]
+        flags = self._flags
+        return [head for head in range(self.num) if flags[head]]
 
     def recover(self, used_idx: int, avail_idx: int) -> Recovery:
         """Read the buffer back when the ring starts: ``used_idx`` and ``avail_idx`` are
@@ -201,8 +208,7 @@ class InflightJournal:
         desc_num = int(h[_DESC_NUM_H])
         if desc_num != num:
             raise InflightError(f"made for a queue of {desc_num} entries, the ring has {num}")
-        b = self._b
-        flags = [b[16 + 16 * head] for head in range(num)]
+        flags = self._flags[:num].tolist()
         odd = [(head, flag) for head, flag in enumerate(flags) if flag > 1]
         if odd:
             head, flag = odd[0]
@@ -216,8 +222,7 @@ class InflightJournal:
             raise InflightError(
                 f"{len(heads)} requests in flight, but the driver has only {outstanding} "
                 f"outstanding (avail idx {avail_idx}, used idx {used_idx})")
-        q = self._q
-        counters = {head: int(q[3 + 2 * head]) for head in heads}
+        counters = {head: int(self._counters[head]) for head in heads}
         if len(set(counters.values())) != len(heads):
             raise InflightError("two requests in flight have the same counter")
         if any(counter >= _MAX_COUNTER for counter in counters.values()):
@@ -225,7 +230,7 @@ class InflightJournal:
         # Checked: now settle the last batch (flags first, then the used idx, so a crash
         # here leaves the same work to the next recovery).
         for head in last_batch:
-            b[16 + 16 * head] = 0
+            self._flags[head] = 0
         h[_USED_IDX_H] = used_idx
         self._batch.clear()
         resubmit = tuple(sorted(heads, key=counters.__getitem__))
@@ -254,7 +259,7 @@ class InflightJournal:
                 raise InflightError(f"last batch list loops at descriptor {head}")
             seen.add(head)
             heads.append(head)
-            head = int(h[11 + 8 * head])
+            head = int(self._nexts[head])
         return heads
 
     def _initialise(self, used_idx: int) -> None:
