@@ -7,7 +7,9 @@ per-test shell script and powers off, printing the script's exit status on the
 serial console. Nothing is built from source; the kernel package is downloaded
 once with apt and cached.
 
-Usage: `run_guest("cat /sys/block/vda/size", disks=[socket_path])`.
+Usage: `run_guest("cat /sys/block/vda/size", disks=[socket_path])`; or, to act on the host
+while the guest runs (kill its device, say), `with start_guest(...) as guest:`, read
+`guest.console()` as it grows, and `guest.wait()` for the result.
 """
 
 from __future__ import annotations
@@ -386,11 +388,14 @@ def qemu_command(
     device_options: Sequence[str] = (),
     kernel_cmdline: str = "",
     qemu_args: Sequence[str] = (),
+    reconnect: int = 0,
 ) -> list[str]:
     """The qemu-system-x86_64 command line for one guest run.
 
     Guest RAM is a shared memfd: a vhost-user device maps it, so it must be
-    shareable. Each disk is a vhost-user-blk-pci device on its own chardev.
+    shareable. Each disk is a vhost-user-blk-pci device on its own chardev; with
+    `reconnect` (seconds), QEMU reconnects to a device that went away, and the
+    guest waits for it.
     """
     append = "console=ttyS0 quiet panic=-1"
     if kernel_cmdline:
@@ -407,7 +412,10 @@ def qemu_command(
     for index, socket_path in enumerate(disks):
         device = f"vhost-user-blk-pci,chardev=c{index},num-queues={num_queues}"
         device += "".join(f",{option}" for option in device_options)
-        argv += ["-chardev", f"socket,id=c{index},path={socket_path}", "-device", device]
+        chardev = f"socket,id=c{index},path={socket_path}"
+        if reconnect:
+            chardev += f",reconnect={reconnect}"
+        argv += ["-chardev", chardev, "-device", device]
     argv += list(qemu_args)
     return argv
 
@@ -434,6 +442,88 @@ def run_guest(
     guest outlives `timeout`, `GuestError` when it ends without the exit marker
     (QEMU failed, the kernel panicked, ...). Both messages carry the console tail.
     """
+    with start_guest(
+        script, disks=disks, num_queues=num_queues, smp=smp, memory_mb=memory_mb,
+        kernel=kernel, device_options=device_options, kernel_cmdline=kernel_cmdline,
+        qemu_args=qemu_args,
+    ) as guest:  # fmt: skip
+        return guest.wait(timeout)
+
+
+class RunningGuest:
+    """A guest booted by `start_guest`, running while the test acts on the host.
+
+    Its serial console goes to a file, so `console()` can be read at any time.
+    """
+
+    def __init__(self, argv: list[str], workdir: Path) -> None:
+        self.argv = argv
+        self._workdir = workdir
+        self._console = (workdir / "console").open("w+b")
+        self._stderr = (workdir / "stderr").open("w+b")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._console, stderr=self._stderr
+        )
+
+    def console(self) -> str:
+        """The serial console so far (kernel messages and the script's output)."""
+        return _text((self._workdir / "console").read_bytes())
+
+    def wait(self, timeout: float) -> GuestResult:
+        """Wait for the guest to power off and return how it ended (see `run_guest`)."""
+        left = max(0.0, self.started + timeout - time.monotonic())
+        try:
+            self.process.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise GuestTimeout(
+                f"guest still running after {timeout:.0f} s; killed\n"
+                f"{_describe(self.argv, self.console(), self._stderr_text())}"
+            ) from None
+        elapsed = time.monotonic() - self.started
+        console = self.console()
+        found = _EXIT_RE.findall(console)
+        if not found:
+            raise GuestError(
+                f"guest ended (QEMU status {self.process.returncode}) without "
+                f"{EXIT_MARKER}<rc>\n{_describe(self.argv, console, self._stderr_text())}"
+            )
+        begin = console.find(BEGIN_MARKER + "\n")
+        end = console.rfind(EXIT_MARKER)
+        output = console[begin + len(BEGIN_MARKER) + 1 : end] if begin >= 0 else ""
+        return GuestResult(rc=int(found[-1]), output=output, console=console, elapsed=elapsed)
+
+    def _stderr_text(self) -> str:
+        return _text((self._workdir / "stderr").read_bytes())
+
+    def close(self) -> None:
+        """Kill QEMU if it still runs; remove the work files."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._console.close()
+        self._stderr.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+@contextmanager
+def start_guest(
+    script: str,
+    *,
+    disks: Sequence[str] = (),
+    num_queues: int = 1,
+    smp: int = 1,
+    memory_mb: int = 256,
+    kernel: GuestKernel | None = None,
+    device_options: Sequence[str] = (),
+    kernel_cmdline: str = "",
+    qemu_args: Sequence[str] = (),
+    reconnect: int = 0,
+) -> Iterator[RunningGuest]:
+    """Boot a guest as `run_guest` does, but in the background: the block runs while it
+    does (QEMU is killed at its end if still running).  `reconnect`: see `qemu_command`."""
     kernel = kernel or prepare_guest_kernel()
     workdir = Path(tempfile.mkdtemp(prefix="vb-guest-"))
     try:
@@ -442,36 +532,16 @@ def run_guest(
         argv = qemu_command(
             kernel, initramfs, disks=disks, num_queues=num_queues, smp=smp,
             memory_mb=memory_mb, device_options=device_options,
-            kernel_cmdline=kernel_cmdline, qemu_args=qemu_args,
+            kernel_cmdline=kernel_cmdline, qemu_args=qemu_args, reconnect=reconnect,
         )  # fmt: skip
-        started = time.monotonic()
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, stderr = process.communicate()
-            console = _text(stdout)
-            raise GuestTimeout(
-                f"guest still running after {timeout:.0f} s; killed\n"
-                f"{_describe(argv, console, _text(stderr))}"
-            ) from None
-        elapsed = time.monotonic() - started
-    finally:
+        guest = RunningGuest(argv, workdir)
+    except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
-    console = _text(stdout)
-    found = _EXIT_RE.findall(console)
-    if not found:
-        raise GuestError(
-            f"guest ended (QEMU status {process.returncode}) without {EXIT_MARKER}<rc>\n"
-            f"{_describe(argv, console, _text(stderr))}"
-        )
-    begin = console.find(BEGIN_MARKER + "\n")
-    end = console.rfind(EXIT_MARKER)
-    output = console[begin + len(BEGIN_MARKER) + 1 : end] if begin >= 0 else ""
-    return GuestResult(rc=int(found[-1]), output=output, console=console, elapsed=elapsed)
+        raise
+    try:
+        yield guest
+    finally:
+        guest.close()
 
 
 def _text(raw: bytes) -> str:

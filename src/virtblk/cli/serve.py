@@ -83,6 +83,10 @@ log = logging.getLogger("virtblk.serve")
               help="Map guest memory whose file is not sealed against shrinking (e.g. "
               "memory-backend-file): a frontend that truncated it would kill this device "
               "with SIGBUS. By default such memory is refused.")
+@click.option("--inflight/--no-inflight", default=True, show_default=True,
+              help="Offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: requests in flight are "
+              "recorded in a buffer the frontend keeps, and a device restarted on the same "
+              "socket resubmits them. --no-inflight hides it (as qemu-storage-daemon 7.2).")
 def serve(
     socket_path: str,
     file_path: str | None,
@@ -119,6 +123,7 @@ def serve(
     aio: str,
     workers: str | None,
     accept_unsealed_memory: bool,
+    inflight: bool,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
@@ -127,6 +132,7 @@ def serve(
     """
     from virtblk.device.control import ControlServer
     from virtblk.device.options import BlkSettings, DeviceOptions
+    from virtblk.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, WITHOUT_INFLIGHT
     from virtblk.vhost_user.server import VhostUserServer
 
     chosen = [x for x in (file_path, memory_size, null_size) if x is not None]
@@ -183,8 +189,9 @@ def serve(
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        server = VhostUserServer(socket_path, device,
-                                 accept_unsealed_memory=accept_unsealed_memory)
+        server = VhostUserServer(
+            socket_path, device, accept_unsealed_memory=accept_unsealed_memory,
+            protocol_features=DEFAULT_PROTOCOL_FEATURES if inflight else WITHOUT_INFLIGHT)
     except OSError as exc:
         raise click.ClickException(str(exc)) from exc
     control: ControlServer | None = None

@@ -517,6 +517,7 @@ class BlkDevice:
             "malformed": sum(q.malformed for q in self._stats),
             "chain_errors": sum(q.chain_errors for q in self._stats),
             "internal_errors": sum(q.internal_errors for q in self._stats),
+            "resubmitted": sum(q.resubmitted for q in self._stats),
             "queues": queues,
         }
 

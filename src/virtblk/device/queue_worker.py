@@ -61,6 +61,9 @@ class QueueStats:
     batches: int = 0
     polled: int = 0
     """Times polling found new requests before the polling time ran out."""
+    resubmitted: int = 0
+    """Requests served again after a restart because the in-flight buffer (vhost-user
+    INFLIGHT_SHMFD) said the device before us had not answered them."""
     broken: bool = False
     running: bool = False
 
@@ -240,9 +243,11 @@ class QueueServer:
         vq = self.vq
         poll = self.poll
         clock = time.perf_counter_ns
+        stats.resubmitted += len(vq.resubmit_pending)
         try:
             vq.disable_notifications()
-            # The driver may have queued requests before we started: serve them first.
+            # The driver may have queued requests before we started (or a device before
+            # us left some in flight, to resubmit): serve them first.
             self._drain(poller)
             pool = self._pool
             while not self._stopping:

@@ -13,7 +13,8 @@ The messages (parent to worker, each answered):
 
 * ``init``: the device's settings and its storage (with fds), once;
 * ``start``: a ring to serve (memory regions, addresses, indices, eventfds, features and
-  the device state);
+  the device state; with vhost-user INFLIGHT_SHMFD, the in-flight buffer's memfd, where
+  the queue's journal lies in it, its counter and the heads still to resubmit);
 * ``stop``: stop serving; answers the next avail index and the queue's counters;
 * ``stats``: the queue's counters;
 * ``state``: the size, read-only flag or cache mode changed (a shrink is followed here
@@ -39,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
+from virtblk.virtio.inflight import InflightJournal
 from virtblk.virtio.memory import GuestMemory, MemoryRegion
 from virtblk.virtio.split_device import DeviceVirtqueue
 from virtblk.virtio.split_layout import VringAddrs
@@ -201,6 +203,17 @@ class WorkerProcess:
         regions = vq.memory.regions
         a = vq.addrs
         fds = [r.fd for r in regions] + [kick_fd] + ([call_fd] if call_fd >= 0 else [])
+        journal = vq.inflight
+        inflight: dict[str, Any] | None = None
+        if journal is not None:
+            if journal.region is None:
+                raise WorkerError(f"queue {self.index}: its in-flight journal is not in a "
+                                  "buffer another process can map")
+            buf = journal.region
+            inflight = {"size": buf.size, "mmap_offset": buf.mmap_offset,
+                        "offset": journal.offset, "counter": journal.counter,
+                        "resubmit": vq.resubmit_pending}
+            fds.append(buf.fd)
         self._call({
             "op": "start",
             "regions": [(r.guest_phys_addr, r.size, r.user_addr, r.mmap_offset)
@@ -213,6 +226,7 @@ class WorkerProcess:
             "call": call_fd >= 0,
             "state": state,
             "poll_ns": poll_ns,
+            "inflight": inflight,
         }, fds)
 
     def stop(self) -> int:
@@ -257,6 +271,7 @@ def _serve(sock: socket.socket) -> None:
     device = BlkDevice(_open_storage(init["storage"], fds), **init["settings"])
     memory: GuestMemory | None = None
     ring_fds: list[int] = []
+    inflight: MemoryRegion | None = None
     running = False
     try:
         while True:
@@ -270,13 +285,13 @@ def _serve(sock: socket.socket) -> None:
                         raise ValueError("the queue is already running")
                     # _start owns the fds from here, whatever happens.
                     received, fds = fds, []
-                    memory, ring_fds = _start(device, index, message, received)
+                    memory, ring_fds, inflight = _start(device, index, message, received)
                     running = True
                     reply: dict[str, Any] = {"ok": True}
                 elif op == "stop":
                     last_avail = device.stop_queue(index) if running else 0
                     running = False
-                    memory, ring_fds = _release(memory, ring_fds)
+                    memory, ring_fds, inflight = _release(memory, ring_fds, inflight)
                     reply = {"last_avail": last_avail, "stats": device.queue_stats(index)}
                 elif op == "stats":
                     reply = {"stats": device.queue_stats(index)}
@@ -294,31 +309,38 @@ def _serve(sock: socket.socket) -> None:
     finally:
         if running:
             device.stop_queue(index)
-        _release(memory, ring_fds)
+        _release(memory, ring_fds, inflight)
         device.backend.close()
 
 
 def _release(
-    memory: GuestMemory | None, ring_fds: list[int]
-) -> tuple[None, list[int]]:
-    """Unmap a stopped ring's memory and close its eventfds (our copies)."""
+    memory: GuestMemory | None, ring_fds: list[int], inflight: MemoryRegion | None
+) -> tuple[None, list[int], None]:
+    """Unmap a stopped ring's memory and in-flight buffer, close its eventfds (our
+    copies)."""
     if memory is not None:
         memory.close()
+    if inflight is not None:
+        inflight.close()
     for fd in ring_fds:
         os.close(fd)
-    return None, []
+    return None, [], None
 
 
 def _start(
     device: Any, index: int, message: dict[str, Any], fds: list[int]
-) -> tuple[GuestMemory, list[int]]:
-    """Map the ring's memory and serve it on a thread of this process; the memory and
-    the eventfds (ours to close after the ring stops)."""
+) -> tuple[GuestMemory, list[int], MemoryRegion | None]:
+    """Map the ring's memory (and its in-flight buffer) and serve it on a thread of this
+    process; the memory, the eventfds (ours to close after the ring stops) and the
+    buffer's mapping."""
     regions = message["regions"]
     region_fds, rest = fds[: len(regions)], fds[len(regions):]
+    spec = message.get("inflight")
+    buffer_fd = rest.pop() if spec is not None else -1
     kick = rest[0]
     call = rest[1] if message["call"] else -1
     memory = GuestMemory()
+    buffer: MemoryRegion | None = None
     try:
         for gpa, size, uva, offset in regions:
             fd = region_fds.pop(0)  # map_fd owns it now (and closes it if it fails)
@@ -329,20 +351,34 @@ def _start(
             except BaseException:
                 region.close()
                 raise
-        vq = DeviceVirtqueue(memory, VringAddrs(*message["ring"]),
+        addrs = VringAddrs(*message["ring"])
+        journal: InflightJournal | None = None
+        if spec is not None:
+            # The main process checked the buffer (size, seals) and recovered from it; we
+            # take over its journal where it left it.
+            fd, buffer_fd = buffer_fd, -1
+            buffer = MemoryRegion.map_fd(fd, size=spec["size"], mmap_offset=spec["mmap_offset"],
+                                         guest_phys_addr=0, user_addr=0)
+            journal = InflightJournal.in_region(buffer, spec["offset"], addrs.num,
+                                                counter=spec["counter"])
+        vq = DeviceVirtqueue(memory, addrs,
                              event_idx=message["event_idx"],
                              last_avail_idx=message["last_avail"],
                              used_idx=message["used_idx"],
-                             max_indirect=message["max_indirect"])
+                             max_indirect=message["max_indirect"],
+                             inflight=journal,
+                             resubmit=spec["resubmit"] if spec is not None else ())
         device.apply_state(message["state"])
         device.poll_ns = message["poll_ns"]
         device.start_queue(index, vq, kick, call)
     except BaseException:
         memory.close()
-        for fd in region_fds + rest:
+        if buffer is not None:
+            buffer.close()
+        for fd in region_fds + rest + ([buffer_fd] if buffer_fd >= 0 else []):
             os.close(fd)
         raise
-    return memory, rest
+    return memory, rest, buffer
 
 
 _PR_SET_PDEATHSIG = 1

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import logging
 import os
 import threading
@@ -89,6 +90,7 @@ from virtblk.vhost_user.messages import (
     SetVringNum,
     protocol_feature_names,
 )
+from virtblk.virtio.inflight import InflightError, InflightJournal, queue_region_size
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.split_device import DeviceVirtqueue, RingError
 from virtblk.virtio.split_layout import RING_AREAS, VringAddrs, check_queue_size, ring_sizes
@@ -96,6 +98,7 @@ from virtblk.virtio.split_layout import RING_AREAS, VringAddrs, check_queue_size
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
     "DEFAULT_PROTOCOL_FEATURES",
+    "WITHOUT_INFLIGHT",
     "BackendConnection",
     "ProtocolViolation",
     "VhostUserDevice",
@@ -111,16 +114,16 @@ DEFAULT_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIG.mask
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.RESET_DEVICE.mask
+    | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
-"""What we offer by default.  INFLIGHT_SHMFD is handled but not offered: we cannot yet
-resume in-flight requests from the buffer, and offering it would promise that we can."""
-SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.INFLIGHT_SHMFD.mask
+"""What we offer by default.  INFLIGHT_SHMFD: requests in flight are recorded in a buffer
+the frontend keeps, and a device restarted on it resubmits them (``virtio.inflight``)."""
+SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES
+WITHOUT_INFLIGHT = DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.INFLIGHT_SHMFD.mask
+"""The default without INFLIGHT_SHMFD (``virtblk serve --no-inflight``): as
+qemu-storage-daemon 7.2, a restarted device knows nothing of what was in flight."""
 DEFAULT_MAX_MEM_SLOTS = 32
 """Regions we accept (libvhost-user's VHOST_USER_MAX_RAM_SLOTS)."""
-
-_INFLIGHT_ALIGN = 64
-_INFLIGHT_QUEUE_HEADER = 16  # QueueRegionSplit: features u64, version, desc_num, ... u16
-_INFLIGHT_DESC_STATE = 16  # DescStateSplit
 
 
 class VhostUserDevice(Protocol):
@@ -161,8 +164,21 @@ BackendEvent = Message | ProtocolViolation | Sentinel
 def inflight_queue_size(queue_size: int) -> int:
     """Bytes of one split queue's inflight region: header + one DescStateSplit per entry,
     rounded to 64 (vhost-user.rst "Inflight I/O tracking")."""
-    raw = _INFLIGHT_QUEUE_HEADER + _INFLIGHT_DESC_STATE * queue_size
-    return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
+    return queue_region_size(queue_size)
+
+
+@dataclasses.dataclass
+class _Inflight:
+    """The in-flight buffer SET_INFLIGHT_FD handed over: one region per queue."""
+
+    region: MemoryRegion
+    num_queues: int
+    queue_size: int
+
+    def journal(self, index: int) -> InflightJournal:
+        """Queue ``index``'s region (the caller checked the index and the ring size)."""
+        offset = index * inflight_queue_size(self.queue_size)
+        return InflightJournal.in_region(self.region, offset, self.queue_size)
 
 
 @dataclasses.dataclass
@@ -249,6 +265,11 @@ class BackendConnection:
         self.backend_req: OwnedFd | None = None
         """The backend channel's socket (SET_BACKEND_REQ_FD); the shell sends on a dup."""
         self.inflight_fd: OwnedFd | None = None
+        """The buffer GET_INFLIGHT_FD made (until SET_INFLIGHT_FD hands one over)."""
+        self.inflight: _Inflight | None = None
+        """The buffer SET_INFLIGHT_FD handed over, mapped: rings record requests in it."""
+        self.resubmitted = [0] * device.num_queues
+        """Requests each ring resubmitted from the in-flight buffer (this session)."""
         self.wakeup: Callable[[], None] = lambda: None
         """Called (from any thread) when ``backend_data_to_send`` has something."""
         self._decoder = Decoder(Channel.MAIN)
@@ -609,13 +630,16 @@ class BackendConnection:
         # The used index lives in guest memory: read it (one aligned 16-bit load) so a
         # restarted ring continues where the device left off.
         used_idx = int(self.memory.view(addrs.used + 2, 2).cast("H")[0])
+        journal, last_avail, resubmit = self._recover(index, addrs, used_idx)
         try:
             vq = DeviceVirtqueue(
                 self.memory,
                 addrs,
                 event_idx=self.event_idx,
-                last_avail_idx=ring.base,
+                last_avail_idx=last_avail,
                 used_idx=used_idx,
+                inflight=journal,
+                resubmit=resubmit,
             )
         except RingError as exc:
             raise ProtocolError(f"ring {index}: {exc}") from exc
@@ -625,6 +649,50 @@ class BackendConnection:
         except ValueError as exc:
             raise ProtocolError(f"ring {index}: the device refused to start it: {exc}") from exc
         ring.running = True
+
+    def _recover(
+        self, index: int, addrs: VringAddrs, used_idx: int
+    ) -> tuple[InflightJournal | None, int, tuple[int, ...]]:
+        """Ring ``index``'s journal in the in-flight buffer, where to take avail entries
+        from and the heads to resubmit (libvhost-user's ``vu_check_queue_inflights``).
+
+        Run at every start, so a ring stopped and started again in one session, or a
+        device restarted after a crash, continues from what the buffer says: with requests
+        still in flight, the next avail index is the used idx plus their number, whatever
+        SET_VRING_BASE said (QEMU sends the used idx after a backend crash).
+        """
+        ring = self.vrings[index]
+        inflight = self.inflight
+        if inflight is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+            return None, ring.base, ()
+        if index >= inflight.num_queues:
+            log.warning("ring %d has no region in the in-flight buffer (%d queues): not "
+                        "tracked", index, inflight.num_queues)
+            return None, ring.base, ()
+        if ring.num != inflight.queue_size:
+            raise ProtocolError(
+                f"ring {index} has {ring.num} entries, the in-flight buffer was made for "
+                f"queues of {inflight.queue_size}")
+        assert self.memory is not None
+        avail_idx = int(self.memory.view(addrs.avail + 2, 2).cast("H")[0])
+        journal = inflight.journal(index)
+        try:
+            recovery = journal.recover(used_idx, avail_idx)
+        except InflightError as exc:
+            raise ProtocolError(f"ring {index}: in-flight buffer refused: {exc}") from exc
+        if recovery.last_avail is None:
+            return journal, ring.base, ()
+        if recovery.settled:
+            log.info("queue %d: %d requests answered before the restart settled in the "
+                     "in-flight buffer", index, recovery.settled)
+        if recovery.resubmit:
+            log.info("queue %d: resubmitting %d in-flight requests", index,
+                     len(recovery.resubmit))
+            self.resubmitted[index] += len(recovery.resubmit)
+        if recovery.last_avail != ring.base:
+            log.debug("queue %d: next avail index %d from the in-flight buffer (frontend "
+                      "said %d)", index, recovery.last_avail, ring.base)
+        return journal, recovery.last_avail, recovery.resubmit
 
     def _stop_ring(self, index: int) -> bool:
         """Stop the device on ring ``index`` (remembering where to resume); True if it ran."""
@@ -651,6 +719,7 @@ class BackendConnection:
     def _reset_device(self) -> None:
         self._stop_all_rings()
         self.device.reset()
+        self._drop_inflight()  # it described rings the reset discarded; QEMU makes anew
         self.acked_features = None
         self.vrings = [_Vring() for _ in range(self.device.num_queues)]
 
@@ -678,8 +747,9 @@ class BackendConnection:
         return None
 
     def _get_inflight_fd(self, message: GetInflightFd) -> Message:
-        """A zeroed memfd laid out for split queues.  We hand it over and keep it, but do
-        not yet track requests in it nor resume from it after a reconnect."""
+        """A zeroed memfd laid out for split queues, sealed so nobody can shrink it under
+        a device that maps it (as libvhost-user seals its own).  We keep it, but record
+        requests only in what SET_INFLIGHT_FD hands over (QEMU sends this one back)."""
         if not 1 <= message.num_queues <= len(self.vrings):
             raise ProtocolError(
                 f"GET_INFLIGHT_FD for {message.num_queues} queues; the device has "
@@ -691,8 +761,11 @@ class BackendConnection:
         except ValueError as exc:
             raise ProtocolError(f"GET_INFLIGHT_FD: {exc}") from exc
         mmap_size = message.num_queues * inflight_queue_size(size)
-        with OwnedFd(os.memfd_create("virtblk-inflight", os.MFD_CLOEXEC)) as fd:
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        with OwnedFd(os.memfd_create("virtblk-inflight", flags)) as fd:
             os.ftruncate(fd.fileno(), mmap_size)
+            fcntl.fcntl(fd.fileno(), fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             reply = GetInflightFdReply(
                 mmap_size, 0, message.num_queues, size, OwnedFd.dup(fd.fileno())
             )
@@ -700,19 +773,48 @@ class BackendConnection:
         return reply
 
     def _set_inflight_fd(self, message: SetInflightFd) -> None:
-        """Keep the buffer the frontend returns (resuming from it is not implemented)."""
-        if message.num_queues > len(self.vrings):
+        """Map the buffer the frontend hands over; rings record their requests in it and
+        recover from it when they start (``_recover``).
+
+        Hostile until checked: the queue count and size must fit the device, the buffer
+        must hold a region per queue, lie inside its file and (unless the user accepted
+        unsealed memory) be sealed against shrinking, since a truncate under our mapping
+        would kill the device with SIGBUS.  Running rings stop and start again around the
+        change, so they move to the new buffer.
+        """
+        if not 1 <= message.num_queues <= len(self.vrings):
             raise ProtocolError(
                 f"SET_INFLIGHT_FD for {message.num_queues} queues; the device has "
                 f"{len(self.vrings)}"
             )
+        try:
+            check_queue_size(message.queue_size)
+        except ValueError as exc:
+            raise ProtocolError(f"SET_INFLIGHT_FD: {exc}") from exc
         needed = message.num_queues * inflight_queue_size(message.queue_size)
         if message.mmap_size < needed:
             raise ProtocolError(
                 f"SET_INFLIGHT_FD: buffer of {message.mmap_size} bytes, {needed} needed for "
                 f"{message.num_queues} queues of {message.queue_size}"
             )
-        self.inflight_fd = _replace(self.inflight_fd, message.fd)
+        try:
+            region = MemoryRegion.map_fd(
+                message.fd.take(), size=needed, mmap_offset=message.mmap_offset,
+                guest_phys_addr=0, user_addr=0,
+                require_sealed=not self.accept_unsealed_memory)
+        except GuestMemoryError as exc:
+            raise ProtocolError(f"SET_INFLIGHT_FD: {exc}") from exc
+        paused = self._pause_running()
+        self._drop_inflight()
+        self.inflight = _Inflight(region, message.num_queues, message.queue_size)
+        self._resume(paused)
+
+    def _drop_inflight(self) -> None:
+        """Forget the in-flight buffers (ours from GET_INFLIGHT_FD, the mapped one)."""
+        self.inflight_fd = _replace(self.inflight_fd, None)
+        if self.inflight is not None:
+            self.inflight.region.close()
+            self.inflight = None
 
     # ------------------------------------------------------------------ backend channel
 
@@ -791,9 +893,7 @@ class BackendConnection:
                 self.memory.close()
                 self.memory = None
             self._close_backend_channel()
-            if self.inflight_fd is not None:
-                self.inflight_fd.close()
-            self.inflight_fd = None
+            self._drop_inflight()
             self._decoder.close()
             self._backend_decoder.close()
             for event in self._events:

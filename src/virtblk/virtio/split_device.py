@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import struct
+from collections.abc import Sequence
 from typing import Final, NamedTuple
 
 from virtblk.spec import (
@@ -24,6 +25,7 @@ from virtblk.spec import (
     VRING_USED_F_NO_NOTIFY,
     vring_need_event,
 )
+from virtblk.virtio.inflight import InflightJournal
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.split_layout import (
     DESC,
@@ -157,6 +159,11 @@ class DeviceVirtqueue:
     visible to the driver at ``flush_used`` (one index store per batch); then
     ``needs_notification`` says whether to signal the call eventfd.  ``max_indirect``
     bounds an indirect table's entries (default: the queue size, as VIRTIO 1.0 says).
+
+    With an ``inflight`` journal (vhost-user INFLIGHT_SHMFD), popped heads are recorded
+    in flight and answered ones settled around the used idx store, so a device started
+    after this one was killed knows what to resubmit; ``resubmit`` are the heads such a
+    recovery found, served before any new avail entry, oldest first.
     Not thread-safe: one worker thread owns a queue.
     """
 
@@ -169,9 +176,16 @@ class DeviceVirtqueue:
         last_avail_idx: int = 0,
         used_idx: int = 0,
         max_indirect: int | None = None,
+        inflight: InflightJournal | None = None,
+        resubmit: Sequence[int] = (),
     ) -> None:
-        """Attach to rings the driver set up; raises RingError if they are not in memory."""
+        """Attach to rings the driver set up; raises RingError if they are not in memory
+        (or the journal is not for a queue of this size)."""
         num = addrs.num
+        if inflight is not None and inflight.num != num:
+            raise RingError(f"in-flight journal for {inflight.num} entries, ring of {num}")
+        if any(not 0 <= head < num for head in resubmit):
+            raise RingError(f"heads to resubmit {list(resubmit)} are not all in the queue")
         try:
             sizes = ring_sizes(num, event_idx=event_idx)
         except ValueError as exc:
@@ -208,6 +222,13 @@ class DeviceVirtqueue:
         self._signalled_before = False
         self._notify_enabled = True
         self._broken: str | None = None
+        self.inflight = inflight
+        self._resubmit = list(resubmit)
+
+    @property
+    def resubmit_pending(self) -> list[int]:
+        """Heads recovered from the in-flight journal and not served yet (a copy)."""
+        return list(self._resubmit)
 
     @property
     def memory(self) -> GuestMemory:
@@ -236,8 +257,9 @@ class DeviceVirtqueue:
 
     def avail_backlog(self) -> int:
         """How many chains the driver published that are not popped yet (never more than
-        the queue size, which ``pop`` would refuse anyway)."""
-        return min((self._avail_h[1] - self._last_avail) & U16, self.num)
+        the queue size, which ``pop`` would refuse anyway), and the heads still to
+        resubmit."""
+        return min((self._avail_h[1] - self._last_avail) & U16, self.num) + len(self._resubmit)
 
     def avail_pending(self) -> bool:
         """True when the driver published chains not popped yet (one 16-bit load: what a
@@ -260,9 +282,15 @@ class DeviceVirtqueue:
         return self._walk(head)
 
     def _take_heads(self, limit: int) -> list[int]:
-        """Consume up to ``limit`` avail entries with one avail idx load; their heads."""
+        """Consume up to ``limit`` avail entries with one avail idx load; their heads
+        (recorded in flight when there is a journal).  Heads to resubmit come first: they
+        are in flight already."""
         if self._broken is not None:
             raise RingError(f"queue is broken: {self._broken}")
+        if self._resubmit:
+            heads = self._resubmit[:limit]
+            del self._resubmit[:limit]
+            return heads
         avail_h = self._avail_h
         avail_idx = avail_h[1]
         last = self._last_avail
@@ -286,6 +314,8 @@ class DeviceVirtqueue:
         self._last_avail = last
         if self.event_idx and self._notify_enabled:
             self._used_h[self._avail_event_i] = last
+        if self.inflight is not None:
+            self.inflight.mark(heads)
         return heads
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -475,6 +505,8 @@ class DeviceVirtqueue:
             raise ValueError(f"head {head} is outside the queue (size {self.num})")
         if not 0 <= length <= 0xFFFFFFFF:
             raise ValueError(f"used length {length} is not a 32-bit value")
+        if self.inflight is not None:
+            self.inflight.link((head,))
         slot = 1 + 2 * (self._used_shadow & self._mask)
         self._used_i[slot] = head
         self._used_i[slot + 1] = length
@@ -490,6 +522,8 @@ class DeviceVirtqueue:
         if min(used) < 0 or max(used[0::2]) >= num or max(used[1::2]) > 0xFFFFFFFF:
             raise ValueError(f"used entries {used} name a head outside the queue (size "
                              f"{num}) or a length that is not a 32-bit value")
+        if self.inflight is not None:
+            self.inflight.link(used[0::2])
         start = self._used_shadow & self._mask
         first = min(n, num - start)
         used_i = self._used_i
@@ -499,10 +533,13 @@ class DeviceVirtqueue:
         self._used_shadow = (self._used_shadow + n) & U16
 
     def flush_used(self) -> None:
-        """Publish every completion added so far with one used idx store."""
+        """Publish every completion added so far with one used idx store (then, with a
+        journal, record them as no longer in flight)."""
         if self._used_published != self._used_shadow:
             self._used_h[1] = self._used_shadow
             self._used_published = self._used_shadow
+            if self.inflight is not None:
+                self.inflight.settle(self._used_shadow)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what ``flush_used`` published since
