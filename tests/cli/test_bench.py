@@ -460,29 +460,46 @@ bench's runtime must cover them all (the Disk test in tests/interop/test_reconne
 100; the default engine, ``queue``, gets the most here)."""
 
 
-def _wait_for_write(image: Path, bench: subprocess.Popen[str]) -> None:
-    """Wait until the device of the moment has written to ``image`` (its mtime moves): the
-    bench is connected to it and under load."""
-    before = image.stat().st_mtime_ns
-    while image.stat().st_mtime_ns == before:
+def _wait_for_new_writes(control: Path, bench: subprocess.Popen[str]) -> None:
+    """Wait until the device of the moment has served a write it did not resubmit itself
+    from its in-flight buffer (it may do that before the bench's reconnect has ended): the
+    bench has reconnected to it and is under load again."""
+    from virtblk.device.control import send_command
+
+    while True:
         assert bench.poll() is None, "the bench ended before the kills did"
+        try:
+            queues = send_command(control, "stats")["stats"]["queues"]
+        except OSError:
+            queues = []  # not listening yet
+        writes = sum(q["requests"].get("OUT", 0) for q in queues)
+        if writes > sum(q["resubmitted"] for q in queues):
+            return
         threading.Event().wait(0.01)
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("engine", ["queue", "aio", "sync"])
+@pytest.mark.parametrize(
+    ("engine", "device_args"),
+    [("queue", []), ("queue", ["--no-inflight"]), ("aio", ["--no-inflight"]),
+     ("sync", ["--no-inflight"])],
+    ids=["queue-device-resubmits", "queue-driver-resubmits", "aio-driver-resubmits",
+         "sync-driver-resubmits"],
+)
 def test_bench_keeps_running_across_device_restarts(
-    sock_dir: Path, tmp_path: Path, engine: str
+    sock_dir: Path, tmp_path: Path, engine: str, device_args: list[str]
 ) -> None:
     """``--reconnect-timeout``: SIGKILL and restart ``virtblk serve`` under a verified
     random-write load; the run ends clean, every block verifies and the JSON counts each
-    reconnect."""
+    reconnect.  Our device resubmits from its in-flight buffer; with ``--no-inflight`` (as
+    qemu-storage-daemon) the driver does."""
     from interop.restarts import KillableServe
 
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 << 20))
     sock = sock_dir / "vb.sock"
-    args = ["--file", str(image)]
+    control = sock_dir / "ctl.sock"
+    args = ["--file", str(image), "--control", str(control), *device_args]
     server = KillableServe(sock, args).start()
     bench = subprocess.Popen(
         virtblk_argv("bench", str(sock), "--rw", "randwrite", "--ioengine", engine,
@@ -493,10 +510,10 @@ def test_bench_keeps_running_across_device_restarts(
     )  # fmt: skip
     try:
         for _ in range(BENCH_KILLS[engine]):
-            _wait_for_write(image, bench)
+            _wait_for_new_writes(control, bench)
             server.kill()
             server = KillableServe(sock, args).start()
-        _wait_for_write(image, bench)
+        _wait_for_new_writes(control, bench)
         out, err = bench.communicate(timeout=120)
     finally:
         if bench.poll() is None:

@@ -137,8 +137,10 @@ def report(disk: Disk, load: Load) -> None:
     """The figures the README quotes (``pytest -s`` shows them)."""
     resubmitted = sum(q.stats_resubmitted for q in disk.device.queues)
     mean_ms = 1000 * disk.device.reconnect_seconds / max(1, disk.reconnects)
-    print(f"\nreconnects {disk.reconnects} (mean {mean_ms:.0f} ms from loss to resumed, "
-          f"the restart included), writes acknowledged {load.writes}, reads verified during "
+    who = "device" if disk.device.device_resubmits else "driver"
+    print(f"\n{who} resubmits: reconnects {disk.reconnects} (mean {mean_ms:.0f} ms from loss "
+          f"to resumed, the restart included), writes acknowledged {load.writes}, reads "
+          f"verified during "
           f"the run {load.reads_verified}, requests resubmitted by the driver {resubmitted}, "
           f"blocks verified {BLOCKS}, lost 0")
 
@@ -154,9 +156,29 @@ def kill_and_restart(
     load.wait_writes(load.writes + WRITES_BETWEEN_KILLS)  # it runs on the last one too
 
 
-def test_disk_survives_100_sigkills_of_virtblk_serve(sock_dir: Path, image: Path) -> None:
+INFLIGHT = pytest.mark.parametrize(
+    "inflight", [True, False], ids=["device-resubmits", "driver-resubmits"])
+"""Our device with its in-flight buffer (the default), and without (``--no-inflight``, as
+qemu-storage-daemon 7.2): who resubmits after a restart."""
+
+
+def inflight_args(inflight: bool) -> list[str]:
+    return [] if inflight else ["--no-inflight"]
+
+
+def check_resubmitter(disk: Disk, inflight: bool) -> None:
+    """The path the reconnects took: the device's in-flight buffer, or the driver alone."""
+    assert disk.device.device_resubmits == inflight
+    if inflight:
+        assert sum(q.stats_resubmitted for q in disk.device.queues) == 0
+
+
+@INFLIGHT
+def test_disk_survives_100_sigkills_of_virtblk_serve(
+    sock_dir: Path, image: Path, inflight: bool
+) -> None:
     sock = sock_dir / "vb.sock"
-    args = ["--file", str(image)]
+    args = ["--file", str(image), *inflight_args(inflight)]
     server = [KillableServe(sock, args).start()]
 
     def restart() -> None:
@@ -168,6 +190,7 @@ def test_disk_survives_100_sigkills_of_virtblk_serve(sock_dir: Path, image: Path
                 kill_and_restart(load, 100, lambda: server[0].kill(), restart)
             assert not load.errors, f"the caller saw errors: {load.errors!r}"
             assert disk.reconnects == 100
+            check_resubmitter(disk, inflight)
             load.verify(lambda b: disk.pread(BLOCK, b * BLOCK), "read from the device")
             report(disk, load)
         written = load.verify(read_image(image), "in the image file")
@@ -198,6 +221,7 @@ def test_disk_survives_sigkills_of_qemu_storage_daemon(sock_dir: Path, image: Pa
                 kill_and_restart(load, 100, kill, restart)
             assert not load.errors, f"the caller saw errors: {load.errors!r}"
             assert disk.reconnects == 100
+            check_resubmitter(disk, inflight=False)  # the daemon offers no buffer
             load.verify(lambda b: disk.pread(BLOCK, b * BLOCK), "read from the device")
             report(disk, load)
         load.verify(read_image(image), "in the image file")
@@ -328,12 +352,16 @@ ASYNC_KILLS = 30
 """Kills in the AsyncDisk and QueueHandle tests (the Disk test does 100)."""
 
 
-def test_async_disk_survives_sigkills_of_virtblk_serve(sock_dir: Path, image: Path) -> None:
+@INFLIGHT
+def test_async_disk_survives_sigkills_of_virtblk_serve(
+    sock_dir: Path, image: Path, inflight: bool
+) -> None:
     import asyncio
 
     from virtblk.aio import AsyncDisk
 
-    killer = Killer(sock_dir / "vb.sock", ["--file", str(image)], ASYNC_KILLS)
+    killer = Killer(sock_dir / "vb.sock", ["--file", str(image), *inflight_args(inflight)],
+                    ASYNC_KILLS)
     acked = [0] * BLOCKS
     errors: list[BaseException] = []
 
@@ -362,6 +390,7 @@ def test_async_disk_survives_sigkills_of_virtblk_serve(sock_dir: Path, image: Pa
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             assert adisk.disk.reconnects == killer.done
+            check_resubmitter(adisk.disk, inflight)
             for block in range(BLOCKS):
                 assert await adisk.read(BLOCK, block * BLOCK) == pattern(block, acked[block])
 
@@ -376,13 +405,17 @@ def test_async_disk_survives_sigkills_of_virtblk_serve(sock_dir: Path, image: Pa
     assert all(data(b) == pattern(b, acked[b]) for b in range(BLOCKS))
 
 
-@pytest.mark.parametrize("poll", [False, True], ids=["interrupts", "polling"])
+@pytest.mark.parametrize(
+    ("poll", "inflight"), [(False, False), (True, False), (False, True)],
+    ids=["interrupts-driver-resubmits", "polling-driver-resubmits",
+         "interrupts-device-resubmits"])
 def test_queue_handle_survives_sigkills_of_virtblk_serve(
-    sock_dir: Path, image: Path, poll: bool
+    sock_dir: Path, image: Path, poll: bool, inflight: bool
 ) -> None:
     from virtblk.driver.queue_api import QueueHandle
 
-    killer = Killer(sock_dir / "vb.sock", ["--file", str(image)], ASYNC_KILLS)
+    killer = Killer(sock_dir / "vb.sock", ["--file", str(image), *inflight_args(inflight)],
+                    ASYNC_KILLS)
     acked = [0] * BLOCKS
     depth = 16
     rng = random.Random(0)
@@ -410,6 +443,7 @@ def test_queue_handle_survives_sigkills_of_virtblk_serve(
                         free.append(slot)
                         killer.progressed()
             assert disk.reconnects == killer.done
+            check_resubmitter(disk, inflight)
             for block in range(BLOCKS):
                 assert disk.pread(BLOCK, block * BLOCK) == pattern(block, acked[block])
     finally:
@@ -536,11 +570,14 @@ def test_the_config_change_channel_is_reopened(sock_dir: Path, image: Path) -> N
             server.stop()
 
 
-def test_two_queues_survive_sigkills_of_virtblk_serve(sock_dir: Path, image: Path) -> None:
+@INFLIGHT
+def test_two_queues_survive_sigkills_of_virtblk_serve(
+    sock_dir: Path, image: Path, inflight: bool
+) -> None:
     """Each writer thread is mapped to one of two hardware queues: both are resumed, each
     with what it had outstanding."""
     sock = sock_dir / "vb.sock"
-    args = ["--file", str(image), "--num-queues", "2"]
+    args = ["--file", str(image), "--num-queues", "2", *inflight_args(inflight)]
     server = [KillableServe(sock, args).start()]
 
     def restart() -> None:
@@ -555,6 +592,7 @@ def test_two_queues_survive_sigkills_of_virtblk_serve(sock_dir: Path, image: Pat
             assert not load.errors, f"the caller saw errors: {load.errors!r}"
             assert disk.reconnects == ASYNC_KILLS
             assert all(q.stats_submitted for q in disk.device.queues)
+            check_resubmitter(disk, inflight)
             load.verify(lambda b: disk.pread(BLOCK, b * BLOCK), "read from the device")
         load.verify(read_image(image), "in the image file")
     finally:

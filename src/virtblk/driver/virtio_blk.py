@@ -499,6 +499,12 @@ class VirtioBlk:
     # again: the device resubmits them from the in-flight buffer when it has one (the ring
     # is left as it is and starts at its used idx), else the driver does (``salvage``: a
     # fresh ring, the requests in their original order).  Callers only wait meanwhile.
+    @property
+    def device_resubmits(self) -> bool:
+        """True when the device keeps its in-flight requests in a buffer the driver hands
+        back after a reconnect (it then resubmits them); False: the driver resubmits."""
+        return self._inflight_buffer is not None
+
     def _get_inflight_buffer(self, num_queues: int) -> None:
         """GET_INFLIGHT_FD, once: the buffer the device keeps its in-flight state in, kept
         to hand to its next incarnation."""
@@ -559,7 +565,7 @@ class VirtioBlk:
         assert self._redial is not None and self.reconnect_timeout is not None
         started = time.monotonic()
         deadline = started + self.reconnect_timeout
-        device_resubmits = self._inflight_buffer is not None
+        device_resubmits = self.device_resubmits
         with self._lock:
             if self._backend_channel is not None:
                 self._backend_channel.close()
@@ -882,8 +888,10 @@ class VirtioBlk:
             try:
                 q.freeze(timeout)
             except Exception as exc:  # a dead device or a stuck request must not block close
+                # The text, not the exception: a handler that keeps records (pytest's,
+                # a MemoryHandler) would keep its traceback, the disk and its memory with it.
                 log.warning("%s: closing with requests in flight (%s); they fail with EIO",
-                            q.name, exc)
+                            q.name, str(exc))
             q.abort_all()
             q.close()
         self.queues = []
