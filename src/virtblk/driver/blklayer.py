@@ -296,6 +296,14 @@ class Plug:
         self.stats.requests += submitted
         return submitted
 
+    def abandon(self) -> None:
+        """End every bio still held (never submitted) with IOERR: its submitter gave up.
+        A split bio whose other pieces are on the ring ends when they complete."""
+        held = self._list
+        self._list = []
+        for bio in held:
+            bio._end(int(Status.IOERR))
+
     def wait(self, bios: Sequence[Bio], timeout: float | None = None) -> None:
         """Flush, then block until every one of ``bios`` has ended (``submit_bio_wait``)."""
         self.flush()

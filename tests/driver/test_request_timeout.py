@@ -1,0 +1,190 @@
+"""A device that keeps its socket open but never answers a request: ``request_timeout``.
+
+The request fails with ``RequestTimeoutError`` (ETIMEDOUT) and its queue's ring is reset,
+so the same queue serves later requests; a device that does not even let the ring be
+stopped (GET_VRING_BASE unanswered) is given up: ETIMEDOUT, then ``DeviceGoneError``,
+nothing left hanging.  Against a device that completes everything, the option changes
+nothing.
+
+Every call that could hang on a broken driver runs in a thread joined with a bound
+(``_outcome``), so a regression fails the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from peers.faulty import faulty_disk
+from virtblk import Disk
+from virtblk.errors import BlockIOError, DeviceGoneError, RequestTimeoutError
+
+LOST = 8  # the sector whose requests the device never completes
+
+
+def _outcome(call: Callable[[], Any], bound: float = 60.0) -> Any:
+    """What ``call()`` returned or raised, run in a thread; fails if it is still running
+    after ``bound`` seconds (the hang this file is about)."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:  # the outcome under test
+            result.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(bound)
+    assert not t.is_alive(), f"still waiting after {bound} s"
+    return result[0]
+
+
+def _until(cond: Callable[[], bool], bound: float = 30.0) -> None:
+    deadline = time.monotonic() + bound
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def test_a_request_the_device_never_completes_fails_with_etimedout() -> None:
+    with faulty_disk(lost_sector=LOST, disk_options={"request_timeout": 0.5}) as (
+            disk, device, _):
+        q = disk.device.queues[0]
+        data = os.urandom(4096)
+        disk.pwrite(data, 0)
+        exc = _outcome(lambda: disk.pread(512, LOST * 512))
+        assert isinstance(exc, RequestTimeoutError), exc
+        assert isinstance(exc, BlockIOError) and isinstance(exc, OSError)
+        assert not isinstance(exc, TimeoutError)  # that is the caller's own wait timeout
+        assert exc.errno == errno.ETIMEDOUT
+        assert device.lost == 1
+        assert q.stats_timeouts == 1
+        # The same queue serves again: its ring was reset, not left with a chain on it.
+        assert _outcome(lambda: disk.pread(4096, 0)) == data
+        assert q.vq.in_flight == 0 and q.tags_free == q.depth
+        device.lost_sector = None
+        disk.pwrite(b"\7" * 512, LOST * 512)
+        assert disk.pread(512, LOST * 512) == b"\7" * 512
+        assert q.stats_timeouts == 1
+
+
+def test_every_request_on_the_reset_ring_fails_with_etimedout() -> None:
+    """Two requests the device holds: the reset takes both back and both fail with
+    ETIMEDOUT (neither is known to be done); the queue then serves again."""
+    with faulty_disk(lost_sector=LOST, disk_options={"request_timeout": 2}) as (disk, device, _):
+        outcomes: list[Any] = []
+        threads = [threading.Thread(
+            target=lambda: outcomes.append(_outcome(lambda: disk.pread(512, LOST * 512))))
+            for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(outcomes) == 2
+        for exc in outcomes:
+            assert isinstance(exc, RequestTimeoutError), exc
+        assert device.lost == 2
+        assert _outcome(lambda: disk.pread(512, 0)) == bytes(512)
+
+
+def test_a_timed_out_request_gives_its_tag_back() -> None:
+    """A queue of depth 1 still works after its one tag's request timed out."""
+    with faulty_disk(lost_sector=LOST, disk_options={
+            "request_timeout": 0.5, "queue_depth": 1}) as (disk, _device, _):
+        q = disk.device.queues[0]
+        exc = _outcome(lambda: disk.pwrite(b"\1" * 512, LOST * 512))
+        assert isinstance(exc, RequestTimeoutError), exc
+        assert q.tags_free == 1
+        assert _outcome(lambda: disk.pread(512, 0)) == bytes(512)
+
+
+def test_a_device_that_does_not_stop_the_ring_is_given_up() -> None:
+    """The device holds a request and, stopping a ring waiting for it, answers no
+    GET_VRING_BASE: the request fails with ETIMEDOUT once the reply timeout has passed
+    too, every later request with DeviceGoneError, and nothing is left running."""
+    before = set(threading.enumerate())
+    with faulty_disk(slow_sector=LOST, disk_options={
+            "request_timeout": 0.5, "timeout": 0.5}) as (disk, device, _):
+        exc = _outcome(lambda: disk.pread(512, LOST * 512))
+        assert isinstance(exc, RequestTimeoutError), exc
+        assert device.holding.is_set()
+        assert disk.device.lost is not None
+        later = _outcome(lambda: disk.pread(512, 0))
+        assert isinstance(later, DeviceGoneError), later
+        later = _outcome(lambda: disk.pwrite(b"\1" * 512, 0))
+        assert isinstance(later, DeviceGoneError), later
+        assert _outcome(disk.close) is None
+    _until(lambda: set(threading.enumerate()) <= before)
+
+
+def test_memory_a_lost_device_may_write_is_not_handed_out_again() -> None:
+    """Once the connection is given up with a request on the ring, the buffers freed
+    after that stay out of the allocator: the device could still write them."""
+    with faulty_disk(slow_sector=LOST, disk_options={
+            "request_timeout": 0.5, "timeout": 0.5}) as (disk, _device, _):
+        exc = _outcome(lambda: disk.pread(512, LOST * 512))
+        assert isinstance(exc, RequestTimeoutError), exc
+        allocator = disk.device.allocator
+        free_before = allocator.free_bytes
+        buf = disk.buffer(4096)
+        disk.free_buffer(buf)
+        assert allocator.free_bytes == free_before - 4096
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_request_timeout_changes_nothing_on_a_device_that_answers(mode: str) -> None:
+    """A verified random read/write run from four threads: every byte as written, no
+    request timed out."""
+    size = 8 << 20
+    shadow = bytearray(size)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    with Disk.embedded(size, mode=mode, request_timeout=5) as disk:  # type: ignore[arg-type]
+        assert disk.request_timeout == 5
+
+        def job(seed: int) -> None:
+            try:
+                run(seed)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        def run(seed: int) -> None:
+            r = random.Random(seed)
+            # Each thread owns one quarter: the shadow stays exact without ordering.
+            base = seed * (size // 4)
+            for _ in range(300):
+                length = r.choice((512, 4096, 65536))
+                offset = base + r.randrange(0, (size // 4 - length) // 512) * 512
+                if r.random() < 0.5:
+                    data = r.randbytes(length)
+                    disk.pwrite(data, offset)
+                    with lock:
+                        shadow[offset : offset + length] = data
+                else:
+                    got = disk.pread(length, offset)
+                    with lock:
+                        assert got == bytes(shadow[offset : offset + length])
+
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert disk.pread(size, 0) == bytes(shadow)
+        assert sum(q.stats_timeouts for q in disk.device.queues) == 0
+
+
+def test_request_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="request_timeout"), faulty_disk(
+            disk_options={"request_timeout": 0}):
+        pass
