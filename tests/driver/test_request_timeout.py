@@ -12,6 +12,7 @@ Every call that could hang on a broken driver runs in a thread joined with a bou
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -24,9 +25,12 @@ import pytest
 
 from peers.faulty import faulty_disk
 from virtblk import Disk
+from virtblk.aio import AsyncDisk
+from virtblk.driver.queue_api import Completion, QueueHandle
 from virtblk.errors import BlockIOError, DeviceGoneError, RequestTimeoutError
 
 LOST = 8  # the sector whose requests the device never completes
+BS = 4096
 
 
 def _outcome(call: Callable[[], Any], bound: float = 60.0) -> Any:
@@ -188,3 +192,80 @@ def test_request_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="request_timeout"), faulty_disk(
             disk_options={"request_timeout": 0}):
         pass
+
+
+def test_async_disk_request_times_out_and_the_queue_serves_again() -> None:
+    """No thread waits in an AsyncDisk: a loop timer resets the ring."""
+    with faulty_disk(lost_sector=LOST, disk_options={"request_timeout": 0.5}) as (
+            disk, device, _):
+
+        async def main() -> None:
+            adisk = AsyncDisk(disk)
+            data = os.urandom(BS)
+            await adisk.write(data, 0)
+            with pytest.raises(RequestTimeoutError) as exc:
+                await adisk.read(512, LOST * 512)
+            assert exc.value.errno == errno.ETIMEDOUT
+            assert adisk.in_flight() == 0
+            assert await adisk.read(BS, 0) == data
+            device.lost_sector = None
+            assert await adisk.read(512, LOST * 512) == bytes(512)
+            await adisk.aclose(close_disk=False)
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert device.lost == 1
+
+
+def test_async_disk_on_a_device_that_does_not_stop_the_ring() -> None:
+    with faulty_disk(slow_sector=LOST, disk_options={
+            "request_timeout": 0.5, "timeout": 0.5}) as (disk, _device, _):
+
+        async def main() -> None:
+            adisk = AsyncDisk(disk)
+            with pytest.raises(RequestTimeoutError):
+                await adisk.read(512, LOST * 512)
+            with pytest.raises(DeviceGoneError):
+                await adisk.read(512, 0)
+            await adisk.aclose(close_disk=False)
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
+def test_queue_handle_request_times_out_and_the_queue_serves_again(poll: bool) -> None:
+    """A QueueHandle drives the ring itself: the request completes with -ETIMEDOUT, the
+    one beside it as the device answered it, and the fresh ring serves the next.
+
+    A polling handle spins holding the GIL, and this device is a thread of the same
+    process: its answers can take a second there (measured up to 2.3 s, with or without a
+    reset), so that mode gets a timeout no healthy answer reaches."""
+    timeout = 8 if poll else 0.5
+    with faulty_disk(lost_sector=LOST, disk_options={"request_timeout": timeout}) as (
+            disk, _device, _), QueueHandle(disk, poll=poll) as q:
+        lost, fine = disk.buffer(BS), disk.buffer(BS)
+        q.read(LOST * 512, lost, "lost")
+        q.read(0, fine, "fine")
+        done = {c.user_data: c for c in q.do_io(2, timeout=30)}
+        assert done["fine"] == Completion("fine", 0)
+        assert done["lost"].ret == -errno.ETIMEDOUT
+        assert "in time" in done["lost"].error_msg
+        assert q.in_flight == 0
+        for i in range(3):  # the same tags, on the fresh ring
+            q.read(2 * BS, lost, i)  # not at LOST
+            q.write(3 * BS, fine, -i)
+            assert sorted(c.ret for c in q.do_io(2, timeout=30)) == [0, 0]
+        assert disk.device.queues[0].stats_timeouts == 1
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
+def test_queue_handle_on_a_device_that_does_not_stop_the_ring(poll: bool) -> None:
+    with faulty_disk(slow_sector=LOST, disk_options={
+            "request_timeout": 0.5, "timeout": 0.5}) as (disk, _device, _), \
+            QueueHandle(disk, poll=poll) as q:
+        buf = disk.buffer(BS)
+        q.read(LOST * 512, buf, "held")
+        [held] = q.do_io(1, timeout=30)
+        assert held.user_data == "held" and held.ret == -errno.ETIMEDOUT
+        q.read(0, buf, "next")
+        with pytest.raises(DeviceGoneError):
+            q.do_io(1, timeout=30)
