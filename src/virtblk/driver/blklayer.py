@@ -287,9 +287,16 @@ class Plug:
             q.submit_batch(reqs)
         except BaseException:
             # What was not submitted goes back: its tags to the queue, its bios to the plug.
-            for req in reqs:
-                q.put_tag(req)
-            self._list = [b for g in groups[submitted:] for b in g] + self._list
+            # An interrupt may land anywhere, even just after ``submit_batch`` handed a
+            # request over: its own flag says so, and then its completion ends its bios.
+            unqueued = {id(req) for req in q.put_unqueued(reqs)}
+            left: list[Bio] = []
+            for i, group in enumerate(groups[submitted:]):
+                if i < len(reqs) and id(reqs[i]) not in unqueued:
+                    submitted += 1
+                else:
+                    left.extend(group)
+            self._list = left + self._list
             self.stats.requests += submitted
             raise
         submitted += len(reqs)

@@ -102,6 +102,8 @@ class Request:
     ``need`` is the used length a complete answer has: the bytes of ``in_bufs`` and the
     status byte (for a zone report, its header and the status byte).  ``batch`` is the
     submission batch it went to the ring with, when the queue has a request timeout.
+    ``queued`` is set when it is handed to the queue (ring or BUSY list), so a submitter
+    interrupted anywhere (Ctrl-C) can tell whether its tag comes back by the completion.
     """
 
     __slots__ = (
@@ -111,6 +113,7 @@ class Request:
         "in_bufs",
         "need",
         "out_bufs",
+        "queued",
         "sector",
         "status",
         "tag",
@@ -131,6 +134,7 @@ class Request:
         self.status = _STATUS_PENDING
         self.written = 0
         self.done = False
+        self.queued = False
         self.batch: Batch | None = None
 
     def error(self, what: str) -> OSError | None:
@@ -263,6 +267,7 @@ class HardwareQueue:
                 self._check_broken()
                 self._wait_locked(deadline)
             req = self._requests[self._free_tags.pop()]
+        req.queued = False
         req.done = False
         req.status = _STATUS_PENDING
         req.written = 0
@@ -273,6 +278,16 @@ class HardwareQueue:
         with self.cond:
             self._free_tags.append(req.tag)
             self.cond.notify_all()
+
+    def put_unqueued(self, reqs: Sequence[Request]) -> list[Request]:
+        """A submitter gave up (an exception, Ctrl-C) between taking tags and submitting:
+        return the tags of those of ``reqs`` never handed to the queue, and return them.
+        The others are on the ring or parked: their completion returns their tags."""
+        with self.cond:
+            unqueued = [req for req in reqs if not req.queued]
+            self._free_tags.extend(req.tag for req in unqueued)
+            self.cond.notify_all()
+        return unqueued
 
     @property
     def tags_free(self) -> int:
@@ -309,6 +324,7 @@ class HardwareQueue:
         self._slots[base + 16] = _STATUS_PENDING
         with self.cond:
             self._check_broken()
+            req.queued = True  # before: an interrupt in between leaks the tag, never reuses it
             if self._frozen or self._busy or not self._add_locked(req):
                 self._busy.append(req)
                 self.stats_busy += 1
@@ -341,6 +357,7 @@ class HardwareQueue:
             self._check_unowned()
             busy = self._busy
             for req in reqs:
+                req.queued = True
                 if self._frozen or busy or not self._add_locked(req):
                     busy.append(req)
                     self.stats_busy += 1

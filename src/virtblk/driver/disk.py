@@ -608,7 +608,7 @@ class Disk:
                 self._free(gpa)
 
         with q.cond:  # the lock the completion runs under: it cannot slip in between
-            if not req.done:
+            if req.queued and not req.done:
                 req.callback = release
                 return
         release(req)
