@@ -589,8 +589,27 @@ class HardwareQueue:
 
     def expire(self) -> float | None:
         """Reset the ring if its oldest request is due; returns when the next one will be
-        (None: nothing on the ring).  For a caller that waits on an event loop, not here
-        (``AsyncDisk``): the blocking waits call it themselves."""
+        (None: nothing on the ring).  The blocking waits do this themselves when they wake;
+        a caller that waits on an event loop (``AsyncDisk``) calls it from a timer.
+
+        A request that stayed on the ring past its deadline makes the queue take the ring
+        back from the device and start it afresh, so the queue is not left half-used:
+
+        * The device is told to stop the ring (GET_VRING_BASE, bounded by the frontend's
+          reply timeout); what it completed until then completes as usual.
+        * Every request it still held fails with ETIMEDOUT, not only the ones due: none of
+          them is known to be done, and the caller learns it at once instead of each
+          waiting out its own deadline.  They are not resubmitted: the device just showed
+          it does not serve them, and a write resent behind the caller's back could land
+          after a newer one the caller issues on seeing the error (resubmitting what a
+          device *lost* is the ``reconnect`` option's job).
+        * Their buffers are free again, since the device answered that it stopped.
+          Requests parked (BUSY, or frozen) were not on the ring: they go to the fresh one.
+        * A device that does not answer that stop (or the fresh ring's setup) is dead: the
+          connection is given up (:meth:`RingControl.ring_lost`: the socket is shut down,
+          so every queue sees the hang-up, and nothing freed is reused), the requests fail
+          with ETIMEDOUT and the queue with ``DeviceGoneError`` from then on.
+        """
         with self.cond:
             if self._batches is None or self._stopped or self._owner is not None:
                 return None
@@ -601,23 +620,7 @@ class HardwareQueue:
             return due
 
     def _expire_locked(self) -> None:
-        """A request stayed on the ring past its deadline: take the ring back from the
-        device and start it afresh (:meth:`reset_ring`), so the queue is not left
-        half-used.
-
-        * What the device completed until it stopped completes as usual.
-        * Every request it still held fails with ETIMEDOUT, not only the ones due: none of
-          them is known to be done, and the caller learns it at once instead of each
-          waiting out its own deadline.  They are not resubmitted: the device just showed
-          it does not serve them, and a write resent behind the caller's back could land
-          after a newer one the caller issues on seeing the error (resubmitting what a
-          device *lost* is the ``reconnect`` option's job).
-        * Their buffers are free again, since the device answered that it stopped.
-          Requests parked (BUSY, or frozen) were not on the ring: they go to the fresh one.
-        * A device that does not answer that stop (or the fresh ring's setup) is dead: the
-          connection is given up (:meth:`RingControl.ring_lost`), the requests fail with
-          ETIMEDOUT and the queue with ``DeviceGoneError`` from then on.
-        """
+        """The oldest request is due: reset the ring as :meth:`expire` describes."""
         self.stats_timeouts += 1
         frozen = self._frozen
         self._frozen = True  # what the drain frees goes to the fresh ring, not the old one
