@@ -16,6 +16,7 @@ import asyncio
 import errno
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +24,14 @@ from typing import Any
 
 import pytest
 
-from peers.faulty import faulty_disk
+from peers.faulty import FaultyDevice, faulty_disk
 from virtblk import Disk
 from virtblk.aio import AsyncDisk
 from virtblk.driver.queue_api import Completion, QueueHandle
+from virtblk.driver.virtio_blk import VirtioBlk
 from virtblk.errors import BlockIOError, DeviceGoneError, RequestTimeoutError
+from virtblk.spec import Feature
+from virtblk.vhost_user.server import serve_connected
 
 LOST = 8  # the sector whose requests the device never completes
 BS = 4096
@@ -97,6 +101,43 @@ def test_every_request_on_the_reset_ring_fails_with_etimedout() -> None:
             assert isinstance(exc, RequestTimeoutError), exc
         assert device.lost == 2
         assert _outcome(lambda: disk.pread(512, 0)) == bytes(512)
+
+
+def test_requests_waiting_for_room_go_to_the_fresh_ring() -> None:
+    """A ring of 4 descriptors without indirect tables holds one request (header, data,
+    status): the others wait for room (BUSY).  The reset fails only the one the device
+    held; those that waited go to the fresh ring and complete."""
+    device = FaultyDevice(1 << 20, lost_sector=LOST)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    serving = threading.Thread(target=serve_connected, args=(theirs, device), daemon=True)
+    serving.start()
+    dev = VirtioBlk(ours, queue_size=4, queue_depth=4, request_timeout=1,
+                    exclude_features=Feature.RING_INDIRECT_DESC.mask)
+    with Disk(dev) as disk:
+        q = dev.queues[0]
+        blocks = {i: os.urandom(512) for i in (16, 24, 32)}
+        for sector, data in blocks.items():
+            disk.pwrite(data, sector * 512)
+        outcomes: dict[int, Any] = {}
+
+        def read(sector: int) -> None:
+            outcomes[sector] = _outcome(lambda: disk.pread(512, sector * 512))
+
+        threads = [threading.Thread(target=read, args=(LOST,))]
+        threads[0].start()
+        assert device.lost_seen.wait(30)
+        busy = q.stats_busy
+        threads += [threading.Thread(target=read, args=(s,)) for s in blocks]
+        for t in threads[1:]:
+            t.start()
+        _until(lambda: q.stats_busy == busy + 3 or outcomes.keys() >= blocks.keys())
+        for t in threads:
+            t.join(60)
+        assert q.stats_busy == busy + 3, "the others did not wait for room"
+        assert isinstance(outcomes[LOST], RequestTimeoutError), outcomes[LOST]
+        assert {s: outcomes[s] for s in blocks} == blocks
+        assert q.stats_timeouts == 1
+    serving.join(10)
 
 
 def test_a_timed_out_request_gives_its_tag_back() -> None:
