@@ -19,6 +19,13 @@ whose per-request callbacks copy bounce buffers back, return tags and resolve fu
 * The device hanging up is noticed through an epoll set watching the vhost-user socket for
   ``EPOLLRDHUP`` only, itself registered with the loop: every waiter gets
   :class:`~virtblk.errors.DeviceGoneError`.
+* With a ``request_timeout`` (``AsyncDisk.connect(path, request_timeout=...)``) one loop
+  timer, armed while requests are in flight, has each queue reset a ring whose oldest
+  request is due (``HardwareQueue.expire``): those requests raise
+  :class:`~virtblk.errors.RequestTimeoutError`.  The reset's vhost-user round trips run on
+  the loop (microseconds; at most the reply timeout when the device is dead).
+* A cancelled read or write never frees its bounce buffer early: the buffer is freed by the
+  request's completion, whenever the device gives it back.
 
 An ``AsyncDisk`` owns its ``Disk``: do not use the disk's blocking methods at the same time
 (their waiters would drain completions on another thread).
@@ -31,6 +38,7 @@ import collections
 import errno
 import os
 import select
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -102,6 +110,8 @@ class AsyncDisk:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._kick_scheduled = False
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._timed = any(q.request_timeout is not None for q in self._queues)
+        self._timer: asyncio.TimerHandle | None = None
         self._gone: BaseException | None = None
         self._closed = False
         for q in self._queues:
@@ -272,6 +282,8 @@ class AsyncDisk:
         op = _Op(fut, q, what, bounce, dest)
         self._in_flight.add(op)
         q.submit(req, type_, sector, out, in_, callback=self._complete, user_data=op, last=False)
+        if self._timed and self._timer is None:
+            self._arm_timer(time.monotonic() + (q.request_timeout or 0))
         if not self._kick_scheduled:
             self._kick_scheduled = True
             self._loop.call_soon(self._kick)
@@ -371,6 +383,24 @@ class AsyncDisk:
         except Exception as exc:  # a device that broke the ring protocol
             self._fail(exc)
 
+    def _arm_timer(self, due: float) -> None:
+        self._timer = self._loop.call_later(max(0.0, due - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Reset the rings whose oldest request is due, then sleep until the next is."""
+        self._timer = None
+        due: float | None = None
+        for q in self._queues:
+            try:
+                next_due = q.expire()
+            except Exception as exc:  # a device that broke the ring while we reaped it
+                self._fail(exc)
+                return
+            if next_due is not None and (due is None or next_due < due):
+                due = next_due
+        if due is not None and self._gone is None and not self._closed:
+            self._arm_timer(due)
+
     def _on_hangup(self) -> None:
         if not self._hangup.poll(0):
             return
@@ -402,6 +432,8 @@ class AsyncDisk:
         self._sock_fd = self.disk.device.frontend.fileno()
         self._hangup.register(self._sock_fd, select.EPOLLRDHUP)
         self._loop.add_reader(self._hangup.fileno(), self._on_hangup)
+        if self._timed and self._timer is None:
+            self._on_timer()  # a timer that fired while the queues were lost found nothing
 
     def _deliver(self, completed: list[Request]) -> None:
         """Run completion callbacks on the loop (a reconnect completes requests the dead
@@ -442,6 +474,9 @@ class AsyncDisk:
             raise self._gone_error()
 
     def _unregister(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for q in self._queues:
             self._loop.remove_reader(q.call_fd)
             q.unlisten(self)

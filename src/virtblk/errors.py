@@ -17,7 +17,23 @@ class VirtblkError(Exception):
 
 
 class BlockIOError(OSError, VirtblkError):
-    """A request the device completed with a non-OK status."""
+    """A request that failed: the device completed it with a non-OK status, or (the
+    subclass :class:`RequestTimeoutError`) did not complete it in time."""
+
+
+class RequestTimeoutError(BlockIOError):
+    """A request the device did not complete within the disk's ``request_timeout``:
+    errno ``ETIMEDOUT``, as Linux's block layer gives a ``BLK_STS_TIMEOUT`` request.
+
+    Also raised for the other requests that were on the same ring when the driver reset it
+    (their fate is unknown too; see ``HardwareQueue.expire``).  It is deliberately no
+    ``TimeoutError``: that builtin is what a caller's own wait timeout raises (``freeze``,
+    ``QueueHandle.do_io``), after which the request is still on the ring; this one means
+    the request is over and its buffers are the caller's again.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message)
 
 
 class DeviceGoneError(ConnectionError, VirtblkError):
@@ -80,6 +96,11 @@ class ZoneActiveResourceError(ZoneError):
     status = Status.ZONE_ACTIVE_RESOURCE
 
 
+STATUS_TIMED_OUT = 0x100
+"""The status the driver gives a request it stopped waiting for (``request_timeout``):
+no device can write it (a status is one byte), so ``status_error`` knows it is ours."""
+
+
 # errno as Linux's blk_status_to_errno gives it for virtblk_result's block status.
 _ZONE_ERRORS: dict[int, tuple[type[ZoneError], int, str]] = {
     Status.ZONE_INVALID_CMD: (ZoneInvalidCommandError, errno.EIO,
@@ -94,7 +115,10 @@ _ZONE_ERRORS: dict[int, tuple[type[ZoneError], int, str]] = {
 
 
 def status_error(status: int, what: str) -> OSError:
-    """Map a virtio-blk status to the errno the Linux driver uses, as an exception."""
+    """Map a virtio-blk status to the errno the Linux driver uses, as an exception
+    (``STATUS_TIMED_OUT``, the driver's own, to :class:`RequestTimeoutError`)."""
+    if status == STATUS_TIMED_OUT:
+        return RequestTimeoutError(f"{what}: the device did not complete the request in time")
     if status == Status.UNSUPP:
         return BlockIOError(errno.ENOTTY, f"{what}: device answered UNSUPP")
     zone = _ZONE_ERRORS.get(status)

@@ -287,14 +287,29 @@ class Plug:
             q.submit_batch(reqs)
         except BaseException:
             # What was not submitted goes back: its tags to the queue, its bios to the plug.
-            for req in reqs:
-                q.put_tag(req)
-            self._list = [b for g in groups[submitted:] for b in g] + self._list
+            # An interrupt may land anywhere, even just after ``submit_batch`` handed a
+            # request over: its own flag says so, and then its completion ends its bios.
+            unqueued = {id(req) for req in q.put_unqueued(reqs)}
+            left: list[Bio] = []
+            for i, group in enumerate(groups[submitted:]):
+                if i < len(reqs) and id(reqs[i]) not in unqueued:
+                    submitted += 1
+                else:
+                    left.extend(group)
+            self._list = left + self._list
             self.stats.requests += submitted
             raise
         submitted += len(reqs)
         self.stats.requests += submitted
         return submitted
+
+    def abandon(self) -> None:
+        """End every bio still held (never submitted) with IOERR: its submitter gave up.
+        A split bio whose other pieces are on the ring ends when they complete."""
+        held = self._list
+        self._list = []
+        for bio in held:
+            bio._end(int(Status.IOERR))
 
     def wait(self, bios: Sequence[Bio], timeout: float | None = None) -> None:
         """Flush, then block until every one of ``bios`` has ended (``submit_bio_wait``)."""

@@ -4,6 +4,10 @@
 own device first.  I/O must be aligned to the logical block size and inside the disk;
 data is staged through shared memory unless the caller passes buffers that already live
 there (:meth:`Disk.buffer`), in which case the device reads and writes them directly.
+
+A bounce buffer lives as long as its request: a wait that ends early (Ctrl-C, any
+exception) leaves it to the request's completion to free, so memory the device may still
+write is never handed to another request.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 from virtblk import unixsock
 from virtblk.driver.blklayer import Bio, Plug, QueueLimits
-from virtblk.driver.blkmq import HardwareQueue, raise_for
+from virtblk.driver.blkmq import HardwareQueue, Request, raise_for
 from virtblk.driver.naming import DiskIndex
 from virtblk.driver.requests import CHUNK, Buffer, RequestBuilder
 from virtblk.driver.virtio_blk import (
@@ -82,12 +86,17 @@ class Disk:
         timeout: float = 10.0,
         experimental_fua: bool = False,
         reconnect_timeout: float | None = None,
+        request_timeout: float | None = None,
     ) -> Self:
         """Connect to a vhost-user-blk device listening on ``socket_path``.
 
         ``num_queues=None`` takes as many queues as the device offers, at most one per CPU
         (as Linux does).  ``queue_depth`` overrides the seed's rule (fill the ring; half of
-        it without indirect descriptors).
+        it without indirect descriptors).  ``timeout`` bounds the connection and every
+        vhost-user reply.  ``request_timeout`` (seconds, None: wait forever) bounds how
+        long the device may keep a request: past it the request fails with
+        :class:`~virtblk.errors.RequestTimeoutError` (ETIMEDOUT) and its queue's ring is
+        reset (``HardwareQueue.expire`` says what happens to the others on it).
 
         ``reconnect_timeout`` (seconds) survives a device restart: when the device goes
         away, ``socket_path`` is dialled again until it answers or the timeout passes;
@@ -110,6 +119,7 @@ class Disk:
             experimental_fua=experimental_fua,
             redial=lambda: unixsock.connect(socket_path, timeout),
             reconnect_timeout=reconnect_timeout,
+            request_timeout=request_timeout,
         )
 
     @classmethod
@@ -123,11 +133,13 @@ class Disk:
         timeout: float = 10.0,
         experimental_fua: bool = False,
         on_close: Callable[[], None] | None = None,
+        request_timeout: float | None = None,
     ) -> Self:
         """Drive the device on an already-connected vhost-user socket (takes ownership).
 
-        A socket cannot be dialled again: a device lost here fails every request with
-        ``DeviceGoneError`` (``connect`` with ``reconnect_timeout`` reconnects)."""
+        The options are :meth:`connect`'s.  A socket cannot be dialled again: a device lost
+        here fails every request with ``DeviceGoneError`` (``connect`` with
+        ``reconnect_timeout`` reconnects)."""
         return cls._open(
             sock,
             num_queues=num_queues,
@@ -136,6 +148,7 @@ class Disk:
             timeout=timeout,
             experimental_fua=experimental_fua,
             on_close=on_close,
+            request_timeout=request_timeout,
         )
 
     @classmethod
@@ -149,9 +162,12 @@ class Disk:
         timeout: float,
         experimental_fua: bool,
         on_close: Callable[[], None] | None = None,
+        request_timeout: float | None = None,
         redial: Callable[[], socket.socket] | None = None,
         reconnect_timeout: float | None = None,
     ) -> Self:
+        """``connect`` and ``from_socket`` both: probe the device on ``sock``; ``redial``
+        gives a new socket to the same device (``connect`` only)."""
         sock.settimeout(None)
         extra = Feature.BLK_OUT_FUA.mask if experimental_fua else 0
         dev = VirtioBlk(
@@ -163,6 +179,7 @@ class Disk:
             reply_timeout=timeout,
             redial=redial,
             reconnect_timeout=reconnect_timeout,
+            request_timeout=request_timeout,
         )
         return cls(dev, on_close=on_close)
 
@@ -180,6 +197,7 @@ class Disk:
         experimental_fua: bool = False,
         read_only: bool = False,
         zoned: dict[str, Any] | None = None,
+        request_timeout: float | None = None,
         **device_options: Any,
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
@@ -188,18 +206,25 @@ class Disk:
         (``serial``, ``blk_size``, ``seg_max``, ``writeback``...); ``zoned`` makes a
         host-managed zoned disk (``ZonedMemoryBackend`` arguments). An unknown or mistyped
         option raises TypeError here, before the device starts.  ``experimental_fua``
-        makes both ends use VIRTIO_BLK_F_OUT_FUA.  The device stops when the disk is
-        closed.
+        makes both ends use VIRTIO_BLK_F_OUT_FUA.  ``request_timeout`` is
+        :meth:`connect`'s.  The device stops when the disk is closed.
         """
         # The composition lives in virtblk.embedded, which knows the device; imported
         # here, when called, so that the driver's modules import nothing of it.
         from virtblk.embedded import open_embedded
 
-        return open_embedded(
+        disk = open_embedded(
             cls, size=size, backend=backend, path=path, mode=mode, num_queues=num_queues,
             queue_size=queue_size, queue_depth=queue_depth,
             experimental_fua=experimental_fua, read_only=read_only, zoned=zoned,
             **device_options)
+        if request_timeout is not None:
+            try:
+                disk.device.set_request_timeout(request_timeout)
+            except BaseException:
+                disk.close()
+                raise
+        return disk
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -216,6 +241,12 @@ class Disk:
     def logical_block_size(self) -> int:
         """The unit of I/O alignment."""
         return self._dev.logical_block_size
+
+    @property
+    def request_timeout(self) -> float | None:
+        """Seconds the device may keep a request before it fails with ETIMEDOUT (None:
+        forever)."""
+        return self._dev.request_timeout
 
     @property
     def read_only(self) -> bool:
@@ -442,8 +473,7 @@ class Disk:
             q.wait_for(req)
             raise_for(req, f"{self.name}: flush")
         finally:
-            if req.done:  # a tag still on the ring (an interrupted wait) is not reused
-                q.put_tag(req)
+            self._release(q, req)
 
     def discard(self, offset: int, length: int) -> None:
         """Tell the device the range is unused (DISCARD)."""
@@ -507,6 +537,8 @@ class Disk:
             return self._dev.allocator.alloc(size, align=4096)
 
     def _free(self, gpa: int) -> None:
+        if self._dev.lost is not None:
+            return  # the device may still write it: never hand it out again
         with self._alloc_lock:
             self._dev.allocator.free(gpa)
 
@@ -547,28 +579,41 @@ class Disk:
         staged = _Cursor(views)
         while done < total:
             n = min(CHUNK, total - done)
+            q = self._queue()
             gpa = self._alloc(n)
+            ours = True  # the bounce buffer is ours to free (not its request's)
             try:
                 bounce = memory.view(gpa, n)
                 if write:
                     staged.copy_out(bounce)
                 bio = Bio(write, (offset + done) >> SECTOR_SHIFT, [(gpa, n)], fua=fua)
-                self._transfer([bio], what)
+                try:
+                    self._transfer([bio], what, q)
+                except BaseException:
+                    ours = not self._free_when_ended(q, bio, gpa)
+                    raise
                 if not write:
                     staged.copy_in(bounce)
                 bounce.release()
             finally:
-                self._free(gpa)
+                if ours:
+                    self._free(gpa)
             done += n
         return total
 
-    def _transfer(self, bios: list[Bio], what: str) -> None:
-        """Run ``bios`` through a plug on the calling thread's queue (merged, split by the
-        limits, one kick) and raise the first error any of them ended with."""
-        plug = Plug(self._queue(), self.queue_limits, max_count=len(bios) + 1)
-        for bio in bios:
-            plug.add(bio)
-        plug.wait(bios)
+    def _transfer(self, bios: list[Bio], what: str, q: HardwareQueue | None = None) -> None:
+        """Run ``bios`` through a plug on ``q`` (the calling thread's queue by default):
+        merged, split by the limits, one kick; raise the first error any of them ended
+        with.  A wait that ends early ends the bios the plug still held (they never reached
+        the ring); those on the ring end when the device completes them."""
+        plug = Plug(q or self._queue(), self.queue_limits, max_count=len(bios) + 1)
+        try:
+            for bio in bios:
+                plug.add(bio)
+            plug.wait(bios)
+        except BaseException:
+            plug.abandon()
+            raise
         for bio in bios:
             exc = bio.error(what)
             if exc is not None:
@@ -590,9 +635,7 @@ class Disk:
                 q.wait_for(req)
                 raise_for(req, what)
             finally:
-                if req.done:
-                    q.put_tag(req)
-                self._free(gpa)
+                self._release(q, req, gpa)
 
     def _command(self, type_: RequestType, in_len: int, what: str) -> bytes:
         """A request whose answer is ``in_len`` bytes of device-written data."""
@@ -606,9 +649,32 @@ class Disk:
             raise_for(req, f"{self.name}: {what}")
             return bytes(self._dev.memory.view(gpa, in_len))
         finally:
-            if req.done:
-                q.put_tag(req)
-            self._free(gpa)
+            self._release(q, req, gpa)
+
+    def _release(self, q: HardwareQueue, req: Request, gpa: int | None = None) -> None:
+        """Give back ``req``'s tag and its buffer at ``gpa``: now when it is done, else
+        (the wait ended early: Ctrl-C, an exception) when it completes, so that neither is
+        reused while the device may still write the buffer or answer on the tag."""
+
+        def release(done: Request) -> None:
+            q.put_tag(done)
+            if gpa is not None:
+                self._free(gpa)
+
+        with q.cond:  # the lock the completion runs under: it cannot slip in between
+            if req.queued and not req.done:
+                req.callback = release
+                return
+        release(req)
+
+    def _free_when_ended(self, q: HardwareQueue, bio: Bio, gpa: int) -> bool:
+        """A wait for ``bio`` ended early: have its end free the bounce buffer at ``gpa``
+        instead of the caller; False when it has ended already (the caller frees it)."""
+        with q.cond:
+            if bio.done:
+                return False
+            bio.end_io = lambda _bio: self._free(gpa)
+            return True
 
     def _get_id(self) -> bytes:
         try:

@@ -26,6 +26,12 @@ busy-reads the used ring instead of sleeping on the call eventfd, trading a CPU 
 wakeup latency (libblkio's poll queues, Linux's ``io_poll``).  ``poll_us`` is the middle
 way, QEMU's adaptive polling: spin up to that long before sleeping, for as long as spinning
 keeps finding completions in time.
+
+With the disk's ``request_timeout``, a request the device keeps too long completes with
+``ret = -ETIMEDOUT`` and the ring is reset (the other requests on it complete so too; see
+``HardwareQueue.expire``): a deadline per ``do_io`` submission, one clock read per batch,
+checked when the handle wakes.  ``do_io``'s own ``timeout`` is the caller's wait, and
+raises ``TimeoutError`` with the requests still on the ring.
 """
 
 from __future__ import annotations
@@ -35,12 +41,12 @@ import errno
 import os
 import select
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
-from virtblk.driver.blkmq import SLOT, HardwareQueue, short_status
+from virtblk.driver.blkmq import SLOT, Batch, HardwareQueue, short_status
 from virtblk.driver.disk import Disk
 from virtblk.driver.requests import Buffer, Segments
-from virtblk.errors import DeviceGoneError, status_error
+from virtblk.errors import STATUS_TIMED_OUT, DeviceGoneError, status_error
 from virtblk.spec import SECTOR_SHIFT, DiscardSegment, Feature, RequestHeader, RequestType, Status
 from virtblk.virtio.polling import AdaptivePoll
 from virtblk.virtio.split_driver import DeviceProtocolError
@@ -77,7 +83,8 @@ class QueueHandle:
     """
 
     __slots__ = (
-        "_bs_mask", "_buffers", "_closed", "_config_generation", "_dev", "_disable_cb",
+        "_batch_of_tag", "_batches", "_bs_mask", "_buffers", "_closed", "_config_generation",
+        "_dev", "_disable_cb",
         "_free", "_hangup", "_hdr_of_tag", "_in_flight", "_layout", "_max_segments",
         "_need_of_tag", "_pending", "_poll", "_q", "_read_only", "_ready", "_requests", "_seg_area",
         "_seg_of_tag", "_size", "_slots", "_sock_fd", "_staged", "_status_of_tag", "_type_of_tag",
@@ -150,6 +157,10 @@ class QueueHandle:
             # The used length a complete answer on each tag's chain has: its device-
             # writable data and the status byte (set with the chain, in ``_prepare``).
             self._need_of_tag = [1] * depth
+            # request_timeout: the batches on the ring, oldest first, and each tag's.
+            self._batches: collections.deque[Batch] | None = (
+                None if q.request_timeout is None else collections.deque())
+            self._batch_of_tag: list[Batch | None] = [None] * depth
             if poll:
                 self._vq.disable_cb()
             disk._register_handle(self)
@@ -353,6 +364,8 @@ class QueueHandle:
             return
         vq = self._vq
         submitted = vq.add_prepared_batch(staged)
+        if submitted and self._batches is not None:
+            self._stamp(staged[:submitted])
         # A ring without indirect descriptors may run out of them: what did not fit stays
         # staged, in order, for when completions free some.
         del staged[:submitted]
@@ -425,6 +438,69 @@ class QueueHandle:
             else:
                 ready.append(self._failed(tag, status, written, ud))
         self._in_flight -= len(used)
+        if self._batches is not None:
+            batch_of_tag = self._batch_of_tag
+            for tag, _ in used:
+                batch = batch_of_tag[tag]
+                if batch is not None:
+                    batch.outstanding -= 1
+                    batch_of_tag[tag] = None
+
+    # -- request timeout ---------------------------------------------------------------------
+    def _stamp(self, tags: list[int]) -> None:
+        """The tags just put on the ring are one batch, due ``request_timeout`` from now."""
+        assert self._batches is not None and self._q.request_timeout is not None
+        batch = Batch(time.monotonic() + self._q.request_timeout)
+        batch.outstanding = len(tags)
+        self._batches.append(batch)
+        batch_of_tag = self._batch_of_tag
+        for tag in tags:
+            batch_of_tag[tag] = batch
+
+    def _due(self) -> float | None:
+        """When the oldest request on the ring is due (None: no request timeout, or none
+        on the ring)."""
+        batches = self._batches
+        if batches is None:
+            return None
+        while batches and not batches[0].outstanding:
+            batches.popleft()
+        return batches[0].deadline if batches else None
+
+    def _expire(self) -> None:
+        """The oldest request is due: reset the ring (``HardwareQueue.reset_ring``); every
+        request the device still held completes with -ETIMEDOUT.  A device that does not
+        let the ring go is given up: the queue raises ``DeviceGoneError`` from then on."""
+        q = self._q
+        q.stats_timeouts += 1
+
+        def reap() -> None:
+            try:
+                self._reap()
+            except DeviceProtocolError:
+                pass  # the queue is broken: the next wait raises that
+
+        held, lost = q.reset_ring(reap)
+        self._vq = q.vq
+        self._layout = [None] * len(self._layout)  # the fresh ring has no chain prepared
+        if self.poll:
+            self._vq.disable_cb()
+        user_data = self._user_data
+        for tag in held:
+            name = RequestType(self._type_of_tag[tag]).name.lower()
+            exc = status_error(STATUS_TIMED_OUT, f"{self.disk.name}: {name}")
+            self._ready.append(Completion(user_data[tag], -errno.ETIMEDOUT, str(exc.strerror)))
+            user_data[tag] = None
+            self._free.append(tag)
+        self._in_flight -= len(held)
+        assert self._batches is not None
+        self._batches.clear()
+        self._batch_of_tag = [None] * len(self._batch_of_tag)
+        if lost is not None and q.on_lost is None:
+            # With a reconnect the socket shut down by ``ring_lost`` hands over to it.
+            q.fail(DeviceGoneError(
+                errno.ETIMEDOUT, f"{q.name}: the device stopped answering after a request "
+                f"timed out ({lost})"))
 
     def _failed(self, tag: int, status: int, written: int, ud: Any) -> Completion:
         name = RequestType(self._type_of_tag[tag]).name.lower()
@@ -449,19 +525,25 @@ class QueueHandle:
             if idle % _HANGUP_CHECK_EVERY == 0:
                 self._check_alive()
                 pending = self._vq.pending  # a new ring after a reconnect
-                if deadline is not None and time.monotonic() >= deadline:
-                    self._timed_out(wanted)
+                due = self._due()
+                if deadline is not None or due is not None:
+                    now = time.monotonic()
+                    if due is not None and now >= due:
+                        self._expire()
+                        pending = self._vq.pending
+                    elif deadline is not None and now >= deadline:
+                        self._timed_out(wanted)
 
     def _sleep(self, wanted: int, deadline: float | None) -> None:
         """Sleep on the call eventfd until ``wanted`` completions are ready, asking the
         device to signal only when the last of them completes (after polling up to the
         adaptive polling time, when there is one)."""
-        vq = self._vq
         q = self._q
         ready = self._ready
         clock = time.perf_counter_ns
         poll = self._poll
         while len(ready) < wanted:
+            vq = self._vq  # a ring reset (request_timeout) replaces it
             if poll.max_ns:
                 start = clock()
                 if self._spin_until(start + poll.ns):
@@ -476,10 +558,11 @@ class QueueHandle:
                     vq.disable_cb()
                 self._reap_and_refill()
                 continue
-            if deadline is None:
-                timeout_ms = -1
-            else:
-                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            due = None if self._batches is None else self._due()
+            until = deadline
+            if due is not None and (deadline is None or due < deadline):
+                until = due
+            timeout_ms = -1 if until is None else max(0, int((until - time.monotonic()) * 1000))
             start = clock()
             events = self._waiter.poll(timeout_ms)
             if poll.max_ns:
@@ -487,7 +570,14 @@ class QueueHandle:
             if self._disable_cb:
                 vq.disable_cb()  # the seed's virtblk_done: drain without interrupts
             if not events and not vq.pending():
-                self._timed_out(wanted)
+                if due is None:
+                    self._timed_out(wanted)
+                now = time.monotonic()
+                if now >= due:
+                    self._expire()
+                    continue
+                if deadline is not None and now >= deadline:
+                    self._timed_out(wanted)
             for fd, mask in events:
                 if fd == q.call_fd:
                     q.stats_interrupts += 1
@@ -517,7 +607,7 @@ class QueueHandle:
                 return True
         return False
 
-    def _timed_out(self, wanted: int) -> None:
+    def _timed_out(self, wanted: int) -> NoReturn:
         raise TimeoutError(
             f"{self._q.name}: {len(self._ready)} of {wanted} completions before the timeout "
             f"({self._in_flight} still in flight)"
@@ -559,6 +649,12 @@ class QueueHandle:
         self._sock_fd = fd
         old = self._vq
         if old is q.vq:
+            if self._batches is not None and q.request_timeout is not None:
+                # The device resubmits them: the whole timeout again (the outage was the
+                # reconnect's to bound).
+                restart = time.monotonic() + q.request_timeout
+                for batch in self._batches:
+                    batch.deadline = max(batch.deadline, restart)
             return
         try:
             used = old.get_used()
@@ -567,6 +663,13 @@ class QueueHandle:
         self._complete(used)
         tags = sorted(old.detach_unused())
         self._in_flight -= len(tags)
+        if self._batches is not None:
+            batch_of_tag = self._batch_of_tag
+            for tag in tags:  # stamped again when they go to the new ring
+                was = batch_of_tag[tag]
+                if was is not None:
+                    was.outstanding -= 1
+                    batch_of_tag[tag] = None
         q.stats_resubmitted += len(tags)
         with dev.alloc_lock:
             old.close()

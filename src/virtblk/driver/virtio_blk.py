@@ -201,11 +201,15 @@ class VirtioBlk:
         reply_timeout: float = 10.0,
         redial: Redial | None = None,
         reconnect_timeout: float | None = None,
+        request_timeout: float | None = None,
     ) -> None:
         """``redial`` and ``reconnect_timeout`` together make a lost device (its socket
         hung up) be dialled again until the timeout passes, and the requests it had not
         completed resubmitted (see ``_reconnect``); without them, a lost device fails every
-        request with ``DeviceGoneError``."""
+        request with ``DeviceGoneError``.  ``request_timeout`` (seconds, None: forever)
+        bounds how long the device may keep a request (:meth:`HardwareQueue.expire`);
+        ``reply_timeout`` bounds each vhost-user reply, GET_VRING_BASE's included, so a
+        reset of a stuck ring ends too."""
         if queue_size < 4 or queue_size > 32768 or queue_size & (queue_size - 1):
             # A request is at least header + data + status: 3 descriptors, and a split
             # ring's size is a power of two.
@@ -245,6 +249,10 @@ class VirtioBlk:
         self.alloc_lock = threading.Lock()
         """Held around every use of ``allocator`` once the disk runs (the ``Disk``'s
         buffers and a reconnect's rings are taken from it on different threads)."""
+        self._request_timeout = request_timeout
+        self.lost: BaseException | None = None
+        """Why the connection was given up while the device may still write our memory (a
+        ring it would not stop), else None: from then on nothing freed is reused."""
         self._fds: list[int] = []
         self.region = MemoryRegion.create(memory_size, name="virtblk-driver")
         self.memory = GuestMemory([self.region])
@@ -387,6 +395,8 @@ class VirtioBlk:
                     kick_fd=kick,
                     call_fd=call,
                     hangup_fd=self._sock.fileno(),
+                    rings=self,
+                    request_timeout=self._request_timeout,
                 )
             )
             if self._redial is not None:
@@ -433,6 +443,50 @@ class VirtioBlk:
         fe.set_vring_kick(index, kick)
         if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
             fe.set_vring_enable(index, True)
+
+    # -- ring resets after a request timeout (RingControl, for HardwareQueue) ---------------------
+    # Not under ``self._lock``: a queue calls these holding its own lock, and ``freeze``
+    # takes the two the other way round.  The frontend keeps each request and its reply
+    # together; the messages name their ring, so another ring's or a config request may
+    # come between them.
+    def stop_ring(self, index: int) -> None:
+        """GET_VRING_BASE: the device stops ring ``index`` and lets go of its buffers; a
+        device that does not answer within the reply timeout raises ``ReplyTimeoutError``."""
+        self.frontend.get_vring_base(index)
+
+    def start_ring(self, index: int, depth: int) -> DriverVirtqueue:
+        """A fresh ring for queue ``index`` (as ``restore`` sets one up)."""
+        return self._setup_vring(index, depth)
+
+    def ring_lost(self, index: int, exc: BaseException) -> None:
+        """Ring ``index`` could not be stopped or set up again (``exc``): the device is
+        alive enough to keep its socket open but does not answer, so it may still write
+        into our memory.  From now on nothing freed is reused (``lost``), and our socket
+        is shut down: every queue's waiters see the hang-up (``DeviceGoneError``), as when
+        the device goes away, and a device that still reads its socket ends the session.
+
+        This is where a reconnecting disk (``Disk.connect(reconnect_timeout=...)``) takes
+        over: it sees the same hang-up as for a device that died.  It must then give the
+        new connection fresh memory for what ``lost`` keeps, not reuse it."""
+        log.error("req.%d: the device did not stop the ring (%s); giving the connection up",
+                  index, exc)
+        if self.lost is None:
+            self.lost = exc
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already shut down or closed: the hang-up is there already
+
+    def set_request_timeout(self, seconds: float | None) -> None:
+        """Set (or, None, remove) every queue's request timeout; while idle."""
+        for q in self.queues:
+            q.set_request_timeout(seconds)
+        self._request_timeout = seconds
+
+    @property
+    def request_timeout(self) -> float | None:
+        """Seconds the device may keep a request (None: forever)."""
+        return self._request_timeout
 
     # -- freeze and restore (the seed's virtblk_freeze / virtblk_restore) ------------------------
     def freeze(self, timeout: float | None = None) -> None:
