@@ -683,8 +683,7 @@ class HardwareQueue:
         if self._batches is not None:
             self._batches.clear()
         self._open_batch = None
-        if lost is not None and self.on_lost is None:
-            # With a reconnect the socket shut down by ``ring_lost`` hands over to it.
+        if lost is not None:
             self.fail(DeviceGoneError(
                 errno.ETIMEDOUT, f"{self.name}: the device stopped answering after a request "
                 f"timed out ({lost})"))

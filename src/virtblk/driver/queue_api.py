@@ -496,8 +496,7 @@ class QueueHandle:
         assert self._batches is not None
         self._batches.clear()
         self._batch_of_tag = [None] * len(self._batch_of_tag)
-        if lost is not None and q.on_lost is None:
-            # With a reconnect the socket shut down by ``ring_lost`` hands over to it.
+        if lost is not None:
             q.fail(DeviceGoneError(
                 errno.ETIMEDOUT, f"{q.name}: the device stopped answering after a request "
                 f"timed out ({lost})"))

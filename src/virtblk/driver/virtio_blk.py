@@ -33,6 +33,7 @@ from virtblk.spec import (
 from virtblk.vhost_user.errors import PeerGoneError, VhostUserError
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
+from virtblk.virtio.inflight import queue_region_size
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
 from virtblk.virtio.split_driver import DriverVirtqueue
 from virtblk.virtio.split_layout import VringAddrs
@@ -455,8 +456,31 @@ class VirtioBlk:
         self.frontend.get_vring_base(index)
 
     def start_ring(self, index: int, depth: int) -> DriverVirtqueue:
-        """A fresh ring for queue ``index`` (as ``restore`` sets one up)."""
+        """A fresh ring for queue ``index`` (as ``restore`` sets one up), its region of
+        the in-flight buffer emptied first (``_clear_inflight``)."""
+        self._clear_inflight(index)
         return self._setup_vring(index, depth)
+
+    def _clear_inflight(self, index: int | None = None) -> None:
+        """Zero ring ``index``'s region of the in-flight buffer (None: every ring's), for a
+        ring the driver starts afresh on a device that stopped it.
+
+        The device recovers a ring from its region at every start; a region that still
+        described the old ring would make it resubmit the old ring's descriptors into the
+        new one (or refuse the buffer: more in flight than the fresh ring holds), and a
+        restarted device would not know the new ring's requests.  Version 0 makes it
+        start the region afresh (vhost-user "Inflight I/O tracking").  Written with
+        ``pwrite``, not through a mapping: a device that shrank its memfd makes this fail
+        (the reset then fails), never SIGBUS."""
+        if self._inflight_buffer is None:
+            return
+        fd, size, offset = self._inflight_buffer
+        if index is None:
+            start, length = offset, size
+        else:
+            length = queue_region_size(self.queue_size)
+            start = offset + index * length
+        os.pwrite(fd, bytes(length), start)
 
     def ring_lost(self, index: int, exc: BaseException) -> None:
         """Ring ``index`` could not be stopped or set up again (``exc``): the device is
@@ -465,9 +489,10 @@ class VirtioBlk:
         is shut down: every queue's waiters see the hang-up (``DeviceGoneError``), as when
         the device goes away, and a device that still reads its socket ends the session.
 
-        This is where a reconnecting disk (``Disk.connect(reconnect_timeout=...)``) takes
-        over: it sees the same hang-up as for a device that died.  It must then give the
-        new connection fresh memory for what ``lost`` keeps, not reuse it."""
+        A disk with ``reconnect_timeout`` does not dial such a device again (``_on_lost``
+        gives every queue up): it has not died, it hangs, and what it still holds (our
+        memory, a ring, its in-flight records) could not be handed to a successor
+        safely."""
         log.error("req.%d: the device did not stop the ring (%s); giving the connection up",
                   index, exc)
         if self.lost is None:
@@ -538,6 +563,10 @@ class VirtioBlk:
             self.config = self._validate_config(
                 BlkConfig.unpack(fe.get_config(self._config_size()))
             )
+            # Every ring starts afresh: the in-flight buffer too (a device reset forgets
+            # it, and one without RESET_DEVICE would recover the old rings from it).
+            self._clear_inflight()
+            self._set_inflight_buffer(fe)
             fe.set_mem_table([self.region])
             for index, q in enumerate(self.queues):
                 q.thaw(self._setup_vring(index, q.depth))
@@ -594,6 +623,14 @@ class VirtioBlk:
     def _on_lost(self, _queue: HardwareQueue | None) -> None:
         """A queue saw the device hang up: stop every queue and reconnect in a thread (once
         per loss; the queues resume or fail when it ends)."""
+        if self.lost is not None:
+            # A device that would not stop a ring is alive and may still write our memory:
+            # it is given up (``ring_lost``), not dialled again.
+            gone = DeviceGoneError(errno.ECONNRESET, f"{self.name_for_errors}: the device "
+                                   f"stopped answering and was given up ({self.lost})")
+            for q in self.queues:
+                q.give_up(gone)
+            return
         with self._lock:
             if self._reconnecting or self._closing.is_set():
                 return
