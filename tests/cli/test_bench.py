@@ -493,14 +493,14 @@ def test_bench_keeps_running_across_device_restarts(
     random-write load; the run ends clean, every block verifies and the JSON counts each
     reconnect.  Our device resubmits from its in-flight buffer; with ``--no-inflight`` (as
     qemu-storage-daemon) the driver does."""
-    from interop.restarts import KillableServe
+    from interop.serve_process import ServeProcess
 
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 << 20))
     sock = sock_dir / "vb.sock"
     control = sock_dir / "ctl.sock"
     args = ["--file", str(image), "--control", str(control), *device_args]
-    server = KillableServe(sock, args).start()
+    server = ServeProcess(sock, args).start()
     bench = subprocess.Popen(
         virtblk_argv("bench", str(sock), "--rw", "randwrite", "--ioengine", engine,
                      "--iodepth", "16", "--verify", "crc32c", "--size", "4M",
@@ -512,7 +512,7 @@ def test_bench_keeps_running_across_device_restarts(
         for _ in range(BENCH_KILLS[engine]):
             _wait_for_new_writes(control, bench)
             server.kill()
-            server = KillableServe(sock, args).start()
+            server = ServeProcess(sock, args).start()
         _wait_for_new_writes(control, bench)
         out, err = bench.communicate(timeout=120)
     finally:

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import NoReturn
 
 from peers.leftovers import Leftover, describe
-from peers.process import accepts, process_group, wait_group_gone, wait_ready
+from peers.process import accepts, kill_group, process_group, wait_ready
 
 #: How long ``virtblk serve`` may take to listen (it imports numpy, on a busy machine).
 START_TIMEOUT = 30.0
@@ -143,11 +143,14 @@ class ServeProcess:
         """SIGKILL whatever is left of the group, reap the server, and wait until the group
         is gone."""
         assert self.process is not None
-        self._signal_group(signal.SIGKILL)
-        self.process.wait()
-        left = wait_group_gone(self.process.pid, KILL_TIMEOUT)
-        if left:
-            raise RuntimeError(f"processes {left} of virtblk serve survived SIGKILL")
+        kill_group(self.process, KILL_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole group, as a crash would (queue workers included), and
+        wait until it is gone.  The server then counts as stopped (a killed status is no
+        failure of the ``with`` block), and ``start`` runs it again on the same socket."""
+        self._kill_group()
+        self.process = None
 
     def _signal_group(self, signum: int) -> None:
         assert self.process is not None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from interop.restarts import KillableServe
+from interop.serve_process import ServeProcess
 from peers.qsd import QemuStorageDaemon
 from virtblk import Disk
 from virtblk.errors import DeviceGoneError, NegotiationError
@@ -179,10 +179,10 @@ def test_disk_survives_100_sigkills_of_virtblk_serve(
 ) -> None:
     sock = sock_dir / "vb.sock"
     args = ["--file", str(image), *inflight_args(inflight)]
-    server = [KillableServe(sock, args).start()]
+    server = [ServeProcess(sock, args).start()]
 
     def restart() -> None:
-        server[0] = KillableServe(sock, args).start()
+        server[0] = ServeProcess(sock, args).start()
 
     try:
         with Disk.connect(str(sock), reconnect_timeout=RECONNECT_TIMEOUT) as disk:
@@ -243,12 +243,12 @@ def test_a_device_that_comes_back_different_is_refused(
     for path, length in ((first_image, IMAGE_SIZE), (second_image, size)):
         with path.open("wb") as f:
             f.truncate(length)
-    first = KillableServe(sock, ["--file", str(first_image)]).start()
+    first = ServeProcess(sock, ["--file", str(first_image)]).start()
     try:
         with Disk.connect(str(sock), reconnect_timeout=RECONNECT_TIMEOUT) as disk:
             disk.pwrite(b"x" * 4096, 0)
             first.kill()
-            with KillableServe(sock, ["--file", str(second_image), *changed]):
+            with ServeProcess(sock, ["--file", str(second_image), *changed]):
                 with pytest.raises(NegotiationError, match="reconnect"):
                     disk.pread(4096, 0)
                 with pytest.raises(NegotiationError):  # and every later request
@@ -265,7 +265,7 @@ def _fds() -> set[int]:
 def test_a_device_that_never_comes_back_fails_after_the_timeout(sock_dir: Path,
                                                                 image: Path) -> None:
     sock = sock_dir / "vb.sock"
-    server = KillableServe(sock, ["--file", str(image)]).start()
+    server = ServeProcess(sock, ["--file", str(image)]).start()
     threads_before = set(threading.enumerate())
     fds_before = _fds()
     try:
@@ -299,7 +299,7 @@ class Killer:
         self.args = args
         self.kills = kills
         self.done = 0
-        self.server = KillableServe(sock, args).start()
+        self.server = ServeProcess(sock, args).start()
         self.error: BaseException | None = None
         self._progress = threading.Condition()
         self._count = 0
@@ -325,7 +325,7 @@ class Killer:
                 if not self._wait_progress(self._count):
                     return
                 self.server.kill()
-                self.server = KillableServe(self.sock, self.args).start()
+                self.server = ServeProcess(self.sock, self.args).start()
                 self.done += 1
             self._wait_progress(self._count)
         except BaseException as exc:
@@ -458,19 +458,19 @@ def test_a_vhost_user_request_finds_the_device_gone_and_reconnects(sock_dir: Pat
                                                                    image: Path) -> None:
     """No I/O notices the loss first: the config request does, and waits as I/O would."""
     sock = sock_dir / "vb.sock"
-    server = KillableServe(sock, ["--file", str(image)]).start()
+    server = ServeProcess(sock, ["--file", str(image)]).start()
     try:
         with Disk.connect(str(sock), reconnect_timeout=RECONNECT_TIMEOUT) as disk:
             disk.pwrite(pattern(1, 1), BLOCK)
             server.kill()
-            server = KillableServe(sock, ["--file", str(image)]).start()
+            server = ServeProcess(sock, ["--file", str(image)]).start()
             disk.cache_mode = "write through"  # SET_CONFIG, then GET_CONFIG
             assert disk.cache_mode == "write through"
             disk.refresh()
             assert disk.reconnects == 1
             assert disk.pread(BLOCK, BLOCK) == pattern(1, 1)
             server.kill()
-            server = KillableServe(sock, ["--file", str(image)]).start()
+            server = ServeProcess(sock, ["--file", str(image)]).start()
             assert disk.pread(BLOCK, BLOCK) == pattern(1, 1)
             assert disk.reconnects == 2
             # The device restarted with its default (write back): the disk's mode is
@@ -488,7 +488,7 @@ def test_closing_the_disk_ends_a_reconnect_that_waits(sock_dir: Path, image: Pat
     timeout, and the waiting caller gets DeviceGoneError, or EIO when close's own failing of
     what is left (as ``close`` does to any request still waiting) reaches it first."""
     sock = sock_dir / "vb.sock"
-    server = KillableServe(sock, ["--file", str(image)]).start()
+    server = ServeProcess(sock, ["--file", str(image)]).start()
     threads_before = set(threading.enumerate())
     seen: list[BaseException] = []
     try:
@@ -524,7 +524,7 @@ def test_an_async_disk_whose_device_never_comes_back_fails_after_the_timeout(
     from virtblk.aio import AsyncDisk
 
     sock = sock_dir / "vb.sock"
-    server = KillableServe(sock, ["--file", str(image)]).start()
+    server = ServeProcess(sock, ["--file", str(image)]).start()
     threads_before = set(threading.enumerate())
 
     async def main() -> None:
@@ -552,13 +552,13 @@ def test_the_config_change_channel_is_reopened(sock_dir: Path, image: Path) -> N
 
     sock, control = sock_dir / "vb.sock", sock_dir / "ctl.sock"
     args = ["--file", str(image), "--control", str(control)]
-    server = KillableServe(sock, args).start()
+    server = ServeProcess(sock, args).start()
     resized = threading.Event()
     try:
         with Disk.connect(str(sock), reconnect_timeout=RECONNECT_TIMEOUT) as disk:
             disk.on_resize(lambda old, new: resized.set())
             server.kill()
-            server = KillableServe(sock, args).start()
+            server = ServeProcess(sock, args).start()
             assert disk.pread(BLOCK, 0) == bytes(BLOCK)  # reconnects
             assert disk.reconnects == 1
             result = run_virtblk("control", str(control), "resize", str(2 * IMAGE_SIZE))
@@ -578,10 +578,10 @@ def test_two_queues_survive_sigkills_of_virtblk_serve(
     with what it had outstanding."""
     sock = sock_dir / "vb.sock"
     args = ["--file", str(image), "--num-queues", "2", *inflight_args(inflight)]
-    server = [KillableServe(sock, args).start()]
+    server = [ServeProcess(sock, args).start()]
 
     def restart() -> None:
-        server[0] = KillableServe(sock, args).start()
+        server[0] = ServeProcess(sock, args).start()
 
     try:
         with Disk.connect(str(sock), num_queues=2,

@@ -11,8 +11,6 @@ ring.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import pytest
 
 from interop.serve_process import ServeProcess
 from peers.faulty import FaultyDevice
-from peers.process import wait_group_gone
+from peers.process import kill_group
 from vhost_user.test_restart_inflight import HOLD_SECTOR, MiB, start_holding_device
 from virtblk import Disk
 from virtblk.errors import RequestTimeoutError
@@ -90,9 +88,7 @@ def test_a_write_issued_after_restore_survives_a_device_kill(
             while not marker.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert marker.exists(), "the holding device never got the write"
-            os.killpg(device.pid, signal.SIGKILL)
-            device.wait()
-            assert wait_group_gone(device.pid, 10) == []
+            kill_group(device)
             with ServeProcess(path, ["--file", str(image), "--workers", "thread"]):
                 writer.join(30)
                 assert not writer.is_alive(), "the write was lost with the killed device"
@@ -101,6 +97,5 @@ def test_a_write_issued_after_restore_survives_a_device_kill(
                 assert disk.reconnects == 1
     finally:
         if device.poll() is None:
-            os.killpg(device.pid, signal.SIGKILL)
-            device.wait()
+            kill_group(device)
     assert image.read_bytes()[HOLD_SECTOR * 512 : HOLD_SECTOR * 512 + 4096] == data

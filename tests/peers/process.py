@@ -5,7 +5,9 @@ and by the leftover-process check (``peers.leftovers``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -101,3 +103,15 @@ def wait_group_gone(pgid: int, timeout: float) -> list[int]:
     while (left := process_group(pgid)) and time.monotonic() < deadline:
         time.sleep(0.01)
     return left
+
+
+def kill_group(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGKILL the process group ``process`` leads (a device "crashing" with its queue
+    workers), reap it and wait until the group is gone; ``RuntimeError`` names what
+    survived ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):  # the group is empty: all exited
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    left = wait_group_gone(process.pid, timeout)
+    if left:
+        raise RuntimeError(f"processes {left} of group {process.pid} survived SIGKILL")

@@ -71,18 +71,6 @@ WITH_PROTOCOL_FEATURES = (
 
 
 @pytest.fixture
-def region() -> Iterator[MemoryRegion]:
-    r = guest_region()
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def device() -> RecordingDevice:
-    return RecordingDevice()
-
-
-@pytest.fixture
 def conn(device: RecordingDevice) -> Iterator[BackendConnection]:
     c = BackendConnection(device)
     yield c

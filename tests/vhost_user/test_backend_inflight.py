@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from test_backend import map_memory, negotiate, setup_ring
-from vhost_user_helpers import AVAIL_OFF, USED_OFF, RecordingDevice, guest_region, is_open
+from vhost_user_helpers import AVAIL_OFF, USED_OFF, RecordingDevice, is_open
 
 from virtblk.vhost_user.backend import (
     DEFAULT_PROTOCOL_FEATURES,
@@ -38,18 +38,6 @@ from virtblk.virtio.memory import MemoryRegion
 INFLIGHT = ProtocolFeature.INFLIGHT_SHMFD.mask
 NUM = 64
 REGION = inflight_queue_size(NUM)
-
-
-@pytest.fixture
-def region() -> Iterator[MemoryRegion]:
-    r = guest_region()
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def device() -> RecordingDevice:
-    return RecordingDevice()
 
 
 @pytest.fixture

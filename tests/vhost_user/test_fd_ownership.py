@@ -25,7 +25,6 @@ from vhost_user_helpers import (
     USED_OFF,
     RecordingDevice,
     describe,
-    guest_region,
     is_open,
     open_fds,
 )
@@ -69,13 +68,6 @@ def conn() -> Iterator[BackendConnection]:
     c.handle(SetOwner())
     yield c
     c.close()
-
-
-@pytest.fixture
-def region() -> Iterator[MemoryRegion]:
-    r = guest_region()
-    yield r
-    r.close()
 
 
 # --------------------------------------------------------------------------- OwnedFd

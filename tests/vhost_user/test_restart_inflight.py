@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from interop.serve_process import START_TIMEOUT, ServeProcess
-from peers.process import accepts, wait_group_gone, wait_ready
+from peers.process import accepts, kill_group, wait_ready
 from virtblk.spec import Feature, RequestHeader, RequestType, Status
 from virtblk.vhost_user.frontend import VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
@@ -156,9 +155,7 @@ def test_a_sigkilled_device_s_requests_are_resubmitted_by_its_successor(
         assert sorted(answered) == list(range(1, len(WRITES)))
         assert marker.exists() and device.poll() is None  # inside the held write
     finally:
-        os.killpg(device.pid, signal.SIGKILL)
-        device.wait()
-        assert wait_group_gone(device.pid, 10) == []
+        kill_group(device)
     assert ring.vq.get_used() == []  # the held write was not answered
     assert path.exists()  # the dead device's socket file is left behind
 
