@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import signal
 import threading
 import time
@@ -106,3 +108,42 @@ def test_an_interrupted_poller_hands_polling_over_to_the_next_waiter() -> None:
         assert outcome == [bytes(512)]
         q.wait_for(held, 5)
         q.put_tag(held)
+
+
+def _driver_memory() -> tuple[int, int]:
+    """The driver memfds this process has mapped and open: (mappings, fds)."""
+    with open("/proc/self/maps") as maps:
+        mapped = sum("/memfd:virtblk-driver" in line for line in maps)
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += "/memfd:virtblk-driver" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile
+    return mapped, fds
+
+
+@pytest.mark.parametrize("engine", ["disk", "queue handle"])
+def test_close_unmaps_the_driver_memory_at_once(engine: str) -> None:
+    """No garbage collection needed: a process that opens and closes disks must not keep
+    each one's guest memory (and the memfd) until a collection happens to run."""
+    from virtblk.driver.queue_api import QueueHandle
+
+    gc.collect()
+    before = _driver_memory()
+    gc.disable()
+    try:
+        disk = Disk.embedded(size=1 << 20, mode="thread")
+        assert _driver_memory() != before
+        disk.pwrite(b"\7" * 4096, 0)
+        if engine == "queue handle":
+            buf = disk.buffer(4096)
+            with QueueHandle(disk, 0) as q:
+                q.read(0, buf)
+                assert [c.ret for c in q.do_io(1)] == [0]
+            del buf
+        assert disk.pread(4096, 0) == b"\7" * 4096
+        disk.close()
+        assert _driver_memory() == before
+    finally:
+        gc.enable()

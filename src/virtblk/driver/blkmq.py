@@ -897,10 +897,12 @@ class HardwareQueue:
             pass  # the counter is saturated: the poller is being woken anyway
 
     def close(self) -> None:
-        """Release the shared slots; the fds belong to the caller that created them."""
+        """Release the shared slots and the ring's views of shared memory; the fds belong to
+        the caller that created them."""
         self._poll.unregister(self.call_fd)
         self._slots.release()
         self._allocator.free(self._slots_gpa)
+        self.vq.close()
 
 
 def _by_seq(req: Request) -> int:

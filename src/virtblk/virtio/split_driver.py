@@ -515,9 +515,13 @@ class DriverVirtqueue:
         return ((self._used_h[1] - self._last_used) & U16) <= delay
 
     def close(self) -> None:
-        """Give the indirect tables back to the allocator (the rings belong to the caller)."""
+        """Give the indirect tables back to the allocator and let go of the ring memory (it
+        belongs to the caller): a live view would keep the whole guest memory mapped, and
+        its fd open, after the disk is closed.  Idempotent; a closed ring is used no more."""
         self._prepared = [None] * self.max_tokens
         if self.indirect and self._tables:
             self._tables.release()
             self._tables = memoryview(b"")
             self._allocator.free(self._tables_base)
+        for view in (self._desc, self._avail_h, self._used_h, self._used_i):
+            view.release()
