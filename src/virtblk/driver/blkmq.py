@@ -427,6 +427,13 @@ class HardwareQueue:
             self._stamp(req)
         return True
 
+    def _send_parked_locked(self) -> None:
+        """Put what was parked (BUSY, frozen) on the ring, in order, as far as it fits, and
+        notify the device."""
+        while self._busy and self._add_locked(self._busy[0]):
+            self._busy.popleft()
+        self._kick_locked()
+
     def _kick_locked(self) -> None:
         self._open_batch = None  # what is added after this kick is another batch
         if not self._unkicked:
@@ -450,13 +457,26 @@ class HardwareQueue:
         with self.cond:
             return len(self._drain_locked(rearm))
 
+    def _finish(self, used: list[tuple[int, int]], completed: list[Request]) -> None:
+        """Mark the requests of the used entries ``used`` done with their status, and
+        append them to ``completed`` (callbacks are the caller's to run)."""
+        requests = self._requests
+        slots = self._slots
+        for tag, written in used:
+            req = requests[tag]
+            req.written = written
+            status = slots[tag * SLOT + 16]
+            if written < req.need:  # the answer does not cover the data and status
+                status = short_status(status, written, req.need, f"{self.name} tag {tag}")
+            req.status = status
+            req.done = True
+            completed.append(req)
+
     def _drain_locked(self, rearm: bool = True) -> list[Request]:
         if self._stopped or self._owner is not None:
             return []  # a queue handle owns the used ring: it reaps its own completions
         completed: list[Request] = []
         vq = self.vq
-        requests = self._requests
-        slots = self._slots
         error: DeviceProtocolError | None = None
         while True:
             vq.disable_cb()
@@ -469,15 +489,7 @@ class HardwareQueue:
                 error = exc
                 used = exc.completed
                 self.fail(exc)
-            for tag, written in used:
-                req = requests[tag]
-                req.written = written
-                status = slots[tag * SLOT + 16]
-                if written < req.need:  # the answer does not cover the data and status
-                    status = short_status(status, written, req.need, f"{self.name} tag {tag}")
-                req.status = status
-                req.done = True
-                completed.append(req)
+            self._finish(used, completed)
             if error is not None or not rearm or vq.enable_cb():
                 break
         if self._batches is not None:
@@ -689,9 +701,7 @@ class HardwareQueue:
                 f"timed out ({lost})"))
         self._frozen = frozen
         if self.broken is None and not frozen:
-            while self._busy and self._add_locked(self._busy[0]):
-                self._busy.popleft()
-            self._kick_locked()
+            self._send_parked_locked()
         for req in held:
             if req.callback is not None:
                 req.callback(req)
@@ -749,9 +759,7 @@ class HardwareQueue:
             self.vq = vq
             self._frozen = False
             self._stopped = False
-            while self._busy and self._add_locked(self._busy[0]):
-                self._busy.popleft()
-            self._kick_locked()
+            self._send_parked_locked()
             self.cond.notify_all()
 
     # -- reconnect ---------------------------------------------------------------------------
@@ -784,16 +792,7 @@ class HardwareQueue:
                 used = exc.completed  # what it published before the bad entry is real
                 self.fail(exc)
             completed: list[Request] = []
-            slots = self._slots
-            for tag, written in used:
-                req = self._requests[tag]
-                req.written = written
-                status = slots[tag * SLOT + 16]
-                if written < req.need:
-                    status = short_status(status, written, req.need, f"{self.name} tag {tag}")
-                req.status = status
-                req.done = True
-                completed.append(req)
+            self._finish(used, completed)
             if self._batches is not None:
                 _retire(completed)
             if self._deliver is not None:
@@ -808,7 +807,7 @@ class HardwareQueue:
             outstanding = sorted((self._requests[tag] for tag in self.vq.detach_unused()),
                                  key=_by_seq)
             for req in outstanding:
-                slots[req.tag * SLOT + 16] = _STATUS_PENDING
+                self._slots[req.tag * SLOT + 16] = _STATUS_PENDING
             if self._batches is not None:
                 _retire(outstanding)  # stamped again when they go to the fresh ring
             self._busy.extendleft(reversed(outstanding))
