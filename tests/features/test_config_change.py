@@ -173,6 +173,9 @@ def test_control_socket_keeps_answering_on_one_connection(
     served: tuple[ServeProcess, str],
 ) -> None:
     _, control = served
+    # ServeProcess's readiness probe is served as a short session of its own: wait for the
+    # server to see it end (it once answered frontend_connected True here).
+    assert wait_for(lambda: not send_command(control, "stats")["frontend_connected"])
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(control)
         sock.sendall(b'{"command": "stats"}\nnonsense\n{"command": "get-config"}\n')
