@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from .ceph import POOL, CephCluster, CephError
 from .guest import GuestError, GuestKernel, prepare_guest_kernel
 from .leftovers import SESSION_ENV, Leftover, descendants, kill, tagged_processes
 from .qsd import QemuStorageDaemon, short_socket_dir
@@ -227,6 +228,40 @@ def qsd_factory(sock_dir: Path) -> Iterator[QsdFactory]:
     yield start
     for daemon in reversed(daemons):
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[CephCluster]:
+    """One Ceph cluster (a monitor, a memstore OSD, the pool ``rbd``) for the whole session;
+    fails (never skips) when it cannot start.  Tests that pause its OSD resume it."""
+    try:
+        cluster = CephCluster().start()
+    except (CephError, OSError) as error:
+        pytest.fail(f"cannot start the Ceph cluster: {error}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+RbdImageFactory = Callable[..., str]
+
+
+@pytest.fixture
+def rbd_image(ceph_cluster: CephCluster) -> Iterator[RbdImageFactory]:
+    """Create RBD images in the session's cluster; each is removed when the test ends.
+
+    ``rbd_image(size=64 MiB)`` returns a fresh image's ``POOL/NAME``.
+    """
+    images: list[str] = []
+
+    def create(size: int = 64 << 20) -> str:
+        spec = f"{POOL}/t{uuid.uuid4().hex[:12]}"
+        ceph_cluster.rbd("create", "--size", f"{size}B", spec)
+        images.append(spec)
+        return spec
+
+    yield create
+    for spec in images:
+        ceph_cluster.rbd("rm", "--no-progress", spec)
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
+import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from peers.ceph import CephCluster, CephError
 from peers.guest import (
     CpioWriter,
     GuestError,
@@ -188,3 +192,26 @@ def test_incomplete_cache_is_an_error_that_says_what_to_do(tmp_path: Path) -> No
     (tmp_path / "current").write_text("6.1.0-0-amd64\n")
     with pytest.raises(GuestError, match=f"delete {tmp_path}"):
         prepare_guest_kernel(tmp_path)
+
+
+@pytest.mark.interop
+def test_ceph_cluster_serves_an_rbd_image(ceph_cluster: CephCluster, rbd_image: Any) -> None:
+    """The harness's cluster stores what the rbd tool writes and reads it back, and a
+    paused OSD holds I/O until it is resumed (what the RBD device's error tests rely on)."""
+    spec = rbd_image(size=8 * MiB)
+    info = json.loads(ceph_cluster.rbd("info", "--format", "json", spec))
+    assert info["size"] == 8 * MiB
+    payload = Path(ceph_cluster.workdir) / "payload"
+    payload.write_bytes(os.urandom(8 * MiB))
+    ceph_cluster.rbd("import", "--no-progress", str(payload), f"{spec}-copy")
+    back = Path(ceph_cluster.workdir) / "back"
+    ceph_cluster.rbd("export", "--no-progress", f"{spec}-copy", str(back))
+    ceph_cluster.rbd("rm", "--no-progress", f"{spec}-copy")
+    assert back.read_bytes() == payload.read_bytes()
+    ceph_cluster.pause_osd()
+    try:
+        with pytest.raises(CephError, match="did not answer"):
+            ceph_cluster.rbd("export", "--no-progress", spec, str(back), timeout=3)
+    finally:
+        ceph_cluster.resume_osd()
+    ceph_cluster.rbd("export", "--no-progress", spec, str(back) + "2")
