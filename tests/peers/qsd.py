@@ -103,8 +103,11 @@ class QmpClient:
 class QemuStorageDaemon:
     """One qemu-storage-daemon process exporting one vhost-user-blk device.
 
-    Exactly one of `image` (a file, used as a raw image) or `null_size` (a
-    null-co device of that many bytes) chooses the backend. The export listens on
+    Exactly one of `image` (a file, used as a raw image), `null_size` (a null-co
+    device of that many bytes) or `rbd` (an RBD image, "POOL/IMAGE", of the cluster
+    that `ceph_conf` describes, opened as client `ceph_id`) chooses the backend. For
+    rbd, `cache_direct` is librbd's cache turned off (QEMU sets ``rbd_cache=false``
+    for a node opened with ``cache.direct=on``). The export listens on
     `socket_path`; `qmp_path` (optional) gets a QMP monitor. Use as a context
     manager: `__enter__` returns once the export accepts connections, `__exit__`
     terminates the daemon and waits for it.
@@ -116,6 +119,9 @@ class QemuStorageDaemon:
         *,
         image: str | os.PathLike[str] | None = None,
         null_size: int | None = None,
+        rbd: str | None = None,
+        ceph_conf: str | os.PathLike[str] | None = None,
+        ceph_id: str = "admin",
         read_zeroes: bool = True,
         num_queues: int = 1,
         writable: bool = True,
@@ -125,12 +131,17 @@ class QemuStorageDaemon:
         node_name: str = "disk0",
         export_id: str = "exp0",
     ) -> None:
-        if (image is None) == (null_size is None):
-            raise ValueError("give exactly one of image= or null_size=")
+        if sum(choice is not None for choice in (image, null_size, rbd)) != 1:
+            raise ValueError("give exactly one of image=, null_size= or rbd=")
+        if rbd is not None and (ceph_conf is None or rbd.count("/") != 1):
+            raise ValueError("rbd= takes 'POOL/IMAGE' and needs ceph_conf=")
         self.socket_path = Path(socket_path)
         self.qmp_path = Path(qmp_path) if qmp_path is not None else None
         self.image = Path(image) if image is not None else None
         self.null_size = null_size
+        self.rbd = rbd
+        self.ceph_conf = Path(ceph_conf) if ceph_conf is not None else None
+        self.ceph_id = ceph_id
         self.num_queues = num_queues
         self.writable = writable
         self.node_name = node_name
@@ -150,6 +161,12 @@ class QemuStorageDaemon:
             blockdev = (
                 f"driver=file,node-name={self.node_name},filename={self.image},"
                 f"cache.direct={_onoff(cache_direct)}"
+            )
+        elif self.rbd is not None:
+            pool, name = self.rbd.split("/")
+            blockdev = (
+                f"driver=rbd,node-name={self.node_name},pool={pool},image={name},"
+                f"conf={self.ceph_conf},user={self.ceph_id},cache.direct={_onoff(cache_direct)}"
             )
         else:
             blockdev = (
