@@ -403,6 +403,16 @@ def test_a_size_creates_a_missing_image_and_not_an_existing_one(
     assert f"{existing}: the image exists with {5 * MiB} bytes; serving that size" in caplog.text
 
 
+def test_an_image_smaller_than_a_sector(
+    ceph_cluster: CephCluster, rbd_image: RbdImageFactory,
+) -> None:
+    spec = rbd_image(size=0)
+    with pytest.raises(RbdError) as exc:
+        RbdBackend(spec, conf=str(ceph_cluster.conf))
+    assert one_line(exc) == (f"RBD image {spec}: the image has 0 bytes, not one 512-byte "
+                             "sector to serve (grow it with rbd resize)")
+
+
 def test_an_unreachable_cluster_fails_within_the_connect_timeout(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))

@@ -172,6 +172,9 @@ class RbdBackend(Backend):
         self._img: Any = None
         try:
             size: int = self._open(read_only, create_size)
+            if size < 512:
+                raise self._fail(f"the image has {size} bytes, not one 512-byte sector to "
+                                 "serve (grow it with rbd resize)")
         except BaseException:
             self._release(CLOSE_TIMEOUT)
             raise
