@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from virtblk.device.control import ControlServer, notification_counters, send_command
 from virtblk.device.options import BackendKind, BlkSettings, DeviceOptions
+from virtblk.device.rbd import RbdError
 from virtblk.util import process_cpu_seconds
 
 if TYPE_CHECKING:
@@ -174,6 +175,9 @@ def open_embedded(
     experimental_fua: bool,
     read_only: bool,
     zoned: dict[str, Any] | None,
+    ceph_conf: str | None = None,
+    ceph_id: str | None = None,
+    rbd_op_timeout: float | None = None,
     **device_options: Any,
 ) -> DiskT:
     """Start our own device and connect a ``disk_class`` (``Disk``) to it: what
@@ -187,7 +191,8 @@ def open_embedded(
     embedded = start_embedded(
         DeviceOptions(backend=backend, size=size, path=path, read_only=read_only,
                       num_queues=num_queues, queue_size=queue_size, device=settings,
-                      zoned=zoned),
+                      zoned=zoned, ceph_conf=ceph_conf, ceph_id=ceph_id,
+                      rbd_op_timeout=rbd_op_timeout),
         mode,
     )
     try:
@@ -234,7 +239,8 @@ def _raise_build_error(report: bytes) -> None:
     error = json.loads(report)
     if "errno" in error:
         raise OSError(error["errno"], error["strerror"], error["filename"])
-    kinds: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError}
+    kinds: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError,
+                                         "RbdError": RbdError}
     raise kinds.get(error["type"], RuntimeError)(error["message"])
 
 

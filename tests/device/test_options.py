@@ -59,6 +59,8 @@ def _not_defaults() -> DeviceOptions:
     # zoned needs the memory backend, so it is set where the file backend is not
     dataclasses.replace(_not_defaults(), backend="memory", path=None,
                         zoned={"zone_size": MiB}),
+    dataclasses.replace(_not_defaults(), backend="rbd", path="pool/ns/vm@snap",
+                        ceph_conf="/c/ceph.conf", ceph_id="virt", rbd_op_timeout=2.5),
 ])
 def test_the_json_hand_off_keeps_every_field(options: DeviceOptions) -> None:
     back = DeviceOptions.from_dict(json.loads(json.dumps(options.to_dict())))
@@ -130,6 +132,12 @@ def test_a_value_the_device_refuses_is_refused_where_it_is_given(
     ({"zoned": {"zone_size": MiB}, "workers": "process"},
      "zoned devices and devices with their own execute() serve their queues from threads"),
     ({"zoned": {"zone_sise": MiB}}, "zone_sise"),
+    ({"backend": "rbd", "path": None}, "the rbd backend needs an image (POOL/IMAGE)"),
+    ({"backend": "rbd", "path": "no-pool"}, "no-pool"),
+    ({"backend": "rbd", "path": "rbd/vm", "size": 0}, "the rbd backend's size must be > 0"),
+    ({"backend": "rbd", "path": "rbd/vm", "rbd_op_timeout": 0.0}, "rbd_op_timeout must be > 0"),
+    ({"ceph_conf": "/etc/ceph/ceph.conf"}, "ceph_conf is an option of the rbd backend, not"),
+    ({"rbd_op_timeout": 5.0}, "rbd_op_timeout is an option of the rbd backend"),
 ])
 def test_device_options_refuse_what_needs_no_storage_to_judge(
         values: dict[str, Any], message: str) -> None:
@@ -178,3 +186,16 @@ def test_an_integer_poll_time_is_a_float_and_unset_is_chosen_by_the_workers() ->
     finally:
         dev.close()
         dev.backend.close()
+
+
+@pytest.mark.parametrize(("spec", "serial"), [
+    ("rbd/vm-disk-1", "vm-disk-1"),
+    ("pool/ns/vm@snap", "vm"),
+    ("rbd/a-very-long-image-name-of-a-cloud-volume", "me-of-a-cloud-volume"),
+])
+def test_an_rbd_disk_without_a_serial_answers_get_id_with_its_image_name(
+        spec: str, serial: str) -> None:
+    from virtblk.device.options import rbd_serial
+
+    assert rbd_serial(spec) == serial
+    assert len(rbd_serial(spec).encode()) <= 20

@@ -27,7 +27,18 @@ log = logging.getLogger("virtblk.serve")
 @click.option("--file", "file_path", type=click.Path(), help="Serve this raw image (or device).")
 @click.option("--memory", "memory_size", type=SIZE, help="Serve a RAM disk of this size.")
 @click.option("--null", "null_size", type=SIZE, help="Serve a null device of this size.")
-@click.option("--size", type=SIZE, help="With --file: create the image with this size.")
+@click.option("--rbd", "rbd_image", metavar="POOL/IMAGE",
+              help="Serve a Ceph RBD image (POOL/[NAMESPACE/]IMAGE[@SNAP]; a snapshot is "
+                   "served read-only). Needs Debian's python3-rados and python3-rbd.")
+@click.option("--ceph-conf", type=click.Path(dir_okay=False),
+              help="With --rbd: the cluster's ceph.conf (default: /etc/ceph/ceph.conf).")
+@click.option("--ceph-id", metavar="NAME",
+              help="With --rbd: the client name, without 'client.' (default: admin).")
+@click.option("--rbd-op-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="With --rbd: fail a request (IOERR) the cluster has not answered in S "
+                   "seconds (default: wait, as librbd does).")
+@click.option("--size", type=SIZE,
+              help="With --file or --rbd: create the image with this size if it is missing.")
 @click.option("--read-only", is_flag=True, help="Offer VIRTIO_BLK_F_RO; writes fail.")
 @click.option("--num-queues", type=int, default=1, show_default=True, help="Request queues.")
 @click.option(
@@ -92,6 +103,10 @@ def serve(
     file_path: str | None,
     memory_size: int | None,
     null_size: int | None,
+    rbd_image: str | None,
+    ceph_conf: str | None,
+    ceph_id: str | None,
+    rbd_op_timeout: float | None,
     size: int | None,
     read_only: bool,
     num_queues: int,
@@ -127,17 +142,26 @@ def serve(
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
-    Exactly one of --file, --memory, --null.  One worker per queue; a frontend that
-    disconnects leaves the server ready for the next.
+    Exactly one of --file, --memory, --null, --rbd.  One worker per queue; a frontend
+    that disconnects leaves the server ready for the next.
     """
     from virtblk.device.control import ControlServer
     from virtblk.device.options import BlkSettings, DeviceOptions
+    from virtblk.device.rbd import RbdError  # plain Python: the bindings load on use
     from virtblk.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, WITHOUT_INFLIGHT
     from virtblk.vhost_user.server import VhostUserServer
 
-    chosen = [x for x in (file_path, memory_size, null_size) if x is not None]
+    chosen = [x for x in (file_path, memory_size, null_size, rbd_image) if x is not None]
     if len(chosen) != 1:
-        raise click.UsageError("give exactly one of --file, --memory, --null")
+        raise click.UsageError("give exactly one of --file, --memory, --null, --rbd")
+    if rbd_image is None:
+        for option, value in (("--ceph-conf", ceph_conf), ("--ceph-id", ceph_id),
+                              ("--rbd-op-timeout", rbd_op_timeout)):
+            if value is not None:
+                raise click.UsageError(f"{option} goes with --rbd")
+    if size is not None and file_path is None and rbd_image is None:
+        raise click.UsageError("--size goes with --file or --rbd (--memory and --null "
+                               "take their size)")
     if zoned and workers == "process":
         raise click.UsageError("--zoned serves its queues from threads (--workers thread)")
     if zoned and memory_size is None:
@@ -168,11 +192,15 @@ def serve(
             **limits,
         )
         backend: BackendKind = ("file" if file_path is not None
+                                else "rbd" if rbd_image is not None
                                 else "memory" if memory_size is not None else "null")
         opts = DeviceOptions(
             backend=backend,
-            size={"file": size, "memory": memory_size, "null": null_size}[backend],
-            path=file_path,
+            size={"file": size, "rbd": size, "memory": memory_size, "null": null_size}[backend],
+            path=file_path if rbd_image is None else rbd_image,
+            ceph_conf=ceph_conf,
+            ceph_id=ceph_id,
+            rbd_op_timeout=rbd_op_timeout,
             read_only=read_only,
             num_queues=num_queues,
             queue_size=queue_size,
@@ -186,7 +214,8 @@ def serve(
         raise click.UsageError(str(exc)) from exc
     try:
         device = opts.build()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RbdError) as exc:
+        # RbdError: the cluster, pool, image or permission, or the bindings are missing.
         raise click.ClickException(str(exc)) from exc
     try:
         server = VhostUserServer(
@@ -209,7 +238,7 @@ def serve(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     click.echo(
-        f"virtblk: serving {opts.backend} {human_size(device.backend.size)} on {socket_path} "
+        f"virtblk: serving {opts.describe()} {human_size(device.backend.size)} on {socket_path} "
         f"({num_queues} queue{'s' if num_queues > 1 else ''}"
         f"{', read-only' if read_only else ''}{', zoned' if zoned else ''}"
         f", {device.cache_mode}"

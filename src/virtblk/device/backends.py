@@ -18,8 +18,12 @@ import os
 import stat
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from virtblk.util import skip_bytes
+
+if TYPE_CHECKING:
+    from virtblk.device.queue_worker import Offloader
 
 _ZERO_CHUNK = 1 << 20
 _ZEROS = memoryview(bytes(_ZERO_CHUNK))
@@ -96,6 +100,18 @@ class Backend(abc.ABC):
         """Another process (the device's main one) resized the storage this backend shares
         with it: take the new size without resizing anything."""
         Backend.resize(self, new_size)
+
+    def current_size(self) -> int | None:
+        """The storage's size as it is now, for storage whose size can change by itself
+        (another client resized the image): the device looks about once a second and
+        follows a change.  None: only this backend's ``resize`` changes it."""
+        return None
+
+    def offloader(self, index: int, depth: int) -> Offloader | None:
+        """The backend's own way to keep queue ``index``'s reads and writes in flight, at
+        most ``depth`` at once (asynchronous calls of a storage library), or None for the
+        device's (Linux AIO or a thread pool) when ``blocking``."""
+        return None
 
     @abc.abstractmethod
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:

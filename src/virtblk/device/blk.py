@@ -31,6 +31,7 @@ from virtblk.device.queue_worker import (
     QueueServer,
     QueueStats,
     QueueWorker,
+    StorageError,
 )
 from virtblk.device.request import (
     HEADER_FORMAT,
@@ -69,6 +70,14 @@ _IN, _OUT, _OUT_FUA = int(RequestType.IN), int(RequestType.OUT), int(RequestType
 
 CACHE_WRITE_BACK = "write back"
 CACHE_WRITE_THROUGH = "write through"
+
+SIZE_WATCH_INTERVAL = 1.0
+"""Seconds between looks at the size of storage that can be resized by others
+(``Backend.current_size``: an RBD image that ``rbd resize`` changed)."""
+
+_SIZE_WATCH_STOP = 5.0
+"""How long close waits for the size watch to end (it may be waiting for a cluster that
+does not answer; it is a daemon thread, and left behind then)."""
 
 _STOP_WAIT = 60.0
 """How long stats() waits for a queue's stop: a stop ends within a worker's reply timeout
@@ -189,6 +198,14 @@ class BlkDevice:
         self.failed: Callable[[str], None] | None = None
         """Installed by the vhost-user connection: the device calls it when it can no
         longer serve the frontend correctly (a queue's worker process died)."""
+        self.size_watch_interval: float | None = SIZE_WATCH_INTERVAL
+        """Seconds between looks at the storage's own size while the device serves
+        (``Backend.current_size``); None: never (a worker process, which the main
+        process tells)."""
+        self._size_watch: _SizeWatch | None = None
+        # One resize at a time: the watch must not take a size read before a resize of
+        # ours for a change made outside.
+        self._resize_lock = threading.Lock()
         self._procs: list[WorkerProcess] | None = None
         self._remote: dict[int, DeviceVirtqueue] = {}  # queues running in worker processes
         self._watcher: _WorkerWatcher | None = None
@@ -364,14 +381,44 @@ class BlkDevice:
         """Change the disk size and tell the driver (config change notification)."""
         if new_size_bytes < 0:  # before any worker process hears of it
             raise ValueError(f"disk size must be >= 0, got {new_size_bytes}")
-        shrink = new_size_bytes < self.backend.size
-        if shrink:
-            self._push_state(size=new_size_bytes)  # workers stop using the tail first
-        self.backend.resize(new_size_bytes)
-        if not shrink:
-            self._push_state()  # workers use the new tail once it exists
+        with self._resize_lock:
+            shrink = new_size_bytes < self.backend.size
+            if shrink:
+                self._push_state(size=new_size_bytes)  # workers stop using the tail first
+            self.backend.resize(new_size_bytes)
+            if not shrink:
+                self._push_state()  # workers use the new tail once it exists
         log.info("resized to %d bytes (%d sectors)", new_size_bytes, self.capacity)
         self._notify_config()
+
+    def follow_storage(self) -> bool:
+        """Take the size the storage has now when it changed by itself (another client
+        resized the image): no resize of ours, the worker processes told as for one, the
+        driver too (config change).  False when the storage's size cannot change but
+        through us (``Backend.current_size`` is None)."""
+        with self._resize_lock:
+            backend = self.backend
+            size = backend.current_size()
+            if size is None:
+                return False
+            old = backend.size
+            if size == old:
+                return True
+            if size < old:
+                self._push_state(size=size)  # the tail is gone already: stop using it
+            backend.follow_resize(size)
+            if size > old:
+                self._push_state()
+        log.info("the storage was resized from %d to %d bytes (%d sectors)", old, size,
+                 self.capacity)
+        self._notify_config()
+        return True
+
+    def _watch_size(self) -> None:
+        """Start looking at the storage's own size, once, if it can change by itself."""
+        if (self._size_watch is None and self.size_watch_interval is not None
+                and type(self.backend).current_size is not Backend.current_size):
+            self._size_watch = _SizeWatch(self, self.size_watch_interval)
 
     @property
     def read_only(self) -> bool:
@@ -454,6 +501,9 @@ class BlkDevice:
     def close(self) -> None:
         """Stop every queue and end the worker processes (the backend stays open: it is
         the caller's)."""
+        watch, self._size_watch = self._size_watch, None
+        if watch is not None:
+            watch.stop(_SIZE_WATCH_STOP)
         self.reset()
         if self._watcher is not None:
             self._watcher.stop()
@@ -631,7 +681,10 @@ class BlkDevice:
         for (item, view), exc in done:
             try:
                 if exc is not None:
-                    used += (item.head, self._answer(item.chain(view), queue))
+                    if isinstance(exc, StorageError):
+                        used += (item.head, self._storage_failed(item, view, exc, stats))
+                    else:
+                        used += (item.head, self._answer(item.chain(view), queue))
                     continue
                 view[item.third] = _OK
                 if item.second_writable:
@@ -649,6 +702,18 @@ class BlkDevice:
                 used += (item.head, 0)
         stats.count_transfers(reads, read_bytes, writes, written_bytes)
         return used
+
+    @staticmethod
+    def _storage_failed(item: Triple, view: memoryview, exc: StorageError,
+                        stats: QueueStats) -> int:
+        """Answer IOERR to an offloaded read or write the storage failed; the used
+        length."""
+        name = "IN" if item.second_writable else "OUT"
+        stats.requests[name] = stats.requests.get(name, 0) + 1
+        stats.ioerr += 1
+        log.error("%s failed: %s", name, exc.strerror or exc)
+        view[item.third] = _IOERR
+        return 1
 
     def _answer(self, chain: DescriptorChain, queue: int) -> int:
         """``process``, with a used length the ring can carry: buffers that overlap can add
@@ -835,6 +900,7 @@ class BlkDevice:
         with self._workers_lock:
             if index in self._workers or index in self._remote:
                 raise ValueError(f"queue {index} is already running")
+            self._watch_size()
             stats = self._stats[index]
             stats.broken = False
             if self._procs is not None:
@@ -855,11 +921,17 @@ class BlkDevice:
         worker.start()
 
     def _offloader(self, index: int, depth: int) -> Offloader | None:
-        """Where a blocking backend's reads and writes go: Linux AIO on its O_DIRECT
-        descriptor when it has one, else a pool of ``io_threads`` threads (None: neither,
-        the backend does not block)."""
+        """Where a blocking backend's reads and writes go: the backend's own offloader
+        when it has one (librbd's asynchronous calls), Linux AIO on its O_DIRECT
+        descriptor when it has one, else a pool of ``io_threads`` threads (None: none of
+        them, the backend does not block)."""
         backend = self.backend
-        if not backend.blocking or not self.io_threads:
+        if not backend.blocking:
+            return None
+        own = backend.offloader(index, depth)
+        if own is not None:
+            return own
+        if not self.io_threads:
             return None
         direct_fd = getattr(backend, "direct_fd", -1)
         if self.aio == "native" and direct_fd >= 0 and linux_aio.available():
@@ -927,6 +999,39 @@ class BlkDevice:
         self._negotiated = None
         self._writeback = self._default_writeback
         self._apply_cache_mode()
+
+
+class _SizeWatch(threading.Thread):
+    """Looks at the storage's own size every ``interval`` seconds while the device serves
+    and has the device follow a change (``BlkDevice.follow_storage``)."""
+
+    def __init__(self, device: BlkDevice, interval: float) -> None:
+        super().__init__(name="virtblk-size-watch", daemon=True)
+        self.device = device
+        self.interval = interval
+        self._stopping = threading.Event()
+        self.start()
+
+    def stop(self, timeout: float) -> None:
+        """End the thread; wait for it at most ``timeout`` seconds (it may be waiting for
+        storage that does not answer)."""
+        self._stopping.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        failing = False
+        while not self._stopping.wait(self.interval):
+            try:
+                if not self.device.follow_storage():
+                    return
+            except Exception as exc:  # storage that does not answer: look again later
+                if not failing:
+                    log.warning("the storage's size cannot be read: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("the storage's size can be read again")
+                failing = False
 
 
 class _WorkerWatcher(threading.Thread):

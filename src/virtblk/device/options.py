@@ -26,10 +26,11 @@ from virtblk.device.settings import (
     refuse_unknown,
 )
 from virtblk.device.zoned import ZonedMemoryBackend
+from virtblk.spec import VIRTIO_BLK_ID_BYTES
 
 __all__ = ["DEFAULT_POLL_US", "BackendKind", "BlkSettings", "DeviceOptions"]
 
-BackendKind = Literal["memory", "null", "file"]
+BackendKind = Literal["memory", "null", "file", "rbd"]
 
 DEFAULT_POLL_US = 128.0
 """How long a queue worker process polls an empty ring before sleeping, unless told:
@@ -41,12 +42,15 @@ whose batches come further apart (see the README's polling figures)."""
 @dataclasses.dataclass(frozen=True)
 class DeviceOptions:
     """A backend (``memory`` / ``null`` need ``size``; ``file`` needs ``path``, and creates
-    the image with ``size`` when it does not exist) plus :class:`BlkDevice` settings."""
+    the image with ``size`` when it does not exist; ``rbd`` needs the image as ``path``,
+    ``POOL/[NAMESPACE/]IMAGE[@SNAP]``, and creates it with ``size`` when it does not
+    exist) plus :class:`BlkDevice` settings."""
 
     backend: BackendKind = "memory"
     size: int | None = None
     path: str | os.PathLike[str] | None = None
-    """Text once given (a path-like is turned into its text)."""
+    """The image file, or the RBD image's spec. Text once given (a path-like is turned
+    into its text)."""
     read_only: bool = False
     num_queues: int = 1
     queue_size: int = 256
@@ -57,6 +61,14 @@ class DeviceOptions:
     workers: Literal["thread", "process"] | None = None
     """Where queues are served: None picks a process per queue, except for zoned disks
     (their zone state lives in one process, so their queues are threads)."""
+    ceph_conf: str | None = None
+    """RBD: the cluster's ``ceph.conf`` (None: librados' search, ``/etc/ceph/ceph.conf``)."""
+    ceph_id: str | None = None
+    """RBD: the client's name without ``client.`` (None: ``admin``), whose keyring the
+    configuration names."""
+    rbd_op_timeout: float | None = None
+    """RBD: seconds after which a request the cluster does not answer fails (IOERR);
+    None waits as librbd does, through any outage."""
 
     def __post_init__(self) -> None:
         path: object = self.path
@@ -75,8 +87,23 @@ class DeviceOptions:
         if self.backend == "file":
             if not self.path:
                 raise ValueError("the file backend needs a path")
+        elif self.backend == "rbd":
+            from virtblk.device.rbd import parse_image_spec  # pure: no bindings needed
+
+            if not self.path:
+                raise ValueError("the rbd backend needs an image (POOL/IMAGE)")
+            parse_image_spec(os.fspath(self.path))
+            if self.size is not None and self.size <= 0:
+                raise ValueError(f"the rbd backend's size must be > 0, got {self.size}")
+            if self.rbd_op_timeout is not None and self.rbd_op_timeout <= 0:
+                raise ValueError(f"rbd_op_timeout must be > 0, got {self.rbd_op_timeout}")
         elif self.size is None or self.size <= 0:
             raise ValueError(f"the {self.backend} backend needs a size > 0")
+        if self.backend != "rbd":
+            for name in ("ceph_conf", "ceph_id", "rbd_op_timeout"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is an option of the rbd backend, not "
+                                     f"{self.backend}")
         if self.zoned is not None:
             if self.backend != "memory":
                 raise ValueError(f"zoned devices use the memory backend, not {self.backend}")
@@ -86,10 +113,18 @@ class DeviceOptions:
             inspect.signature(ZonedMemoryBackend).bind(self.size, **self.zoned)
 
     def make_backend(self) -> Backend:
-        """Open or create the storage."""
+        """Open or create the storage (``virtblk.device.rbd.RbdError`` when an RBD image
+        cannot be opened)."""
         if self.backend == "file":
             assert self.path is not None  # _check_values saw to both
             return FileBackend(self.path, read_only=self.read_only, create_size=self.size)
+        if self.backend == "rbd":
+            from virtblk.device.rbd import RbdBackend  # needs Ceph's bindings: only here
+
+            assert self.path is not None
+            return RbdBackend(os.fspath(self.path), conf=self.ceph_conf, client_id=self.ceph_id,
+                              read_only=self.read_only, create_size=self.size,
+                              op_timeout=self.rbd_op_timeout)
         assert self.size is not None
         if self.zoned is not None:
             return ZonedMemoryBackend(self.size, **self.zoned)
@@ -101,6 +136,8 @@ class DeviceOptions:
         """The device over a new backend."""
         workers = self.workers or ("thread" if self.zoned is not None else "process")
         settings = self.device.as_kwargs()
+        if self.backend == "rbd" and not settings["serial"]:
+            settings["serial"] = rbd_serial(os.fspath(self.path or ""))
         if settings["poll_us"] is None:
             # A worker process may spin; a thread would hold the other queues' GIL.
             settings["poll_us"] = DEFAULT_POLL_US if workers == "process" else 0
@@ -118,6 +155,10 @@ class DeviceOptions:
             backend.close()
             raise
 
+    def describe(self) -> str:
+        """What is served, for a log line: ``rbd rbd/vm1``, ``file /x.img``, ``memory``."""
+        return f"{self.backend} {self.path}" if self.path else self.backend
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, to hand the description to a child process."""
         return dataclasses.asdict(self)
@@ -129,3 +170,11 @@ class DeviceOptions:
         values = dict(data)
         values["device"] = BlkSettings.from_dict(values.get("device", {}))
         return cls(**values)
+
+
+def rbd_serial(spec: str) -> str:
+    """The GET_ID answer of an RBD disk given no serial: the image's name (its last 20
+    bytes, where the names of a cloud's images differ), so a guest's
+    ``/dev/disk/by-id/virtio-*`` names the image."""
+    name = spec.rsplit("/", 1)[-1].split("@", 1)[0]
+    return name.encode("ascii", "replace").decode("ascii")[-VIRTIO_BLK_ID_BYTES:]

@@ -61,6 +61,9 @@ class QueueStats:
     batches: int = 0
     polled: int = 0
     """Times polling found new requests before the polling time ran out."""
+    most_in_flight: int = 0
+    """The most reads and writes the queue had offloaded at once (handed to the storage,
+    not yet answered), as counted after each batch: how deep the storage's queue got."""
     resubmitted: int = 0
     """Requests served again after a restart because the in-flight buffer (vhost-user
     INFLIGHT_SHMFD) said the device before us had not answered them."""
@@ -91,6 +94,13 @@ Offload = Callable[[bool, memoryview, int, Token], None]
 """Hands a read (False) or write (True) of a buffer at an offset to an ``Offloader``."""
 
 
+class StorageError(OSError):
+    """The storage's own answer to an offloaded read or write: the request is answered
+    IOERR as it is.  Any other error makes the device run the request again through its
+    general path, which names what is wrong; that would wait for a storage that timed out
+    a second time, on the queue's thread."""
+
+
 class BatchExecutor(Protocol):
     """What the loop needs from the device model (``BlkDevice``)."""
 
@@ -106,7 +116,8 @@ class BatchExecutor(Protocol):
 
 class Offloader(Protocol):
     """Where a blocking backend's reads and writes go so that many are on the disk at once:
-    an :class:`IoPool` of threads, or ``virtblk.device.linux_aio.LinuxAio``."""
+    an :class:`IoPool` of threads, ``virtblk.device.linux_aio.LinuxAio``, or the backend's
+    own (``Backend.offloader``: librbd's asynchronous calls)."""
 
     event_fd: int
     in_flight: int
@@ -417,6 +428,8 @@ class QueueServer:
                 used += execute_batch(view, items, index, offload)
                 if pool is not None:
                     pool.flush()
+                    if pool.in_flight > self.stats.most_in_flight:
+                        self.stats.most_in_flight = pool.in_flight
             elif not used:
                 return
             if used:

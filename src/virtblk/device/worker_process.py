@@ -11,7 +11,8 @@ reads and writes it exactly as a thread would.
 
 The messages (parent to worker, each answered):
 
-* ``init``: the device's settings and its storage (with fds), once;
+* ``init``: the device's settings and its storage (with fds; an RBD image's worker
+  connects to the cluster itself), once;
 * ``start``: a ring to serve (memory regions, addresses, indices, eventfds, features and
   the device state; with vhost-user INFLIGHT_SHMFD, the in-flight buffer's memfd, where
   the queue's journal lies in it, its counter and the heads still to resubmit);
@@ -40,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
+from virtblk.device.rbd import RbdBackend
 from virtblk.virtio.inflight import InflightJournal
 from virtblk.virtio.memory import GuestMemory, MemoryRegion
 from virtblk.virtio.split_device import DeviceVirtqueue
@@ -83,6 +85,13 @@ def storage_of(backend: Backend) -> tuple[dict[str, Any], list[int]]:
         return {"kind": "memory", "size": backend.size}, [backend.fd]
     if isinstance(backend, NullBackend):
         return {"kind": "null", "size": backend.size, "read_zeroes": backend.read_zeroes}, []
+    if isinstance(backend, RbdBackend):
+        # No descriptor to pass: the worker connects to the cluster itself (a librados
+        # connection is threads and sockets of one process).
+        return {"kind": "rbd", "spec": backend.spec, "conf": backend.conf,
+                "client_id": backend.client_id, "read_only": backend.read_only,
+                "op_timeout": backend.op_timeout,
+                "connect_timeout": backend.connect_timeout}, []
     raise ValueError(f"{type(backend).__name__} cannot be served from worker processes")
 
 
@@ -96,6 +105,10 @@ def _open_storage(desc: dict[str, Any], fds: list[int]) -> Backend:
                                   read_only=desc["read_only"])
     if kind == "memory":
         return MemoryBackend.attach(fds[0], desc["size"])
+    if kind == "rbd":
+        return RbdBackend(desc["spec"], conf=desc["conf"], client_id=desc["client_id"],
+                          read_only=desc["read_only"], op_timeout=desc["op_timeout"],
+                          connect_timeout=desc["connect_timeout"])
     return NullBackend(desc["size"], read_zeroes=desc["read_zeroes"])
 
 
@@ -269,6 +282,7 @@ def _serve(sock: socket.socket) -> None:
         return
     index: int = init["index"]
     device = BlkDevice(_open_storage(init["storage"], fds), **init["settings"])
+    device.size_watch_interval = None  # the main process watches and tells us
     memory: GuestMemory | None = None
     ring_fds: list[int] = []
     inflight: MemoryRegion | None = None

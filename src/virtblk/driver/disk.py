@@ -187,7 +187,7 @@ class Disk:
     def embedded(
         cls,
         size: int = 64 << 20,
-        backend: Literal["memory", "null", "file"] = "memory",
+        backend: Literal["memory", "null", "file", "rbd"] = "memory",
         path: str | os.PathLike[str] | None = None,
         *,
         mode: Literal["process", "thread"] = "process",
@@ -198,6 +198,9 @@ class Disk:
         read_only: bool = False,
         zoned: dict[str, Any] | None = None,
         request_timeout: float | None = None,
+        ceph_conf: str | None = None,
+        ceph_id: str | None = None,
+        rbd_op_timeout: float | None = None,
         **device_options: Any,
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
@@ -208,6 +211,13 @@ class Disk:
         option raises TypeError here, before the device starts.  ``experimental_fua``
         makes both ends use VIRTIO_BLK_F_OUT_FUA.  ``request_timeout`` is
         :meth:`connect`'s.  The device stops when the disk is closed.
+
+        ``backend="rbd"`` serves a Ceph RBD image, ``path="POOL/IMAGE"`` (created with
+        ``size`` when missing, else its own size), from the cluster ``ceph_conf`` names as
+        client ``ceph_id``; ``rbd_op_timeout`` fails requests the cluster leaves
+        unanswered that long (IOERR) instead of waiting. It needs Ceph's Python bindings
+        (Debian's ``python3-rados`` and ``python3-rbd``); an image that cannot be opened
+        raises ``virtblk.device.rbd.RbdError`` with the reason.
         """
         # The composition lives in virtblk.embedded, which knows the device; imported
         # here, when called, so that the driver's modules import nothing of it.
@@ -217,6 +227,7 @@ class Disk:
             cls, size=size, backend=backend, path=path, mode=mode, num_queues=num_queues,
             queue_size=queue_size, queue_depth=queue_depth,
             experimental_fua=experimental_fua, read_only=read_only, zoned=zoned,
+            ceph_conf=ceph_conf, ceph_id=ceph_id, rbd_op_timeout=rbd_op_timeout,
             **device_options)
         if request_timeout is not None:
             try:
