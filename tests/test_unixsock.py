@@ -90,3 +90,16 @@ def test_a_file_that_is_not_a_socket_is_refused_naming_its_path_once(tmp_path: P
         unixsock.clear_stale(str(path))
     assert str(info.value).count(str(path)) == 1, str(info.value)
     assert path.read_bytes() == b"data"
+
+
+def test_connect_takes_a_path_like(tmp_path: Path) -> None:
+    """``Disk.connect(Path(...))`` dials through here: a ``pathlib.Path`` is as good as its
+    text (it raised TypeError before)."""
+    path = tmp_path / "listening.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        client = unixsock.connect(path, 5.0)
+        with client, server.accept()[0] as accepted:
+            client.sendall(b"x")
+            assert accepted.recv(1) == b"x"

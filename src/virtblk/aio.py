@@ -125,7 +125,7 @@ class AsyncDisk:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    async def connect(cls, socket_path: str, **options: Any) -> Self:
+    async def connect(cls, socket_path: str | os.PathLike[str], **options: Any) -> Self:
         """``Disk.connect(socket_path, **options)`` (probing runs in a worker thread);
         with ``reconnect_timeout`` a device restart costs the awaiting callers only time,
         as for the ``Disk``."""

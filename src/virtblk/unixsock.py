@@ -73,7 +73,7 @@ def remove_if_ours(path: str, socket_id: SocketId) -> None:
             os.unlink(path)
 
 
-def connect(path: str, timeout: float) -> socket.socket:
+def connect(path: str | os.PathLike[str], timeout: float) -> socket.socket:
     """A stream socket connected to ``path`` (blocking, no timeout set on it).
 
     A Unix socket with a timeout does not wait for room in a full listen backlog (a
@@ -84,7 +84,7 @@ def connect(path: str, timeout: float) -> socket.socket:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            sock.connect(path)
+            sock.connect(os.fspath(path))
             break
         except BlockingIOError:
             if time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -57,21 +57,21 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
 
 
 @pytest.fixture
-def serve_rbd(sock_dir: Path, ceph_cluster: CephCluster) -> Iterator[ServeRbd]:
-    """Start ``virtblk serve --rbd SPEC --ceph-conf C ARGS``; stopped after the test."""
-    servers: list[ServeProcess] = []
+def serve_rbd(sock_dir: Path, ceph_cluster: CephCluster) -> ServeRbd:
+    """``serve_rbd(SPEC, ARGS...)``: ``virtblk serve --rbd SPEC --ceph-conf C ARGS``, not
+    started: use it as ``with serve_rbd(spec) as server:``, so that it stops (and lets the
+    image go) before the ``rbd_image`` fixture removes the image."""
+    count = 0
 
-    def start(spec: str, *args: str) -> ServeProcess:
-        server = ServeProcess(
-            sock_dir / f"rbd-{len(servers)}.sock",
+    def make(spec: str, *args: str) -> ServeProcess:
+        nonlocal count
+        count += 1
+        return ServeProcess(
+            sock_dir / f"rbd-{count}.sock",
             ["--rbd", spec, "--ceph-conf", str(ceph_cluster.conf), *args],
         )
-        servers.append(server)
-        return server.start()
 
-    yield start
-    for server in servers:
-        server.__exit__(None, None, None)
+    return make
 
 
 def test_every_request_type_lands_in_the_cluster(
@@ -80,9 +80,8 @@ def test_every_request_type_lands_in_the_cluster(
     """Reads and writes on both queues, flush, write-zeroes, discard and secure erase,
     each checked in the image the cluster holds; GET_ID is the image's name."""
     spec = rbd_image(size=SIZE)
-    server = serve_rbd(spec, "--num-queues", "2")
     data = os.urandom(SIZE)
-    with Disk.connect(server.socket_path) as disk:
+    with serve_rbd(spec, "--num-queues", "2") as server, Disk.connect(server.socket_path) as disk:
         assert disk.size == SIZE
         assert disk.num_queues == 2
         assert disk.serial == spec.split("/")[-1][-20:]
@@ -123,18 +122,13 @@ def test_size_creates_the_image_and_an_existing_image_keeps_its_size(
     serve_rbd: ServeRbd, ceph_cluster: CephCluster, rbd_image: RbdImageFactory
 ) -> None:
     spec = rbd_image(size=8 * MiB)
-    fresh = spec + "-new"
-    try:
-        server = serve_rbd(fresh, "--size", "16M")
-        with Disk.connect(server.socket_path) as disk:
-            assert disk.size == 16 * MiB
-        assert _image_size(ceph_cluster, fresh) == 16 * MiB
-        other = serve_rbd(spec, "--size", "16M")
-        with Disk.connect(other.socket_path) as disk:
-            assert disk.size == 8 * MiB
-        assert _image_size(ceph_cluster, spec) == 8 * MiB
-    finally:
-        ceph_cluster.rbd("rm", "--no-progress", fresh)
+    fresh = rbd_image(size=None)
+    with serve_rbd(fresh, "--size", "16M") as server, Disk.connect(server.socket_path) as disk:
+        assert disk.size == 16 * MiB
+    assert _image_size(ceph_cluster, fresh) == 16 * MiB
+    with serve_rbd(spec, "--size", "16M") as server, Disk.connect(server.socket_path) as disk:
+        assert disk.size == 8 * MiB
+    assert _image_size(ceph_cluster, spec) == 8 * MiB
 
 
 def test_resize_reaches_the_driver_both_ways(
@@ -144,9 +138,11 @@ def test_resize_reaches_the_driver_both_ways(
     ``virtblk control ... resize`` resizes the image in the cluster."""
     spec = rbd_image(size=SIZE)
     control = sock_dir / "control.sock"
-    server = serve_rbd(spec, "--control", str(control))
     seen: list[tuple[int, int]] = []
-    with Disk.connect(server.socket_path) as disk:
+    with (
+        serve_rbd(spec, "--control", str(control)) as server,
+        Disk.connect(server.socket_path) as disk,
+    ):
         disk.on_resize(lambda old, new: seen.append((old, new)))
         ceph_cluster.rbd("resize", "--no-progress", "--size", "96M", spec)
         assert _wait_for(lambda: disk.size == 96 * MiB), f"size stayed {disk.size}"
@@ -168,8 +164,7 @@ def test_read_only_refuses_writes_and_leaves_the_image_alone(
 ) -> None:
     spec = rbd_image(size=8 * MiB)
     before = _export(ceph_cluster, spec, tmp_path)
-    server = serve_rbd(spec, "--read-only")
-    with Disk.connect(server.socket_path) as disk:
+    with serve_rbd(spec, "--read-only") as server, Disk.connect(server.socket_path) as disk:
         assert disk.read_only
         assert disk.pread(8 * MiB, 0) == before
         with pytest.raises(BlockIOError):
@@ -183,9 +178,11 @@ def test_a_stopped_osd_answers_ioerr_and_the_device_survives(
     """With ``--rbd-op-timeout``, a cluster that stops answering fails the request (EIO)
     instead of hanging it; once the cluster is back, the same connection works."""
     spec = rbd_image(size=8 * MiB)
-    server = serve_rbd(spec, "--rbd-op-timeout", "2")
     block = os.urandom(4096)
-    with Disk.connect(server.socket_path) as disk:
+    with (
+        serve_rbd(spec, "--rbd-op-timeout", "2") as server,
+        Disk.connect(server.socket_path) as disk,
+    ):
         disk.pwrite(block, 0)
         disk.flush()
         ceph_cluster.pause_osd()
@@ -200,7 +197,7 @@ def test_a_stopped_osd_answers_ioerr_and_the_device_survives(
         assert disk.pread(4096, 0) == block
         disk.pwrite(block, 8192)
         assert disk.pread(4096, 8192) == block
-    assert server.process is not None and server.process.poll() is None
+        assert server.process is not None and server.process.poll() is None
 
 
 @pytest.mark.parametrize(

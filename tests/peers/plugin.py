@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -249,19 +250,41 @@ RbdImageFactory = Callable[..., str]
 def rbd_image(ceph_cluster: CephCluster) -> Iterator[RbdImageFactory]:
     """Create RBD images in the session's cluster; each is removed when the test ends.
 
-    ``rbd_image(size=64 MiB)`` returns a fresh image's ``POOL/NAME``.
+    ``rbd_image(size=64 MiB)`` returns a fresh image's ``POOL/NAME``; ``size=None`` only
+    names one (for a test that creates it), removed afterwards if it exists then.  Stop
+    what uses an image within the test (a ``with`` block): pytest may tear this fixture
+    down before another that the test requested after it.
     """
-    images: list[str] = []
+    images: list[tuple[str, bool]] = []
 
-    def create(size: int = 64 << 20) -> str:
+    def create(size: int | None = 64 << 20) -> str:
         spec = f"{POOL}/t{uuid.uuid4().hex[:12]}"
-        ceph_cluster.rbd("create", "--size", f"{size}B", spec)
-        images.append(spec)
+        if size is not None:
+            ceph_cluster.rbd("create", "--size", f"{size}B", spec)
+        images.append((spec, size is not None))
         return spec
 
     yield create
-    for spec in images:
-        ceph_cluster.rbd("rm", "--no-progress", spec)
+    for spec, created in images:
+        if created or spec.split("/", 1)[1] in ceph_cluster.rbd("ls", POOL).split():
+            _remove_image(ceph_cluster, spec)
+
+
+def _remove_image(cluster: CephCluster, spec: str, timeout: float = 60.0) -> None:
+    """``rbd rm``, retried while the image still has a watcher: a client that was killed
+    keeps its watch until the OSD times it out (30 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cluster.rbd("rm", "--no-progress", spec)
+            return
+        except CephError as error:
+            if "watchers" not in str(error):
+                raise
+            if time.monotonic() > deadline:
+                status = cluster.rbd("status", spec)
+                raise CephError(f"{error}\n{status}\n{cluster.logs()}") from None
+            time.sleep(1)
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,7 @@ class Disk:
     @classmethod
     def connect(
         cls,
-        socket_path: str,
+        socket_path: str | os.PathLike[str],
         *,
         num_queues: int | None = None,
         queue_size: int = 256,
