@@ -115,14 +115,19 @@ def served_by(dev: BlkDevice) -> int:
     return dev.worker_pids[0] if dev.worker_pids else os.getpid()
 
 
-def librbd_counters(cluster: CephCluster, pid: int, spec: str) -> dict[str, Any]:
-    """librbd's performance counters for the image in process ``pid``, from the admin
-    socket every client of the test cluster opens."""
+def admin(cluster: CephCluster, pid: int, *command: str) -> Any:
+    """A command's answer from the admin socket of the Ceph client in process ``pid`` (the
+    test cluster's configuration gives every client one)."""
     asok = cluster.workdir / f"client.admin.{pid}.asok"
-    out = subprocess.run(["ceph", "--admin-daemon", str(asok), "perf", "dump"],
+    out = subprocess.run(["ceph", "--admin-daemon", str(asok), *command],
                          capture_output=True, text=True, check=True, timeout=60).stdout
+    return json.loads(out)
+
+
+def librbd_counters(cluster: CephCluster, pid: int, spec: str) -> dict[str, Any]:
+    """librbd's performance counters for the image in process ``pid``."""
     pool, _, name, _ = parse_image_spec(spec)
-    (counters,) = [v for k, v in json.loads(out).items()
+    (counters,) = [v for k, v in admin(cluster, pid, "perf", "dump").items()
                    if k.startswith("librbd-") and k.endswith(f"-{pool}-{name}")]
     return dict(counters)
 
@@ -172,6 +177,7 @@ def test_reads_and_writes_land_in_the_image(
     last = 16 * MiB // SECTOR - 8
     with serving(ceph_cluster, spec, memory, workers) as (dev, backend, drv):
         assert dev.capacity == 16 * MiB // SECTOR and backend.image == spec.split("/")[1]
+        assert backend.client_id == "admin" and backend.pool == "rbd"
         assert run(drv, write(0, pattern(1, 4096)), write(8, pattern(2, 512)),
                    write(last, pattern(3, 4096))) == [(Status.OK, b"")] * 3
         with image_of(ceph_cluster, spec) as image:
@@ -191,7 +197,11 @@ def test_a_burst_of_32_is_in_flight_at_once(
     ceph_cluster: CephCluster, rbd_image: RbdImageFactory, memory: Memory, workers: str,
 ) -> None:
     spec = rbd_image(size=16 * MiB)
-    with serving(ceph_cluster, spec, memory, workers) as (dev, _, drv):
+    with serving(ceph_cluster, spec, memory, workers, client_id="client.admin") as (
+            dev, _, drv):
+        # Every serving process a client of its own: answered writes are on the OSDs.
+        assert admin(ceph_cluster, served_by(dev), "config", "get", "rbd_cache") == {
+            "rbd_cache": "false"}
         burst = [write(i * 64, pattern(i, 4096)) for i in range(32)]
         assert run(drv, *burst) == [(Status.OK, b"")] * 32
         assert run(drv, *[read(i * 64, 4096) for i in range(32)]) == [

@@ -137,7 +137,7 @@ class RbdBackend(Backend):
 
     ``spec`` is ``POOL[/NAMESPACE]/IMAGE[@SNAP]`` (a snapshot is served read-only);
     ``conf`` the ``ceph.conf`` (None: librados' search, ``$CEPH_CONF`` then
-    ``/etc/ceph/ceph.conf``...); ``client_id`` the cephx user without ``client.`` (None:
+    ``/etc/ceph/ceph.conf``...); ``client_id`` the cephx user, ``client.`` optional (None:
     ``admin``). ``create_size`` creates the image when it does not exist (an existing one
     keeps its size). ``op_timeout`` (seconds) makes a request the cluster does not answer
     fail (IOERR) instead of waiting for it; None waits, as librbd does.  Reaching the
@@ -162,7 +162,8 @@ class RbdBackend(Backend):
         self._pool, self._namespace, self._image_name, self._snapshot = (
             pool, namespace, image, snapshot)
         self._conf = os.fspath(conf) if conf is not None else None
-        self._client_id = client_id or "admin"
+        # Ceph's tools take the user with or without its type ("client.admin", "admin").
+        self._client_id = (client_id or "admin").removeprefix("client.")
         self._op_timeout = op_timeout
         self._connect_timeout = connect_timeout
         read_only = read_only or snapshot is not None
