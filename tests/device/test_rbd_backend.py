@@ -32,7 +32,14 @@ from virtblk.device.rbd import (
     load_bindings,
     parse_image_spec,
 )
-from virtblk.spec import DiscardSegment, Feature, RequestType, Status, has_feature
+from virtblk.spec import (
+    DiscardSegment,
+    Feature,
+    RequestHeader,
+    RequestType,
+    Status,
+    has_feature,
+)
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 
 MiB = 1 << 20
@@ -210,6 +217,49 @@ def test_a_burst_of_32_is_in_flight_at_once(
         # The queue handed librbd many calls before the first came back.
         assert queue["most_in_flight"] > 1, queue
         assert queue["requests"] == {"OUT": 32, "IN": 32}
+
+
+def submit_scattered(drv: Driver, token: int, rtype: int, sector: int,
+                     pieces: list[bytes]) -> list[tuple[int, int]]:
+    """A read or write whose data lies in several buffers (as a guest's page cache hands
+    over pages that are not adjacent): one descriptor for each piece; where they are."""
+    hdr = drv.buffer(RequestHeader(rtype, 0, sector).pack())
+    status = drv.buffer(b"\xff")
+    data = [(drv.buffer(piece), len(piece)) for piece in pieces]
+    drv.status[token] = status
+    drv.data[token] = data[0][0]
+    if rtype == RequestType.IN:
+        drv.vq.add([(hdr, 16)], [*data, (status, 1)], token)
+    else:
+        drv.vq.add([(hdr, 16), *data], [(status, 1)], token)
+    return data
+
+
+def test_scattered_reads_and_writes_are_in_flight_at_once_too(
+    ceph_cluster: CephCluster, rbd_image: RbdImageFactory, memory: Memory, workers: str,
+) -> None:
+    spec = rbd_image(size=16 * MiB)
+    pieces = [[pattern(i, 4096), pattern(i + 100, 512), pattern(i + 200, 3584)]
+              for i in range(16)]
+    with serving(ceph_cluster, spec, memory, workers) as (dev, _, drv):
+        for i in range(16):
+            submit_scattered(drv, i, RequestType.OUT, i * 64, pieces[i])
+        drv.kick_device()
+        assert drv.wait(16) == dict.fromkeys(range(16), 1)
+        assert {drv.status_of(i) for i in range(16)} == {Status.OK}
+        buffers = [submit_scattered(drv, i, RequestType.IN, i * 64, [bytes(512), bytes(7680)])
+                   for i in range(16)]
+        drv.kick_device()
+        assert drv.wait(16) == dict.fromkeys(range(16), 8192 + 1)
+        for i in range(16):
+            got = b"".join(bytes(drv.memory.view(gpa, n)) for gpa, n in buffers[i])
+            assert drv.status_of(i) == Status.OK and got == b"".join(pieces[i])
+        (queue,) = dev.stats()["queues"]  # type: ignore[misc]
+        assert queue["most_in_flight"] > 1, queue
+        assert queue["requests"] == {"OUT": 16, "IN": 16}
+    with image_of(ceph_cluster, spec) as image:
+        for i in range(16):
+            assert image.read(i * 64 * SECTOR, 8192) == b"".join(pieces[i])
 
 
 def test_flush_discard_write_zeroes_and_secure_erase(

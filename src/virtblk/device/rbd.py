@@ -340,14 +340,7 @@ class RbdBackend(Backend):
             data = self._img.read(offset, total)
         except self._rbd.Error as exc:
             raise _os_error(exc, f"read of {total} bytes at {offset}") from None
-        pos = 0
-        for buf in buffers:
-            n = len(buf)
-            got = data[pos : pos + n]
-            buf[: len(got)] = got
-            if len(got) < n:  # past the end of an image that shrank: zeros
-                zero_fill(buf[len(got) :])
-            pos += n
+        _spread(data, buffers)
         return total
 
     def read_into(self, buf: memoryview, offset: int) -> None:
@@ -476,6 +469,20 @@ class RbdBackend(Backend):
                         self._spec, timeout)
 
 
+def _spread(data: bytes, buffers: Sequence[memoryview]) -> None:
+    """Copy what librbd read into the buffers; zeros where it read less (past the end of
+    an image that shrank meanwhile)."""
+    source = memoryview(data)  # slices of it copy nothing
+    pos = 0
+    for buf in buffers:
+        n = len(buf)
+        got = source[pos : pos + n]
+        buf[: len(got)] = got
+        if len(got) < n:
+            zero_fill(buf[len(got) :])
+        pos += n
+
+
 class RbdAio:
     """One queue's reads and writes as librbd asynchronous calls (an ``Offloader``).
 
@@ -518,18 +525,34 @@ class RbdAio:
             code = getattr(exc, "errno", None) or errno.EIO
             self._failed(token, f"{'write' if write else 'read'} at {offset}", -abs(code))
 
-    def _read(self, token: Token, buf: memoryview, offset: int) -> Callable[[Any, Any], None]:
+    def submitv(self, write: bool, buffers: list[memoryview], offset: int,
+                token: Token) -> None:
+        """The same for data in several buffers: one librbd call (a write's buffers are
+        joined, a read's data is spread over them)."""
+        self.in_flight += 1
+        try:
+            if write:
+                self._image.aio_write(b"".join(buffers), offset,
+                                      self._written(token, offset))
+            else:
+                length = sum(len(buf) for buf in buffers)
+                self._image.aio_read(offset, length, self._read(token, buffers, offset))
+        except self._rbd_error as exc:
+            code = getattr(exc, "errno", None) or errno.EIO
+            self._failed(token, f"{'write' if write else 'read'} at {offset}", -abs(code))
+
+    def _read(self, token: Token, into: memoryview | list[memoryview],
+              offset: int) -> Callable[[Any, Any], None]:
         def done(completion: Any, data: bytes | None) -> None:
             try:
                 ret = completion.get_return_value()
                 if ret < 0 or data is None:
-                    self._failed(token, f"read of {len(buf)} bytes at {offset}",
-                                 ret if ret < 0 else -errno.EIO)
+                    self._failed(token, f"read at {offset}", ret if ret < 0 else -errno.EIO)
                     return
-                n = len(data)
-                buf[:n] = data
-                if n < len(buf):  # past the end of an image that shrank: zeros
-                    zero_fill(buf[n:])
+                if isinstance(into, memoryview):
+                    _spread(data, (into,))
+                else:
+                    _spread(data, into)
             except BaseException as exc:  # the binding would swallow it: answer it
                 self._answer(token, exc)
                 return
