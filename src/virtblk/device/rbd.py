@@ -180,8 +180,8 @@ class RbdBackend(Backend):
             self._release(CLOSE_TIMEOUT)
             raise
         if create_size is not None and size != create_size:
-            log.info("%s: the image exists with %d bytes; serving that size, not %d",
-                     spec, size, create_size)
+            log.warning("%s: the image exists with %d bytes; serving that size, not %d",
+                        spec, size, create_size)
         if size % 512:
             log.warning("%s: the image's %d bytes are not whole 512-byte sectors; the last "
                         "%d bytes are not served", spec, size, size % 512)
@@ -516,32 +516,35 @@ class RbdAio:
     def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None:
         """Hand the read or write to librbd; it is answered through ``take``."""
         self.in_flight += 1
-        try:
-            if write:
-                self._image.aio_write(bytes(buf), offset, self._written(token, offset))
-            else:
-                self._image.aio_read(offset, len(buf), self._read(token, buf, offset))
-        except self._rbd_error as exc:
-            code = getattr(exc, "errno", None) or errno.EIO
-            self._failed(token, f"{'write' if write else 'read'} at {offset}", -abs(code))
+        if write:
+            self._issue(token, write, offset, self._image.aio_write, bytes(buf), offset,
+                        self._written(token, offset))
+        else:
+            self._issue(token, write, offset, self._image.aio_read, offset, len(buf),
+                        self._read(token, (buf,), offset))
 
     def submitv(self, write: bool, buffers: list[memoryview], offset: int,
                 token: Token) -> None:
         """The same for data in several buffers: one librbd call (a write's buffers are
         joined, a read's data is spread over them)."""
         self.in_flight += 1
+        if write:
+            self._issue(token, write, offset, self._image.aio_write, b"".join(buffers),
+                        offset, self._written(token, offset))
+        else:
+            self._issue(token, write, offset, self._image.aio_read, offset,
+                        sum(len(buf) for buf in buffers), self._read(token, buffers, offset))
+
+    def _issue(self, token: Token, write: bool, offset: int, call: Callable[..., Any],
+               *args: Any) -> None:
+        """Make the librbd call; one it refuses at once is answered like one that failed."""
         try:
-            if write:
-                self._image.aio_write(b"".join(buffers), offset,
-                                      self._written(token, offset))
-            else:
-                length = sum(len(buf) for buf in buffers)
-                self._image.aio_read(offset, length, self._read(token, buffers, offset))
+            call(*args)
         except self._rbd_error as exc:
             code = getattr(exc, "errno", None) or errno.EIO
             self._failed(token, f"{'write' if write else 'read'} at {offset}", -abs(code))
 
-    def _read(self, token: Token, into: memoryview | list[memoryview],
+    def _read(self, token: Token, into: Sequence[memoryview],
               offset: int) -> Callable[[Any, Any], None]:
         def done(completion: Any, data: bytes | None) -> None:
             try:
@@ -549,10 +552,7 @@ class RbdAio:
                 if ret < 0 or data is None:
                     self._failed(token, f"read at {offset}", ret if ret < 0 else -errno.EIO)
                     return
-                if isinstance(into, memoryview):
-                    _spread(data, (into,))
-                else:
-                    _spread(data, into)
+                _spread(data, into)
             except BaseException as exc:  # the binding would swallow it: answer it
                 self._answer(token, exc)
                 return
