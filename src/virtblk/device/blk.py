@@ -662,8 +662,9 @@ class BlkDevice:
                         if item.head is not None:
                             used += (item.head, 0)
                     else:
-                        if offload is not None and (submitv := vectored.get(queue)) and (
-                                self._offload_chain(item, submitv)):
+                        if fast and offload is not None and (
+                                submitv := vectored.get(queue)) and self._offload_chain(
+                                    item, submitv):
                             continue
                         used += (item.head, self._answer(item, queue))
             except Exception:  # a bug must cost one request, not the batch behind it
