@@ -219,6 +219,30 @@ def test_a_burst_of_32_is_in_flight_at_once(
         assert queue["requests"] == {"OUT": 32, "IN": 32}
 
 
+def test_a_write_answered_on_one_queue_is_read_on_the_other(
+    ceph_cluster: CephCluster, rbd_image: RbdImageFactory, memory: Memory, workers: str,
+) -> None:
+    # With worker processes the two queues are two librbd clients of the image.
+    spec = rbd_image(size=16 * MiB)
+    with contextlib.ExitStack() as stack:
+        backend = RbdBackend(spec, conf=str(ceph_cluster.conf))
+        stack.callback(backend.close)
+        drivers = [Driver(*memory, event_idx=True) for _ in range(2)]
+        for drv in drivers:
+            stack.callback(drv.close)
+        dev = BlkDevice(backend, num_queues=2, workers=workers)  # type: ignore[arg-type]
+        stack.callback(dev.close)
+        for index, drv in enumerate(drivers):
+            start(dev, index, drv, event_idx=True)
+        for round_ in range(8):
+            writer, reader = drivers[round_ % 2], drivers[1 - round_ % 2]
+            data = [pattern(round_ * 16 + i, 4096) for i in range(16)]
+            assert run(writer, *[write(i * 8, data[i]) for i in range(16)]) == [
+                (Status.OK, b"")] * 16
+            assert run(reader, *[read(i * 8, 4096) for i in range(16)]) == [
+                (Status.OK, data[i]) for i in range(16)]
+
+
 def submit_scattered(drv: Driver, token: int, rtype: int, sector: int,
                      pieces: list[bytes]) -> list[tuple[int, int]]:
     """A read or write whose data lies in several buffers (as a guest's page cache hands
