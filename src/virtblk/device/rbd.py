@@ -62,12 +62,12 @@ class RbdError(Exception):
 
 
 def _missing_bindings(detail: str) -> RbdError:
-    version = f"{sys.implementation.name} {sys.version_info.major}.{sys.version_info.minor}"
+    here = f"this is {sys.implementation.name} {sys.version_info.major}.{sys.version_info.minor}"
     return RbdError(
-        "the Ceph Python bindings (rados, rbd) are not available: install them with "
-        f"`apt-get install --no-install-recommends {' '.join(DEBIAN_PACKAGES)}`, built for "
-        f"this Python ({version}, module suffix {importlib.machinery.EXTENSION_SUFFIXES[0]}; "
-        f"Debian 12's are for CPython 3.11) ({detail})")
+        f"the Ceph Python bindings (rados, rbd) are not available ({detail}): install them "
+        f"with `apt-get install --no-install-recommends {' '.join(DEBIAN_PACKAGES)}`; they "
+        "are built for one Python (CPython 3.11 on Debian 12) and load only into that "
+        f"version ({here}, modules {importlib.machinery.EXTENSION_SUFFIXES[0]})")
 
 
 def _load_file(name: str) -> ModuleType:
