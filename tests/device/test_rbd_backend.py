@@ -372,6 +372,27 @@ def test_a_snapshot_is_served_read_only(
         ceph_cluster.rbd("snap", "purge", "--no-progress", spec)
 
 
+def test_an_image_in_a_namespace(ceph_cluster: CephCluster, memory: Memory) -> None:
+    spec = "rbd/virtblk-ns/disk"
+    ceph_cluster.rbd("namespace", "create", "rbd/virtblk-ns")
+    try:
+        ceph_cluster.rbd("create", "--size", f"{4 * MiB}B", spec)
+        try:
+            with serving(ceph_cluster, spec, memory, "thread") as (_, backend, drv):
+                assert (backend.pool, backend.namespace, backend.image) == (
+                    "rbd", "virtblk-ns", "disk")
+                assert run(drv, write(8, pattern(6, 4096))) == [(Status.OK, b"")]
+            with image_of(ceph_cluster, spec) as image:
+                assert image.read(4096, 4096) == pattern(6, 4096)
+            with pytest.raises(RbdError, match="no image 'disk' in pool 'rbd', namespace "
+                                               "'other'"):
+                RbdBackend("rbd/other/disk", conf=str(ceph_cluster.conf))
+        finally:
+            ceph_cluster.rbd("rm", "--no-progress", spec)
+    finally:
+        ceph_cluster.rbd("namespace", "remove", "rbd/virtblk-ns")
+
+
 def test_resize_through_the_device(
     ceph_cluster: CephCluster, rbd_image: RbdImageFactory, memory: Memory, workers: str,
 ) -> None:
