@@ -32,7 +32,14 @@ from virtblk.device.rbd import (
     load_bindings,
     parse_image_spec,
 )
-from virtblk.spec import DiscardSegment, Feature, RequestType, Status, has_feature
+from virtblk.spec import (
+    DiscardSegment,
+    Feature,
+    RequestHeader,
+    RequestType,
+    Status,
+    has_feature,
+)
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 
 MiB = 1 << 20
@@ -115,14 +122,19 @@ def served_by(dev: BlkDevice) -> int:
     return dev.worker_pids[0] if dev.worker_pids else os.getpid()
 
 
-def librbd_counters(cluster: CephCluster, pid: int, spec: str) -> dict[str, Any]:
-    """librbd's performance counters for the image in process ``pid``, from the admin
-    socket every client of the test cluster opens."""
+def admin(cluster: CephCluster, pid: int, *command: str) -> Any:
+    """A command's answer from the admin socket of the Ceph client in process ``pid`` (the
+    test cluster's configuration gives every client one)."""
     asok = cluster.workdir / f"client.admin.{pid}.asok"
-    out = subprocess.run(["ceph", "--admin-daemon", str(asok), "perf", "dump"],
+    out = subprocess.run(["ceph", "--admin-daemon", str(asok), *command],
                          capture_output=True, text=True, check=True, timeout=60).stdout
+    return json.loads(out)
+
+
+def librbd_counters(cluster: CephCluster, pid: int, spec: str) -> dict[str, Any]:
+    """librbd's performance counters for the image in process ``pid``."""
     pool, _, name, _ = parse_image_spec(spec)
-    (counters,) = [v for k, v in json.loads(out).items()
+    (counters,) = [v for k, v in admin(cluster, pid, "perf", "dump").items()
                    if k.startswith("librbd-") and k.endswith(f"-{pool}-{name}")]
     return dict(counters)
 
@@ -172,6 +184,7 @@ def test_reads_and_writes_land_in_the_image(
     last = 16 * MiB // SECTOR - 8
     with serving(ceph_cluster, spec, memory, workers) as (dev, backend, drv):
         assert dev.capacity == 16 * MiB // SECTOR and backend.image == spec.split("/")[1]
+        assert backend.client_id == "admin" and backend.pool == "rbd"
         assert run(drv, write(0, pattern(1, 4096)), write(8, pattern(2, 512)),
                    write(last, pattern(3, 4096))) == [(Status.OK, b"")] * 3
         with image_of(ceph_cluster, spec) as image:
@@ -191,7 +204,11 @@ def test_a_burst_of_32_is_in_flight_at_once(
     ceph_cluster: CephCluster, rbd_image: RbdImageFactory, memory: Memory, workers: str,
 ) -> None:
     spec = rbd_image(size=16 * MiB)
-    with serving(ceph_cluster, spec, memory, workers) as (dev, _, drv):
+    with serving(ceph_cluster, spec, memory, workers, client_id="client.admin") as (
+            dev, _, drv):
+        # Every serving process a client of its own: answered writes are on the OSDs.
+        assert admin(ceph_cluster, served_by(dev), "config", "get", "rbd_cache") == {
+            "rbd_cache": "false"}
         burst = [write(i * 64, pattern(i, 4096)) for i in range(32)]
         assert run(drv, *burst) == [(Status.OK, b"")] * 32
         assert run(drv, *[read(i * 64, 4096) for i in range(32)]) == [
@@ -200,6 +217,73 @@ def test_a_burst_of_32_is_in_flight_at_once(
         # The queue handed librbd many calls before the first came back.
         assert queue["most_in_flight"] > 1, queue
         assert queue["requests"] == {"OUT": 32, "IN": 32}
+
+
+def test_a_write_answered_on_one_queue_is_read_on_the_other(
+    ceph_cluster: CephCluster, rbd_image: RbdImageFactory, memory: Memory, workers: str,
+) -> None:
+    # With worker processes the two queues are two librbd clients of the image.
+    spec = rbd_image(size=16 * MiB)
+    with contextlib.ExitStack() as stack:
+        backend = RbdBackend(spec, conf=str(ceph_cluster.conf))
+        stack.callback(backend.close)
+        drivers = [Driver(*memory, event_idx=True) for _ in range(2)]
+        for drv in drivers:
+            stack.callback(drv.close)
+        dev = BlkDevice(backend, num_queues=2, workers=workers)  # type: ignore[arg-type]
+        stack.callback(dev.close)
+        for index, drv in enumerate(drivers):
+            start(dev, index, drv, event_idx=True)
+        for round_ in range(8):
+            writer, reader = drivers[round_ % 2], drivers[1 - round_ % 2]
+            data = [pattern(round_ * 16 + i, 4096) for i in range(16)]
+            assert run(writer, *[write(i * 8, data[i]) for i in range(16)]) == [
+                (Status.OK, b"")] * 16
+            assert run(reader, *[read(i * 8, 4096) for i in range(16)]) == [
+                (Status.OK, data[i]) for i in range(16)]
+
+
+def submit_scattered(drv: Driver, token: int, rtype: int, sector: int,
+                     pieces: list[bytes]) -> list[tuple[int, int]]:
+    """A read or write whose data lies in several buffers (as a guest's page cache hands
+    over pages that are not adjacent): one descriptor for each piece; where they are."""
+    hdr = drv.buffer(RequestHeader(rtype, 0, sector).pack())
+    status = drv.buffer(b"\xff")
+    data = [(drv.buffer(piece), len(piece)) for piece in pieces]
+    drv.status[token] = status
+    drv.data[token] = data[0][0]
+    if rtype == RequestType.IN:
+        drv.vq.add([(hdr, 16)], [*data, (status, 1)], token)
+    else:
+        drv.vq.add([(hdr, 16), *data], [(status, 1)], token)
+    return data
+
+
+def test_scattered_reads_and_writes_are_in_flight_at_once_too(
+    ceph_cluster: CephCluster, rbd_image: RbdImageFactory, memory: Memory, workers: str,
+) -> None:
+    spec = rbd_image(size=16 * MiB)
+    pieces = [[pattern(i, 4096), pattern(i + 100, 512), pattern(i + 200, 3584)]
+              for i in range(16)]
+    with serving(ceph_cluster, spec, memory, workers) as (dev, _, drv):
+        for i in range(16):
+            submit_scattered(drv, i, RequestType.OUT, i * 64, pieces[i])
+        drv.kick_device()
+        assert drv.wait(16) == dict.fromkeys(range(16), 1)
+        assert {drv.status_of(i) for i in range(16)} == {Status.OK}
+        buffers = [submit_scattered(drv, i, RequestType.IN, i * 64, [bytes(512), bytes(7680)])
+                   for i in range(16)]
+        drv.kick_device()
+        assert drv.wait(16) == dict.fromkeys(range(16), 8192 + 1)
+        for i in range(16):
+            got = b"".join(bytes(drv.memory.view(gpa, n)) for gpa, n in buffers[i])
+            assert drv.status_of(i) == Status.OK and got == b"".join(pieces[i])
+        (queue,) = dev.stats()["queues"]  # type: ignore[misc]
+        assert queue["most_in_flight"] > 1, queue
+        assert queue["requests"] == {"OUT": 16, "IN": 16}
+    with image_of(ceph_cluster, spec) as image:
+        for i in range(16):
+            assert image.read(i * 64 * SECTOR, 8192) == b"".join(pieces[i])
 
 
 def test_flush_discard_write_zeroes_and_secure_erase(
@@ -286,6 +370,27 @@ def test_a_snapshot_is_served_read_only(
                 (Status.OK, pattern(1, 4096)), (Status.IOERR, b"")]
     finally:
         ceph_cluster.rbd("snap", "purge", "--no-progress", spec)
+
+
+def test_an_image_in_a_namespace(ceph_cluster: CephCluster, memory: Memory) -> None:
+    spec = "rbd/virtblk-ns/disk"
+    ceph_cluster.rbd("namespace", "create", "rbd/virtblk-ns")
+    try:
+        ceph_cluster.rbd("create", "--size", f"{4 * MiB}B", spec)
+        try:
+            with serving(ceph_cluster, spec, memory, "thread") as (_, backend, drv):
+                assert (backend.pool, backend.namespace, backend.image) == (
+                    "rbd", "virtblk-ns", "disk")
+                assert run(drv, write(8, pattern(6, 4096))) == [(Status.OK, b"")]
+            with image_of(ceph_cluster, spec) as image:
+                assert image.read(4096, 4096) == pattern(6, 4096)
+            with pytest.raises(RbdError, match="no image 'disk' in pool 'rbd', namespace "
+                                               "'other'"):
+                RbdBackend("rbd/other/disk", conf=str(ceph_cluster.conf))
+        finally:
+            ceph_cluster.rbd("rm", "--no-progress", spec)
+    finally:
+        ceph_cluster.rbd("namespace", "remove", "rbd/virtblk-ns")
 
 
 def test_resize_through_the_device(

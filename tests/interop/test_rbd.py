@@ -21,6 +21,7 @@ import pytest
 from interop.serve_process import ServeProcess, run_virtblk
 from peers.ceph import CephCluster
 from peers.plugin import RbdImageFactory
+from peers.process import process_group
 from virtblk import Disk
 from virtblk.errors import BlockIOError
 
@@ -84,6 +85,10 @@ def test_every_request_type_lands_in_the_cluster(
     with serve_rbd(spec, "--num-queues", "2") as server, Disk.connect(server.socket_path) as disk:
         assert disk.size == SIZE
         assert disk.num_queues == 2
+        # One librbd client for both queues (threads of the server's process): a client per
+        # worker process would pass the image's exclusive lock back and forth.
+        assert server.process is not None
+        assert process_group(server.process.pid) == [server.process.pid]
         assert disk.serial == spec.split("/")[-1][-20:]
         for queue, offset in enumerate(range(0, SIZE, 4 * MiB)):
             disk.use_queue(queue % 2)

@@ -27,11 +27,14 @@ from virtblk.device.backends import Backend, zero_fill
 from virtblk.device.queue_worker import (
     IoPool,
     Offload,
+    OffloadedChain,
     Offloader,
+    OffloadVector,
     QueueServer,
     QueueStats,
     QueueWorker,
     StorageError,
+    Token,
 )
 from virtblk.device.request import (
     HEADER_FORMAT,
@@ -211,6 +214,8 @@ class BlkDevice:
         self._watcher: _WorkerWatcher | None = None
         self._stats = [QueueStats() for _ in range(num_queues)]
         self._workers: dict[int, QueueWorker] = {}
+        self._vectored: dict[int, OffloadVector] = {}
+        """Per running queue, its offloader's ``submitv`` when it has one."""
         self._workers_lock = threading.Lock()
         # Worker-process queues being stopped: between the stop's first step (the queue
         # leaves the running set) and its last (the worker's final counters become the
@@ -614,6 +619,7 @@ class BlkDevice:
         fast = self._inline
         end = (backend.size >> SECTOR_SHIFT) << SECTOR_SHIFT
         writable = not self._read_only
+        vectored = self._vectored
         reads = writes = read_bytes = written_bytes = 0
         pos = 0
         count = len(items)
@@ -656,6 +662,10 @@ class BlkDevice:
                         if item.head is not None:
                             used += (item.head, 0)
                     else:
+                        if fast and offload is not None and (
+                                submitv := vectored.get(queue)) and self._offload_chain(
+                                    item, submitv):
+                            continue
                         used += (item.head, self._answer(item, queue))
             except Exception:  # a bug must cost one request, not the batch behind it
                 # The failed item has no used entry yet: every branch adds it last.
@@ -669,7 +679,7 @@ class BlkDevice:
         return used
 
     def complete_offloaded(
-        self, done: Sequence[tuple[tuple[Triple, memoryview], BaseException | None]],
+        self, done: Sequence[tuple[Token, BaseException | None]],
         queue: int = 0,
     ) -> list[int]:
         """Answer reads and writes ``execute_batch`` offloaded, once their storage call
@@ -703,8 +713,25 @@ class BlkDevice:
         stats.count_transfers(reads, read_bytes, writes, written_bytes)
         return used
 
+    def _offload_chain(self, chain: DescriptorChain, submitv: OffloadVector) -> bool:
+        """Hand a read or write whose data lies in several buffers (a guest's page-cache
+        I/O) to an offloader that takes vectors; False for any other request, or one
+        ``process`` must judge (malformed, past the end, a write to a read-only disk)."""
+        try:
+            req = parse_request(chain)
+        except MalformedRequest:
+            return False
+        rtype = req.type
+        if not (rtype == _IN or (rtype == _OUT and not self._read_only)) or not (
+                req.data_len and self._in_range(req.sector, req.data_len)):
+            return False
+        into = rtype == _IN
+        submitv(not into, req.data, req.sector << SECTOR_SHIFT,
+                (OffloadedChain(chain, into, req.data_len), req.status))
+        return True
+
     @staticmethod
-    def _storage_failed(item: Triple, view: memoryview, exc: StorageError,
+    def _storage_failed(item: Triple | OffloadedChain, view: memoryview, exc: StorageError,
                         stats: QueueStats) -> int:
         """Answer IOERR to an offloaded read or write the storage failed; the used
         length."""
@@ -914,9 +941,12 @@ class BlkDevice:
                 self._remote[index] = vq
                 stats.running = True
                 return
+            offloader = self._offloader(index, vq.num)
+            submitv: OffloadVector | None = getattr(offloader, "submitv", None)
+            if submitv is not None:
+                self._vectored[index] = submitv
             worker = QueueWorker(QueueServer(self, index, vq, kick_fd, call_fd, stats,
-                                             poll_ns=self.poll_ns,
-                                             offloader=self._offloader(index, vq.num)))
+                                             poll_ns=self.poll_ns, offloader=offloader))
             self._workers[index] = worker
         worker.start()
 
@@ -965,6 +995,7 @@ class BlkDevice:
         if worker is None:
             raise ValueError(f"queue {index} is not running")
         worker.stop()
+        self._vectored.pop(index, None)
         return worker.vq.last_avail_idx
 
     def _stop_remote(self, index: int, vq: DeviceVirtqueue) -> int:

@@ -60,7 +60,9 @@ class DeviceOptions:
     keyword arguments (``zone_size``, ``max_open_zones``...); None for a regular disk."""
     workers: Literal["thread", "process"] | None = None
     """Where queues are served: None picks a process per queue, except for zoned disks
-    (their zone state lives in one process, so their queues are threads)."""
+    (their zone state lives in one process, so their queues are threads) and RBD disks of
+    several queues (one librbd client for all of them: a client per process would pass the
+    image's exclusive lock back and forth at every write from another queue)."""
     ceph_conf: str | None = None
     """RBD: the cluster's ``ceph.conf`` (None: librados' search, ``/etc/ceph/ceph.conf``)."""
     ceph_id: str | None = None
@@ -134,7 +136,9 @@ class DeviceOptions:
 
     def build(self) -> BlkDevice:
         """The device over a new backend."""
-        workers = self.workers or ("thread" if self.zoned is not None else "process")
+        workers = self.workers or (
+            "thread" if self.zoned is not None or (self.backend == "rbd" and self.num_queues > 1)
+            else "process")
         settings = self.device.as_kwargs()
         if self.backend == "rbd" and not settings["serial"]:
             settings["serial"] = rbd_serial(os.fspath(self.path or ""))

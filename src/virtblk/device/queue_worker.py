@@ -89,9 +89,31 @@ class QueueStats:
         return snapshot
 
 
-Token = tuple[Triple, memoryview]
+class OffloadedChain:
+    """A read or write whose data lies in several buffers, handed to an offloader that
+    takes vectors (``submitv``).  It answers to what ``BlkDevice.complete_offloaded`` reads
+    of a ``Triple`` (the head, the data's direction and length, where the status byte is
+    in the token's view: at 0 of the status byte's own view), and gives back its chain."""
+
+    __slots__ = ("_chain", "head", "second_len", "second_writable", "third")
+
+    def __init__(self, chain: DescriptorChain, writable: bool, length: int) -> None:
+        self._chain = chain
+        self.head = chain.head
+        self.second_writable = writable
+        self.second_len = length
+        self.third = 0
+
+    def chain(self, view: memoryview) -> DescriptorChain:
+        """The request's chain (to run it again through the general path)."""
+        return self._chain
+
+
+Token = tuple[Triple | OffloadedChain, memoryview]
 Offload = Callable[[bool, memoryview, int, Token], None]
 """Hands a read (False) or write (True) of a buffer at an offset to an ``Offloader``."""
+OffloadVector = Callable[[bool, list[memoryview], int, Token], None]
+"""The same for data in several buffers (``Offloader.submitv``, where there is one)."""
 
 
 class StorageError(OSError):
@@ -123,6 +145,8 @@ class Offloader(Protocol):
     in_flight: int
 
     def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None: ...
+    # An offloader may also take a read or write of several buffers in one call:
+    # ``submitv(write, buffers, offset, token)`` (the device looks for it).
     def flush(self) -> None: ...
     @property
     def has_done(self) -> bool: ...

@@ -62,12 +62,12 @@ class RbdError(Exception):
 
 
 def _missing_bindings(detail: str) -> RbdError:
-    version = f"{sys.implementation.name} {sys.version_info.major}.{sys.version_info.minor}"
+    here = f"this is {sys.implementation.name} {sys.version_info.major}.{sys.version_info.minor}"
     return RbdError(
-        "the Ceph Python bindings (rados, rbd) are not available: install them with "
-        f"`apt-get install --no-install-recommends {' '.join(DEBIAN_PACKAGES)}`, built for "
-        f"this Python ({version}, module suffix {importlib.machinery.EXTENSION_SUFFIXES[0]}; "
-        f"Debian 12's are for CPython 3.11) ({detail})")
+        f"the Ceph Python bindings (rados, rbd) are not available ({detail}): install them "
+        f"with `apt-get install --no-install-recommends {' '.join(DEBIAN_PACKAGES)}`; they "
+        "are built for one Python (CPython 3.11 on Debian 12) and load only into that "
+        f"version ({here}, modules {importlib.machinery.EXTENSION_SUFFIXES[0]})")
 
 
 def _load_file(name: str) -> ModuleType:
@@ -137,7 +137,7 @@ class RbdBackend(Backend):
 
     ``spec`` is ``POOL[/NAMESPACE]/IMAGE[@SNAP]`` (a snapshot is served read-only);
     ``conf`` the ``ceph.conf`` (None: librados' search, ``$CEPH_CONF`` then
-    ``/etc/ceph/ceph.conf``...); ``client_id`` the cephx user without ``client.`` (None:
+    ``/etc/ceph/ceph.conf``...); ``client_id`` the cephx user, ``client.`` optional (None:
     ``admin``). ``create_size`` creates the image when it does not exist (an existing one
     keeps its size). ``op_timeout`` (seconds) makes a request the cluster does not answer
     fail (IOERR) instead of waiting for it; None waits, as librbd does.  Reaching the
@@ -162,7 +162,8 @@ class RbdBackend(Backend):
         self._pool, self._namespace, self._image_name, self._snapshot = (
             pool, namespace, image, snapshot)
         self._conf = os.fspath(conf) if conf is not None else None
-        self._client_id = client_id or "admin"
+        # Ceph's tools take the user with or without its type ("client.admin", "admin").
+        self._client_id = (client_id or "admin").removeprefix("client.")
         self._op_timeout = op_timeout
         self._connect_timeout = connect_timeout
         read_only = read_only or snapshot is not None
@@ -179,8 +180,8 @@ class RbdBackend(Backend):
             self._release(CLOSE_TIMEOUT)
             raise
         if create_size is not None and size != create_size:
-            log.info("%s: the image exists with %d bytes; serving that size, not %d",
-                     spec, size, create_size)
+            log.warning("%s: the image exists with %d bytes; serving that size, not %d",
+                        spec, size, create_size)
         if size % 512:
             log.warning("%s: the image's %d bytes are not whole 512-byte sectors; the last "
                         "%d bytes are not served", spec, size, size % 512)
@@ -339,14 +340,7 @@ class RbdBackend(Backend):
             data = self._img.read(offset, total)
         except self._rbd.Error as exc:
             raise _os_error(exc, f"read of {total} bytes at {offset}") from None
-        pos = 0
-        for buf in buffers:
-            n = len(buf)
-            got = data[pos : pos + n]
-            buf[: len(got)] = got
-            if len(got) < n:  # past the end of an image that shrank: zeros
-                zero_fill(buf[len(got) :])
-            pos += n
+        _spread(data, buffers)
         return total
 
     def read_into(self, buf: memoryview, offset: int) -> None:
@@ -475,6 +469,20 @@ class RbdBackend(Backend):
                         self._spec, timeout)
 
 
+def _spread(data: bytes, buffers: Sequence[memoryview]) -> None:
+    """Copy what librbd read into the buffers; zeros where it read less (past the end of
+    an image that shrank meanwhile)."""
+    source = memoryview(data)  # slices of it copy nothing
+    pos = 0
+    for buf in buffers:
+        n = len(buf)
+        got = source[pos : pos + n]
+        buf[: len(got)] = got
+        if len(got) < n:
+            zero_fill(buf[len(got) :])
+        pos += n
+
+
 class RbdAio:
     """One queue's reads and writes as librbd asynchronous calls (an ``Offloader``).
 
@@ -508,27 +516,43 @@ class RbdAio:
     def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None:
         """Hand the read or write to librbd; it is answered through ``take``."""
         self.in_flight += 1
+        if write:
+            self._issue(token, write, offset, self._image.aio_write, bytes(buf), offset,
+                        self._written(token, offset))
+        else:
+            self._issue(token, write, offset, self._image.aio_read, offset, len(buf),
+                        self._read(token, (buf,), offset))
+
+    def submitv(self, write: bool, buffers: list[memoryview], offset: int,
+                token: Token) -> None:
+        """The same for data in several buffers: one librbd call (a write's buffers are
+        joined, a read's data is spread over them)."""
+        self.in_flight += 1
+        if write:
+            self._issue(token, write, offset, self._image.aio_write, b"".join(buffers),
+                        offset, self._written(token, offset))
+        else:
+            self._issue(token, write, offset, self._image.aio_read, offset,
+                        sum(len(buf) for buf in buffers), self._read(token, buffers, offset))
+
+    def _issue(self, token: Token, write: bool, offset: int, call: Callable[..., Any],
+               *args: Any) -> None:
+        """Make the librbd call; one it refuses at once is answered like one that failed."""
         try:
-            if write:
-                self._image.aio_write(bytes(buf), offset, self._written(token, offset))
-            else:
-                self._image.aio_read(offset, len(buf), self._read(token, buf, offset))
+            call(*args)
         except self._rbd_error as exc:
             code = getattr(exc, "errno", None) or errno.EIO
             self._failed(token, f"{'write' if write else 'read'} at {offset}", -abs(code))
 
-    def _read(self, token: Token, buf: memoryview, offset: int) -> Callable[[Any, Any], None]:
+    def _read(self, token: Token, into: Sequence[memoryview],
+              offset: int) -> Callable[[Any, Any], None]:
         def done(completion: Any, data: bytes | None) -> None:
             try:
                 ret = completion.get_return_value()
                 if ret < 0 or data is None:
-                    self._failed(token, f"read of {len(buf)} bytes at {offset}",
-                                 ret if ret < 0 else -errno.EIO)
+                    self._failed(token, f"read at {offset}", ret if ret < 0 else -errno.EIO)
                     return
-                n = len(data)
-                buf[:n] = data
-                if n < len(buf):  # past the end of an image that shrank: zeros
-                    zero_fill(buf[n:])
+                _spread(data, into)
             except BaseException as exc:  # the binding would swallow it: answer it
                 self._answer(token, exc)
                 return
