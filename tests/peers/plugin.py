@@ -210,9 +210,11 @@ QsdFactory = Callable[..., QemuStorageDaemon]
 def qsd_factory(sock_dir: Path) -> Iterator[QsdFactory]:
     """Start qemu-storage-daemon exports; every daemon is stopped when the test ends.
 
-    `qsd_factory(image=path | null_size=n, num_queues=.., writable=.., read_zeroes=..,
-    logical_block_size=.., cache_direct=..)` returns a started `QemuStorageDaemon`
-    whose `socket_path` and `qmp_path` lie in a fresh short directory.
+    `qsd_factory(image=path | null_size=n | rbd="POOL/IMAGE", num_queues=.., writable=..,
+    read_zeroes=.., logical_block_size=.., cache_direct=.., ceph_conf=.., ceph_id=..)`
+    returns a started `QemuStorageDaemon` whose `socket_path` and `qmp_path` lie in a fresh
+    short directory.  A daemon over an RBD image must be stopped before the `rbd_image`
+    fixture removes the image: use a fixture that depends on both (test_qsd_rbd.py).
     """
     daemons: list[QemuStorageDaemon] = []
 

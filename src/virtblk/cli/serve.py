@@ -44,7 +44,8 @@ log = logging.getLogger("virtblk.serve")
 @click.option(
     "--queue-size", type=int, default=256, show_default=True, help="Largest ring accepted."
 )
-@click.option("--serial", default="", help="GET_ID answer (at most 20 bytes).")
+@click.option("--serial", default="",
+              help="GET_ID answer (at most 20 bytes; with --rbd, the image's name by default).")
 @click.option("--blk-size", type=int, default=512, show_default=True, help="Logical block size.")
 @click.option("--zoned", is_flag=True, help="With --memory: a host-managed zoned disk.")
 @click.option("--zone-size", type=SIZE, default="4M", show_default=True, help="With --zoned.")
