@@ -515,9 +515,13 @@ class RbdAio:
         self._lock = threading.Lock()
 
     def _land(self, entry: tuple[Any, ...]) -> None:
+        # The eventfd is written for the first answer after a take only: the queue's loop
+        # takes them all when it wakes.  (Each write drops and takes back the interpreter
+        # lock, which the queue's thread and the other callbacks wait for.)
         with self._lock:
-            self._done.append(entry)
-            if self.event_fd >= 0:
+            done = self._done
+            done.append(entry)
+            if len(done) == 1 and self.event_fd >= 0:
                 os.eventfd_write(self.event_fd, 1)
 
     def _failed(self, token: Token, what: str, code: int) -> None:
@@ -614,9 +618,10 @@ class RbdAio:
     def take(self) -> list[tuple[Token, BaseException | None]]:
         """The answers so far: ``(token, None)`` or ``(token, the error)``; reads' data is
         copied into their buffers here."""
-        done = self._done
+        with self._lock:  # what lands from now on signals again
+            done, self._done = self._done, collections.deque()
         finish = self._finish
-        out = [finish(done.popleft()) for _ in range(len(done))]
+        out = [finish(entry) for entry in done]
         self.in_flight -= len(out)
         return out
 
