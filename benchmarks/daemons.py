@@ -9,6 +9,7 @@ that every benchmark starts a given device the same way.
 from __future__ import annotations
 
 import contextlib
+import platform
 import subprocess
 import sys
 import time
@@ -17,6 +18,15 @@ from pathlib import Path
 
 SIZE = 1 << 30
 """The size of the null devices."""
+
+
+def cpu_model() -> str:
+    """The CPU's name, for the machine a benchmark's record was made on."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:

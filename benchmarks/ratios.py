@@ -36,7 +36,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from daemons import SIZE, qemu_storage_daemon, qsd_file, serving  # benchmarks/daemons.py
+from daemons import (  # benchmarks/daemons.py
+    SIZE,
+    cpu_model,
+    qemu_storage_daemon,
+    qsd_file,
+    serving,
+)
 
 from virtblk import Disk
 from virtblk.device.control import notification_counters
@@ -208,7 +214,7 @@ def main() -> int:
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"node": platform.node(), "cpus": os.cpu_count(),
-                    "cpu": _cpu_model(), "kernel": platform.release(),
+                    "cpu": cpu_model(), "kernel": platform.release(),
                     "python": platform.python_version(), "qsd": _qsd_version()},
         "args": vars(args),
         "ratios": run.ratios,
@@ -221,13 +227,6 @@ def main() -> int:
         Path(args.json_path).write_text(json.dumps(record, indent=2))
     return 0
 
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _qsd_version() -> str:

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from daemons import serving  # benchmarks/daemons.py
+from daemons import cpu_model, serving  # benchmarks/daemons.py
 
 from virtblk import Disk
 from virtblk.tools.bench import BenchConfig, run_bench
@@ -334,7 +334,7 @@ def main() -> int:
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "elapsed_s": round(time.monotonic() - started, 1),
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu_model(),
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "cpu": cpu_model(),
                     "kernel": platform.release(), "python": platform.python_version(),
                     "qsd": _first_line("qemu-storage-daemon", "--version"),
                     "fio": _first_line("fio", "--version"), "ceph": ceph_version},
@@ -350,13 +350,6 @@ def main() -> int:
         Path(args.markdown_path).write_text(table)
     return 0
 
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _first_line(*argv: str) -> str:

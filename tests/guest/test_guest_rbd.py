@@ -121,7 +121,7 @@ def imported(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[tuple[str, b
 
 def test_guest_writes_land_in_ceph(
     guest_kernel: GuestKernel, ceph_cluster: CephCluster, imported: tuple[str, bytearray],
-    sock_dir: Path, tmp_path: Path,
+    sock_dir: Path,
 ) -> None:  # fmt: skip
     spec, content = imported
     control = sock_dir / "ctl.sock"
@@ -137,8 +137,7 @@ def test_guest_writes_land_in_ceph(
         )
         # The guest is gone and the device still holds the image open: what Ceph has now
         # is what the guest's writes and its FLUSH made durable, not what a close wrote.
-        export = tmp_path / "export"
-        ceph_cluster.rbd("export", "--no-progress", spec, str(export))
+        image = ceph_cluster.export(spec)
         queues = send_command(control, "stats")["stats"]["queues"]
         assert server.terminate() == 0, server.output
     # Each writer was pinned to a CPU, and each CPU has a queue of its own.
@@ -160,7 +159,6 @@ def test_guest_writes_land_in_ceph(
     expected = content
     for _, offset, length, _, text in WRITES:
         expected[offset : offset + length] = pattern(text, length)
-    image = export.read_bytes()
     assert len(image) == SIZE
     if image != expected:
         wrong = [i for i in range(0, SIZE, 512) if image[i : i + 512] != expected[i : i + 512]]

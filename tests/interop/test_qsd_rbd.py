@@ -40,16 +40,6 @@ PATTERN_WRITES = [
 ]
 
 
-def exported(cluster: CephCluster, spec: str, directory: Path) -> bytes:
-    """The image's bytes as Ceph holds them (``rbd export``), not as a device reads them."""
-    path = directory / f"export-{uuid.uuid4().hex[:8]}"
-    cluster.rbd("export", "--no-progress", spec, str(path))
-    try:
-        return path.read_bytes()
-    finally:
-        path.unlink()
-
-
 @pytest.fixture(params=[1, 2], ids=["1queue", "2queues"])
 def num_queues(request: pytest.FixtureRequest) -> int:
     return int(request.param)
@@ -119,7 +109,7 @@ def test_pattern_writes_land_in_the_image(
     for offset, data in written:
         expected[offset : offset + len(data)] = data
     # Every pattern where it was written, zeros everywhere else.
-    assert exported(ceph_cluster, spec, tmp_path) == expected
+    assert ceph_cluster.export(spec) == expected
 
 
 def test_reads_what_ceph_holds(rbd_qsd: RbdQsd, import_image: Callable[[bytes], str]) -> None:
@@ -157,7 +147,7 @@ def test_two_threads_on_two_queues(
         assert errors == []
         assert [q.stats_submitted > 0 for q in disk.device.queues] == [True, True]
         disk.flush()
-    image = exported(ceph_cluster, spec, tmp_path)
+    image = ceph_cluster.export(spec)
     assert image[16 * MiB : 24 * MiB] == patterns[0]
     assert image[32 * MiB : 40 * MiB] == patterns[1]
 
@@ -179,7 +169,7 @@ def test_write_zeroes_reaches_the_image(
         disk.flush()
         assert disk.pread(18 * MiB, 5 * MiB) == bytes(18 * MiB)
         assert disk.pread(MiB, 23 * MiB) == data[-MiB:]
-    image = exported(ceph_cluster, spec, tmp_path)
+    image = ceph_cluster.export(spec)
     assert image[4 * MiB : 5 * MiB] == data[:MiB]
     assert image[5 * MiB : 23 * MiB] == bytes(18 * MiB)
     assert image[23 * MiB : 24 * MiB] == data[-MiB:]
@@ -197,7 +187,7 @@ def test_read_only_export(
         assert disk.pread(MiB, 0) == content[:MiB]
         with pytest.raises(OSError, match="read-only"):
             disk.pwrite(bytes(512), 0)
-    assert exported(ceph_cluster, spec, tmp_path) == content
+    assert ceph_cluster.export(spec) == content
 
 
 def test_rbd_resize_is_invisible_to_the_export(

@@ -33,16 +33,6 @@ SIZE = 64 * MiB
 ServeRbd = Callable[..., ServeProcess]
 
 
-def _export(cluster: CephCluster, spec: str, workdir: Path) -> bytes:
-    """The image's bytes as the cluster has them."""
-    out = workdir / f"export-{time.monotonic_ns()}"
-    cluster.rbd("export", "--no-progress", spec, str(out))
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
-
-
 def _image_size(cluster: CephCluster, spec: str) -> int:
     size: int = json.loads(cluster.rbd("info", "--format", "json", spec))["size"]
     return size
@@ -95,7 +85,7 @@ def test_every_request_type_lands_in_the_cluster(
             disk.pwrite(data[offset : offset + 4 * MiB], offset)
         disk.flush()
         assert disk.pread(SIZE, 0) == data
-        assert _export(ceph_cluster, spec, tmp_path) == data
+        assert ceph_cluster.export(spec) == data
 
         # 4 KiB writes at odd places, the kind a guest makes, on the other queue.
         disk.use_queue(1)
@@ -113,12 +103,12 @@ def test_every_request_type_lands_in_the_cluster(
             expected[20 * MiB : 21 * MiB] = bytes(MiB)
         disk.flush()
         assert disk.pread(SIZE, 0) == bytes(expected)
-        assert _export(ceph_cluster, spec, tmp_path) == bytes(expected)
+        assert ceph_cluster.export(spec) == bytes(expected)
 
         # A discarded range's content is unspecified; that the request succeeds, and the
         # rest of the image is untouched, is what can be asserted.
         disk.discard(32 * MiB, 4 * MiB)
-        after = _export(ceph_cluster, spec, tmp_path)
+        after = ceph_cluster.export(spec)
         assert after[: 32 * MiB] == bytes(expected[: 32 * MiB])
         assert after[36 * MiB :] == bytes(expected[36 * MiB :])
 
@@ -168,13 +158,13 @@ def test_read_only_refuses_writes_and_leaves_the_image_alone(
     serve_rbd: ServeRbd, rbd_image: RbdImageFactory, ceph_cluster: CephCluster, tmp_path: Path
 ) -> None:
     spec = rbd_image(size=8 * MiB)
-    before = _export(ceph_cluster, spec, tmp_path)
+    before = ceph_cluster.export(spec)
     with serve_rbd(spec, "--read-only") as server, Disk.connect(server.socket_path) as disk:
         assert disk.read_only
         assert disk.pread(8 * MiB, 0) == before
         with pytest.raises(BlockIOError):
             disk.pwrite(b"x" * 4096, 0)
-    assert _export(ceph_cluster, spec, tmp_path) == before
+    assert ceph_cluster.export(spec) == before
 
 
 def test_a_stopped_osd_answers_ioerr_and_the_device_survives(
@@ -263,4 +253,4 @@ def test_embedded_device_over_rbd(
         assert disk.size == 8 * MiB
         disk.pwrite(data, 0)
         disk.flush()
-    assert _export(ceph_cluster, spec, tmp_path) == data
+    assert ceph_cluster.export(spec) == data

@@ -167,15 +167,22 @@ class CephCluster:
             raise CephError(f"the cluster did not come up within {START_TIMEOUT:.0f} s")
         return left
 
-    def _run(self, *argv: str) -> str:
-        result = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+    def _run(self, *argv: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run a command to its end; its output, or ``CephError`` with its stderr (and the
+        daemons' logs when it did not answer in time: a cluster that does not answer)."""
+        try:
+            result = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise CephError(
+                f"{' '.join(argv)} did not answer within {timeout:.0f} s\n{self.logs()}"
+            ) from None
         if result.returncode != 0:
             raise CephError(
                 f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr or result.stdout}"
@@ -194,23 +201,7 @@ class CephCluster:
             )
 
     def _tool(self, binary: str, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
-        argv = [binary, "-c", str(self.conf), *args]
-        try:
-            result = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise CephError(
-                f"{' '.join(argv)} did not answer within {timeout:.0f} s\n{self.logs()}"
-            ) from None
-        if result.returncode != 0:
-            raise CephError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr}")
-        return result.stdout
+        return self._run(binary, "-c", str(self.conf), *args, timeout=timeout)
 
     def ceph(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run a ``ceph`` command on this cluster; returns its output."""
@@ -219,6 +210,16 @@ class CephCluster:
     def rbd(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run an ``rbd`` command on this cluster; returns its output."""
         return self._tool("rbd", *args, timeout=timeout)
+
+    def export(self, spec: str) -> bytes:
+        """The image's bytes as the cluster holds them (``rbd export``), not as a device
+        that serves it reads them."""
+        path = self.workdir / f"export-{uuid.uuid4().hex[:12]}"
+        self.rbd("export", "--no-progress", spec, str(path))
+        try:
+            return path.read_bytes()
+        finally:
+            path.unlink()
 
     def ceph_json(self, *args: str) -> Any:
         """A ``ceph`` command's JSON output, parsed."""

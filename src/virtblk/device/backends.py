@@ -61,6 +61,20 @@ def zero_fill(buffer: memoryview) -> None:
         pos += n
 
 
+def scatter(data: bytes | memoryview, buffers: Sequence[memoryview]) -> None:
+    """Copy ``data`` across ``buffers`` in order; where it runs out, the rest is zeros (a
+    short read, a payload smaller than the buffers)."""
+    source = memoryview(data)  # slices of it copy nothing
+    pos = 0
+    for buf in buffers:
+        n = len(buf)
+        got = source[pos : pos + n]
+        buf[: len(got)] = got
+        if len(got) < n:
+            zero_fill(buf[len(got) :])
+        pos += n
+
+
 class Backend(abc.ABC):
     """What the device needs from storage. Subclasses implement the I/O methods."""
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from virtblk.device import linux_aio
-from virtblk.device.backends import Backend, zero_fill
+from virtblk.device.backends import Backend, scatter
 from virtblk.device.queue_worker import (
     IoPool,
     Offload,
@@ -829,22 +829,10 @@ class BlkDevice:
             return _IOERR, 1
         return _OK, 1
 
-    @staticmethod
-    def _fill(data: list[memoryview], payload: bytes) -> None:
-        """Write ``payload`` across the views, NUL-padding the rest of the data area."""
-        pos = 0
-        for view in data:
-            n = len(view)
-            chunk = payload[pos : pos + n]
-            view[: len(chunk)] = chunk
-            if len(chunk) < n:
-                zero_fill(view[len(chunk) :])
-            pos += n
-
     def _do_get_id(self, req: BlkRequest) -> tuple[int, int]:
         # The ID is NUL padded to 20 bytes; a shorter buffer gets what fits, a longer one
         # gets NULs after it, so the whole data area is written.
-        self._fill(req.data, self._id)
+        scatter(self._id, req.data)
         return _OK, req.data_len + 1
 
     def _do_get_lifetime(self, req: BlkRequest) -> tuple[int, int]:
@@ -855,7 +843,7 @@ class BlkDevice:
             log.warning("GET_LIFETIME with a %d-byte buffer, needs %d",
                         req.data_len, Lifetime.SIZE)
             return _IOERR, 1
-        self._fill(req.data, lifetime.pack())
+        scatter(lifetime.pack(), req.data)
         return _OK, req.data_len + 1
 
     def _check_segments(

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from virtblk.device.backends import Backend, zero_fill
+from virtblk.device.backends import Backend, scatter
 from virtblk.device.queue_worker import Offloader, StorageError, Token
 
 log = logging.getLogger("virtblk.device")
@@ -348,7 +348,7 @@ class RbdBackend(Backend):
             data = self._img.read(offset, total)
         except self._rbd.Error as exc:
             raise _os_error(exc, f"read of {total} bytes at {offset}") from None
-        _spread(data, buffers)
+        scatter(data, buffers)
         return total
 
     def read_into(self, buf: memoryview, offset: int) -> None:
@@ -477,20 +477,6 @@ class RbdBackend(Backend):
                         self._spec, timeout)
 
 
-def _spread(data: bytes, buffers: Sequence[memoryview]) -> None:
-    """Copy what librbd read into the buffers; zeros where it read less (past the end of
-    an image that shrank meanwhile)."""
-    source = memoryview(data)  # slices of it copy nothing
-    pos = 0
-    for buf in buffers:
-        n = len(buf)
-        got = source[pos : pos + n]
-        buf[: len(got)] = got
-        if len(got) < n:
-            zero_fill(buf[len(got) :])
-        pos += n
-
-
 class RbdAio:
     """One queue's reads and writes as librbd asynchronous calls (an ``Offloader``).
 
@@ -600,7 +586,7 @@ class RbdAio:
                 return token, StorageError(
                     -code, f"{self._backend.spec}: {what}: {os.strerror(-code)}")
             if into is not None:
-                _spread(data, into)
+                scatter(data, into)
         except Exception as exc:
             return token, exc
         return token, None
