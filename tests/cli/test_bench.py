@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from interop.serve_process import run_virtblk, virtblk_argv
@@ -31,6 +32,7 @@ from virtblk.device.blk import BlkDevice
 from virtblk.device.request import BlkRequest
 from virtblk.spec import RequestType
 from virtblk.tools.bench import Verifier
+from virtblk.tools.bench.fio import plat_bins
 from virtblk.vhost_user.server import VhostUserServer
 
 QUICK = ("--runtime", "0.4", "--backend", "memory", "--device-size", "8M")
@@ -290,6 +292,49 @@ def test_json_layout_matches_fio(tmp_path: Path) -> None:
     assert data["fio version"].startswith("virtblk-")
     assert isinstance(data["timestamp"], int)
     assert job["jobname"] == "virtblk" and job["groupid"] == 0
+
+
+def test_json_plus_is_read_by_fios_own_histogram_tool(tmp_path: Path) -> None:
+    """``--output-format json+``: fio's ``fio_jsonplus_clat2csv`` makes a CSV with a row per
+    latency bucket (before, our JSON gave it a header and no rows), its cumulative count
+    ends at every I/O of the run, and its own ``--validate`` finds the CSV and our bins
+    agree."""
+    out = tmp_path / "run.json"
+    result = run_virtblk("bench", *QUICK, "--rw", "randrw", "--output-format", "json+")
+    assert result.returncode == 0, result.stderr
+    out.write_text(result.stdout)
+    job = json.loads(result.stdout)["jobs"][0]
+    csv = tmp_path / "lat.csv"
+    for extra in ([], ["--validate"]):
+        tool = subprocess.run(["fio_jsonplus_clat2csv", *extra, str(out), str(csv)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert tool.returncode == 0, tool.stdout + tool.stderr
+    lines = (tmp_path / "lat_job0.csv").read_text().splitlines()
+    header = [c.strip() for c in lines[0].split(",")]
+    rows = [[c.strip() for c in line.split(",")] for line in lines[1:]]
+    assert len(rows) > 1
+    for ddir in ("read", "write"):
+        column = header.index(f"{ddir}_clat_ns_cumulative")
+        cumulative = [int(row[column]) for row in rows if row[column]]
+        assert cumulative == sorted(cumulative)
+        assert cumulative[-1] == job[ddir]["total_ios"] == job[ddir]["clat_ns"]["N"]
+    # The rows are latencies in ns, within what the run measured (a bucket's middle may
+    # pass its largest sample by half a bucket: 1/128 of it).
+    nsec = [int(row[0]) for row in rows]
+    low = min(job[d]["clat_ns"]["min"] for d in ("read", "write"))
+    high = max(job[d]["clat_ns"]["max"] for d in ("read", "write"))
+    assert low * (1 - 1 / 64) <= nsec[0] and nsec[-1] <= high * (1 + 1 / 64)
+
+
+@pytest.mark.parametrize(("latency", "bucket"), [
+    (0, 0), (12, 12), (127, 127),  # exact below 128 ns
+    (128, 129), (129, 129), (130, 131),  # 2 ns wide from 128
+    (168_000, 168_960), (170_000, 171_008),  # 2 us wide from 131 us: fio's own rows
+])  # fmt: skip
+def test_json_plus_buckets_are_fios(latency: int, bucket: int) -> None:
+    """fio's ``plat_val_to_idx``/``plat_idx_to_val`` (stat.c): a value lands in the bucket
+    fio would give it, keyed by the value fio writes for that bucket."""
+    assert plat_bins(np.array([latency, latency], dtype=np.int64)) == {str(bucket): 2}
 
 
 # -- the plot and the terminal -----------------------------------------------------------------

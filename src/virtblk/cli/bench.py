@@ -93,8 +93,10 @@ _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 )  # fmt: skip
 @click.option("--randseed", type=int, default=1, show_default=True, help="Random seed.")
 @click.option(
-    "--output-format", type=click.Choice(["normal", "json"]), default="normal",
-    show_default=True, help="json: fio's JSON layout.",
+    "--output-format", type=click.Choice(["normal", "json", "json+"]), default="normal",
+    show_default=True,
+    help="json: fio's JSON layout; json+: with fio's latency histogram (clat_ns bins), "
+         "which fio_jsonplus_clat2csv reads.",
 )  # fmt: skip
 @click.option(
     "--plot", "plot_path", type=click.Path(dir_okay=False),
@@ -246,8 +248,9 @@ def bench(
                 raise click.UsageError(str(exc)) from exc
             except (OSError, RuntimeError) as exc:  # the device failed or went away
                 raise click.ClickException(f"bench: {exc}") from exc
-    if output_format == "json":
-        report = fio_json(result, jobname=name, target=target, group_reporting=group_reporting)
+    if output_format in ("json", "json+"):
+        report = fio_json(result, jobname=name, target=target, group_reporting=group_reporting,
+                          plus=output_format == "json+")
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_result(result, target))

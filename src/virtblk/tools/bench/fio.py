@@ -19,9 +19,12 @@ def fio_json(
     jobname: str = "virtblk",
     target: str = "",
     group_reporting: bool = False,
+    plus: bool = False,
 ) -> dict[str, Any]:
     """``result`` in fio's ``--output-format=json`` layout (fio 3.x key names and units:
-    ``bw`` KiB/s, ``runtime`` ms, ``clat_ns`` ns, percentiles keyed ``"99.000000"``).
+    ``bw`` KiB/s, ``runtime`` ms, ``clat_ns`` ns, percentiles keyed ``"99.000000"``);
+    with ``plus``, ``json+``: each direction's ``clat_ns`` also has fio's latency
+    histogram (``bins``, see :func:`plat_bins`).
     Our own figures (CPU per I/O, verification) sit under ``"virtblk"``, a key fio
     tooling ignores."""
     c = result.config
@@ -31,14 +34,14 @@ def fio_json(
                      first_errno=next((_job_errno(j) for j in result.jobs if _job_errno(j)),
                                       0),
                      usr=sum(j.usr_cpu for j in result.jobs),
-                     sys=sum(j.sys_cpu for j in result.jobs))  # fmt: skip
+                     sys=sum(j.sys_cpu for j in result.jobs), plus=plus)  # fmt: skip
     if group_reporting:
         jobs = [group]
     else:
         jobs = [
             _fio_job(jobname, options, j.elapsed, j.read, j.write,
                      errors=j.errors + j.mismatches, first_errno=_job_errno(j),
-                     usr=j.usr_cpu, sys=j.sys_cpu)
+                     usr=j.usr_cpu, sys=j.sys_cpu, plus=plus)
             for j in result.jobs
         ]  # fmt: skip
     ours: dict[str, Any] = {
@@ -105,7 +108,40 @@ def _job_options(jobname: str, c: BenchConfig) -> dict[str, str]:
     return opts
 
 
-def _lat_json(lat: np.ndarray, *, percentiles: bool) -> dict[str, Any]:
+# fio's latency histogram (stat.h): 29 groups of 64 buckets, each group twice as wide as
+# the one before; a value keeps its 6 bits below the most significant one.
+PLAT_BITS = 6
+PLAT_VAL = 1 << PLAT_BITS
+PLAT_NR = 29 * PLAT_VAL
+
+
+def plat_bins(lat: np.ndarray) -> dict[str, int]:
+    """``lat`` (ns) in fio's histogram, as ``--output-format=json+`` writes it in
+    ``clat_ns.bins``: each non-empty bucket keyed by the value fio gives it (its middle,
+    ``plat_idx_to_val``), so fio's own tools (``fio_jsonplus_clat2csv``) read ours.  The
+    buckets are fio's ``plat_val_to_idx``: exact below 128 ns, then 64 per power of two."""
+    if not len(lat):
+        return {}
+    values = np.maximum(lat.astype(np.int64), 0)
+    _, exponent = np.frexp(values.astype(np.float64))  # exact below 2**53 ns
+    msb = np.maximum(exponent.astype(np.int64) - 1, 0)
+    error_bits = np.maximum(msb - PLAT_BITS, 0)
+    grouped = ((error_bits + 1) << PLAT_BITS) + ((PLAT_VAL - 1) & (values >> error_bits))
+    index = np.where(msb <= PLAT_BITS, values, np.minimum(grouped, PLAT_NR - 1))
+    counts = np.bincount(index, minlength=PLAT_NR)
+    return {str(_plat_value(int(i))): int(counts[i]) for i in np.flatnonzero(counts)}
+
+
+def _plat_value(index: int) -> int:
+    """fio's ``plat_idx_to_val``: the middle of bucket ``index``, in ns."""
+    if index < PLAT_VAL << 1:
+        return index
+    error_bits = (index >> PLAT_BITS) - 1
+    base = 1 << (error_bits + PLAT_BITS)
+    return base + int((index % PLAT_VAL + 0.5) * (1 << error_bits))
+
+
+def _lat_json(lat: np.ndarray, *, percentiles: bool, bins: bool = False) -> dict[str, Any]:
     n = len(lat)
     out: dict[str, Any] = {
         "min": int(lat.min()) if n else 0,
@@ -116,10 +152,12 @@ def _lat_json(lat: np.ndarray, *, percentiles: bool) -> dict[str, Any]:
     }
     if percentiles and n:
         out["percentile"] = {f"{p:f}": v for p, v in latency_percentiles(lat).items()}
+    if bins and n:
+        out["bins"] = plat_bins(lat)
     return out
 
 
-def _dir_json(d: DirectionStats, elapsed: float) -> dict[str, Any]:
+def _dir_json(d: DirectionStats, elapsed: float, plus: bool = False) -> dict[str, Any]:
     """One direction as fio writes it: ``bw`` in KiB/s, ``runtime`` in ms."""
     runtime_ms = round(elapsed * 1000) if d.ios else 0
     bw_bytes = d.io_bytes * 1000 // runtime_ms if runtime_ms else 0
@@ -139,7 +177,7 @@ def _dir_json(d: DirectionStats, elapsed: float) -> dict[str, Any]:
         "short_ios": 0,
         "drop_ios": 0,
         "slat_ns": zero,
-        "clat_ns": _lat_json(d.lat_ns, percentiles=True),
+        "clat_ns": _lat_json(d.lat_ns, percentiles=True, bins=plus),
         "lat_ns": _lat_json(d.lat_ns, percentiles=False),
         "bw_min": int(bw_s.min()) if n else 0,
         "bw_max": int(bw_s.max()) if n else 0,
@@ -166,6 +204,7 @@ def _fio_job(
     first_errno: int,
     usr: float,
     sys: float,
+    plus: bool,
 ) -> dict[str, Any]:
     empty = DirectionStats(0, 0, np.empty(0, np.int64), [])
     zero = {"min": 0, "max": 0, "mean": 0.0, "stddev": 0.0, "N": 0}
@@ -177,8 +216,8 @@ def _fio_job(
         "eta": 0,
         "elapsed": round(elapsed),
         "job options": options,
-        "read": _dir_json(read, elapsed),
-        "write": _dir_json(write, elapsed),
+        "read": _dir_json(read, elapsed, plus),
+        "write": _dir_json(write, elapsed, plus),
         "trim": _dir_json(empty, elapsed),
         "sync": {"total_ios": 0, "lat_ns": zero},
         "job_runtime": round(elapsed * 1000),
