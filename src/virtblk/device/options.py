@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
+from virtblk.device.rbd import RbdBackend, parse_image_spec  # Ceph's bindings load on use
 from virtblk.device.settings import (
     ZONED_WORKERS_ERROR,
     BlkSettings,
@@ -90,8 +91,6 @@ class DeviceOptions:
             if not self.path:
                 raise ValueError("the file backend needs a path")
         elif self.backend == "rbd":
-            from virtblk.device.rbd import parse_image_spec  # pure: no bindings needed
-
             if not self.path:
                 raise ValueError("the rbd backend needs an image (POOL/IMAGE)")
             parse_image_spec(os.fspath(self.path))
@@ -121,8 +120,6 @@ class DeviceOptions:
             assert self.path is not None  # _check_values saw to both
             return FileBackend(self.path, read_only=self.read_only, create_size=self.size)
         if self.backend == "rbd":
-            from virtblk.device.rbd import RbdBackend  # needs Ceph's bindings: only here
-
             assert self.path is not None
             return RbdBackend(os.fspath(self.path), conf=self.ceph_conf, client_id=self.ceph_id,
                               read_only=self.read_only, create_size=self.size,
@@ -180,5 +177,5 @@ def rbd_serial(spec: str) -> str:
     """The GET_ID answer of an RBD disk given no serial: the image's name (its last 20
     bytes, where the names of a cloud's images differ), so a guest's
     ``/dev/disk/by-id/virtio-*`` names the image."""
-    name = spec.rsplit("/", 1)[-1].split("@", 1)[0]
+    name = parse_image_spec(spec)[2]
     return name.encode("ascii", "replace").decode("ascii")[-VIRTIO_BLK_ID_BYTES:]

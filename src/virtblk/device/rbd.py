@@ -342,46 +342,35 @@ class RbdBackend(Backend):
         if not self._writeback:
             self.flush()
 
+    def _call(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """A synchronous librbd call; its error as the ``OSError`` (IOERR) naming ``what``."""
+        try:
+            return call(*args)
+        except self._rbd.Error as exc:
+            raise _os_error(exc, what) from None
+
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         total = sum(len(buf) for buf in buffers)
-        try:
-            data = self._img.read(offset, total)
-        except self._rbd.Error as exc:
-            raise _os_error(exc, f"read of {total} bytes at {offset}") from None
+        data = self._call(f"read of {total} bytes at {offset}", self._img.read, offset, total)
         scatter(data, buffers)
         return total
-
-    def read_into(self, buf: memoryview, offset: int) -> None:
-        self.preadv((buf,), offset)
 
     def pwritev(self, buffers: Sequence[memoryview], offset: int, *, fua: bool = False) -> int:
         self._must_write()
         data = b"".join(buffers)
-        try:
-            self._img.write(data, offset)
-        except self._rbd.Error as exc:
-            raise _os_error(exc, f"write of {len(data)} bytes at {offset}") from None
+        self._call(f"write of {len(data)} bytes at {offset}", self._img.write, data, offset)
         if fua:
             self.flush()
         else:
             self._durable()
         return len(data)
 
-    def write_from(self, buf: memoryview, offset: int) -> None:
-        self.pwritev((buf,), offset)
-
     def flush(self) -> None:
-        try:
-            self._img.flush()
-        except self._rbd.Error as exc:
-            raise _os_error(exc, "flush") from None
+        self._call("flush", self._img.flush)
 
     def discard(self, offset: int, length: int) -> None:
         self._must_write()
-        try:
-            self._img.discard(offset, length)
-        except self._rbd.Error as exc:
-            raise _os_error(exc, f"discard of {length} bytes at {offset}") from None
+        self._call(f"discard of {length} bytes at {offset}", self._img.discard, offset, length)
         self._durable()
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
@@ -389,10 +378,8 @@ class RbdBackend(Backend):
         written, nothing deallocated), as QEMU's rbd driver asks for it."""
         self._must_write()
         flags = 0 if unmap else self._rbd.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
-        try:
-            self._img.write_zeroes(offset, length, flags)
-        except self._rbd.Error as exc:
-            raise _os_error(exc, f"write_zeroes of {length} bytes at {offset}") from None
+        self._call(f"write_zeroes of {length} bytes at {offset}", self._img.write_zeroes,
+                   offset, length, flags)
         self._durable()
 
     def secure_erase(self, offset: int, length: int) -> None:
@@ -401,13 +388,11 @@ class RbdBackend(Backend):
         self._must_write()
         pos, end = offset, offset + length
         zeros = bytes(min(length, _ERASE_CHUNK))
-        try:
-            while pos < end:
-                n = min(end - pos, len(zeros))
-                self._img.write(zeros if n == len(zeros) else zeros[:n], pos)
-                pos += n
-        except self._rbd.Error as exc:
-            raise _os_error(exc, f"secure erase at {pos}") from None
+        while pos < end:
+            n = min(end - pos, len(zeros))
+            self._call(f"secure erase at {pos}", self._img.write,
+                       zeros if n == len(zeros) else zeros[:n], pos)
+            pos += n
         self.flush()
 
     # ------------------------------------------------------------------ size
@@ -417,10 +402,7 @@ class RbdBackend(Backend):
         if new_size < 0:
             raise ValueError(f"backend size must be >= 0, got {new_size}")
         self._must_write()
-        try:
-            self._img.resize(new_size)
-        except self._rbd.Error as exc:
-            raise _os_error(exc, f"resize to {new_size} bytes") from None
+        self._call(f"resize to {new_size} bytes", self._img.resize, new_size)
         super().resize(new_size)
 
     def follow_resize(self, new_size: int) -> None:
@@ -441,10 +423,7 @@ class RbdBackend(Backend):
         img = self._img
         if img is None:
             raise OSError(errno.EBADF, f"RBD image {self._spec} is closed")
-        try:
-            size: int = img.size()
-        except self._rbd.Error as exc:
-            raise _os_error(exc, "size") from None
+        size: int = self._call("size", img.size)
         return size
 
     # ------------------------------------------------------------------ closing
@@ -481,7 +460,7 @@ class RbdAio:
     """One queue's reads and writes as librbd asynchronous calls (an ``Offloader``).
 
     librbd calls back on its own threads, each call taking the interpreter lock from the
-    queue's thread: so a callback only records what completed (``_landed``: the
+    queue's thread: so a callback only records what completed (``_land``: the
     completion and the data it read, appended to ``done``) and writes ``event_fd``, which
     wakes the queue's loop; ``take``, on the queue's thread, reads the return values and
     copies what was read into the guest's buffers.  In write-through a write's callback
@@ -493,7 +472,7 @@ class RbdAio:
         self._backend = backend
         self._image = backend._img
         self._rbd_error = backend._rbd.Error
-        # (token, buffers a read fills or None, what, completion or an error, data read)
+        # (token, buffers a read fills or None, offset, completion or an error, data read)
         self._done: collections.deque[tuple[Any, ...]] = collections.deque()
         self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.in_flight = 0
@@ -510,9 +489,11 @@ class RbdAio:
             if len(done) == 1 and self.event_fd >= 0:
                 os.eventfd_write(self.event_fd, 1)
 
-    def _failed(self, token: Token, what: str, code: int) -> None:
-        self._land((token, None, what, StorageError(
-            -code, f"{self._backend.spec}: {what}: {os.strerror(-code)}"), None))
+    def _storage_error(self, write: bool, offset: int, code: int) -> StorageError:
+        """librbd's answer ``code`` (an errno) to a read or write, as the device answers it:
+        IOERR, not run again."""
+        what = f"{'write' if write else 'read'} at {offset}"
+        return StorageError(code, f"{self._backend.spec}: {what}: {os.strerror(code)}")
 
     def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None:
         """Hand the read or write to librbd; it is answered through ``take``."""
@@ -542,8 +523,8 @@ class RbdAio:
         try:
             call(*args)
         except self._rbd_error as exc:
-            code = getattr(exc, "errno", None) or errno.EIO
-            self._failed(token, f"{'write' if write else 'read'} at {offset}", -abs(code))
+            code = abs(getattr(exc, "errno", None) or errno.EIO)
+            self._land((token, None, offset, self._storage_error(write, offset, code), None))
 
     def _read(self, token: Token, into: Sequence[memoryview],
               offset: int) -> Callable[[Any, Any], None]:
@@ -575,16 +556,14 @@ class RbdAio:
 
     def _finish(self, entry: tuple[Any, ...]) -> tuple[Token, BaseException | None]:
         """On the queue's thread: what one recorded completion answers."""
-        token, into, where, outcome, data = entry
+        token, into, offset, outcome, data = entry
         if isinstance(outcome, BaseException):
             return token, outcome
-        what = f"{'read' if into is not None else 'write'} at {where}"
         try:
             ret = outcome.get_return_value()
             if ret < 0 or (into is not None and data is None):
-                code = ret if ret < 0 else -errno.EIO
-                return token, StorageError(
-                    -code, f"{self._backend.spec}: {what}: {os.strerror(-code)}")
+                code = -ret if ret < 0 else errno.EIO
+                return token, self._storage_error(into is None, offset, code)
             if into is not None:
                 scatter(data, into)
         except Exception as exc:
