@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 from interop.serve_process import ServeProcess, run_virtblk
 from peers.guest import GuestKernel, run_guest
+from peers.process import eventually
 from peers.qsd import QemuStorageDaemon
 from virtblk import Disk
 from virtblk.device.control import send_command
@@ -27,15 +27,6 @@ from virtblk.driver.virtio_blk import Geometry, Topology
 from virtblk.errors import BlockIOError
 
 MiB = 1 << 20
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def serve(sock_dir: Path, *args: str) -> ServeProcess:
@@ -132,7 +123,7 @@ def test_cache_mode_is_read_and_set_like_cache_type(sock_dir: Path) -> None:
             disk.cache_mode = "unsafe"
         # From the host side: the driver re-reads the config on the change message.
         ctl(sock_dir, "set-cache-mode", mode="write back")
-        assert wait_for(lambda: disk.cache_mode == "write back")
+        assert eventually(lambda: disk.cache_mode == "write back", 10.0)
 
 
 def test_serve_writethrough_starts_write_through(sock_dir: Path) -> None:

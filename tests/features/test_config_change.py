@@ -24,6 +24,7 @@ import pytest
 
 from interop.serve_process import ServeProcess, run_virtblk
 from peers.guest import GuestKernel, run_guest
+from peers.process import eventually
 from peers.qsd import QemuStorageDaemon
 from virtblk import Disk
 from virtblk.device.backends import MemoryBackend
@@ -33,16 +34,6 @@ from virtblk.driver.virtio_blk import MAX_CAPACITY_SECTORS, string_get_size
 from virtblk.vhost_user.server import serve_connected
 
 MiB = 1 << 20
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll until ``predicate()`` holds; the config work runs in a thread of its own."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture
@@ -135,7 +126,7 @@ def test_resize_through_virtblk_control_reaches_our_driver(
         result = run_virtblk("control", control, "resize", "16M")
         assert result.returncode == 0, result.stderr
         assert "8.00 MiB -> 16.00 MiB" in result.stdout and "frontend notified" in result.stdout
-        assert wait_for(lambda: seen == [(8 * MiB, 16 * MiB)]), seen
+        assert eventually(lambda: seen == [(8 * MiB, 16 * MiB)], 10.0), seen
         assert disk.size == 16 * MiB
         disk.pwrite(b"\x5a" * 4096, 12 * MiB)  # beyond the old end: now in range
         assert disk.pread(4096, 12 * MiB) == b"\x5a" * 4096
@@ -148,7 +139,7 @@ def test_shrink_keeps_the_driver_inside_the_disk(served: tuple[ServeProcess, str
     with Disk.connect(str(sp.socket_path)) as disk:
         disk.pwrite(b"\x01" * 512, 0)
         assert send_command(control, "resize", size=4 * MiB)["ok"]
-        assert wait_for(lambda: disk.size == 4 * MiB)
+        assert eventually(lambda: disk.size == 4 * MiB, 10.0)
         with pytest.raises(ValueError, match="past the end"):
             disk.pread(512, 6 * MiB)
         assert disk.pread(512, 0) == b"\x01" * 512
@@ -163,7 +154,7 @@ def test_a_capacity_that_does_not_fit_is_truncated_with_a_warning(
         caplog.set_level(logging.WARNING, logger="virtblk.driver")
         answer = send_command(control, "resize", size=1 << 64)  # 2**55 sectors
         assert answer["ok"] and answer["capacity"] == 1 << 55
-        assert wait_for(lambda: disk.size == MAX_CAPACITY_SECTORS * 512)
+        assert eventually(lambda: disk.size == MAX_CAPACITY_SECTORS * 512, 10.0)
         assert disk.size < 1 << 63  # every byte offset fits a signed 64-bit off_t
         assert f"Capacity {1 << 55} too large: truncating" in caplog.text
         disk.pread(512, disk.size - 512)  # the last sector is addressable
@@ -175,7 +166,7 @@ def test_control_socket_keeps_answering_on_one_connection(
     _, control = served
     # ServeProcess's readiness probe is served as a short session of its own: wait for the
     # server to see it end (it once answered frontend_connected True here).
-    assert wait_for(lambda: not send_command(control, "stats")["frontend_connected"])
+    assert eventually(lambda: not send_command(control, "stats")["frontend_connected"], 10.0)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(control)
         sock.sendall(b'{"command": "stats"}\nnonsense\n{"command": "get-config"}\n')
@@ -239,7 +230,7 @@ def test_qsd_block_resize_is_invisible_until_the_export_is_recreated(
         # If this starts failing, the daemon learnt to update its config (QEMU 8.x).
         assert disk.size == 8 * MiB and seen == []
     qsd.qmp("block-export-del", id=qsd.export_id)
-    wait_for(lambda: not qsd.qmp("query-block-exports"))
+    eventually(lambda: not qsd.qmp("query-block-exports"), 10.0)
     qsd.qmp("block-export-add", {
         "type": "vhost-user-blk", "id": qsd.export_id, "node-name": qsd.node_name,
         "addr": {"type": "unix", "path": str(qsd.socket_path)}, "writable": True})

@@ -21,7 +21,7 @@ import pytest
 from interop.serve_process import ServeProcess, run_virtblk
 from peers.ceph import CephCluster
 from peers.plugin import RbdImageFactory
-from peers.process import process_group
+from peers.process import eventually, process_group
 from virtblk import Disk
 from virtblk.errors import BlockIOError
 
@@ -36,15 +36,6 @@ ServeRbd = Callable[..., ServeProcess]
 def _image_size(cluster: CephCluster, spec: str) -> int:
     size: int = json.loads(cluster.rbd("info", "--format", "json", spec))["size"]
     return size
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
 
 
 @pytest.fixture
@@ -140,7 +131,7 @@ def test_resize_reaches_the_driver_both_ways(
     ):
         disk.on_resize(lambda old, new: seen.append((old, new)))
         ceph_cluster.rbd("resize", "--no-progress", "--size", "96M", spec)
-        assert _wait_for(lambda: disk.size == 96 * MiB), f"size stayed {disk.size}"
+        assert eventually(lambda: disk.size == 96 * MiB, 15.0), f"size stayed {disk.size}"
         assert (SIZE, 96 * MiB) in seen
         tail = os.urandom(4096)
         disk.pwrite(tail, 96 * MiB - 4096)
@@ -149,7 +140,7 @@ def test_resize_reaches_the_driver_both_ways(
         result = run_virtblk("control", str(control), "resize", "128M")
         assert result.returncode == 0, result.stderr
         assert _image_size(ceph_cluster, spec) == 128 * MiB
-        assert _wait_for(lambda: disk.size == 128 * MiB), f"size stayed {disk.size}"
+        assert eventually(lambda: disk.size == 128 * MiB, 15.0), f"size stayed {disk.size}"
         assert disk.pread(4096, 96 * MiB - 4096) == tail
         assert disk.pread(4096, 128 * MiB - 4096) == bytes(4096)
 

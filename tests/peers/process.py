@@ -33,6 +33,17 @@ def accepts(path: Path) -> bool:
     return True
 
 
+def eventually(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll until ``predicate()`` holds (True) or ``timeout`` seconds pass (its last
+    answer): for what another thread or process does in its own time (a config change)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
 def wait_ready(
     process: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, interval: float
 ) -> int | None:
