@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from interop.serve_process import ServeProcess, run_virtblk
+from peers.threads import run_in_threads
 from virtblk import Disk
 from virtblk.errors import BlockIOError, DeviceGoneError, FeatureNotNegotiatedError
 from virtblk.spec import DiscardSegment, Lifetime, RequestType, Status
@@ -143,24 +144,15 @@ def test_two_threads_use_both_queues(sock_dir: Path, image: Path) -> None:
         Disk.connect(str(srv.socket_path), num_queues=2) as disk,
     ):
         patterns = [os.urandom(128 * 1024) for _ in range(2)]
-        errors: list[BaseException] = []
 
         def work(t: int) -> None:
-            try:
-                for i in range(16):
-                    offset = (8 + 4 * t) * MiB + i * 128 * 1024
-                    disk.pwrite(patterns[t], offset)
-                    if disk.pread(128 * 1024, offset) != patterns[t]:
-                        raise AssertionError(f"thread {t}: bad read-back at {offset}")
-            except BaseException as exc:
-                errors.append(exc)
+            for i in range(16):
+                offset = (8 + 4 * t) * MiB + i * 128 * 1024
+                disk.pwrite(patterns[t], offset)
+                if disk.pread(128 * 1024, offset) != patterns[t]:
+                    raise AssertionError(f"thread {t}: bad read-back at {offset}")
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert errors == []
+        run_in_threads(work, 2)
         assert [q.stats_submitted > 0 for q in disk.device.queues] == [True, True]
         disk.flush()
         assert _host_read(image, 12 * MiB, 128 * 1024) == patterns[1]

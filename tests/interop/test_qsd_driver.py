@@ -19,6 +19,7 @@ import pytest
 from interop.serve_process import run_virtblk
 from peers.plugin import QsdFactory
 from peers.qsd import QemuStorageDaemon
+from peers.threads import run_in_threads
 from virtblk import Disk
 from virtblk.errors import DeviceGoneError
 from virtblk.spec import Feature
@@ -143,27 +144,17 @@ def test_two_threads_use_both_queues(backend: Backend) -> None:
     daemon, image = backend(2)
     with Disk.connect(str(daemon.socket_path), num_queues=2) as disk:
         patterns = {t: os.urandom(256 * 1024) for t in range(2)}
-        errors: list[BaseException] = []
 
         def work(t: int) -> None:
-            try:
-                base = (16 + 8 * t) * MiB
-                for i in range(8):
-                    disk.pwrite(patterns[t], base + i * 256 * 1024)
-                for i in range(8):
-                    got = disk.pread(256 * 1024, base + i * 256 * 1024)
-                    if image is not None and got != patterns[t]:
-                        raise AssertionError(f"thread {t} read back other data at chunk {i}")
-            except BaseException as exc:
-                errors.append(exc)
+            base = (16 + 8 * t) * MiB
+            for i in range(8):
+                disk.pwrite(patterns[t], base + i * 256 * 1024)
+            for i in range(8):
+                got = disk.pread(256 * 1024, base + i * 256 * 1024)
+                if image is not None and got != patterns[t]:
+                    raise AssertionError(f"thread {t} read back other data at chunk {i}")
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in threads)
-        assert errors == []
+        run_in_threads(work, 2)
         assert [q.stats_submitted > 0 for q in disk.device.queues] == [True, True]
         disk.flush()
         if image is not None:

@@ -10,7 +10,6 @@ The cluster is the session's one-node Ceph (tests/peers/ceph.py).
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from peers.ceph import POOL, CephCluster
 from peers.plugin import QsdFactory, RbdImageFactory
 from peers.qsd import QemuStorageDaemon
+from peers.threads import run_in_threads
 from virtblk import Disk
 
 pytestmark = pytest.mark.interop
@@ -128,23 +128,13 @@ def test_two_threads_on_two_queues(
     spec = rbd_image(size=IMAGE_SIZE)
     daemon = rbd_qsd(spec, num_queues=2)
     patterns = [os.urandom(8 * MiB) for _ in range(2)]
-    errors: list[BaseException] = []
     with Disk.connect(str(daemon.socket_path), num_queues=2, timeout=10) as disk:
 
         def work(t: int) -> None:
-            try:
-                for i in range(0, 8 * MiB, 256 * 1024):
-                    disk.pwrite(patterns[t][i : i + 256 * 1024], (16 + 16 * t) * MiB + i)
-            except BaseException as exc:
-                errors.append(exc)
+            for i in range(0, 8 * MiB, 256 * 1024):
+                disk.pwrite(patterns[t][i : i + 256 * 1024], (16 + 16 * t) * MiB + i)
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in threads)
-        assert errors == []
+        run_in_threads(work, 2)
         assert [q.stats_submitted > 0 for q in disk.device.queues] == [True, True]
         disk.flush()
     image = ceph_cluster.export(spec)

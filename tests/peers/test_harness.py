@@ -8,6 +8,7 @@ import lzma
 import os
 import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from peers.guest import (
 )
 from peers.plugin import QsdFactory
 from peers.qsd import QemuStorageDaemon, QmpError, QsdError
+from peers.threads import run_in_threads
 
 MiB = 1 << 20
 
@@ -215,3 +217,28 @@ def test_ceph_cluster_serves_an_rbd_image(ceph_cluster: CephCluster, rbd_image: 
     finally:
         ceph_cluster.resume_osd()
     ceph_cluster.rbd("export", "--no-progress", spec, str(back) + "2")
+
+
+def test_run_in_threads_fails_on_a_thread_error_and_on_a_hung_thread() -> None:
+    """An exception on a thread is otherwise only printed: the helper must raise it, and
+    fail when a thread outlives the timeout."""
+    ran: list[int] = []
+    run_in_threads(ran.append, 3)
+    assert sorted(ran) == [0, 1, 2]
+
+    def fails(index: int) -> None:
+        if index == 1:
+            raise ValueError("thread 1 failed")
+
+    with pytest.raises(ValueError, match="thread 1 failed"):
+        run_in_threads(fails, 2)
+    release = threading.Event()
+
+    def hangs(index: int) -> None:
+        release.wait(30)
+
+    try:
+        with pytest.raises(AssertionError, match="ran past"):
+            run_in_threads(hangs, 1, timeout=0.2)
+    finally:
+        release.set()
