@@ -37,6 +37,11 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "virtblk.driver": frozenset({"virtblk.device", "virtblk.aio", "virtblk.tools"}),
     "virtblk.aio": frozenset({"virtblk.device", "virtblk.tools"}),
     "virtblk.embedded": frozenset({"virtblk.tools"}),
+    # NBD is a second wire protocol beside vhost-user: sans-IO, it knows neither virtio nor
+    # either end of virtio-blk (the server in tools and the device's backend build on it).
+    "virtblk.nbd": frozenset({"virtblk.virtio", "virtblk.vhost_user", "virtblk.driver",
+                              "virtblk.device", "virtblk.aio", "virtblk.embedded",
+                              "virtblk.tools"}),
 }
 """Package -> packages it must not import (besides ``virtblk.cli``, which only
 ``virtblk.__main__`` may import)."""
@@ -175,6 +180,8 @@ def test_no_upward_or_sideways_import() -> None:
     ("virtblk.errors", "virtblk.aio", True),
     ("virtblk.unixsock", "virtblk.util", True),
     ("virtblk.driver.disk", "virtblk.aio", False),
+    ("virtblk.nbd.wire", "virtblk.device.blk", False),
+    ("virtblk.nbd.wire", "virtblk.virtio.memory", True),
 ])
 def test_each_rule_catches_its_import(source: str, target: str, top_level: bool) -> None:
     """The checker itself: each kind of forbidden import is reported."""
