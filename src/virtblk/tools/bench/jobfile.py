@@ -12,7 +12,7 @@ Two steps, both without I/O (text in, values out):
   an option that changes the workload is never dropped without a word.
 
 Values follow fio's parameter types: sizes with fio's suffixes and its ``kb_base`` (1024 by
-default, where ``k`` is 1024 and, for old scripts' sake, ``ki`` is 1000), times in seconds
+default, where ``k`` is 1024 and, for old scripts' sake, ``KiB`` is 1000), times in seconds
 unless a unit says otherwise, booleans as ``0``/``1`` or a bare name.
 """
 
@@ -127,19 +127,21 @@ _SIZE = re.compile(r"(0x[0-9a-f]+|\d+)\s*([kmgtp]?)(i?)(b?)", re.IGNORECASE)
 
 
 def parse_size(value: str, kb_base: int = 1024) -> int:
-    """fio's ``int`` for quantities of data (``__get_mult_bytes``): ``4k`` = 4096 with the
-    default kb_base 1024, where the ``i`` forms take the other base (``1mi`` = 1000000);
-    with kb_base 1000 it is the SI way round.  ``b`` is bytes, case does not matter."""
+    """fio's ``int`` for quantities of data, as its ``__get_mult_bytes`` reads it (which the
+    tests check against fio itself): ``4k`` = 4096 with the default kb_base 1024; a suffix
+    spelt with ``ib`` takes the other base (``4KiB`` = 4000 then, fio's "opposite units" for
+    old scripts; ``1mi``, without the b, stays 1048576); kb_base 1000 is the SI way round.
+    ``b`` is bytes, case does not matter, ``0x`` is hexadecimal."""
     match = _SIZE.fullmatch(value.strip())
     if match is None:
         raise ValueError(f"{value!r} is not a size (a number with k, m, g, t, p, KiB...)")
-    digits, prefix, ib, _ = match.groups()
+    digits, prefix, i, b = match.groups()
     number = int(digits, 16) if digits.lower().startswith("0x") else int(digits)
+    if i and not prefix:
+        raise ValueError(f"{value!r} is not a size")
     base = kb_base
-    if ib:
-        if not prefix:
-            raise ValueError(f"{value!r} is not a size")
-        base = 1000 if kb_base == 1024 else 1024  # fio's "opposite units"
+    if i and b:
+        base = 1000 if kb_base == 1024 else 1024
     return int(number * base ** _POWERS[prefix.lower()])
 
 
