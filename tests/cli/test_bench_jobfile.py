@@ -149,9 +149,9 @@ bs=4k
 
 
 def test_a_run_lasts_a_time() -> None:
-    with pytest.raises(JobFileError, match="job 'j' .*needs time_based and runtime"):
+    with pytest.raises(JobFileError, match=r"job 'j' .*needs time_based and runtime"):
         runs_of("[j]\nrw=read\n")
-    with pytest.raises(JobFileError, match="job 'j' .*time_based needs runtime"):
+    with pytest.raises(JobFileError, match=r"job 'j' .*time_based needs runtime"):
         runs_of("[j]\ntime_based\n")
 
 
@@ -257,7 +257,9 @@ _sections = st.lists(
 
 
 @given(_sections)
-def test_inheritance_matches_a_model(sections: list[tuple[bool, str, list[tuple[str, str]]]]) -> None:
+def test_inheritance_matches_a_model(
+    sections: list[tuple[bool, str, list[tuple[str, str]]]],
+) -> None:
     """Any file of [global] and job sections: each job sees the globals written above it,
     then its own options, the last word winning."""
     text = ""
