@@ -205,6 +205,13 @@ def test_different_read_and_write_block_sizes_are_refused() -> None:
         runs_of("[j]\ntime_based\nruntime=1\nbs=4k,8k\n")
 
 
+def test_an_option_that_needs_a_value() -> None:
+    with pytest.raises(JobFileError, match="line 4, job 'j': bs: needs a value"):
+        runs_of("[j]\ntime_based\nruntime=1\nbs\n")
+    with pytest.raises(JobFileError, match="line 4, job 'j': rw=: needs a value"):
+        runs_of("[j]\ntime_based\nruntime=1\nrw=\n")
+
+
 def test_verify_needs_writes() -> None:
     with pytest.raises(JobFileError, match="verify needs a workload that writes"):
         runs_of("[j]\ntime_based\nruntime=1\nrw=read\nverify=md5\n")

@@ -6,6 +6,7 @@ layout against the logs real fio writes with the same options, and fio's own too
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -212,3 +213,36 @@ def test_fio2gnuplot_reads_our_logs(tmp_path: Path) -> None:
     pngs = sorted((tmp_path / "out").glob("*.png"))
     assert {"x_bw.1-2Draw.png", "x_bw.2-2Draw.png", "result-3D.png"} <= {p.name for p in pngs}
     assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+# -- the rows, from known completions ----------------------------------------------------------
+def _job(read: list[tuple[int, int]], write: list[tuple[int, int]], elapsed: float) -> Any:
+    """A JobResult whose I/Os completed at the given (ms, latency ns)."""
+    from virtblk.tools.bench.results import DirectionStats, JobResult
+
+    def stats(ios: list[tuple[int, int]]) -> DirectionStats:
+        done = np.array([ms * 1_000_000 for ms, _ in ios], np.int64)
+        lat = np.array([ns for _, ns in ios], np.int64)
+        return DirectionStats(len(ios), len(ios) * 4096, lat, [], done_ns=done)
+
+    return JobResult(0, elapsed, stats(read), stats(write), 0, 0, 0, 0, "", 0.0, 0.0)
+
+
+def test_window_rows_from_known_completions() -> None:
+    from virtblk.tools.bench import BenchConfig
+    from virtblk.tools.bench.logs import log_rows
+
+    # Reads at 10, 20 and 150 ms; a write at 120 ms; one read at 260 ms, past the last
+    # whole window of a 0.25 s run.
+    job = _job([(10, 1000), (20, 3000), (150, 500), (260, 9)], [(120, 7000)], 0.25)
+    cfg = BenchConfig(rw="randrw", log_avg_msec=100, write_lat_log="x")
+    assert log_rows(job, cfg, "lat").tolist() == [
+        [100, 2000, 0, 0, 0], [200, 500, 0, 0, 0], [200, 7000, 1, 0, 0]]
+    assert log_rows(job, cfg, "iops").tolist() == [
+        [100, 20, 0, 0, 0], [100, 0, 1, 0, 0], [200, 10, 0, 0, 0], [200, 10, 1, 0, 0]]
+    assert log_rows(job, cfg, "bw").tolist() == [  # KiB/s: 20 IOPS of 4 KiB
+        [100, 80, 0, 0, 0], [100, 0, 1, 0, 0], [200, 40, 0, 0, 0], [200, 40, 1, 0, 0]]
+    per_io = dataclasses.replace(cfg, log_avg_msec=0)
+    assert log_rows(job, per_io, "bw").tolist()[:2] == [
+        [10, 4096 * 10**6 // 1000, 0, 4096, 0], [20, 4096 * 10**6 // 3000, 0, 4096, 0]]
+    assert log_rows(job, per_io, "slat").shape == (0, 5)

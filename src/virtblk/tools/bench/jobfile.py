@@ -226,7 +226,7 @@ class _Builder:
 
 
 def _need(value: str | None) -> str:
-    if value is None:
+    if value is None or not value.strip():
         raise ValueError("needs a value")
     return value
 
