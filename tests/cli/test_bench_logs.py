@@ -189,9 +189,11 @@ def test_fio_generate_plots_draws_our_logs(tmp_path: Path) -> None:
         assert sorted(plotted) == ["x.1", "x.2"], plotted  # PREFIX_TYPE.N.log less _TYPE
         for number in (1, 2):
             rows = read_log(tmp_path / f"x_{kind}.{number}.log")
-            distinct = 1 + int(np.any(np.diff(rows[:, :2], axis=0) != 0, axis=1).sum())
+            # gnuplot drops a point on the same pixel as the one before it: rows of one
+            # window (read, write) may share it, rows of different windows never do.
+            windows = len(set(rows[:, 0]))
             got = plotted[f"x.{number}"]
-            assert distinct <= got <= len(rows), (kind, number, got, len(rows))
+            assert windows <= got <= len(rows), (kind, number, got, len(rows))
     # As for fio's engines that do not measure submission latency: nothing to draw.
     assert (tmp_path / "virtblk-slat.svg").stat().st_size == 0
 

@@ -205,16 +205,14 @@ _VERIFY = {"md5": "md5", "crc32c": "crc32c", "crc32c-intel": "crc32c", "none": N
 
 
 class _Builder:
-    """One job's options becoming BenchConfig fields; problems are collected, not raised,
-    so that one error names them all."""
+    """One job's options becoming BenchConfig fields (and what the report needs); a handler
+    raises ValueError for a value it cannot honour, which :func:`job_runs` collects."""
 
-    def __init__(self, section: JobSection) -> None:
-        self.section = section
+    def __init__(self, name: str) -> None:
         self.fields: dict[str, Any] = {}
-        self.name = section.name
+        self.name = name
         self.group_reporting = False
         self.notes: list[str] = []
-        self.problems: list[tuple[Option, str]] = []
         self.time_based = False
         self.hipri = False
         self.kb_base = 1024
@@ -393,7 +391,7 @@ def job_runs(jobfile: JobFile, defaults: BenchConfig | None = None) -> list[JobR
     unsupported: dict[str, list[str]] = {}  # "job 'x'" / "[global]" -> option names
     bad: list[str] = []
     for section in jobfile.jobs:
-        b = _Builder(section)
+        b = _Builder(section.name)
         effective = section.effective()
         ordered = sorted(effective.values(), key=lambda o: (o.key not in _FIRST, o.line))
         for option in ordered:
