@@ -248,3 +248,14 @@ def test_window_rows_from_known_completions() -> None:
     assert log_rows(job, per_io, "bw").tolist()[:2] == [
         [10, 4096 * 10**6 // 1000, 0, 4096, 0], [20, 4096 * 10**6 // 3000, 0, 4096, 0]]
     assert log_rows(job, per_io, "slat").shape == (0, 5)
+
+
+def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = subprocess.run(
+        [*_argv(), "bench", *QUICK, "--runtime", "0.2", "--write_lat_log", "file/x"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "bench: writing the logs:" in result.stderr and "file" in result.stderr
+    assert "Traceback" not in result.stderr
