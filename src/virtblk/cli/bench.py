@@ -3,11 +3,14 @@ embedded, when none is named).
 
 The options keep fio's names and meanings (``--rw --bs --iodepth --numjobs --runtime --size
 --offset --rwmixread --verify --ioengine --group_reporting --output-format json``) and the
-JSON output keeps fio's layout and units, so scripts written for fio read it unchanged.
+JSON output keeps fio's layout and units, so scripts written for fio read it unchanged; an
+fio job file runs its sections one after another (:mod:`virtblk.tools.bench.jobfile`), and
+``--write_lat_log`` and its kin write fio's logs (:mod:`virtblk.tools.bench.logs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -22,12 +25,14 @@ from virtblk.util import human_size, process_cpu_seconds
 if TYPE_CHECKING:  # imported where they are used: ``--help`` loads none of them
     from virtblk.driver.disk import Disk
     from virtblk.tools.bench import BenchConfig, BenchResult, DirectionStats
+    from virtblk.tools.bench.jobfile import JobRun
 
 _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 
 
 @click.command()
 @click.argument("socket_path", required=False, metavar="[SOCKET]")
+@click.argument("job_file", required=False, metavar="[JOBFILE]")
 @click.option("--name", default="virtblk", show_default=True, help="Job name (fio's jobname).")
 @click.option(
     "--rw",
@@ -103,6 +108,24 @@ _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
     help="Draw the latency distribution and IOPS over time into this PNG (needs matplotlib).",
 )  # fmt: skip
 @click.option(
+    "--write_lat_log", "--write-lat-log", "write_lat_log", metavar="PREFIX",
+    help="fio's latency logs: PREFIX_lat.N.log, PREFIX_clat.N.log (and an empty "
+    "PREFIX_slat.N.log: submission latency is not measured apart).",
+)  # fmt: skip
+@click.option(
+    "--write_iops_log", "--write-iops-log", "write_iops_log", metavar="PREFIX",
+    help="fio's IOPS log: PREFIX_iops.N.log.",
+)  # fmt: skip
+@click.option(
+    "--write_bw_log", "--write-bw-log", "write_bw_log", metavar="PREFIX",
+    help="fio's bandwidth log (KiB/s): PREFIX_bw.N.log.",
+)  # fmt: skip
+@click.option(
+    "--log_avg_msec", "--log-avg-msec", "log_avg_msec", type=click.IntRange(min=0),
+    default=0, show_default=True,
+    help="Logs: one line per direction per window of this many ms (its mean); 0: per I/O.",
+)  # fmt: skip
+@click.option(
     "--backend", type=click.Choice(["null", "memory", "file"]), default="null",
     show_default=True, help="Embedded device backend (without SOCKET).",
 )  # fmt: skip
@@ -134,6 +157,7 @@ _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 def bench(
     ctx: click.Context,
     socket_path: str | None,
+    job_file: str | None,
     name: str,
     rw: str,
     bs: int,
@@ -153,6 +177,10 @@ def bench(
     randseed: int,
     output_format: str,
     plot_path: str | None,
+    write_lat_log: str | None,
+    write_iops_log: str | None,
+    write_bw_log: str | None,
+    log_avg_msec: int,
     backend: str,
     device_size: int,
     file_path: str | None,
@@ -165,10 +193,19 @@ def bench(
     """Measure IOPS, bandwidth, completion latency and CPU per I/O, fio-style.
 
     Without SOCKET it starts our own device (in a child process) with --backend, with one
-    queue per job.  Exits 1 when any I/O fails or any block fails verification.
+    queue per job.  JOBFILE, an fio job file, runs its job sections one after another (a
+    lone argument naming a regular file is the JOBFILE).  Exits 1 when any I/O fails or any
+    block fails verification.
     """
-    from virtblk.device.control import notification_counters
-    from virtblk.tools.bench import BenchConfig, DeviceCounters, fio_json, plot, run_bench
+    import os
+
+    from virtblk.tools.bench import BenchConfig, plot
+    from virtblk.tools.bench.fio import FioRun, fio_json_runs
+    from virtblk.tools.bench.jobfile import JobRun
+    from virtblk.tools.bench.logs import write_logs
+
+    if job_file is None and socket_path is not None and os.path.isfile(socket_path):
+        socket_path, job_file = None, socket_path  # a socket is never a regular file
 
     # Checked here: the embedded device would only fail in its child process, and the
     # driver would see nothing but a dropped connection.
@@ -211,7 +248,18 @@ def bench(
         batch_complete_min=batch_complete_min,
         poll_us=poll_us,
         disable_cb_while_draining=not keep_cb_while_draining,
+        write_lat_log=write_lat_log,
+        write_iops_log=write_iops_log,
+        write_bw_log=write_bw_log,
+        log_avg_msec=log_avg_msec,
     )
+    if job_file is not None:
+        runs = _job_file_runs(ctx, job_file, cfg)
+        if reconnect_timeout is not None and any(r.config.numjobs > 1 for r in runs):
+            raise click.UsageError("--reconnect-timeout runs one job (jobs 2.. are forked "
+                                   "processes, each with its own copy of the connection)")
+    else:
+        runs = [JobRun(name, cfg, group_reporting)]
     if verify is not None and not cfg.writes:
         raise click.UsageError(
             f"--verify needs a workload that writes (write, randwrite, randrw, readwrite), "
@@ -228,9 +276,65 @@ def bench(
     if ioengine == "sync" and iodepth > 1 and explicit_depth:
         click.echo(f"note: --ioengine sync does one I/O at a time (iodepth {iodepth} -> 1)",
                    err=True)
+    done: list[FioRun] = []
+    target = ""
+    number = 1  # fio's job number, across the whole job file: the logs' .N
+    for run in runs:
+        result, target = _run_one(
+            run, socket_path, queue_size, backend, device_size, file_path, device_pid,
+            device_poll_us, reconnect_timeout, device_control,
+            live=output_format == "normal" and sys.stderr.isatty(),
+            label=f"job '{run.name}': " if job_file is not None else "",
+        )  # fmt: skip
+        if result.config.logging:
+            try:
+                write_logs(result, number)
+            except OSError as exc:
+                raise click.ClickException(f"bench: writing the logs: {exc}") from exc
+        number += result.config.numjobs
+        done.append(FioRun(run.name, result, run.group_reporting))
+    if output_format in ("json", "json+"):
+        report = fio_json_runs(done, target=target, plus=output_format == "json+")
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo("\n".join(
+            (f"[{r.jobname}] " if job_file is not None else "") + format_result(r.result, target)
+            for r in done
+        ))  # fmt: skip
+    if plot_path is not None:
+        plot(done[0].result, plot_path, title=f"{name}: {_headline(done[0].result, target)}")
+    failures = [(r.jobname, r.result) for r in done if r.result.errors]
+    if failures:
+        raise click.ClickException("; ".join(
+            (f"job '{n}': " if job_file is not None else "") + _failure(r) for n, r in failures
+        ))  # fmt: skip
+
+
+def _run_one(
+    run: JobRun,
+    socket_path: str | None,
+    queue_size: int,
+    backend: str,
+    device_size: int,
+    file_path: str | None,
+    device_pid: int | None,
+    device_poll_us: float | None,
+    reconnect_timeout: float | None,
+    device_control: str | None,
+    *,
+    live: bool,
+    label: str,
+) -> tuple[BenchResult, str]:
+    """One run on a connection of its own (a run's forked jobs leave their rings in states
+    this process cannot resume, so the next run connects afresh); returns its result and
+    the target's description.  ``label`` names the job section in errors."""
+    from virtblk.device.control import notification_counters
+    from virtblk.tools.bench import DeviceCounters, run_bench
+
+    cfg = run.config
     with ExitStack() as stack:
         disk, device_cpu, target = _open(
-            stack, socket_path, numjobs, queue_size, backend, device_size, file_path,
+            stack, socket_path, cfg.numjobs, queue_size, backend, device_size, file_path,
             device_pid, device_poll_us, reconnect_timeout,
         )  # fmt: skip
         counters: DeviceCounters | None = None
@@ -239,25 +343,50 @@ def bench(
         elif device_control is not None:
             path = device_control
             counters = lambda: notification_counters(path)  # noqa: E731
-        live = output_format == "normal" and sys.stderr.isatty()
         with _live_progress(cfg, live) as progress:
             try:
                 result = run_bench(disk, cfg, device_cpu=device_cpu, progress=progress,
                                    device_counters=counters)
             except ValueError as exc:
-                raise click.UsageError(str(exc)) from exc
+                raise click.UsageError(f"{label}{exc}") from exc
             except (OSError, RuntimeError) as exc:  # the device failed or went away
-                raise click.ClickException(f"bench: {exc}") from exc
-    if output_format in ("json", "json+"):
-        report = fio_json(result, jobname=name, target=target, group_reporting=group_reporting,
-                          plus=output_format == "json+")
-        click.echo(json.dumps(report, indent=2))
-    else:
-        click.echo(format_result(result, target))
-    if plot_path is not None:
-        plot(result, plot_path, title=f"{name}: {_headline(result, target)}")
-    if result.errors:
-        raise click.ClickException(_failure(result))
+                raise click.ClickException(f"bench: {label}{exc}") from exc
+    return result, target
+
+
+_WORKLOAD_OPTIONS = ("name", "rw", "bs", "iodepth", "numjobs", "runtime", "size", "offset",
+                     "rwmixread", "verify", "ioengine", "batch_complete_min",
+                     "group_reporting", "randseed", "plot_path")  # fmt: skip
+"""What a job file says itself: on the command line too, they would contradict it."""
+
+
+def _job_file_runs(ctx: click.Context, job_file: str, cfg: BenchConfig) -> list[JobRun]:
+    """The job file's sections as runs over fio's defaults (``rw=read``, ``bs=4k``,
+    ``iodepth=1``, ``ioengine=psync``, our ``sync``) and the command line's device and log
+    options, which the file's own options override."""
+    from virtblk.tools.bench.jobfile import JobFileError, job_runs, parse_job_file
+
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name in _WORKLOAD_OPTIONS
+             and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
+    if given:
+        flags = ", ".join(given)
+        raise click.UsageError(f"{flags}: with a job file the workload is the file's (put "
+                               "it in the file's [global] or a job section)")
+    try:
+        with open(job_file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"job file {job_file}: {exc}") from exc
+    defaults = dataclasses.replace(cfg, rw="read", bs=4096, iodepth=1, ioengine="sync")
+    try:
+        runs = job_runs(parse_job_file(text), defaults)
+    except JobFileError as exc:
+        raise click.ClickException(f"job file {job_file}:\n{exc}") from exc
+    for run in runs:
+        for note in run.notes:
+            click.echo(f"note: {note}", err=True)
+    return runs
 
 
 def _open(

@@ -35,8 +35,9 @@ verifying, no two I/Os to one block are in flight together, so what a read must 
 known exactly.
 
 The modules: :mod:`.config` (what to run), :mod:`.results` (what was measured),
-:mod:`.fio` (fio's JSON), :mod:`.verify`, :mod:`.workload`, :mod:`.engines`,
-:mod:`.runner` (the run and its processes), :mod:`.plot`.
+:mod:`.fio` (fio's JSON), :mod:`.jobfile` (fio's job files), :mod:`.logs` (fio's log files),
+:mod:`.verify`, :mod:`.workload`, :mod:`.engines`, :mod:`.runner` (the run and its
+processes), :mod:`.plot`.
 """
 
 import os

@@ -45,6 +45,19 @@ class BenchConfig:
     """``queue`` engine: poll the used ring up to this long (adaptive) before sleeping."""
     disable_cb_while_draining: bool = True
     """False: the completion loop before the seed's "Disable callback in virtblk_done()"."""
+    write_lat_log: str | None = None
+    """fio's: a prefix for ``PREFIX_lat.N.log``, ``_clat``, ``_slat`` (see :mod:`.logs`)."""
+    write_iops_log: str | None = None
+    write_bw_log: str | None = None
+    log_avg_msec: int = 0
+    """0: a log line per I/O; else one per direction and window of this many ms (its mean)."""
+    per_job_logs: bool = True
+    """fio's: the job's number in the log's name (``PREFIX_lat.N.log``); False: none."""
+
+    @property
+    def logging(self) -> bool:
+        """Whether any fio log is written: the engines then note completion times."""
+        return any((self.write_lat_log, self.write_iops_log, self.write_bw_log))
 
     @property
     def mixed(self) -> bool:

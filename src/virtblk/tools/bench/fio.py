@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from typing import Any
@@ -27,6 +28,45 @@ def fio_json(
     histogram (``bins``, see :func:`plat_bins`).
     Our own figures (CPU per I/O, verification) sit under ``"virtblk"``, a key fio
     tooling ignores."""
+    return fio_json_runs([FioRun(jobname, result, group_reporting)], target=target, plus=plus)
+
+
+@dataclasses.dataclass(frozen=True)
+class FioRun:
+    """One job section's run, as a job file's report lists it."""
+
+    jobname: str
+    result: BenchResult
+    group_reporting: bool = False
+
+
+def fio_json_runs(runs: list[FioRun], *, target: str = "", plus: bool = False) -> dict[str, Any]:
+    """Several runs (a job file's sections, one after another) in one fio JSON document:
+    their job entries in order, each run its own group (``groupid`` 0, 1, ...), as fio
+    reports jobs separated by ``stonewall``.  ``"virtblk"`` holds our figures: for one run
+    as :func:`fio_json` has them, for several ``{"target", "runs": [...]}``, one per run."""
+    jobs: list[dict[str, Any]] = []
+    ours: list[dict[str, Any]] = []
+    for groupid, run in enumerate(runs):
+        run_jobs, run_ours = _run_json(run, groupid, target, plus)
+        jobs.extend(run_jobs)
+        ours.append(run_ours)
+    ts = runs[0].result.timestamp if runs else time.time()
+    return {
+        "fio version": f"virtblk-{__version__}",
+        "timestamp": int(ts),
+        "timestamp_ms": int(ts * 1000),
+        "time": time.ctime(ts),
+        "jobs": jobs,
+        "virtblk": ours[0] if len(ours) == 1 else {"target": target, "runs": ours},
+    }
+
+
+def _run_json(
+    run: FioRun, groupid: int, target: str, plus: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One run's job entries (one, or one per job) and our figures for it."""
+    result, jobname = run.result, run.jobname
     c = result.config
     options = _job_options(jobname, c)
     group = _fio_job(jobname, options, result.elapsed, result.read, result.write,
@@ -34,17 +74,19 @@ def fio_json(
                      first_errno=next((_job_errno(j) for j in result.jobs if _job_errno(j)),
                                       0),
                      usr=sum(j.usr_cpu for j in result.jobs),
-                     sys=sum(j.sys_cpu for j in result.jobs), plus=plus)  # fmt: skip
-    if group_reporting:
+                     sys=sum(j.sys_cpu for j in result.jobs), plus=plus,
+                     groupid=groupid)  # fmt: skip
+    if run.group_reporting:
         jobs = [group]
     else:
         jobs = [
             _fio_job(jobname, options, j.elapsed, j.read, j.write,
                      errors=j.errors + j.mismatches, first_errno=_job_errno(j),
-                     usr=j.usr_cpu, sys=j.sys_cpu, plus=plus)
+                     usr=j.usr_cpu, sys=j.sys_cpu, plus=plus, groupid=groupid)
             for j in result.jobs
         ]  # fmt: skip
     ours: dict[str, Any] = {
+        "jobname": jobname,
         "target": target,
         "ioengine": c.ioengine,
         "path": c.path,
@@ -68,17 +110,9 @@ def fio_json(
                                     if j.first_mismatch), ""),
         },
     }  # fmt: skip
-    if not group_reporting:
+    if not run.group_reporting:
         ours["group"] = group
-    ts = result.timestamp
-    return {
-        "fio version": f"virtblk-{__version__}",
-        "timestamp": int(ts),
-        "timestamp_ms": int(ts * 1000),
-        "time": time.ctime(ts),
-        "jobs": jobs,
-        "virtblk": ours,
-    }
+    return jobs, ours
 
 
 def _job_errno(j: JobResult) -> int:
@@ -205,12 +239,13 @@ def _fio_job(
     usr: float,
     sys: float,
     plus: bool,
+    groupid: int = 0,
 ) -> dict[str, Any]:
     empty = DirectionStats(0, 0, np.empty(0, np.int64), [])
     zero = {"min": 0, "max": 0, "mean": 0.0, "stddev": 0.0, "N": 0}
     return {
         "jobname": jobname,
-        "groupid": 0,
+        "groupid": groupid,
         "error": first_errno,
         "total_err": errors,
         "eta": 0,

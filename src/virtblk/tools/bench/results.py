@@ -20,6 +20,9 @@ class DirectionStats:
     io_bytes: int
     lat_ns: np.ndarray  # completion latency of each I/O, submission to completion
     samples: list[int]  # I/Os completed in each SAMPLE_NS window
+    done_ns: np.ndarray | None = None
+    """When each I/O completed (ns since the job started, aligned with ``lat_ns``), when
+    the run writes fio's logs; a merged group has none."""
 
     def percentiles(self) -> dict[float, int]:
         """Completion latency percentiles (ns), fio's set."""

@@ -203,3 +203,32 @@ class Clock:
             base = 2 * job.index
             self.counters[base] = len(job.lat[READ])
             self.counters[base + 1] = len(job.lat[WRITE])
+
+
+class MarkingClock(Clock):
+    """A :class:`Clock` that also notes, at every tick, how many I/Os of each direction
+    have completed: an I/O completed at the first mark after it, which gives each one its
+    completion time for fio's logs.  The engines tick once per batch of completions, so this
+    costs one append per batch, and only runs that log pay it (they get this clock)."""
+
+    def __init__(self, job: Job, counters: np.ndarray | None) -> None:
+        super().__init__(job, counters)
+        self.marks: list[tuple[int, int, int]] = []
+
+    def tick(self, now: int) -> None:
+        self.mark(now)
+        super().tick(now)
+
+    def mark(self, now: int) -> None:
+        """Note ``now`` and the completions so far (the engines' last mark is at their end)."""
+        lat = self.job.lat
+        self.marks.append((now, len(lat[READ]), len(lat[WRITE])))
+
+    def completion_times(self, d: int) -> np.ndarray:
+        """When each I/O of direction ``d`` completed, in ns since the clock started, in
+        the order of ``job.lat[d]``."""
+        if not self.marks:
+            return np.empty(0, np.int64)
+        marks = np.asarray(self.marks, np.int64)
+        per_mark = np.diff(marks[:, 1 + d], prepend=0)
+        return np.repeat(marks[:, 0] - self.t0, per_mark)
