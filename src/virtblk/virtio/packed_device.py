@@ -76,6 +76,13 @@ class _Malformed(Exception):
     """Why a chain's buffers are refused (becomes a ``PackedChainError``)."""
 
 
+def _check_total(total: int) -> None:
+    """A chain's lengths must sum to what a 32-bit used length can report (checked before
+    any address, as rust-vmm's ``checked_add`` bounds a chain)."""
+    if total > _U32:
+        raise _Malformed(f"descriptor lengths sum to {total}, past 2^32 - 1")
+
+
 class PackedDeviceVirtqueue:
     """The device's end of a packed virtqueue; the interface of ``DeviceVirtqueue``.
 
@@ -398,6 +405,7 @@ class PackedDeviceVirtqueue:
         table it is); raises ``_Malformed`` naming the first rule broken."""
         if len(entries) == 1 and entries[0][2] & VRING_DESC_F_INDIRECT:
             return self._indirect(*entries[0])
+        _check_total(sum(length for _, length, _, _ in entries))
         chain = DescriptorChain(0, [], [], 0, 0)
         seen_write = False
         for addr, length, flags, pos in entries:
@@ -422,10 +430,11 @@ class PackedDeviceVirtqueue:
             table = self._memory.view(addr, length)
         except GuestMemoryError as exc:
             raise _Malformed(f"indirect table: {exc}") from None
+        descs = [DESC.unpack_from(table, i * VRING_DESC_SIZE) for i in range(entries)]
+        _check_total(sum(length for _, length, _, _ in descs))
         chain = DescriptorChain(0, [], [], 0, 0)
         seen_write = False
-        for i in range(entries):
-            buf, buf_len, _, flags = DESC.unpack_from(table, i * VRING_DESC_SIZE)
+        for i, (buf, buf_len, _, flags) in enumerate(descs):
             if flags & VRING_DESC_F_INDIRECT:
                 raise _Malformed(f"INDIRECT descriptor inside the indirect table (entry {i})")
             seen_write = self._add_buffer(chain, buf, buf_len, bool(flags & VRING_DESC_F_WRITE),
@@ -435,16 +444,14 @@ class PackedDeviceVirtqueue:
     def _add_buffer(self, chain: DescriptorChain, addr: int, length: int, write: bool,
                     seen_write: bool, where: str) -> bool:
         """Append one buffer to ``chain``: readable ones before writable ones (even empty
-        ones), the lengths summing to a 32-bit value, every non-empty buffer inside one
-        memory region.  Returns whether a writable descriptor has been seen."""
+        ones), every non-empty buffer inside one memory region.  Returns whether a
+        writable descriptor has been seen."""
         if write:
             chain.writable_len += length
         elif seen_write:
             raise _Malformed(f"{where}: device-readable descriptor after a device-writable one")
         else:
             chain.readable_len += length
-        if chain.readable_len + chain.writable_len > _U32:
-            raise _Malformed(f"{where}: the chain's lengths sum past 2^32 - 1")
         if length:
             try:
                 view = self._memory.view(addr, length)
