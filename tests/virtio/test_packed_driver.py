@@ -403,3 +403,34 @@ def test_close_returns_the_indirect_tables(guest: Guest) -> None:
     assert guest.allocator.free_bytes == before - rings - 16 * 16 * 64
     vq.close()
     assert guest.allocator.free_bytes == before - rings
+
+
+class _Recorder:
+    """Stands in for the ring's 16-bit view, recording the stores."""
+
+    def __init__(self, inner: memoryview, log: list[tuple[int, int]]) -> None:
+        self.inner = inner
+        self.log = log
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.inner[index])
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.log.append((index, value))
+        self.inner[index] = value
+
+
+def test_a_kick_makes_the_batch_available_first_chain_last(guest: Guest) -> None:
+    """The device polls the first chain's first descriptor: storing its flags last makes
+    the whole batch visible at once, and each chain's first flags come after its others."""
+    vq, _raw = make(guest)
+    log: list[tuple[int, int]] = []
+    vq._desc_h = _Recorder(vq._desc_h, log)  # type: ignore[assignment]
+    vq.add([(0x1000, 1)], [(0x2000, 1)], token=0)  # positions 0, 1
+    vq.add([(0x1000, 1)], [], token=1)  # position 2
+    vq.add([(0x1000, 1)], [], token=2)  # position 3
+    assert log == [(8 * 1 + 7, WRITE | avail(True))]  # only a chain's second descriptor
+    del log[:]
+    vq.kick_prepare()
+    assert log == [(8 * 3 + 7, avail(True)), (8 * 2 + 7, avail(True)),
+                   (8 * 0 + 7, NEXT | avail(True))]

@@ -97,8 +97,6 @@ class PackedDeviceVirtqueue:
     yet (``inflight`` is None).  Not thread-safe: one worker thread owns a queue.
     """
 
-    inflight: None = None
-
     def __init__(
         self,
         memory: GuestMemory,
@@ -141,6 +139,7 @@ class PackedDeviceVirtqueue:
         self.num = num
         self.event_idx = event_idx
         self.max_indirect = num if max_indirect is None else max_indirect
+        self.inflight: None = None  # no in-flight journal for packed rings yet
         self._memory = memory
         self._region: _Region = _NO_REGION
         self._desc_h = self._desc.cast("H")
@@ -536,15 +535,16 @@ class PackedDeviceVirtqueue:
             return False
         self._barrier()  # our used flags must be visible before we read the driver's wishes
         self._since_signal = 0
+        first = not self._signalled_before
+        self._signalled_before = True
         flags = self._driver_h[EVENT_FLAGS]
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
         if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
             return True  # ENABLE, the reserved value 3, or DESC the driver may not use
-        if not self._signalled_before:
-            # No earlier decision to compare with (fresh or reconnected queue): a spurious
+        if first:
+            # No earlier decision to count from (fresh or reconnected queue): a spurious
             # interrupt is harmless, a missed one hangs the driver.
-            self._signalled_before = True
             return True
         return need_event(self._driver_h[EVENT_OFF_WRAP], self._published_pos,
                           self._published_wrap, count, self.num)
