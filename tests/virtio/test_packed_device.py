@@ -781,7 +781,7 @@ FLAGS = st.builds(lambda base, bits: base | bits,
                   st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, INDIRECT | NEXT,
                                    INDIRECT | WRITE]) | st.integers(0, 0xFFFF),
                   BITS | st.just(0))
-IDS = st.integers(0, 9) | st.integers(0, 0xFFFF)
+IDS = st.integers(0, 3) | st.integers(0, 20) | st.integers(0, 0xFFFF)
 DESCS = st.builds(lambda span, bid, flags: (*span, bid, flags), SPANS, IDS, FLAGS)
 IN_BUFS = st.integers(BUFS, BUFS + 0x4000)
 REQUEST_TABLE = st.builds(  # the shape pop_batch reads at once: header, data, status
@@ -791,8 +791,15 @@ REQUEST_TABLE = st.builds(  # the shape pop_batch reads at once: header, data, s
     st.tuples(IN_BUFS, st.just(1)) | SPANS,
 )
 TABLES = st.lists(REQUEST_TABLE | st.lists(DESCS, min_size=1, max_size=8), max_size=3)
-RING = st.lists(DESCS | st.tuples(st.integers(0, 2), IDS, BITS), max_size=16)
-"""Ring descriptors; ``(k, id, bits)`` stands for "the indirect table k, whole"."""
+LAP_BITS = st.none() | st.none() | st.sampled_from([AVAIL, USED, AVAIL | USED, 0])
+"""None: the AVAIL/USED bits that make the descriptor available in the lap it falls in."""
+BASE_FLAGS = (st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, INDIRECT | NEXT,
+                               INDIRECT | WRITE])
+              | st.integers(0, 0xFFFF).map(lambda f: f & ~(AVAIL | USED)))
+RING = st.lists(st.tuples(st.just("desc"), SPANS, IDS, BASE_FLAGS, LAP_BITS)
+                | st.tuples(st.just("table"), st.integers(0, 2), IDS, LAP_BITS), max_size=16)
+"""Ring descriptors from the start position on: ``("table", k, ...)`` is the whole indirect
+table k."""
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -801,15 +808,14 @@ RING = st.lists(DESCS | st.tuples(st.integers(0, 2), IDS, BITS), max_size=16)
     event_idx=st.booleans(),
     start=st.integers(0, 15),
     wrap=st.booleans(),
-    behind=st.integers(0, 16),
+    behind=st.just(0) | st.integers(0, 16),
     noise=st.binary(max_size=16 * 16 + 8),
     descs=RING,
     tables=TABLES,
-    lap=st.booleans(),
 )
 def test_a_hostile_ring_is_served_as_the_oracle_says(
     num: int, event_idx: bool, start: int, wrap: bool, behind: int, noise: bytes,
-    descs: list[tuple[int, ...]], tables: list[list[tuple[int, int, int, int]]], lap: bool,
+    descs: list[tuple[object, ...]], tables: list[list[tuple[int, int, int, int]]],
 ) -> None:
     with Guest(size=FUZZ_SIZE, gpa=REGION_GPA, adjacent=ADJACENT) as g:
         addrs = packed_layout.allocate(g.allocator, num)
@@ -818,14 +824,19 @@ def test_a_hostile_ring_is_served_as_the_oracle_says(
         area = g.memory.view(addrs.desc, min(len(noise), 16 * num + 8))
         area[:] = noise[: len(area)]  # noise over the ring and both event structures
         pos = start % num
-        for i, desc in enumerate(descs[:num]):
-            if len(desc) == 3:  # an indirect table, made available in the lap it falls in
-                k, bid, bits = desc
+        for i, item in enumerate(descs[:num]):
+            bits = item[-1]
+            if bits is None:
+                bits = avail(wrap if pos + i < num else not wrap)
+            if item[0] == "table":
+                _, k, bid, _ = item
                 k = k % len(tables) if tables else 0
                 size = 16 * len(tables[k]) if tables else 16
-                lap_wrap = wrap if (pos + i < num) != lap else not wrap
-                desc = (TABLE_GPA + 0x200 * k, size, bid, INDIRECT | (bits or avail(lap_wrap)))
-            raw.write_desc((pos + i) % num, *desc)
+                desc = (TABLE_GPA + 0x200 * k, size, bid, INDIRECT)
+            else:
+                _, (addr, length), bid, flags, _ = item
+                desc = (addr, length, bid, flags)
+            raw.write_desc((pos + i) % num, *desc[:3], desc[3] | bits)  # type: ignore[operator]
         for k, entries in enumerate(tables):
             view = g.memory.view(TABLE_GPA + 0x200 * k, 16 * len(entries))
             for i, entry in enumerate(entries):
@@ -866,4 +877,46 @@ def test_well_formed_rings_with_any_buffers(
                      for k, ((addr, length), flags) in enumerate(buffers)]
             pos, wrap = raw.offer(pos, wrap, *descs)
             used_descs += len(buffers)
+        check_against_oracle(g, addrs, event_idx=False, pos=0, wrap=True, behind=0)
+
+
+near_shape_entry = st.tuples(
+    st.sampled_from([BUFS, BUFS + 0x100, END - 8, END, REGION_GPA - 16, 1 << 40]),
+    st.sampled_from([0, 1, 8, 16, 512, 4096, 0x8000_0000, U32]),
+    st.sampled_from([0, 7, 0xFFFF]),
+    st.sampled_from([0, WRITE, NEXT, NEXT | WRITE, INDIRECT, 0x80]),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries=st.lists(near_shape_entry, min_size=1, max_size=4),
+    head_flags=st.sampled_from([INDIRECT, INDIRECT | NEXT, INDIRECT | WRITE]),
+    extra_len=st.sampled_from([0, 0, 0, 8, 16]),
+    bid=st.sampled_from([0, 3, NUM]),
+)
+def test_the_request_fast_path_agrees_with_the_careful_walk(
+    entries: list[tuple[int, int, int, int]], head_flags: int, extra_len: int, bid: int
+) -> None:
+    """``pop_batch`` reads the request shape at once; ``pop`` walks every chain.  Both
+    must do what the oracle says (``check_against_oracle`` serves the ring both ways),
+    and a chain of exactly the request shape must never miss the fast path."""
+    with Guest(size=FUZZ_SIZE, gpa=REGION_GPA, adjacent=ADJACENT) as g:
+        addrs = packed_layout.allocate(g.allocator, NUM)
+        raw = PackedRawRing(g, addrs)
+        view = g.memory.view(TABLE_GPA, 16 * len(entries) + 16)
+        view[:] = bytes(len(view))
+        for i, entry in enumerate(entries):
+            PDESC.pack_into(view, 16 * i, *entry)
+        raw.offer(0, True, (TABLE_GPA, 16 * len(entries) + extra_len, bid, head_flags))
+        shaped = (
+            head_flags == INDIRECT and not extra_len and len(entries) == 3 and bid < NUM
+            and [flags for _, _, _, flags in entries[::2]] == [0, WRITE]
+            and entries[1][3] in (0, WRITE)
+            and all(length and addr >= BUFS and addr + length <= END
+                    for addr, length, _, _ in entries)
+            and sum(length for _, length, _, _ in entries) <= U32)
+        vq = PackedDeviceVirtqueue(g.memory, addrs, event_idx=False)
+        _view, items = vq.pop_batch(1)
+        assert isinstance(items[0], Triple) == shaped
         check_against_oracle(g, addrs, event_idx=False, pos=0, wrap=True, behind=0)
