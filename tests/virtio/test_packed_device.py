@@ -278,7 +278,7 @@ def test_a_buffer_id_out_of_range_cannot_be_answered(guest: Guest, bid: int, mes
         vq.pop()
     assert info.value.head is None and "an id that cannot be answered" in str(info.value)
     assert vq.last_avail_idx == 1
-    with pytest.raises(ValueError, match="not in flight"):
+    with pytest.raises(ValueError, match="not all in flight"):
         vq.add_used(bid, 0)
     assert_serves_next_good_chain(vq, raw)
 
@@ -535,8 +535,9 @@ def test_add_used_checks_its_arguments(guest: Guest) -> None:
     vq, raw = make(guest)
     raw.offer(0, True, (BUF, 1, 1, 0))
     vq.pop()
-    for bad, message in (([0, 0], "not in flight"), ([NUM, 0], "not in flight"),
-                         ([1, 1 << 32], "32-bit"), ([1, 0, 1, 0], "twice")):
+    for bad, message in (([0, 0], "not all in flight"), ([NUM, 0], "not all in flight"),
+                         ([-1, 0], "not all in flight"), ([1, 1 << 32], "32-bit"),
+                         ([1, 0, 1, 0], "twice")):
         with pytest.raises(ValueError, match=message):
             vq.add_used_batch(bad)
     assert vq.used_idx == 0  # nothing half-written

@@ -434,3 +434,20 @@ def test_a_kick_makes_the_batch_available_first_chain_last(guest: Guest) -> None
     vq.kick_prepare()
     assert log == [(8 * 3 + 7, avail(True)), (8 * 2 + 7, avail(True)),
                    (8 * 0 + 7, NEXT | avail(True))]
+
+
+def test_add_prepared_batch_mixes_direct_and_indirect_chains(guest: Guest) -> None:
+    """A one-buffer chain goes direct, the others through their tables, in token order."""
+    vq, raw = make(guest, num=4, indirect=True, max_chain=4, max_tokens=6)
+    vq.prepare(0, [(0x1000, 16)], [(0x3000, 1)])
+    vq.prepare(1, [], [(0x4000, 8)])  # one buffer: a direct descriptor
+    vq.prepare(2, [(0x1000, 16)], [(0x3002, 1)])
+    assert vq.add_prepared_batch([0, 1, 2]) == 3
+    assert vq.in_flight == 3 and vq.num_free == 1
+    vq.kick_prepare()
+    assert [raw.read_desc(i)[3] for i in range(3)] == [
+        INDIRECT | avail(True), WRITE | avail(True), INDIRECT | avail(True)]
+    for pos in range(3):
+        raw.mark_used(pos, True, raw.read_desc(pos)[2], 1)
+    assert vq.get_used() == [(0, 1), (1, 1), (2, 1)]
+    assert vq.num_free == 4 and vq.in_flight == 0

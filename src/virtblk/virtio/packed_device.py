@@ -276,11 +276,12 @@ class PackedDeviceVirtqueue:
         three_ok = self.max_indirect >= 3
         pos = self._avail_pos
         pattern = avail_bits(self._avail_wrap)
+        room = num - self._outstanding  # descriptors we may take before the ring is full
         while len(items) < limit:
             flags = desc_h[(pos << 3) + 7]
             if flags & AVAIL_USED != pattern:
                 break
-            if flags ^ pattern == VRING_DESC_F_INDIRECT and three_ok and self._outstanding < num:
+            if flags ^ pattern == VRING_DESC_F_INDIRECT and three_ok and room:
                 addr, length, bid = unpack_head(desc, pos << 4)
                 if (length == 48 and bid < num and not ndescs[bid]
                         and base <= addr and addr + 48 <= end):
@@ -290,7 +291,7 @@ class PackedDeviceVirtqueue:
                             and base <= a0 and a0 + l0 <= end and base <= a1
                             and a1 + l1 <= end and base <= a2 and a2 + l2 <= end):
                         ndescs[bid] = 1
-                        self._outstanding += 1
+                        room -= 1
                         append(_new_triple(Triple, (bid, a0 - base, l0, a1 - base, l1,
                                                     f1 == VRING_DESC_F_WRITE, a2 - base, l2)))
                         pos += 1
@@ -300,6 +301,7 @@ class PackedDeviceVirtqueue:
                             self._avail_wrap = not self._avail_wrap
                         continue
             self._avail_pos = pos
+            self._outstanding = num - room
             try:
                 chain = self._take()
             except ChainError as exc:
@@ -313,7 +315,9 @@ class PackedDeviceVirtqueue:
                 append(chain)
             pos = self._avail_pos
             pattern = avail_bits(self._avail_wrap)
+            room = num - self._outstanding
         self._avail_pos = pos
+        self._outstanding = num - room
         if items:
             self._track_avail()
         return view, items
@@ -474,14 +478,15 @@ class PackedDeviceVirtqueue:
         (an id in flight, once; a 32-bit length) before any is written."""
         ids = used[0::2]
         lengths = used[1::2]
+        if not ids:
+            return
         ndescs = self._ndescs
         num = self.num
-        for bid in ids:
-            if not 0 <= bid < num or not ndescs[bid]:
-                raise ValueError(f"buffer id {bid} is not in flight (ids {ids})")
+        if min(ids) < 0 or max(ids) >= num or not all(map(ndescs.__getitem__, ids)):
+            raise ValueError(f"buffer ids {ids} are not all in flight")
         if len(set(ids)) != len(ids):
             raise ValueError(f"buffer ids {ids} answer one buffer twice")
-        if any(not 0 <= length <= _U32 for length in lengths):
+        if min(lengths) < 0 or max(lengths) > _U32:
             raise ValueError(f"used lengths {lengths} are not all 32-bit values")
         desc_h = self._desc_h
         desc_i = self._desc_i

@@ -116,7 +116,6 @@ class PackedDriverVirtqueue:
         self._unpublished: list[int] = []
         """Chains added since the last kick: ``slot, flags, id`` of each first descriptor
         (``slot`` indexes ``_desc_h``), flattened."""
-        self._unpublished_id = bytearray(num)
         self._num_added = 0  # descriptors added since the last kick
         self._broken: str | None = None
 
@@ -265,7 +264,6 @@ class PackedDriverVirtqueue:
         self._in_flight += 1
         self._num_free -= ndescs
         self._unpublished += ((pos << 3) + 7, head_flags, bid)
-        self._unpublished_id[bid] = 1
         self._num_added += ndescs
         pos += ndescs
         if pos >= self.num:
@@ -319,31 +317,74 @@ class PackedDriverVirtqueue:
 
     def add_prepared_batch(self, tokens: Sequence[int]) -> int:
         """Queue the prepared chains of ``tokens`` in order, as far as descriptors go;
-        returns how many were queued (the rest are the caller's to retry)."""
+        returns how many were queued (the rest are the caller's to retry).  One call per
+        batch: what a queue handle submits with (``_add_indirect``, written out here)."""
         if self._broken is not None:
             raise DeviceProtocolError(f"queue is broken: {self._broken}")
         busy = self._token_busy
         prepared = self._prepared
         max_tokens = self.max_tokens
-        added = 0
-        for token in tokens:
-            if not 0 <= token < max_tokens or busy[token]:
-                self._reject_token(token)
-            chain = prepared[token]
-            if chain is None:
-                raise ValueError(f"token {token} has no prepared chain")
-            out, in_, count, written = chain
-            if not count:  # a direct chain: ``add`` takes its descriptors
-                try:
-                    self.add(out, in_, token)
-                except QueueFull:
+        free_ids = self._free_ids
+        token_of_id = self._token_of_id
+        ndescs = self._ndescs
+        writable = self._writable
+        unpublished = self._unpublished
+        desc = self._desc
+        pack = HEAD.pack_into
+        tables_base = self._tables_base
+        stride = self._table_stride
+        num = self.num
+        pos = self._next_avail
+        flags = VRING_DESC_F_INDIRECT | avail_bits(self._avail_wrap)
+        added = 0  # one-descriptor chains written here and not yet counted (``_account``)
+        queued = 0
+        try:
+            for token in tokens:
+                if not 0 <= token < max_tokens or busy[token]:
+                    self._reject_token(token)
+                chain = prepared[token]
+                if chain is None:
+                    raise ValueError(f"token {token} has no prepared chain")
+                _, _, count, written = chain
+                if not count:  # a direct chain: ``add`` takes its descriptors
+                    self._next_avail = pos
+                    self._account(added)
+                    added = 0
+                    try:
+                        self.add(chain[0], chain[1], token)
+                    except QueueFull:
+                        break
+                    finally:
+                        pos = self._next_avail
+                        flags = VRING_DESC_F_INDIRECT | avail_bits(self._avail_wrap)
+                    queued += 1
+                    continue
+                if self._num_free == added:
                     break
-            elif not self._num_free:
-                break
-            else:
-                self._add_indirect(token, count, written)
-            added += 1
-        return added
+                bid = free_ids.pop()
+                pack(desc, pos << 4, tables_base + token * stride, count << 4, bid)
+                unpublished += ((pos << 3) + 7, flags, bid)
+                token_of_id[bid] = token
+                ndescs[bid] = 1
+                writable[bid] = written
+                busy[token] = 1
+                added += 1
+                queued += 1
+                pos += 1
+                if pos == num:
+                    pos = 0
+                    self._avail_wrap = not self._avail_wrap
+                    flags = VRING_DESC_F_INDIRECT | avail_bits(self._avail_wrap)
+        finally:
+            self._next_avail = pos
+            self._account(added)
+        return queued
+
+    def _account(self, added: int) -> None:
+        """Count ``added`` one-descriptor chains ``add_prepared_batch`` wrote."""
+        self._in_flight += added
+        self._num_free -= added
+        self._num_added += added
 
     def _reject_token(self, token: int) -> NoReturn:
         if self._broken is not None:
@@ -361,10 +402,8 @@ class PackedDriverVirtqueue:
         unpublished = self._unpublished
         if unpublished:
             desc_h = self._desc_h
-            pending_id = self._unpublished_id
             for k in range(len(unpublished) - 3, -1, -3):
                 desc_h[unpublished[k]] = unpublished[k + 1]
-                pending_id[unpublished[k + 2]] = 0
             unpublished.clear()
         added = self._num_added
         self._num_added = 0
@@ -429,7 +468,7 @@ class PackedDriverVirtqueue:
             if token < 0:
                 reason = f"used id {bid} is not in flight"
                 break
-            if self._unpublished_id[bid]:
+            if self._unpublished and bid in self._unpublished[2::3]:
                 reason = f"used id {bid} was never made available"
                 break
             if written > writable[bid]:
@@ -467,8 +506,6 @@ class PackedDriverVirtqueue:
         if unpublished:
             self._next_avail = unpublished[0] >> 3
             self._avail_wrap = bool(unpublished[1] & VIRTQ_DESC_F_AVAIL)
-            for k in range(2, len(unpublished), 3):
-                self._unpublished_id[unpublished[k]] = 0
             unpublished.clear()
             self._num_added = 0
         tokens: list[int] = []
