@@ -6,7 +6,10 @@ interface, so what drives or serves one drives or serves the other."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import select
+import threading
 
 import pytest
 from hypothesis import settings
@@ -421,3 +424,103 @@ def test_both_rings_share_their_instance_attributes(guest: Guest) -> None:
     assert devices[1].inflight is None and devices[1].resubmit_pending == []
     for vq in drivers:
         vq.close()
+
+
+def _wait(fd: int, what: str) -> None:
+    """Sleep on an eventfd as a queue does; a missed notification fails, it does not hang."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(5000):
+        raise AssertionError(f"slept 5 s waiting for {what}: a notification was missed")
+    os.eventfd_read(fd)
+
+
+@pytest.mark.parametrize(("num", "event_idx", "indirect"),
+                         [(3, True, True), (4, False, True), (8, True, False), (5, False, False)])
+def test_driver_and_device_in_two_threads(guest: Guest, num: int, event_idx: bool,
+                                          indirect: bool) -> None:
+    """The two ends on two threads, kicking and interrupting through eventfds and sleeping
+    when there is nothing to do: every request comes back with its own answer and neither
+    end sleeps through the other's work (the interpreter switches threads between any two
+    bytecodes, so the stores of one end interleave with the loads of the other)."""
+    addrs = packed_layout.allocate(guest.allocator, num)
+    depth = 4
+    driver = PackedDriverVirtqueue(guest.memory, addrs, event_idx=event_idx, indirect=indirect,
+                                   allocator=guest.allocator, max_chain=3, max_tokens=depth)
+    device = PackedDeviceVirtqueue(guest.memory, addrs, event_idx=event_idx)
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    memory = guest.memory
+    headers = [guest.allocator.alloc(8) for _ in range(depth)]
+    answers = [guest.allocator.alloc(8) for _ in range(depth)]
+    total = 3000
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            while not stop.is_set():
+                view, items = device.pop_batch(num)
+                if not items:
+                    if device.enable_notifications():
+                        device.disable_notifications()
+                        continue
+                    poller = select.poll()
+                    poller.register(kick, select.POLLIN)
+                    if poller.poll(100):
+                        os.eventfd_read(kick)
+                    device.disable_notifications()
+                    continue
+                used: list[int] = []
+                for item in items:
+                    assert not isinstance(item, ChainError), item
+                    chain = item.chain(view) if isinstance(item, Triple) else item
+                    seq = bytes(chain.readable[0])
+                    chain.writable[0][:] = seq[::-1]
+                    used += [chain.head, 8]
+                device.add_used_batch(used)
+                device.flush_used()
+                if device.needs_notification():
+                    os.eventfd_write(call, 1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        sent = done = 0
+        free = list(range(depth))
+        seq_of: dict[int, int] = {}
+        while done < total:
+            while free and sent < total:
+                token = free.pop()
+                memory.view(headers[token], 8)[:] = sent.to_bytes(8, "little")
+                memory.view(answers[token], 8)[:] = bytes(8)
+                try:
+                    driver.add([(headers[token], 8)], [(answers[token], 8)], token)
+                except QueueFull:
+                    free.append(token)
+                    break
+                seq_of[token] = sent
+                sent += 1
+            if driver.kick_prepare():
+                os.eventfd_write(kick, 1)
+            driver.disable_cb()
+            got = driver.get_used()
+            for token, written in got:
+                assert written == 8
+                answer = bytes(memory.view(answers[token], 8))
+                assert answer == seq_of.pop(token).to_bytes(8, "little")[::-1]
+                free.append(token)
+            done += len(got)
+            if not got and done < total:
+                if driver.enable_cb(min(1, len(seq_of) - 1) if len(seq_of) > 1 else 0):
+                    _wait(call, "completions")
+                assert not errors, errors
+    finally:
+        stop.set()
+        worker.join(10)
+        os.close(kick)
+        os.close(call)
+        driver.close()
+    assert not worker.is_alive() and not errors, errors
+    assert driver.in_flight == 0 and driver.num_free == num
