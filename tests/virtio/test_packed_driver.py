@@ -451,3 +451,16 @@ def test_add_prepared_batch_mixes_direct_and_indirect_chains(guest: Guest) -> No
         raw.mark_used(pos, True, raw.read_desc(pos)[2], 1)
     assert vq.get_used() == [(0, 1), (1, 1), (2, 1)]
     assert vq.num_free == 4 and vq.in_flight == 0
+
+
+def test_a_limit_stops_before_what_lies_beyond_it(guest: Guest) -> None:
+    """``get_used(limit)`` reads no further than asked; a used descriptor past everything
+    in flight is refused when it is reached."""
+    vq, raw = make(guest)
+    vq.add([], [(0x2000, 1)], token=0)
+    vq.kick_prepare()
+    raw.mark_used(0, True, raw.read_desc(0)[2], 1)
+    raw.mark_used(1, True, 3, 0)  # nothing is in flight there
+    assert vq.get_used(limit=1) == [(0, 1)]
+    with pytest.raises(DeviceProtocolError, match="position 1 with nothing in flight"):
+        vq.get_used(limit=1)

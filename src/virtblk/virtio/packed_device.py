@@ -274,30 +274,35 @@ class PackedDeviceVirtqueue:
         unpack_head = HEAD.unpack_from
         unpack3 = _TABLE3.unpack_from
         three_ok = self.max_indirect >= 3
+        both, indirect, write, u32 = AVAIL_USED, VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE, _U32
+        new_triple = _new_triple
+        triple = Triple
         pos = self._avail_pos
         pattern = avail_bits(self._avail_wrap)
         room = num - self._outstanding  # descriptors we may take before the ring is full
-        while len(items) < limit:
+        taken = 0
+        while taken < limit:
             flags = desc_h[(pos << 3) + 7]
-            if flags & AVAIL_USED != pattern:
+            if flags & both != pattern:
                 break
-            if flags ^ pattern == VRING_DESC_F_INDIRECT and three_ok and room:
+            taken += 1
+            if flags ^ pattern == indirect and three_ok and room:
                 addr, length, bid = unpack_head(desc, pos << 4)
                 if (length == 48 and bid < num and not ndescs[bid]
                         and base <= addr and addr + 48 <= end):
                     a0, l0, _, f0, a1, l1, _, f1, a2, l2, _, f2 = unpack3(view, addr - base)
-                    if (not f0 and f2 == VRING_DESC_F_WRITE and f1 in (0, VRING_DESC_F_WRITE)
-                            and l0 and l1 and l2 and l0 + l1 + l2 <= _U32
+                    if (not f0 and f2 == write and f1 in (0, write)
+                            and l0 and l1 and l2 and l0 + l1 + l2 <= u32
                             and base <= a0 and a0 + l0 <= end and base <= a1
                             and a1 + l1 <= end and base <= a2 and a2 + l2 <= end):
                         ndescs[bid] = 1
                         room -= 1
-                        append(_new_triple(Triple, (bid, a0 - base, l0, a1 - base, l1,
-                                                    f1 == VRING_DESC_F_WRITE, a2 - base, l2)))
+                        append(new_triple(triple, (bid, a0 - base, l0, a1 - base, l1,
+                                                   f1 == write, a2 - base, l2)))
                         pos += 1
                         if pos == num:
                             pos = 0
-                            pattern ^= AVAIL_USED
+                            pattern ^= both
                             self._avail_wrap = not self._avail_wrap
                         continue
             self._avail_pos = pos

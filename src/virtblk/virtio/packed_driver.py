@@ -446,21 +446,27 @@ class PackedDriverVirtqueue:
         writable = self._writable
         free_ids = self._free_ids
         busy = self._token_busy
+        unpublished = self._unpublished
+        both = AVAIL_USED
         pos = self._last_used
         wrap = self._used_wrap
-        pattern = AVAIL_USED if wrap else 0
+        pattern = both if wrap else 0
         done: list[tuple[int, int]] = []
+        append = done.append
         freed = 0
         reason = ""
-        while not limit or len(done) < limit:
+        # At most what is in flight, and at most ``limit``: one more is a protocol error.
+        room = self._in_flight if not limit or limit > self._in_flight else limit
+        while True:
             slot = pos << 3
-            if desc_h[slot + 7] & AVAIL_USED != pattern:
+            if desc_h[slot + 7] & both != pattern:
+                break
+            if not room:
+                if not limit or len(done) < limit:
+                    reason = f"used descriptor at position {pos} with nothing in flight"
                 break
             bid = desc_h[slot + 6]
             written = desc_i[(pos << 2) + 2]
-            if len(done) == self._in_flight:
-                reason = f"used descriptor at position {pos} with nothing in flight"
-                break
             if bid >= num:
                 reason = f"used id {bid} is outside the queue (size {num})"
                 break
@@ -468,7 +474,7 @@ class PackedDriverVirtqueue:
             if token < 0:
                 reason = f"used id {bid} is not in flight"
                 break
-            if self._unpublished and bid in self._unpublished[2::3]:
+            if unpublished and bid in unpublished[2::3]:
                 reason = f"used id {bid} was never made available"
                 break
             if written > writable[bid]:
@@ -481,12 +487,13 @@ class PackedDriverVirtqueue:
             ndescs[bid] = 0
             freed += n
             busy[token] = 0
-            done.append((token, written))
+            append((token, written))
+            room -= 1
             pos += n
             if pos >= num:
                 pos -= num
                 wrap = not wrap
-                pattern ^= AVAIL_USED
+                pattern ^= both
         self._last_used = pos
         self._used_wrap = wrap
         self._num_free += freed
