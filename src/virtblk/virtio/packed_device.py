@@ -69,6 +69,8 @@ class PackedChainError(ChainError):
         self.reason = reason
         self.position = position
         what = "an id that cannot be answered" if head is None else f"buffer id {head}"
+        # Not ChainError's message ("chain at head N"): a packed chain has a position and an
+        # id, and the reader needs both.
         VirtqueueError.__init__(self, f"chain at ring position {position} ({what}): {reason}")
 
 
