@@ -128,6 +128,44 @@ class RoundTrip(RuleBasedStateMachine):
         self.requests[token] = request
         self.unpublished.append(token)
 
+    @rule(shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 2)), min_size=1,
+                          max_size=5))
+    def add_prepared(self, shapes: list[tuple[int, int]]) -> None:
+        """Tokens submitted as a queue handle does: ``prepare`` each chain (out buffers,
+        in buffers), then one ``add_prepared_batch``; it queues as many as fit."""
+        alloc = self.guest.allocator
+        batch: list[Request] = []
+        for n_out, n_in in shapes:
+            if len(batch) == len(self.free_tokens):
+                break
+            token = self.free_tokens[len(batch)]
+            if n_out + n_in > self.num:
+                continue
+            out = [(alloc.alloc(16, 1), 16) for _ in range(n_out)]
+            in_ = [(alloc.alloc(8, 1), 8) for _ in range(n_in)]
+            data = b"".join(token.to_bytes(2, "little") + bytes(14) for _ in out)
+            for k, (gpa, _) in enumerate(out):
+                self.guest.memory.view(gpa, 16)[:] = data[16 * k : 16 * k + 16]
+            self.driver.prepare(token, out, in_)
+            batch.append(Request(token, out, in_, data))
+        queued = self.driver.add_prepared_batch([r.token for r in batch])
+        room = self.num - self.descs_used
+        fitted = 0
+        for request in batch:  # the model: in order, while descriptors last
+            if self.descs(request) > room:
+                break
+            room -= self.descs(request)
+            fitted += 1
+        assert queued == fitted
+        for request in batch[:queued]:
+            self.descs_used += self.descs(request)
+            self.free_tokens.remove(request.token)
+            self.requests[request.token] = request
+            self.unpublished.append(request.token)
+        for request in batch[queued:]:
+            for gpa in request.gpas:
+                alloc.free(gpa)
+
     @rule()
     def kick(self) -> None:
         notify = self.driver.kick_prepare()
