@@ -131,6 +131,18 @@ VRING_AVAIL_ALIGN = 2
 VRING_USED_ALIGN = 4
 VIRTQUEUE_MAX_SIZE = 32768
 
+# Packed virtqueue (spec 2.8): NEXT, WRITE and INDIRECT as above, the descriptor 16 bytes.
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
+RING_EVENT_WRAP_SHIFT = 15
+"""``off_wrap``: the event's descriptor offset in bits 0-14, its wrap counter in bit 15."""
+VRING_PACKED_EVENT_SIZE = 4
+VRING_PACKED_EVENT_ALIGN = 4
+VIRTQUEUE_PACKED_MAX_SIZE = 32768
+
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """The spec's ``vring_need_event``: did ``[old, new)`` pass ``event_idx``? (mod 2**16)."""
