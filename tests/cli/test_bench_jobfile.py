@@ -148,11 +148,74 @@ bs=4k
     assert "'fine'" not in message  # a job with nothing wrong is not mentioned
 
 
-def test_a_run_lasts_a_time() -> None:
-    with pytest.raises(JobFileError, match=r"job 'j' .*needs time_based and runtime"):
-        runs_of("[j]\nrw=read\n")
+def test_a_run_lasts_a_time_or_an_amount() -> None:
+    """fio's two kinds of job: time based (runtime is required), or done after io_size
+    bytes (by default its range once), cut short by runtime if one is given."""
     with pytest.raises(JobFileError, match=r"job 'j' .*time_based needs runtime"):
         runs_of("[j]\ntime_based\n")
+    with pytest.raises(JobFileError, match=r"job 'j': io_size goes without time_based"):
+        runs_of("[j]\ntime_based\nruntime=1\nio_size=1m\n")
+    (run,) = runs_of("[j]\nrw=read\n")
+    assert (run.config.time_based, run.config.runtime, run.config.io_size) == (False, None, None)
+    (run,) = runs_of("[j]\nruntime=2\nio_limit=3m\n")
+    assert (run.config.time_based, run.config.runtime, run.config.io_size) == (False, 2.0,
+                                                                               3 << 20)
+
+
+AMOUNTS = """\
+[global]
+ioengine=psync
+size=1m
+[seq]
+rw=read
+bs=64k
+[rand]
+rw=randwrite
+bs=4k
+io_size=256k
+iodepth=8
+ioengine=libaio
+[two]
+rw=randread
+bs=8k
+numjobs=2
+ioengine=libaio
+iodepth=4
+[verified]
+rw=write
+bs=4k
+io_size=128k
+verify=crc32c
+iodepth=4
+ioengine=libaio
+"""
+
+
+def test_a_job_without_time_based_does_what_fio_does(tmp_path: Path) -> None:
+    """fio itself is the oracle: the same file (plus a filename) run by fio against a file
+    of the device's size does the same number of I/Os in every job as ours does."""
+    target = tmp_path / "disk.img"
+    target.write_bytes(b"\0" * (1 << 20))
+    fio = subprocess.run(["fio", "--output-format=json", f"--filename={target}",
+                          _job_file(tmp_path, AMOUNTS)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    theirs = [(j["jobname"], j["read"]["total_ios"], j["write"]["total_ios"])
+              for j in json.loads(fio.stdout)["jobs"]]
+    result = run_virtblk("bench", _job_file(tmp_path, AMOUNTS), "--backend", "memory",
+                         "--device-size", "1M", "--output-format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = json.loads(result.stdout)["jobs"]
+    ours = [(j["jobname"], j["read"]["total_ios"], j["write"]["total_ios"]) for j in jobs]
+    # fio's numjobs=2 gives each job its own 1 MiB; ours split the range between them.
+    assert theirs[:2] == ours[:2] == [("seq", 16, 0), ("rand", 0, 64)]
+    assert [t[1] for t in theirs[2:4]] == [128, 128]
+    assert [o[1] for o in ours[2:4]] == [64, 64]
+    # fio counts its verify pass among the reads; ours reports it as blocks verified.
+    assert theirs[4] == ("verified", 32, 32)
+    assert ours[4][2] == 32
+    verify = json.loads(result.stdout)["virtblk"]["runs"][3]["verify"]
+    assert (verify["verified"], verify["mismatches"]) == (32, 0)
+    assert "time_based" not in jobs[0]["job options"]
 
 
 @pytest.mark.parametrize(

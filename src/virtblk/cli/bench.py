@@ -329,7 +329,7 @@ def _run_one(
     this process cannot resume, so the next run connects afresh); returns its result and
     the target's description.  ``label`` names the job section in errors."""
     from virtblk.device.control import notification_counters
-    from virtblk.tools.bench import DeviceCounters, run_bench
+    from virtblk.tools.bench import DeviceCounters, check_config, run_bench
 
     cfg = run.config
     with ExitStack() as stack:
@@ -343,7 +343,14 @@ def _run_one(
         elif device_control is not None:
             path = device_control
             counters = lambda: notification_counters(path)  # noqa: E731
-        with _live_progress(cfg, live) as progress:
+        total_ios = None
+        if not cfg.time_based:  # progress is the share of the I/Os done, not of the time
+            try:
+                span = check_config(disk, cfg)[1]
+            except ValueError as exc:
+                raise click.UsageError(f"{label}{exc}") from exc
+            total_ios = cfg.numjobs * (cfg.io_size // cfg.bs if cfg.io_size else span)
+        with _live_progress(cfg, live, total_ios) as progress:
             try:
                 result = run_bench(disk, cfg, device_cpu=device_cpu, progress=progress,
                                    device_counters=counters)
@@ -442,10 +449,12 @@ def _open(
 
 @contextmanager
 def _live_progress(
-    cfg: BenchConfig, enabled: bool
+    cfg: BenchConfig, enabled: bool, total_ios: int | None = None
 ) -> Iterator[Callable[[float, int, int], None] | None]:
     """fio's status line, with rich, on a terminal: elapsed, IOPS and bandwidth over the
-    last half second, ETA.  Transient: it is gone when the report prints."""
+    last half second, ETA.  Transient: it is gone when the report prints.  A run that is
+    not time based ends after ``total_ios``: its progress is theirs (or the runtime's,
+    whichever is further)."""
     if not enabled:
         yield None
         return
@@ -459,8 +468,12 @@ def _live_progress(
         dt = max(elapsed - last[0], 1e-9)
         r_iops, w_iops = (reads - last[1]) / dt, (writes - last[2]) / dt
         last[:] = [elapsed, reads, writes]
-        done = min(100.0, elapsed / cfg.runtime * 100)
-        eta = max(0.0, cfg.runtime - elapsed)
+        shares = [] if cfg.runtime is None else [elapsed / cfg.runtime]
+        if total_ios:
+            shares.append((reads + writes) / total_ios)
+        share = min(1.0, max(shares))
+        done = share * 100
+        eta = elapsed / share - elapsed if share > 0 else 0.0
         mib = cfg.bs / (1 << 20)
         line = Text.assemble(
             (f"Jobs: {cfg.numjobs} ", "bold"),

@@ -26,7 +26,14 @@ class BenchConfig:
     rw: RwMode = "randread"
     bs: int = 4096
     iodepth: int = 1
-    runtime: float = 5.0
+    runtime: float | None = 5.0
+    """Seconds each job runs; None: no time limit (then ``time_based`` must be False)."""
+    time_based: bool = True
+    """fio's: True, a job runs for ``runtime`` whatever it has done; False, it ends once it
+    has transferred ``io_size`` bytes (by default one pass over its slice of the range), or
+    at ``runtime`` if that comes first."""
+    io_size: int | None = None
+    """fio's: the bytes each job transfers when not ``time_based``; None: its slice once."""
     size: int | None = None  # bytes of the disk to use from ``offset``; None = to the end
     offset: int = 0
     queue: int = 0  # the first job's hardware queue; job i drives queue + i

@@ -71,18 +71,19 @@ def _engine_handle(res: Resources, job: Job, deadline: int | None, clock: Clock)
         if deadline is not None and now >= deadline:
             return 0
         if fast:
+            # Fewer offsets than slots once a job that is not time based nears its end.
             offsets, writes = take(len(slots))
             if writes is None:
                 op = write if writes_only else read
-                for i, offset in zip(slots, offsets, strict=True):
+                for i, offset in zip(slots, offsets):  # noqa: B905
                     op(offset, bufs[i], i)
                     start[i] = now
             else:
-                for i, offset, w in zip(slots, offsets, writes, strict=True):
+                for i, offset, w in zip(slots, offsets, writes):  # noqa: B905
                     (write if w else read)(offset, bufs[i], i)
                     start[i] = now
                     slot_write[i] = w
-            return len(slots)
+            return len(offsets)
         sent = 0
         for i in slots:
             nxt = job.pick()
@@ -246,7 +247,8 @@ def run_job(
     cpu0 = os.times()
     # Only a run that logs notes completion times: the usual clock costs nothing more.
     clock = MarkingClock(job, counters) if cfg.logging else Clock(job, counters)
-    engine(res, job, clock.t0 + int(cfg.runtime * 1e9), clock)
+    deadline = None if cfg.runtime is None else clock.t0 + int(cfg.runtime * 1e9)
+    engine(res, job, deadline, clock)
     end = time.perf_counter_ns()
     elapsed = (end - clock.t0) / 1e9
     cpu1 = os.times()

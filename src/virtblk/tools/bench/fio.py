@@ -129,10 +129,15 @@ def _job_options(jobname: str, c: BenchConfig) -> dict[str, str]:
         "bs": str(c.bs),
         "iodepth": str(c.iodepth),
         "ioengine": c.ioengine,
-        "runtime": f"{c.runtime:g}",
         "numjobs": str(c.numjobs),
         "offset": str(c.offset),
     }
+    if c.runtime is not None:
+        opts["runtime"] = f"{c.runtime:g}"
+    if c.time_based:
+        opts["time_based"] = "1"
+    if c.io_size is not None:
+        opts["io_size"] = str(c.io_size)
     if c.size is not None:
         opts["size"] = str(c.size)
     if c.mixed:

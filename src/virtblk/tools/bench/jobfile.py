@@ -351,6 +351,8 @@ _OPTIONS: dict[str, Callable[[_Builder, str | None], None]] = {
     "timeout": _set("runtime", _runtime),
     "time_based": _flag("time_based"),
     "size": _set("size", lambda b, v: b.size(v)),
+    "io_size": _set("io_size", lambda b, v: b.size(v)),
+    "io_limit": _set("io_size", lambda b, v: b.size(v)),
     "offset": _set("offset", lambda b, v: b.size(v)),
     "rwmixread": _set("rwmixread", lambda b, v: _int(v, 0, 100)),
     "rwmixwrite": _rwmixwrite,
@@ -410,11 +412,15 @@ def job_runs(jobfile: JobFile, defaults: BenchConfig | None = None) -> list[JobR
                 if message not in bad:
                     bad.append(message)
         if not b.time_based:
-            bad.append(f"job '{section.name}' (line {section.line}): needs time_based and "
-                       "runtime: a run lasts runtime seconds (fio without time_based stops "
-                       "after size bytes, which virtblk bench does not do)")
+            # fio's default: the job ends after io_size bytes (one pass over its range), or
+            # at runtime if one is given and comes first.
+            b.fields["time_based"] = False
+            b.fields.setdefault("runtime", None)
         elif "runtime" not in b.fields:
             bad.append(f"job '{section.name}' (line {section.line}): time_based needs runtime")
+        elif "io_size" in b.fields:
+            bad.append(f"job '{section.name}': io_size goes without time_based (a time based "
+                       "job runs for runtime whatever it has transferred)")
         if b.hipri:
             if b.fields.get("ioengine") != "queue":
                 bad.append(f"job '{section.name}': hipri goes with ioengine=io_uring")

@@ -40,6 +40,12 @@ def check_config(disk: Disk, cfg: BenchConfig) -> tuple[int, int]:
         raise ValueError(f"rwmixread {cfg.rwmixread} is not a percentage")
     if cfg.writes and disk.read_only:
         raise ValueError(f"{cfg.rw} on a read-only disk")
+    if cfg.time_based and cfg.runtime is None:
+        raise ValueError("a time based run needs a runtime")
+    if cfg.time_based and cfg.io_size is not None:
+        raise ValueError("io_size goes with a run that is not time based")
+    if cfg.io_size is not None and (cfg.io_size < bs or cfg.io_size % bs):
+        raise ValueError(f"io_size {cfg.io_size} must be a positive multiple of bs {bs}")
     if cfg.offset < 0 or cfg.offset % bs:
         raise ValueError(f"offset {cfg.offset} must be a multiple of bs {bs}")
     total = (cfg.size if cfg.size is not None else disk.size - cfg.offset) // bs

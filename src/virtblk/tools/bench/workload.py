@@ -21,6 +21,7 @@ class Job:
     ``end`` around every I/O."""
 
     _TABLE = 1 << 16
+    _UNLIMITED = 1 << 62
 
     def __init__(
         self, cfg: BenchConfig, index: int, base: int, span: int, bufs: list[memoryview]
@@ -56,6 +57,11 @@ class Job:
         self._random = cfg.random
         self._refill()
         self._finite: list[int] | None = None  # the read-back phase's offsets
+        # I/Os the timed phase may still start: a time-based job never runs out.
+        if cfg.time_based:
+            self.left = self._UNLIMITED
+        else:
+            self.left = cfg.io_size // cfg.bs if cfg.io_size is not None else span
 
     def _refill(self) -> None:
         """The next table of random offsets and directions (fresh each pass: a repeating
@@ -86,15 +92,22 @@ class Job:
         return self.base + pos * self.bs, write
 
     def take(self, n: int) -> tuple[list[int], list[bool] | None]:
-        """The next ``n`` I/Os of the timed phase: their offsets, and their directions
-        (None: all ``cfg.writes``).  The queue engine's batched ``next_io``."""
+        """The next ``n`` I/Os of the timed phase, fewer once a job that is not time based
+        nears its ``io_size``: their offsets, and their directions (None: all
+        ``cfg.writes``).  The queue engine's batched ``next_io``."""
+        if n > self.left:
+            n = self.left
+        self.left -= n
+        return self._take(n)
+
+    def _take(self, n: int) -> tuple[list[int], list[bool] | None]:
         if self._random:
             i = self._i
             if i + n > self._TABLE:
                 rest = self._offsets[i:]
                 rest_dirs = self._dirs[i:] if self._mixed else []
                 self._refill()
-                more, more_dirs = self.take(n - len(rest))
+                more, more_dirs = self._take(n - len(rest))
                 return rest + more, (rest_dirs + more_dirs) if more_dirs is not None else None
             self._i = i + n
             return self._offsets[i : i + n], self._dirs[i : i + n] if self._mixed else None
@@ -109,6 +122,9 @@ class Job:
         """The next I/O (offset, write?), or None when a finite phase is over."""
         if self._finite is not None:
             return (self._finite.pop(), False) if self._finite else None
+        if self.left <= 0:
+            return None
+        self.left -= 1
         if self.verifier is None:
             return self.next_io()
         while True:  # a block with an I/O in flight is skipped (span > iodepth: terminates)
