@@ -1,0 +1,428 @@
+"""The asyncio shell around ``virtblk.nbd.server``: sockets in, the disk's requests out.
+
+One event loop serves every client; the protocol decisions are the sans-IO
+``ServerConnection``'s, and this module only moves bytes and runs requests:
+
+* Each client is given one ``AsyncDisk`` over one hardware queue, round robin, so that
+  clients on a multi-queue device do not share a ring.
+* A client's requests run concurrently (a task each, as they arrive), and each reply is
+  sent when its request completes: NBD clients pipeline (qemu-img, nbdcopy and fio keep
+  many requests in flight), and proto.md allows replies in any order.  At most
+  ``MAX_IN_FLIGHT`` per client: beyond that the client's socket is not read until
+  replies go out.
+* A read lands in a ``Disk.buffer`` (shared memory the device writes directly) and is
+  sent from there with one ``sendmsg`` of header and data; the buffer is freed once the
+  kernel has every byte (``_send`` owns the wait), so no copy is made on our side.  When
+  shared memory runs short the read falls back to a private buffer (the disk bounces it).
+* Stopping (``stop()``, SIGINT/SIGTERM in the command): the listener closes, every
+  connection answers new options and requests with ``ERR_SHUTDOWN``/ESHUTDOWN, requests
+  in flight finish and are answered, then the connections close (proto.md: "the server
+  SHOULD wait for inflight requests to be serviced prior to initiating a hard
+  disconnect").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+from virtblk.aio import AsyncDisk
+from virtblk.driver.disk import Disk
+from virtblk.errors import FeatureNotNegotiatedError
+from virtblk.nbd.server import (
+    CLOSED,
+    NEED_DATA,
+    Aborted,
+    Answered,
+    Disconnect,
+    Export,
+    Flush,
+    Negotiated,
+    OptionAnswered,
+    ProtocolViolation,
+    Read,
+    Request,
+    ServerConnection,
+    Trim,
+    Write,
+    WriteZeroes,
+    nbd_errno,
+)
+from virtblk.nbd.wire import Command, Errno, Option, OptionReply
+from virtblk.tools.nbd.address import ListenAddress
+
+__all__ = ["MAX_IN_FLIGHT", "NbdServer", "ServerStats"]
+
+log = logging.getLogger("virtblk.nbd")
+
+MAX_IN_FLIGHT = 64
+"""Requests one client may have in flight before we stop reading its socket."""
+
+RECV_SIZE = 256 << 10
+"""Bytes asked of the socket per read (a few large writes, or many small requests)."""
+
+STOP_GRACE = 30.0
+"""How long ``stop`` waits for requests in flight before closing connections anyway."""
+
+
+@dataclasses.dataclass
+class ServerStats:
+    """What the server did, for the log line at exit."""
+
+    clients: int = 0
+    requests: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    refused: int = 0
+    violations: int = 0
+
+
+class NbdServer:
+    """Serve ``export`` of ``disk`` on ``address`` until ``stop()``.
+
+    ``disks`` are the disk's asyncio faces, one per hardware queue the server may use;
+    the caller owns them and the disk (``run`` closes neither).
+    """
+
+    def __init__(self, disk: Disk, disks: Sequence[AsyncDisk], export: Export,
+                 address: ListenAddress) -> None:
+        if not disks:
+            raise ValueError("an NBD server needs at least one AsyncDisk")
+        self.disk = disk
+        self.export = export
+        self.address = address
+        self.stats = ServerStats()
+        self._disks = list(disks)
+        self._next_disk = itertools.cycle(self._disks)
+        self._clients: set[_Client] = set()
+        self._listener: socket.socket | None = None
+        self._stopping = asyncio.Event()
+        self._numbers = itertools.count(1)
+
+    @property
+    def queues(self) -> int:
+        """Hardware queues the clients are spread over."""
+        return len(self._disks)
+
+    def listen(self) -> socket.socket:
+        """Bind and listen (before ``run``, so the caller reports a bad address at once)."""
+        addr = self.address
+        if addr.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(addr.path) and not _is_socket(addr.path):
+                    raise OSError(errno.EEXIST, f"{addr.path} exists and is no socket")
+                os.unlink(addr.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: str | tuple[str, int] = addr.path
+        else:
+            family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            target = (addr.host, addr.port)
+        try:
+            sock.bind(target)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
+        sock.setblocking(False)
+        self._listener = sock
+        if addr.path is None:  # port 0: the kernel chose one
+            self.address = dataclasses.replace(addr, port=sock.getsockname()[1])
+        return sock
+
+    async def run(self) -> None:
+        """Accept clients until ``stop()``; then let every client finish (see the module
+        docstring) and close the listener."""
+        if self._listener is None:
+            self.listen()
+        listener = self._listener
+        assert listener is not None
+        loop = asyncio.get_running_loop()
+        accept = asyncio.ensure_future(self._accept_loop(loop, listener))
+        try:
+            await self._stopping.wait()
+        finally:
+            accept.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await accept
+            listener.close()
+            if self.address.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.address.path)
+            clients = list(self._clients)
+            for client in clients:
+                client.shutdown()
+            if clients:
+                _, pending = await asyncio.wait(
+                    [asyncio.ensure_future(c.finished.wait()) for c in clients],
+                    timeout=STOP_GRACE)
+                for waiter in pending:
+                    waiter.cancel()
+                for client in list(self._clients):
+                    client.close("the server stopped")
+
+    def stop(self) -> None:
+        """Begin stopping (safe from a signal handler on the loop)."""
+        self._stopping.set()
+
+    async def _accept_loop(self, loop: asyncio.AbstractEventLoop,
+                           listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: say so, keep serving
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            number = next(self._numbers)
+            name = f"client {number}" + (f" ({peer[0]}:{peer[1]})" if peer else "")
+            client = _Client(self, sock, next(self._next_disk), name)
+            self._clients.add(client)
+            self.stats.clients += 1
+            client.start()
+
+    def _forget(self, client: _Client) -> None:
+        self._clients.discard(client)
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+class _Client:
+    """One connection: a reader task feeding the state machine, a task per request."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, disk: AsyncDisk,
+                 name: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.disk = disk
+        self.name = name
+        self.conn = ServerConnection([server.export])
+        self.finished = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._send_lock = asyncio.Lock()
+        self._room = asyncio.Event()  # set while fewer than MAX_IN_FLIGHT are in flight
+        self._room.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+        self._draining = False  # no more requests: close when the last one is answered
+
+    def start(self) -> None:
+        self._reader = self._loop.create_task(self._read_loop())
+
+    def shutdown(self) -> None:
+        """The server stops: refuse what comes next, finish what is in flight."""
+        self.conn.shutdown()
+        self._pump()
+        self._drain("the server is stopping")
+
+    async def _read_loop(self) -> None:
+        try:
+            await self._send(self.conn.data_to_send())
+            while not self._closed and not self._draining:
+                await self._room.wait()
+                data = await self._loop.sock_recv(self.sock, RECV_SIZE)
+                self.conn.receive_data(data)
+                self._pump()
+                if not data:
+                    break
+        except (ConnectionError, OSError) as exc:
+            self.close(f"connection failed: {exc}")
+        except asyncio.CancelledError:
+            self.close("cancelled")
+            raise
+
+    def _pump(self) -> None:
+        """Take every event the state machine has, up to the in-flight limit."""
+        conn = self.conn
+        while self.conn.in_flight < MAX_IN_FLIGHT and not self._closed:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                break
+            if event is CLOSED:
+                self._drain("the client closed the connection")
+                break
+            if isinstance(event, Request):
+                self.server.stats.requests += 1
+                task = self._loop.create_task(self._serve(event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(event, Answered):
+                self.server.stats.refused += event.error != 0
+                if event.error:
+                    log.info("%s: %s refused: %s (%s)", self.name, _command_name(event.command),
+                             Errno(event.error).name, event.message)
+            elif isinstance(event, OptionAnswered):
+                log.debug("%s: option %s answered %s %s", self.name, _option_name(event.option),
+                          _reply_name(event.reply), event.message)
+            elif isinstance(event, Negotiated):
+                log.info("%s: transmission on export %r (flags %#x%s%s)", self.name,
+                         event.export.name, int(event.flags),
+                         ", structured replies" if event.structured_replies else "",
+                         ", block sizes agreed" if event.block_sizes_agreed else "")
+            elif isinstance(event, Disconnect):
+                self._drain("the client disconnected")
+                break
+            elif isinstance(event, Aborted):
+                self._drain("the client aborted the handshake")
+                break
+            elif isinstance(event, ProtocolViolation):
+                self.server.stats.violations += 1
+                log.warning("%s: protocol violation, disconnecting: %s", self.name, event.reason)
+                self._send_soon(self.conn.data_to_send())
+                self._drain(event.reason)
+                break
+        self._send_soon(conn.data_to_send())
+        if conn.in_flight >= MAX_IN_FLIGHT:
+            self._room.clear()
+
+    async def _serve(self, request: Request) -> None:
+        """Run one request on the disk and send its reply."""
+        disk = self.disk
+        conn = self.conn
+        try:
+            if isinstance(request, Read):
+                await self._read(request)
+                return
+            if isinstance(request, Write):
+                await disk.write(request.data, request.offset)
+                self.server.stats.bytes_written += request.length
+            elif isinstance(request, WriteZeroes):
+                await disk.write_zeroes(request.offset, request.length,
+                                        unmap=not request.no_hole)
+            elif isinstance(request, Trim):
+                await disk.discard(request.offset, request.length)
+            if request.fua or isinstance(request, Flush):
+                await disk.flush()
+            reply = conn.reply(request)
+        except OSError as exc:
+            reply = conn.reply(request, nbd_errno(exc.errno or errno.EIO), str(exc))
+        except (ValueError, FeatureNotNegotiatedError) as exc:
+            # The device changed under the export (a resize, a feature gone on reconnect).
+            reply = conn.reply(request, Errno.EINVAL, str(exc))
+        await self._send(reply)
+        self._answered()
+
+    async def _read(self, request: Read) -> None:
+        disk = self.disk
+        try:
+            buf = disk.disk.buffer(request.length)  # zero copy: the device writes it
+        except MemoryError:
+            buf = memoryview(bytearray(request.length))  # shared memory is short: bounce
+        try:
+            try:
+                await disk.readinto(buf, request.offset)
+            except OSError as exc:
+                await self._send(self.conn.reply(request, nbd_errno(exc.errno or errno.EIO),
+                                                 str(exc)))
+                return
+            except ValueError as exc:
+                await self._send(self.conn.reply(request, Errno.EINVAL, str(exc)))
+                return
+            self.server.stats.bytes_read += request.length
+            await self._send(*self.conn.read_reply(request, buf))
+        finally:
+            if disk.disk.buffer_address(buf) is not None:
+                disk.disk.free_buffer(buf)
+            self._answered()
+
+    def _answered(self) -> None:
+        if self.conn.in_flight < MAX_IN_FLIGHT and not self._room.is_set():
+            self._room.set()
+            self._pump()  # requests already received may wait in the state machine
+        if self._draining and self.conn.in_flight == 0:
+            self._loop.create_task(self._close_after_sends("done"))
+
+    def _send_soon(self, data: bytes) -> None:
+        if data:
+            task = self._loop.create_task(self._send(data))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, *chunks: bytes | memoryview) -> None:
+        """Send ``chunks`` in order, whole (one ``sendmsg`` when the socket takes them);
+        returns once the kernel holds every byte, so a buffer may be reused after."""
+        if self._closed or not any(chunks):
+            return
+        async with self._send_lock:
+            if self._closed:
+                return
+            try:
+                try:
+                    sent = self.sock.sendmsg(chunks)
+                except BlockingIOError:
+                    sent = 0
+                for chunk in chunks:
+                    if sent >= len(chunk):
+                        sent -= len(chunk)
+                        continue
+                    rest = memoryview(chunk)[sent:]
+                    sent = 0
+                    await self._loop.sock_sendall(self.sock, rest)
+            except OSError as exc:  # the client went away: nothing more to tell it
+                self.close(f"send failed: {exc}")
+
+    def _drain(self, why: str) -> None:
+        """Read no more; close once every request in flight is answered."""
+        if self._draining:
+            return
+        self._draining = True
+        log.info("%s: %s", self.name, why)
+        if self.conn.in_flight == 0:
+            self._loop.create_task(self._close_after_sends(why))
+
+    async def _close_after_sends(self, why: str) -> None:
+        async with self._send_lock:  # what was queued before goes out first
+            pass
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+        self.close(why)
+
+    def close(self, why: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        log.debug("%s: closed (%s)", self.name, why)
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        self.sock.close()
+        self.server._forget(self)
+        self.finished.set()
+
+
+def _command_name(command: int) -> str:
+    try:
+        return f"NBD_CMD_{Command(command).name}"
+    except ValueError:
+        return f"command {command}"
+
+
+def _option_name(option: int) -> str:
+    try:
+        return f"NBD_OPT_{Option(option).name}"
+    except ValueError:
+        return f"option {option}"
+
+
+def _reply_name(reply: int) -> str:
+    try:
+        return OptionReply(reply).name
+    except ValueError:
+        return str(reply)
