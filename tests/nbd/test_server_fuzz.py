@@ -124,13 +124,13 @@ def oracle(command: int, flags: int, offset: int, length: int, *, read_only: boo
                6: CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO}
     if command not in allowed:
         return Errno.EINVAL, False
+    if command in (1, 4, 6) and read_only:
+        return Errno.EPERM, False
     if flags & ~(int(allowed[command]) | int(CommandFlag.FUA)):  # ints: ~ on an IntFlag
         # complements only the defined bits
         return Errno.EINVAL, False
     if command == 3:
         return (Errno.EINVAL, False) if offset or length else (None, False)
-    if command in (1, 4, 6) and read_only:
-        return Errno.EPERM, False
     if command in (0, 1) and length > MAX:
         return Errno.EINVAL, False
     if offset % 512 or length % 512:

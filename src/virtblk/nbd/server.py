@@ -23,9 +23,10 @@ What the state machine decides, so that one tested place decides it (doc/proto.m
   still let in and its unaligned requests fail with EINVAL; an ``INFO`` that did not
   ask gets ``ERR_BLOCK_SIZE_REQD``.
 * Every request is judged before the storage sees it, in the order proto.md implies:
-  unknown command or flag, or a command the flags did not advertise: EINVAL; a change to
-  a read-only export: EPERM; a read or write longer than the maximum payload, or not
-  aligned to the minimum block: EINVAL; past the end: ENOSPC for writes, EINVAL for the
+  an unknown command: EINVAL; a change (write, trim, zeroing) to a read-only export:
+  EPERM; an unknown flag or a command the flags did not advertise: EINVAL; a read or
+  write longer than the maximum payload, or not aligned to the minimum block: EINVAL;
+  past the end: ENOSPC for writes, EINVAL for the
   rest.  A refused write's payload is skipped, never buffered.  A zero-length request
   and ``NBD_CMD_CACHE`` (accepted, not advertised) are answered at once; so is
   ``FAST_ZERO`` on an export that cannot zero faster than it writes: ENOTSUP, fast.
@@ -643,6 +644,10 @@ class ServerConnection:
         allowed = _COMMAND_FLAGS.get(cmd)
         if allowed is None:  # BLOCK_STATUS (no context was offered), RESIZE
             return Errno.EINVAL, f"NBD_CMD_{cmd.name} is not supported"
+        if cmd in _CHANGES and self.flags & TransmissionFlag.READ_ONLY:
+            # proto.md asks EPERM for a write or trim on a read-only export, which
+            # advertises neither TRIM nor WRITE_ZEROES: before the flag checks.
+            return Errno.EPERM, "the export is read-only"
         if self.flags & TransmissionFlag.SEND_FUA:
             allowed |= CommandFlag.FUA
         if not self.flags & TransmissionFlag.SEND_DF:
@@ -658,8 +663,6 @@ class ServerConnection:
             if offset or length:
                 return Errno.EINVAL, "NBD_CMD_FLUSH takes offset and length 0"
             return None
-        if cmd in _CHANGES and self.flags & TransmissionFlag.READ_ONLY:
-            return Errno.EPERM, "the export is read-only"
         if cmd in (Command.READ, Command.WRITE) and length > export.max_block:
             return Errno.EINVAL, (f"{length} bytes is more than the maximum payload "
                                   f"{export.max_block}")
