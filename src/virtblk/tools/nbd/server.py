@@ -11,9 +11,10 @@ One event loop serves every client; the protocol decisions are the sans-IO
   ``MAX_IN_FLIGHT`` per client: beyond that the client's socket is not read until
   replies go out.
 * A read lands in a ``Disk.buffer`` (shared memory the device writes directly) and is
-  sent from there with one ``sendmsg`` of header and data; the buffer is freed once the
-  kernel has every byte (``_send`` owns the wait), so no copy is made on our side.  When
-  shared memory runs short the read falls back to a private buffer (the disk bounces it).
+  sent from there: no copy on our side; the buffer goes back to a pool once the kernel
+  has every byte.  A write's payload is copied once into such a buffer.  Replies that
+  complete together leave together, in one ``sendmsg`` (a writer task per client).  When
+  shared memory runs short a private buffer stands in (the disk bounces it).
 * Stopping (``stop()``, SIGINT/SIGTERM in the command): the listener closes, every
   connection answers new options and requests with ``ERR_SHUTDOWN``/ESHUTDOWN, requests
   in flight finish and are answered, then the connections close (proto.md: "the server
@@ -68,6 +69,12 @@ MAX_IN_FLIGHT = 64
 RECV_SIZE = 256 << 10
 """Bytes asked of the socket per read (a few large writes, or many small requests)."""
 
+POOL_LIMIT = 64 << 20
+"""Shared-memory bytes kept for reuse between requests (of the driver's 256 MiB)."""
+
+_IOV_MAX = 1024
+"""Buffers one ``sendmsg`` takes at most (Linux's UIO_MAXIOV)."""
+
 STOP_GRACE = 30.0
 """How long ``stop`` waits for requests in flight before closing connections anyway."""
 
@@ -105,6 +112,8 @@ class NbdServer:
         self._listener: socket.socket | None = None
         self._stopping = asyncio.Event()
         self._numbers = itertools.count(1)
+        self.buffers = _BufferPool(disk)
+        """Shared memory for reads and writes, reused between requests."""
 
     @property
     def queues(self) -> int:
@@ -168,6 +177,7 @@ class NbdServer:
                     waiter.cancel()
                 for client in list(self._clients):
                     client.close("the server stopped")
+            self.buffers.clear()
 
     def stop(self) -> None:
         """Begin stopping (safe from a signal handler on the loop)."""
@@ -203,7 +213,8 @@ def _is_socket(path: str) -> bool:
 
 
 class _Client:
-    """One connection: a reader task feeding the state machine, a task per request."""
+    """One connection: a reader task feeding the state machine, a task per request, and a
+    writer task that sends the replies completed meanwhile together."""
 
     def __init__(self, server: NbdServer, sock: socket.socket, disk: AsyncDisk,
                  name: str) -> None:
@@ -214,15 +225,22 @@ class _Client:
         self.conn = ServerConnection([server.export])
         self.finished = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._send_lock = asyncio.Lock()
         self._room = asyncio.Event()  # set while fewer than MAX_IN_FLIGHT are in flight
         self._room.set()
+        self._outbox: list[bytes | memoryview] = []
+        self._release: list[memoryview] = []  # buffers to give back once sent
+        self._wake = asyncio.Event()  # the outbox has something
+        self._idle = asyncio.Event()  # the outbox is empty and nothing is being sent
+        self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._draining = False  # no more requests: close when the last one is answered
 
     def start(self) -> None:
+        self._post(self.conn.data_to_send())
+        self._writer = self._loop.create_task(self._write_loop())
         self._reader = self._loop.create_task(self._read_loop())
 
     def shutdown(self) -> None:
@@ -233,7 +251,6 @@ class _Client:
 
     async def _read_loop(self) -> None:
         try:
-            await self._send(self.conn.data_to_send())
             while not self._closed and not self._draining:
                 await self._room.wait()
                 data = await self._loop.sock_recv(self.sock, RECV_SIZE)
@@ -241,16 +258,13 @@ class _Client:
                 self._pump()
                 if not data:
                     break
-        except (ConnectionError, OSError) as exc:
+        except OSError as exc:
             self.close(f"connection failed: {exc}")
-        except asyncio.CancelledError:
-            self.close("cancelled")
-            raise
 
     def _pump(self) -> None:
         """Take every event the state machine has, up to the in-flight limit."""
         conn = self.conn
-        while self.conn.in_flight < MAX_IN_FLIGHT and not self._closed:
+        while conn.in_flight < MAX_IN_FLIGHT and not self._closed:
             event = conn.next_event()
             if event is NEED_DATA:
                 break
@@ -284,15 +298,14 @@ class _Client:
             elif isinstance(event, ProtocolViolation):
                 self.server.stats.violations += 1
                 log.warning("%s: protocol violation, disconnecting: %s", self.name, event.reason)
-                self._send_soon(self.conn.data_to_send())
                 self._drain(event.reason)
                 break
-        self._send_soon(conn.data_to_send())
+        self._post(conn.data_to_send())
         if conn.in_flight >= MAX_IN_FLIGHT:
             self._room.clear()
 
     async def _serve(self, request: Request) -> None:
-        """Run one request on the disk and send its reply."""
+        """Run one request on the disk and queue its reply."""
         disk = self.disk
         conn = self.conn
         try:
@@ -300,8 +313,7 @@ class _Client:
                 await self._read(request)
                 return
             if isinstance(request, Write):
-                await disk.write(request.data, request.offset)
-                self.server.stats.bytes_written += request.length
+                await self._write(request)
             elif isinstance(request, WriteZeroes):
                 await disk.write_zeroes(request.offset, request.length,
                                         unmap=not request.no_hole)
@@ -315,67 +327,83 @@ class _Client:
         except (ValueError, FeatureNotNegotiatedError) as exc:
             # The device changed under the export (a resize, a feature gone on reconnect).
             reply = conn.reply(request, Errno.EINVAL, str(exc))
-        await self._send(reply)
+        self._post(reply)
         self._answered()
 
     async def _read(self, request: Read) -> None:
-        disk = self.disk
+        """Read into shared memory and queue header and buffer as they are: the buffer goes
+        back to the pool once the writer has sent it."""
+        buf = self.server.buffers.get(request.length)
         try:
-            buf = disk.disk.buffer(request.length)  # zero copy: the device writes it
-        except MemoryError:
-            buf = memoryview(bytearray(request.length))  # shared memory is short: bounce
-        try:
-            try:
-                await disk.readinto(buf, request.offset)
-            except OSError as exc:
-                await self._send(self.conn.reply(request, nbd_errno(exc.errno or errno.EIO),
-                                                 str(exc)))
-                return
-            except ValueError as exc:
-                await self._send(self.conn.reply(request, Errno.EINVAL, str(exc)))
-                return
+            await self.disk.readinto(buf, request.offset)
+        except (OSError, ValueError) as exc:
+            self.server.buffers.put(buf)
+            code = nbd_errno(exc.errno or errno.EIO) if isinstance(exc, OSError) else Errno.EINVAL
+            self._post(self.conn.reply(request, code, str(exc)))
+        else:
             self.server.stats.bytes_read += request.length
-            await self._send(*self.conn.read_reply(request, buf))
+            self._post(*self.conn.read_reply(request, buf), release=buf)
+        self._answered()
+
+    async def _write(self, request: Write) -> None:
+        """Copy the payload into a pooled shared buffer (the one copy a bounce would make
+        anyway, without its allocation) and write it from there."""
+        buf = self.server.buffers.get(request.length)
+        try:
+            buf[:] = request.data
+            await self.disk.write(buf, request.offset)
         finally:
-            if disk.disk.buffer_address(buf) is not None:
-                disk.disk.free_buffer(buf)
-            self._answered()
+            self.server.buffers.put(buf)
+        self.server.stats.bytes_written += request.length
 
     def _answered(self) -> None:
         if self.conn.in_flight < MAX_IN_FLIGHT and not self._room.is_set():
             self._room.set()
             self._pump()  # requests already received may wait in the state machine
         if self._draining and self.conn.in_flight == 0:
-            self._loop.create_task(self._close_after_sends("done"))
+            self._close_soon("done")
 
-    def _send_soon(self, data: bytes) -> None:
-        if data:
-            task = self._loop.create_task(self._send(data))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, *chunks: bytes | memoryview) -> None:
-        """Send ``chunks`` in order, whole (one ``sendmsg`` when the socket takes them);
-        returns once the kernel holds every byte, so a buffer may be reused after."""
-        if self._closed or not any(chunks):
+    def _post(self, *chunks: bytes | memoryview, release: memoryview | None = None) -> None:
+        """Queue ``chunks`` for the writer; ``release`` goes back to the pool once sent."""
+        if self._closed:
+            if release is not None:
+                self.server.buffers.put(release)
             return
-        async with self._send_lock:
-            if self._closed:
-                return
-            try:
-                try:
-                    sent = self.sock.sendmsg(chunks)
-                except BlockingIOError:
-                    sent = 0
-                for chunk in chunks:
-                    if sent >= len(chunk):
-                        sent -= len(chunk)
-                        continue
-                    rest = memoryview(chunk)[sent:]
-                    sent = 0
-                    await self._loop.sock_sendall(self.sock, rest)
-            except OSError as exc:  # the client went away: nothing more to tell it
-                self.close(f"send failed: {exc}")
+        self._outbox.extend(c for c in chunks if len(c))
+        if release is not None:
+            self._release.append(release)
+        if self._outbox:
+            self._idle.clear()
+            self._wake.set()
+
+    async def _write_loop(self) -> None:
+        """Send what was queued since the last round with one ``sendmsg`` (the replies that
+        completed together leave together); the rest, if the socket is full, as it drains."""
+        sock = self.sock
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._outbox:
+                    chunks, self._outbox = self._outbox[:_IOV_MAX], self._outbox[_IOV_MAX:]
+                    release: list[memoryview] = []
+                    if not self._outbox:
+                        release, self._release = self._release, []
+                    try:
+                        sent = sock.sendmsg(chunks)
+                    except BlockingIOError:
+                        sent = 0
+                    for chunk in chunks:
+                        if sent >= len(chunk):
+                            sent -= len(chunk)
+                            continue
+                        await self._loop.sock_sendall(sock, memoryview(chunk)[sent:])
+                        sent = 0
+                    for buf in release:
+                        self.server.buffers.put(buf)
+                self._idle.set()
+        except OSError as exc:  # the client went away: nothing more to tell it
+            self.close(f"send failed: {exc}")
 
     def _drain(self, why: str) -> None:
         """Read no more; close once every request in flight is answered."""
@@ -384,15 +412,15 @@ class _Client:
         self._draining = True
         log.info("%s: %s", self.name, why)
         if self.conn.in_flight == 0:
-            self._loop.create_task(self._close_after_sends(why))
+            self._close_soon(why)
 
-    async def _close_after_sends(self, why: str) -> None:
-        async with self._send_lock:  # what was queued before goes out first
-            pass
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(task)
+    def _close_soon(self, why: str) -> None:
+        task = self._loop.create_task(self._close_when_sent(why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_when_sent(self, why: str) -> None:
+        await self._idle.wait()
         self.close(why)
 
     def close(self, why: str) -> None:
@@ -400,11 +428,60 @@ class _Client:
             return
         self._closed = True
         log.debug("%s: closed (%s)", self.name, why)
-        if self._reader is not None and self._reader is not asyncio.current_task():
-            self._reader.cancel()
+        current = asyncio.current_task()
+        for task in (self._reader, self._writer):
+            if task is not None and task is not current:
+                task.cancel()
+        for buf in self._release:
+            self.server.buffers.put(buf)
+        self._release.clear()
+        self._outbox.clear()
         self.sock.close()
         self.server._forget(self)
         self.finished.set()
+
+
+class _BufferPool:
+    """Shared-memory buffers (``Disk.buffer``) kept for reuse by size: a read or write of
+    a size seen before costs no allocation and no registration.  Up to ``limit`` bytes are
+    kept; when shared memory runs out, a private buffer stands in (the disk then bounces)."""
+
+    def __init__(self, disk: Disk, limit: int = POOL_LIMIT) -> None:
+        self._disk = disk
+        self._free: dict[int, list[memoryview]] = {}
+        self._kept = 0
+        self._limit = limit
+
+    def get(self, size: int) -> memoryview:
+        free = self._free.get(size)
+        if free:
+            self._kept -= size
+            return free.pop()
+        try:
+            return self._disk.buffer(size)
+        except MemoryError:
+            self.clear()  # give what is kept back to the allocator, then try once more
+            try:
+                return self._disk.buffer(size)
+            except MemoryError:
+                return memoryview(bytearray(size))
+
+    def put(self, buf: memoryview) -> None:
+        if self._disk.buffer_address(buf) is None:
+            return  # a private stand-in
+        size = len(buf)
+        if self._kept + size <= self._limit:
+            self._free.setdefault(size, []).append(buf)
+            self._kept += size
+        else:
+            self._disk.free_buffer(buf)
+
+    def clear(self) -> None:
+        for bufs in self._free.values():
+            for buf in bufs:
+                self._disk.free_buffer(buf)
+        self._free.clear()
+        self._kept = 0
 
 
 def _command_name(command: int) -> str:
