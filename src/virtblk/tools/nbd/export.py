@@ -6,8 +6,8 @@ Every flag follows from what the driver negotiated with the device, never from h
 * ``SEND_FLUSH`` and ``SEND_FUA``: with VIRTIO_BLK_F_FLUSH.  A FLUSH goes to the device
   when its cache is write-back at that moment (``AsyncDisk.flush``); a FUA write is the
   write followed by such a flush (virtio-blk 1.2 has no FUA; the proposed OUT_FUA is
-  not in ``AsyncDisk``).  Without the feature the device has no volatile cache: every
-  completed write is durable, and neither flag is needed.
+  not in ``AsyncDisk``).  Without the feature there is no flush to send: virtio leaves
+  a completed write's durability to the device, and neither flag is advertised.
 * ``SEND_TRIM`` with VIRTIO_BLK_F_DISCARD, ``SEND_WRITE_ZEROES`` with
   VIRTIO_BLK_F_WRITE_ZEROES, on a writable export.
 * ``SEND_FAST_ZERO`` with ``SEND_WRITE_ZEROES``: the driver cannot learn whether the
@@ -18,10 +18,11 @@ Every flag follows from what the driver negotiated with the device, never from h
 * ``CAN_MULTI_CONN``: always.  Every connection reaches the same device through the
   same driver, and this server keeps no cache of its own: a write answered on one
   connection is on the device, so any later read on any connection sees it; and a
-  virtio-blk FLUSH commits every write the device completed, whichever virtqueue carried
-  it (virtio 1.2, 5.2.6: a flush covers completed writes, not a queue's), so a FLUSH or
-  FUA answered on one connection covers the writes answered on all of them, which is
-  what proto.md asks for the flag.
+  virtio-blk FLUSH makes every write completed before it stable, whichever virtqueue
+  carried it (virtio 1.2, 5.2.6.2: a write is stable once completed and a FLUSH sent
+  after its completion has completed, queues unmentioned), so a FLUSH or FUA answered on
+  one connection covers the writes answered on all of them, which is what proto.md asks
+  for the flag.
 * Size constraints: the minimum block is the logical block size (the device takes
   nothing smaller, and the driver has no safe read-modify-write); the preferred block is
   the physical block size or the optimal I/O size when larger (at least 4096); the
