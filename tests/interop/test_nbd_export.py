@@ -56,7 +56,9 @@ class NbdExport:
     prints its URI.  ``__exit__`` sends SIGTERM and fails the block unless it exits 0 and
     says what it served."""
 
-    def __init__(self, vhost_socket: Path, listen: str, args: Sequence[str] = ()) -> None:
+    def __init__(self, vhost_socket: Path, listen: str, args: Sequence[str] = (),
+                 expect_status: int = 0) -> None:
+        self.expect_status = expect_status
         self.argv = virtblk_argv("--log-level", "info", "nbd", str(vhost_socket),
                                  "--listen", listen, *args)
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
@@ -104,8 +106,9 @@ class NbdExport:
         finally:
             self._log.close()
         if exc_type is None:
-            assert rc == 0, output
-            assert "virtblk nbd: stopped after" in output, output
+            assert rc == self.expect_status, output
+            if rc == 0:
+                assert "virtblk nbd: stopped after" in output, output
             assert "Traceback" not in output, output
 
 
@@ -372,3 +375,29 @@ def test_export_name_and_sigterm_during_a_copy(device: Path, sock_dir: Path,
             copy.kill()
             copy.wait()
         assert "signal 15" in running.output
+
+
+@pytest.mark.parametrize("peer", ["ours", "qsd"])
+def test_device_gone_stops_the_export(peer: str, sock_dir: Path,
+                                      qsd_factory: QsdFactory) -> None:
+    """The device dies: the next request fails (EIO) and the export stops with status 1,
+    saying why, instead of answering EIO for ever."""
+    with ExitStack() as stack:
+        if peer == "ours":
+            server = stack.enter_context(ServeProcess(sock_dir / "vu.sock", ["--memory", "8M"]))
+            vhost, kill = server.socket_path, server.kill
+        else:
+            image = sock_dir / "qsd.img"
+            image.write_bytes(bytes(8 * MiB))
+            daemon = qsd_factory(image=image)
+            vhost, kill = daemon.socket_path, daemon.stop  # type: ignore[assignment]
+        with NbdExport(vhost, f"unix:{sock_dir / 'nbd.sock'}", expect_status=1) as running:
+            run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", running.uri)
+            kill()
+            done = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x42 0 4k",
+                                   running.uri], capture_output=True, text=True,
+                                  timeout=TIMEOUT, check=False)
+            assert "Input/output error" in done.stdout + done.stderr or done.returncode
+            assert running.process is not None
+            assert running.process.wait(timeout=30) == 1, running.output
+            assert "Error:" in running.output and "went away" in running.output

@@ -78,6 +78,9 @@ def nbd(socket_path: str, listen: str, allow_remote: bool, export_name: str,
                         num_queues=num_queues, on_ready=ready)
     except (OSError, NegotiationError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if stats.failure is not None:
+        raise click.ClickException(f"{stats.failure} (after {stats.clients} client(s), "
+                                   f"{stats.requests} request(s))")
     click.echo(f"virtblk nbd: stopped after {stats.clients} client(s), {stats.requests} "
                f"request(s), {human_size(stats.bytes_read)} read, "
                f"{human_size(stats.bytes_written)} written, {stats.refused} refused, "

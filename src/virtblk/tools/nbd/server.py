@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 from virtblk.aio import AsyncDisk
 from virtblk.driver.disk import Disk
-from virtblk.errors import FeatureNotNegotiatedError
+from virtblk.errors import DeviceGoneError, FeatureNotNegotiatedError
 from virtblk.nbd.server import (
     CLOSED,
     NEED_DATA,
@@ -89,6 +89,8 @@ class ServerStats:
     bytes_written: int = 0
     refused: int = 0
     violations: int = 0
+    failure: str | None = None
+    """Why the server stopped on its own (the device went away), if it did."""
 
 
 class NbdServer:
@@ -182,6 +184,14 @@ class NbdServer:
     def stop(self) -> None:
         """Begin stopping (safe from a signal handler on the loop)."""
         self._stopping.set()
+
+    def fail(self, why: str) -> None:
+        """The device is gone: nothing can be served any more, so stop (the clients get
+        ESHUTDOWN for what they send next) and say why."""
+        if self.stats.failure is None:
+            self.stats.failure = why
+            log.error("stopping: %s", why)
+        self.stop()
 
     async def _accept_loop(self, loop: asyncio.AbstractEventLoop,
                            listener: socket.socket) -> None:
@@ -322,6 +332,9 @@ class _Client:
             if request.fua or isinstance(request, Flush):
                 await disk.flush()
             reply = conn.reply(request)
+        except DeviceGoneError as exc:
+            reply = conn.reply(request, Errno.EIO, str(exc))
+            self.server.fail(str(exc))
         except OSError as exc:
             reply = conn.reply(request, nbd_errno(exc.errno or errno.EIO), str(exc))
         except (ValueError, FeatureNotNegotiatedError) as exc:
@@ -337,6 +350,8 @@ class _Client:
         try:
             await self.disk.readinto(buf, request.offset)
         except (OSError, ValueError) as exc:
+            if isinstance(exc, DeviceGoneError):
+                self.server.fail(str(exc))
             self.server.buffers.put(buf)
             code = nbd_errno(exc.errno or errno.EIO) if isinstance(exc, OSError) else Errno.EINVAL
             self._post(self.conn.reply(request, code, str(exc)))
