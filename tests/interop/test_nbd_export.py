@@ -27,6 +27,7 @@ import pytest
 from interop.serve_process import ServeProcess, virtblk_argv
 from peers.plugin import QsdFactory
 from peers.process import accepts, kill_group, wait_ready
+from virtblk.device.control import send_command
 from virtblk.nbd.wire import (
     CLIENT_FLAGS,
     IHAVEOPT,
@@ -221,6 +222,19 @@ def test_several_clients_at_once(export: NbdExport) -> None:
     checks = [arg for i in range(8) for arg in ("-c", f"read -P {0x20 + i} {i}M 1M")]
     out = run("qemu-io", "-f", "raw", *checks, export.uri)
     assert "failed" not in out and out.count("read ") == 8, out
+
+
+def test_clients_are_spread_over_the_hardware_queues(sock_dir: Path) -> None:
+    """Two clients one after the other on a two-queue device: each queue served one (our
+    device counts the bytes each queue read)."""
+    control = sock_dir / "ctl.sock"
+    with ServeProcess(sock_dir / "vu.sock", ["--memory", "8M", "--num-queues", "2",
+                                             "--control", str(control)]) as server, \
+            NbdExport(server.socket_path, f"unix:{sock_dir / 'nbd.sock'}") as running:
+        for _ in range(2):
+            run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4M", running.uri)
+        queues = send_command(str(control), "stats")["stats"]["queues"]
+    assert [q["bytes_read"] >= 4 * MiB for q in queues] == [True, True], queues
 
 
 def test_read_only_export_refuses_writes_with_eperm(device: Path, sock_dir: Path) -> None:

@@ -340,6 +340,9 @@ class _Client:
         except (ValueError, FeatureNotNegotiatedError) as exc:
             # The device changed under the export (a resize, a feature gone on reconnect).
             reply = conn.reply(request, Errno.EINVAL, str(exc))
+        except Exception as exc:  # a driver fault: this request fails, the server goes on
+            log.error("%s: %s failed: %r", self.name, type(request).__name__, exc)
+            reply = conn.reply(request, Errno.EIO, f"internal error: {exc}")
         self._post(reply)
         self._answered()
 
@@ -349,11 +352,17 @@ class _Client:
         buf = self.server.buffers.get(request.length)
         try:
             await self.disk.readinto(buf, request.offset)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # the request fails, the server goes on (as in _serve)
             if isinstance(exc, DeviceGoneError):
                 self.server.fail(str(exc))
             self.server.buffers.put(buf)
-            code = nbd_errno(exc.errno or errno.EIO) if isinstance(exc, OSError) else Errno.EINVAL
+            if isinstance(exc, OSError):
+                code = nbd_errno(exc.errno or errno.EIO)
+            elif isinstance(exc, ValueError):
+                code = Errno.EINVAL
+            else:
+                log.error("%s: Read failed: %r", self.name, exc)
+                code = Errno.EIO
             self._post(self.conn.reply(request, code, str(exc)))
         else:
             self.server.stats.bytes_read += request.length
