@@ -368,8 +368,9 @@ def test_tcp_listener_on_loopback_and_remote_refused(device: Path) -> None:
 
 def test_export_name_and_sigterm_during_a_copy(device: Path, sock_dir: Path,
                                                tmp_path: Path) -> None:
-    """A named export: the empty name reaches it too, an unknown name is refused; SIGTERM
-    in the middle of a copy stops the server cleanly (exit 0, requests answered)."""
+    """A named export: the empty name reaches it too, an unknown name is refused, qemu-nbd
+    and nbdinfo list it; SIGTERM in the middle of a copy stops the server cleanly (exit 0,
+    requests answered)."""
     path = sock_dir / "named.sock"
     running = NbdExport(device, f"unix:{path}", ["--export-name", "disk0"])
     with running:
@@ -378,6 +379,13 @@ def test_export_name_and_sigterm_during_a_copy(device: Path, sock_dir: Path,
         done = subprocess.run(["nbdinfo", f"nbd+unix:///nope?socket={path}"],
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode != 0 and "nope" in done.stderr
+        # NBD_OPT_LIST, then NBD_OPT_INFO on each name, as qemu-nbd and nbdinfo do them
+        listed = run("qemu-nbd", "--list", "-k", str(path))
+        assert "exports available: 1" in listed and "export: 'disk0'" in listed, listed
+        assert "flush fua trim zeroes df multi fast-zero" in listed, listed
+        assert f"size:  {SIZE}" in listed and "min block: 512" in listed, listed
+        listed = run("nbdinfo", "--list", f"nbd+unix:///?socket={path}")
+        assert 'export="disk0"' in listed and "vhost-user-blk device" in listed, listed
         source = random_file(tmp_path / "source.raw", SIZE)
         copy = subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw",
                                  str(source), running.uri], stdout=subprocess.DEVNULL,
