@@ -240,3 +240,18 @@ def test_need_data_until_a_header_is_whole() -> None:
 ])  # fmt: skip
 def test_nbd_errno(code: int, expected: Errno) -> None:
     assert nbd_errno(code) is expected
+
+
+def test_a_write_payload_is_lent_not_copied_and_stays_intact() -> None:
+    """The payload is a view of the receive buffer: what arrives later (more requests, a
+    violation) goes to a new buffer and never moves or overwrites it."""
+    conn = negotiated()
+    (write,) = events(conn, request(Command.WRITE, 0, 4096, cookie=1, payload=b"\x11" * 4096)
+                      + request(Command.READ, 0, 512, cookie=2)[:10])
+    assert isinstance(write, Write) and isinstance(write.data, memoryview)
+    found = events(conn, request(Command.READ, 0, 512, cookie=2)[10:]
+                   + request(Command.WRITE, 0, 512, cookie=3, payload=b"\x22" * 512))
+    assert [type(e) for e in found] == [Read, Write]
+    events(conn, b"\xff" * 28)  # a bad magic: the state machine drops its buffer
+    assert bytes(write.data) == b"\x11" * 4096
+    assert bytes(found[1].data) == b"\x22" * 512  # type: ignore[union-attr]

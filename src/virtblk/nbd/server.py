@@ -348,6 +348,7 @@ class ServerConnection:
         self._shutting_down = False
         self._buf = bytearray()
         self._pos = 0
+        self._lent = False  # a Write's payload is a view of _buf
         self._skip = 0  # payload bytes of a refused request (or option) still to drop
         self._skipped_option: tuple[int, OptionReply, str] | None = None
         self._eof = False
@@ -362,8 +363,15 @@ class ServerConnection:
             return
         if self._phase is _Phase.DONE or self.disconnecting:
             return  # nothing after a DISC, an ABORT or a violation is read
-        # Deleting a bytearray's head only moves its start (no copy of the rest).
-        del self._buf[: self._pos]
+        if self._lent:
+            # A Write's payload is a view of this buffer: leave it to that view, and go on
+            # in a new one with what was not parsed yet (a partial header, at most a few
+            # requests).
+            self._buf = self._buf[self._pos :]
+            self._lent = False
+        else:
+            # Deleting a bytearray's head only moves its start (no copy of the rest).
+            del self._buf[: self._pos]
         self._pos = 0
         self._buf += data
 
@@ -423,7 +431,7 @@ class ServerConnection:
 
     def _violation(self, reason: str) -> ProtocolViolation:
         self._phase = _Phase.DONE
-        self._buf.clear()
+        self._buf = bytearray()  # not clear(): a payload may still be a view of it
         self._pos = 0
         return ProtocolViolation(reason)
 
@@ -606,7 +614,11 @@ class ServerConnection:
             if self._available() < REQUEST.size + length:
                 return self._starved()
             self._pos += REQUEST.size
-            data = memoryview(self._take(length))
+            # The payload is handed out as a view of the receive buffer, not copied: the
+            # buffer is never resized while lent (receive_data starts a new one).
+            data = memoryview(self._buf)[self._pos : self._pos + length]
+            self._pos += length
+            self._lent = True
         else:
             self._pos += REQUEST.size
         fua = bool(flags & CommandFlag.FUA)
