@@ -8,8 +8,9 @@ One event loop serves every client; the protocol decisions are the sans-IO
 * A client's requests run concurrently (a task each, as they arrive), and each reply is
   sent when its request completes: NBD clients pipeline (qemu-img, nbdcopy and fio keep
   many requests in flight), and proto.md allows replies in any order.  At most
-  ``MAX_IN_FLIGHT`` per client: beyond that the client's socket is not read until
-  replies go out.
+  ``MAX_IN_FLIGHT`` requests and ``MAX_BYTES_IN_FLIGHT`` of reads and writes per client:
+  beyond that the client's socket is not read until replies go out (a client sending
+  32 MiB writes as fast as it can is held to a few of them).
 * A read lands in a ``Disk.buffer`` (shared memory the device writes directly) and is
   sent from there: no copy on our side; the buffer goes back to a pool once the kernel
   has every byte.  A write's payload is copied once into such a buffer.  Replies that
@@ -59,12 +60,15 @@ from virtblk.nbd.server import (
 from virtblk.nbd.wire import Command, Errno, Option, OptionReply
 from virtblk.tools.nbd.address import ListenAddress
 
-__all__ = ["MAX_IN_FLIGHT", "NbdServer", "ServerStats"]
+__all__ = ["MAX_BYTES_IN_FLIGHT", "MAX_IN_FLIGHT", "NbdServer", "ServerStats"]
 
 log = logging.getLogger("virtblk.nbd")
 
 MAX_IN_FLIGHT = 64
 """Requests one client may have in flight before we stop reading its socket."""
+
+MAX_BYTES_IN_FLIGHT = 64 << 20
+"""Bytes of reads and writes one client may have in flight before we stop reading it."""
 
 RECV_SIZE = 256 << 10
 """Bytes asked of the socket per read (a few large writes, or many small requests)."""
@@ -235,7 +239,8 @@ class _Client:
         self.conn = ServerConnection([server.export])
         self.finished = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._room = asyncio.Event()  # set while fewer than MAX_IN_FLIGHT are in flight
+        self._bytes = 0  # of the reads and writes in flight
+        self._room = asyncio.Event()  # set while under both in-flight limits
         self._room.set()
         self._outbox: list[bytes | memoryview] = []
         self._release: list[memoryview] = []  # buffers to give back once sent
@@ -274,7 +279,7 @@ class _Client:
     def _pump(self) -> None:
         """Take every event the state machine has, up to the in-flight limit."""
         conn = self.conn
-        while conn.in_flight < MAX_IN_FLIGHT and not self._closed:
+        while self._has_room() and not self._closed:
             event = conn.next_event()
             if event is NEED_DATA:
                 break
@@ -283,6 +288,8 @@ class _Client:
                 break
             if isinstance(event, Request):
                 self.server.stats.requests += 1
+                if isinstance(event, (Read, Write)):
+                    self._bytes += event.length
                 task = self._loop.create_task(self._serve(event))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -311,7 +318,7 @@ class _Client:
                 self._drain(event.reason)
                 break
         self._post(conn.data_to_send())
-        if conn.in_flight >= MAX_IN_FLIGHT:
+        if not self._has_room():
             self._room.clear()
 
     async def _serve(self, request: Request) -> None:
@@ -344,7 +351,7 @@ class _Client:
             log.error("%s: %s failed: %r", self.name, type(request).__name__, exc)
             reply = conn.reply(request, Errno.EIO, f"internal error: {exc}")
         self._post(reply)
-        self._answered()
+        self._answered(request)
 
     async def _read(self, request: Read) -> None:
         """Read into shared memory and queue header and buffer as they are: the buffer goes
@@ -367,7 +374,7 @@ class _Client:
         else:
             self.server.stats.bytes_read += request.length
             self._post(*self.conn.read_reply(request, buf), release=buf)
-        self._answered()
+        self._answered(request)
 
     async def _write(self, request: Write) -> None:
         """Copy the payload into a pooled shared buffer (the one copy a bounce would make
@@ -380,8 +387,13 @@ class _Client:
             self.server.buffers.put(buf)
         self.server.stats.bytes_written += request.length
 
-    def _answered(self) -> None:
-        if self.conn.in_flight < MAX_IN_FLIGHT and not self._room.is_set():
+    def _has_room(self) -> bool:
+        return self.conn.in_flight < MAX_IN_FLIGHT and self._bytes < MAX_BYTES_IN_FLIGHT
+
+    def _answered(self, request: Request) -> None:
+        if isinstance(request, (Read, Write)):
+            self._bytes -= request.length
+        if self._has_room() and not self._room.is_set():
             self._room.set()
             self._pump()  # requests already received may wait in the state machine
         if self._draining and self.conn.in_flight == 0:
