@@ -89,11 +89,11 @@ class NbdExport:
             raise RuntimeError(f"virtblk nbd did not start ({rc}):\n{self.output}")
         return self
 
-    def stop(self) -> int:
-        """SIGTERM and the exit status (the group is killed if it does not exit)."""
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """``signum`` and the exit status (the group is killed if it does not exit)."""
         assert self.process is not None
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signum)
         try:
             return self.process.wait(timeout=30)
         finally:
@@ -356,14 +356,27 @@ def test_hostile_clients_leave_the_others_served(export: NbdExport, sock_dir: Pa
     assert accepts(path)
 
 
-def test_tcp_listener_on_loopback_and_remote_refused(device: Path) -> None:
+def test_tcp_listener_on_loopback_and_remote_refused(device: Path, sock_dir: Path) -> None:
     with NbdExport(device, "127.0.0.1:0") as running:
         assert running.uri.startswith("nbd://127.0.0.1:")
         info = json.loads(run("nbdinfo", "--json", running.uri))
         assert info["exports"][0]["export-size"] == SIZE
+        assert running.stop(signal.SIGINT) == 0  # SIGINT stops it as cleanly as SIGTERM
+        assert "signal 2" in running.output
     done = subprocess.run(virtblk_argv("nbd", str(device), "--listen", "0.0.0.0:0"),
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "--allow-remote" in done.stderr
+    # A Unix path another server listens on, or a file that is no socket: refused, kept.
+    (sock_dir / "plain").touch()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy:
+        busy.bind(str(sock_dir / "busy.sock"))
+        busy.listen()
+        for taken, why in ((sock_dir / "busy.sock", "another server listens on"),
+                           (sock_dir / "plain", "exists and is not a socket")):
+            done = subprocess.run(virtblk_argv("nbd", str(device), "--listen", f"unix:{taken}"),
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 1 and why in done.stderr, done.stderr
+            assert taken.exists()
 
 
 def test_export_name_and_sigterm_during_a_copy(device: Path, sock_dir: Path,

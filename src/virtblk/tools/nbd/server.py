@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 from collections.abc import Sequence
 
 from virtblk.aio import AsyncDisk
@@ -130,10 +131,7 @@ class NbdServer:
         """Bind and listen (before ``run``, so the caller reports a bad address at once)."""
         addr = self.address
         if addr.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(addr.path) and not _is_socket(addr.path):
-                    raise OSError(errno.EEXIST, f"{addr.path} exists and is no socket")
-                os.unlink(addr.path)
+            _remove_stale_socket(addr.path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: str | tuple[str, int] = addr.path
         else:
@@ -220,10 +218,22 @@ class NbdServer:
         self._clients.discard(client)
 
 
-def _is_socket(path: str) -> bool:
-    import stat
-
-    return stat.S_ISSOCK(os.stat(path).st_mode)
+def _remove_stale_socket(path: str) -> None:
+    """Make room for our listener at ``path``: a socket nobody listens on any more is
+    removed; a live one, or any other file, is refused (OSError naming it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # left behind by a server that is gone
+            return
+    raise OSError(errno.EADDRINUSE, f"another server listens on {path}")
 
 
 class _Client:
