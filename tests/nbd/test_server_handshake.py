@@ -267,6 +267,7 @@ def test_a_byte_at_a_time_gives_the_same_answers() -> None:
 @pytest.mark.parametrize(("changes", "message"), [
     ({"name": "x" * 4097}, "export name"),
     ({"name": "a\0b"}, "export name"),
+    ({"description": "a\udcffb"}, "export description"),
     ({"min_block": 3}, "minimum block"),
     ({"min_block": 1 << 17}, "minimum block"),
     ({"preferred_block": 256}, "preferred block"),

@@ -42,6 +42,7 @@ def nbd(socket_path: str, listen: str, allow_remote: bool, export_name: str,
       virtblk nbd /run/vhost.sock                # nbd://127.0.0.1:10809/
     """
     from virtblk.errors import NegotiationError
+    from virtblk.nbd.server import Export
     from virtblk.nbd.wire import TransmissionFlag
     from virtblk.tools.nbd import is_loopback, parse_listen, run_nbd
     from virtblk.util import human_size
@@ -55,13 +56,10 @@ def nbd(socket_path: str, listen: str, allow_remote: bool, export_name: str,
             f"--listen {address} is not a loopback address: NBD has no authentication and "
             f"this server no TLS, so add --allow-remote if every host that can reach it may "
             f"read and write the device")
-    try:
-        export_name.encode()
-        if len(export_name.encode()) > 4096 or "\0" in export_name:
-            raise ValueError
-    except (UnicodeError, ValueError):
-        raise click.BadParameter("at most 4096 UTF-8 bytes, no NUL",
-                                 param_hint="--export-name") from None
+    try:  # the export's own rule for names and descriptions, before the device is dialled
+        Export(name=export_name, size=0, description=description or "")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
     def ready(server: NbdServer) -> None:
         export = server.export

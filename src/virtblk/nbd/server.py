@@ -154,11 +154,14 @@ NEED_DATA = Sentinel.NEED_DATA
 CLOSED = Sentinel.CLOSED
 
 
-def _check_string(what: str, text: str) -> bytes:
-    raw = text.encode()
-    if len(raw) > MAX_STRING or "\0" in text:
-        raise ValueError(f"{what} must be at most {MAX_STRING} UTF-8 bytes without NUL")
-    return raw
+def _check_string(what: str, text: str) -> None:
+    """proto.md's rule for strings: UTF-8, no NUL, at most 4096 bytes."""
+    try:
+        raw: bytes | None = text.encode()
+    except UnicodeEncodeError:  # undecodable bytes from a command line (surrogates)
+        raw = None
+    if raw is None or len(raw) > MAX_STRING or b"\0" in raw:
+        raise ValueError(f"{what} must be at most {MAX_STRING} bytes of UTF-8 without NUL")
 
 
 def _power_of_two(n: int) -> bool:
