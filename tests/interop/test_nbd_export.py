@@ -201,7 +201,8 @@ def test_nbdcopy_both_ways_on_several_connections(export: NbdExport, tmp_path: P
 def test_fio_nbd_engine_verified_workload(export: NbdExport) -> None:
     out = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={export.uri}",
               "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
-              "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+              "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+              "--output-format=json")
     job = json.loads(out[out.index("{"):])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 16 * MiB
