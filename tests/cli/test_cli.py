@@ -62,6 +62,8 @@ HEAVY_MODULES = (
     "virtblk.virtio",
     "virtblk.tools.bench",
     "virtblk.tools.check",
+    "virtblk.tools.nbd",
+    "virtblk.nbd",
 )
 """What ``python -X importtime`` showed the command importing before it loaded subcommands
 only when they run (0.7 s of the 1 s ``virtblk --help`` took)."""
@@ -80,7 +82,8 @@ print("MODULES " + json.dumps(sorted(sys.modules)))
 @pytest.mark.parametrize(
     "args",
     [["--help"], ["serve", "--help"], ["info", "--help"], ["bench", "--help"],
-     ["check", "--help"], ["control", "--help"], ["control", "x", "resize", "--help"]],
+     ["check", "--help"], ["control", "--help"], ["control", "x", "resize", "--help"],
+     ["nbd", "--help"]],
     ids=lambda args: " ".join(args),
 )  # fmt: skip
 def test_help_loads_no_subcommand(args: list[str]) -> None:

@@ -11,6 +11,7 @@ from virtblk.cli.bench import bench
 from virtblk.cli.check import check
 from virtblk.cli.control import control
 from virtblk.cli.info import info
+from virtblk.cli.nbd import nbd
 from virtblk.cli.serve import serve
 
 
@@ -37,3 +38,4 @@ main.add_command(info)
 main.add_command(bench)
 main.add_command(check)
 main.add_command(control)
+main.add_command(nbd)
