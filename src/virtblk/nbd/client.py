@@ -528,6 +528,7 @@ class ClientConnection:
                     return None
             except ProtocolError as exc:
                 self._broken = exc
+                events.clear()  # nothing of a broken stream is to be believed
                 raise
         return events.popleft()
 
