@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -185,15 +186,44 @@ class QemuNbd(NbdServer):
 
 
 class NbdkitMemory(NbdServer):
-    """``nbdkit memory SIZE``: a RAM disk that takes many clients."""
+    """``nbdkit memory SIZE``: a RAM disk that takes many clients.
+
+    ``filters`` are nbdkit filters and ``params`` their ``KEY=VALUE`` parameters
+    (``nozero`` with ``zeromode=none`` hides WRITE_ZEROES, ``blocksize-policy`` with
+    ``blocksize-maximum=N`` advertises a maximum payload); ``log_requests`` adds nbdkit's
+    ``log`` filter, whose lines :meth:`requests` returns (each command, its range and
+    flags, as the server received it); ``options`` are nbdkit's own (``--tls=require``).
+    """
 
     program = "nbdkit"
 
     def __init__(self, size: int, socket_path: str | os.PathLike[str] | None = None, *,
-                 tcp: bool = False, read_only: bool = False) -> None:
+                 tcp: bool = False, read_only: bool = False, filters: Sequence[str] = (),
+                 params: Sequence[str] = (), log_requests: bool = False,
+                 options: Sequence[str] = ()) -> None:
         super().__init__(socket_path, tcp=tcp)
         self.size = size
         self.read_only = read_only
+        self.filters = [*(["log"] if log_requests else []), *filters]
+        self.params = [*([f"logfile={self.request_log}"] if log_requests else []), *params]
+        self.options = list(options)
+
+    @property
+    def request_log(self) -> Path:
+        """Where the ``log`` filter writes."""
+        return self._workdir / "requests.log"
+
+    def requests(self, connection: int = 1) -> list[str]:
+        """The request lines of the ``log`` filter so far on the server's ``connection``
+        (they count from 1) (``Write id=1 offset=0x0 count=0x1000 fua=1 ...``), without
+        their time stamps and answers."""
+        try:
+            lines = self.request_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        fields = [line.split(" ", 3) for line in lines]
+        return [f[3] for f in fields if len(f) == 4 and f[2] == f"connection={connection}"
+                and f[3].endswith(" ...") and not f[3].startswith("...")]
 
     def command(self) -> list[str]:
         argv = ["nbdkit", "--foreground", "--exit-with-parent"]
@@ -203,4 +233,5 @@ class NbdkitMemory(NbdServer):
             argv += ["--unix", str(self.socket_path)]
         else:
             argv += ["--ipaddr", "127.0.0.1", "--port", str(self.port)]
-        return [*argv, "memory", str(self.size)]
+        argv += [*self.options, *(f"--filter={name}" for name in self.filters)]
+        return [*argv, "memory", str(self.size), *self.params]
