@@ -169,7 +169,7 @@ def serve(
                 raise click.UsageError(f"{option} goes with --rbd")
     if size is not None and file_path is None and rbd_image is None:
         raise click.UsageError("--size goes with --file or --rbd (--memory and --null "
-                               "take their size)")
+                               "take their size, --nbd the server's)")
     if zoned and workers == "process":
         raise click.UsageError("--zoned serves its queues from threads (--workers thread)")
     if zoned and memory_size is None:
