@@ -1,10 +1,17 @@
 """A disk whose data lives on an NBD server (``qemu-nbd``, ``nbdkit``...): ``serve --nbd URI``.
 
-One NBD connection carries every queue's requests, many in flight at once: the queue's
-thread encodes a request (``virtblk.nbd.client``, sans-IO) and sends it, header and guest
-buffers in one ``sendmsg``; a reader thread parses the replies, copies read data straight
-into the guest's buffers, and hands each answer back to its queue through a deque and an
-eventfd, as ``RbdAio`` does for librbd (:class:`NbdQueue` is the queue's ``Offloader``).
+One NBD connection carries every queue's requests, many in flight at once, and has no
+thread of its own: the queue's thread encodes a request (``virtblk.nbd.client``, sans-IO)
+and sends it, header and guest buffers in one ``sendmsg``, and the queue's thread reads the
+replies too, copying read data straight into the guest's buffers.  Its loop sleeps on an
+epoll set of the socket and its own eventfd (:class:`NbdQueue`'s ``wait_fd``); whichever
+thread reads the socket (one at a time) answers every request it finds, handing another
+queue's answers to that queue's deque and eventfd.  At depth 1 this is what keeps a
+request's round trip to one thread: a reader thread handing answers over cost 3.4 times
+qemu-storage-daemon's latency (its NBD client is a coroutine in the ring's thread).  A
+thread that waits for its own request (the device's general path: flush, discard...)
+reads too.  Sending never blocks while replies wait to be read: a full socket is drained
+between tries, so neither end can stop the other.
 
 Request mapping (virtio-blk -> NBD):
 
@@ -30,9 +37,11 @@ comes back (restarted, on the same socket or port) is picked up, a new size incl
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import threading
 from collections.abc import Sequence
@@ -66,6 +75,9 @@ RECONNECT_MAX = 2.0
 
 _CLOSE_TIMEOUT = 5.0
 _RECV = 1 << 18
+_WAIT_STEP = 0.01
+"""Seconds a waiting thread sleeps on the socket before it looks whether another thread
+answered its request."""
 _ZERO_CHUNK = 1 << 30
 """The most one TRIM or WRITE_ZEROES asks for (servers take any length; some prefer less)."""
 
@@ -136,11 +148,6 @@ class _SyncOp(_Op):
     def finish(self) -> None:
         self.event.set()
 
-    def wait(self) -> None:
-        self.event.wait()
-        if self.error is not None:
-            raise self.error
-
 
 class _QueueOp(_Op):
     """A request a queue offloaded: its answer lands in the queue's :class:`NbdQueue`."""
@@ -163,26 +170,30 @@ class _Link:
     """The connection to the server and its reconnection (see the module docstring).
 
     ``_lock`` guards the protocol state (the client, the cookie table, which connection
-    is current); ``_send_lock`` keeps one request's bytes together on the wire.  Neither
-    is held while waiting for the server, so a full socket on one side cannot stop the
-    reader from draining the other."""
+    is current); ``_send_lock`` keeps one request's bytes together on the wire;
+    ``_read_lock`` makes one thread at a time the reader.  None is held while waiting for
+    the server."""
 
     def __init__(self, uri: NbdUri, connect_timeout: float) -> None:
         self.uri = uri
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._ops: dict[int, tuple[_Op, int]] = {}
         """cookie -> (the request, where this piece starts in its buffers)."""
+        self._watchers: list[select.epoll] = []
+        """The queues' epoll sets, which hold the current socket."""
         self._closing = threading.Event()
         self._generation = 0
         self._reconnector: threading.Thread | None = None
+        self._buffer = bytearray(_RECV)  # one buffer for every recv (the read lock's)
+        self._view = memoryview(self._buffer)
         sock, export = self._dial()
         self.export = export
         self.connected = True
         self._sock = sock
         self._client = ClientConnection(export)
-        self._reader = self._start_reader(sock, self._client, 0)
 
     # ---------------------------------------------------------------- connecting
 
@@ -213,7 +224,7 @@ class _Link:
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             export = self._handshake(sock)
-            sock.settimeout(None)
+            sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
@@ -244,12 +255,17 @@ class _Link:
             raise self._fail(f"the export has {export.size} bytes, not one 512-byte sector")
         return export
 
-    def _start_reader(self, sock: socket.socket, client: ClientConnection,
-                      generation: int) -> threading.Thread:
-        reader = threading.Thread(target=self._read, args=(sock, client, generation),
-                                  name="virtblk-nbd-reader", daemon=True)
-        reader.start()
-        return reader
+    def watch(self, epoll: select.epoll) -> None:
+        """Have ``epoll`` (a queue's) hold the current socket, and each one after it."""
+        with self._lock:
+            self._watchers.append(epoll)
+            if self.connected:
+                _watch_socket(epoll, self._sock)
+
+    def unwatch(self, epoll: select.epoll) -> None:
+        """Stop updating ``epoll`` (the queue closes it)."""
+        with self._lock:
+            self._watchers.remove(epoll)
 
     # ---------------------------------------------------------------- requests
 
@@ -290,49 +306,118 @@ class _Link:
             if op.remaining == 0:
                 op.finish()
             return
+        flushes: list[_Op] = []
         try:
             with self._send_lock:
                 for parts in wire:
-                    _sendmsg(sock, parts)
+                    self._sendmsg(sock, parts, flushes)
         except OSError as exc:
-            # The reader sees the same loss; whoever comes first answers what was in flight.
+            # A reader sees the same loss; whoever comes first answers what was in flight.
             self._lost(generation, f"sending failed: {exc.strerror or exc}")
+        self._flush_after(flushes)
+
+    def _sendmsg(self, sock: socket.socket, parts: list[bytes | memoryview],
+                 flushes: list[_Op]) -> None:
+        """Send every byte of ``parts``; while the socket is full, read replies (the
+        server may be waiting for us to, before it reads more requests)."""
+        total = sum(len(part) for part in parts)
+        while True:
+            try:
+                sent = sock.sendmsg(parts)
+            except BlockingIOError:
+                sent = 0
+            if sent == total:
+                return
+            while sent:  # drop what went out
+                if sent >= len(parts[0]):
+                    sent -= len(parts[0])
+                    total -= len(parts[0])
+                    parts = parts[1:]
+                else:
+                    parts = [memoryview(parts[0])[sent:], *parts[1:]]
+                    total -= sent
+                    sent = 0
+            flushes += self.drain()
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLOUT)
+            poller.poll(1000)
 
     # ---------------------------------------------------------------- replies
 
-    def _read(self, sock: socket.socket, client: ClientConnection, generation: int) -> None:
-        """The reader thread of one connection: parse replies, finish requests."""
-        lock, ops = self._lock, self._ops
-        reason = "the server closed the connection"
-        try:
-            while True:
-                data = sock.recv(_RECV)
-                if not data:
-                    break
-                landed: list[tuple[Any, _Op, int]] = []
-                with lock:
-                    if generation != self._generation:
-                        return
-                    client.receive_data(data)
-                    while (event := client.next_event()) is not None:
-                        cookie = event.cookie
-                        if type(event) is Done:
-                            op, base = ops.pop(cookie)
-                        else:
-                            op, base = ops[cookie]
-                        landed.append((event, op, base))
-                for event, op, base in landed:
-                    _deliver(self, event, op, base)
-        except ProtocolError as exc:
-            reason = f"the server broke the protocol: {exc}"
-        except OSError as exc:
-            reason = f"the connection failed: {exc.strerror or exc}"
-        self._lost(generation, reason)
+    def pump(self) -> None:
+        """Read and answer what the server sent (never waiting for it)."""
+        self._flush_after(self.drain())
 
-    def flush_after(self, op: _Op) -> None:
+    def drain(self) -> list[_Op]:
+        """Read the socket until it has nothing more, answering each request whose reply
+        is complete; the requests that now need their FLUSH (sent by the caller, once no
+        lock is held)."""
+        flushes: list[_Op] = []
+        with self._read_lock:
+            lock, ops = self._lock, self._ops
+            client, sock, generation = self._client, self._sock, self._generation
+            if not self.connected:
+                return flushes
+            buffer, view = self._buffer, self._view
+            try:
+                while True:
+                    try:
+                        n = sock.recv_into(buffer)
+                    except BlockingIOError:
+                        return flushes
+                    if not n:
+                        self._lost(generation, "the server closed the connection")
+                        return flushes
+                    landed: list[tuple[Any, _Op, int]] = []
+                    with lock:
+                        if generation != self._generation:
+                            return flushes
+                        client.receive_data(view[:n])
+                        while (event := client.next_event()) is not None:
+                            cookie = event.cookie
+                            if type(event) is Done:
+                                op, base = ops.pop(cookie)
+                            else:
+                                op, base = ops[cookie]
+                            landed.append((event, op, base))
+                    for event, op, base in landed:
+                        if _deliver(self, event, op, base):
+                            flushes.append(op)
+            except ProtocolError as exc:
+                self._lost(generation, f"the server broke the protocol: {exc}")
+            except OSError as exc:
+                self._lost(generation, f"the connection failed: {exc.strerror or exc}")
+        return flushes
+
+    def wait(self, op: _SyncOp) -> None:
+        """Wait for ``op``, reading the replies meanwhile (another thread may be reading
+        them: then it answers ``op``, and this one sees it within ``_WAIT_STEP``)."""
+        event = op.event
+        poller = select.poll()
+        registered = -1
+        while not event.is_set():
+            self.pump()
+            if event.is_set():
+                break
+            with self._lock:
+                fd = self._sock.fileno() if self.connected else -1
+            if fd < 0:
+                event.wait(_WAIT_STEP)  # the loss answered it, or is about to
+                continue
+            if fd != registered:
+                if registered >= 0:
+                    poller.unregister(registered)
+                poller.register(fd, select.POLLIN)
+                registered = fd
+            poller.poll(_WAIT_STEP * 1000)
+        if op.error is not None:
+            raise op.error
+
+    def _flush_after(self, ops: list[_Op]) -> None:
         """A write-through write without FUA is answered after a FLUSH."""
-        op.flush_after = False
-        self.submit(op, ((_FLUSH, 0, 0, 0, 0),))
+        for op in ops:
+            op.flush_after = False
+            self.submit(op, ((_FLUSH, 0, 0, 0, 0),))
 
     # ---------------------------------------------------------------- losing, reconnecting
 
@@ -347,10 +432,11 @@ class _Link:
             sock, ops = self._sock, self._ops
             self._ops = {}
             self._client.fail_all()
-        try:
+            for epoll in self._watchers:
+                with contextlib.suppress(OSError):
+                    epoll.unregister(sock)
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         sock.close()
         if not self._closing.is_set():
             log.error("NBD server %s: %s; %d request(s) in flight answered IOERR, "
@@ -389,11 +475,11 @@ class _Link:
                 if self._closing.is_set():
                     sock.close()
                     return
-                client = ClientConnection(export)
-                self.export, self._sock, self._client = export, sock, client
+                self.export, self._sock = export, sock
+                self._client = ClientConnection(export)
                 self.connected = True
-                generation = self._generation
-                self._reader = self._start_reader(sock, client, generation)
+                for epoll in self._watchers:
+                    _watch_socket(epoll, sock)
             log.warning("NBD server %s: connected again", self.uri.where)
             return
 
@@ -404,16 +490,18 @@ class _Link:
             connected, sock, generation = self.connected, self._sock, self._generation
             client = self._client
         if connected:
-            try:
-                with self._send_lock:
-                    sock.settimeout(1.0)
-                    sock.sendall(client.disconnect())
-            except OSError:
-                pass
+            with contextlib.suppress(OSError), self._send_lock:
+                sock.send(client.disconnect())
             self._lost(generation, "closed")
-        for thread in (self._reconnector, self._reader):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(_CLOSE_TIMEOUT)
+        reconnector = self._reconnector
+        if reconnector is not None and reconnector is not threading.current_thread():
+            reconnector.join(_CLOSE_TIMEOUT)
+
+
+def _watch_socket(epoll: select.epoll, sock: socket.socket) -> None:
+    """A queue's epoll set wakes its thread when replies come (one queue's thread only,
+    when several wait: whoever reads answers them all)."""
+    epoll.register(sock, select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
 
 def _set_error(op: _Op, error: OSError) -> None:
@@ -440,22 +528,8 @@ def _slice(buffers: Sequence[memoryview], at: int, length: int) -> list[memoryvi
     return out
 
 
-def _sendmsg(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """Send every byte of ``parts`` (one ``sendmsg`` nearly always suffices)."""
-    sent = sock.sendmsg(parts)
-    total = sum(len(part) for part in parts)
-    while sent < total:
-        for i, part in enumerate(parts):
-            if sent < len(part):
-                parts = [memoryview(part)[sent:], *parts[i + 1:]]
-                break
-            sent -= len(part)
-        total = sum(len(part) for part in parts)
-        sent = sock.sendmsg(parts)
-
-
-def _deliver(link: _Link, event: Any, op: _Op, base: int) -> None:
-    """One reply event for a piece of ``op`` (on the reader thread)."""
+def _deliver(link: _Link, event: Any, op: _Op, base: int) -> bool:
+    """One reply event for a piece of ``op``; True when ``op`` now needs its FLUSH."""
     if type(event) is ReadData:
         into = op.into
         assert into is not None
@@ -465,22 +539,23 @@ def _deliver(link: _Link, event: Any, op: _Op, base: int) -> None:
             into[0][at:at + len(data)] = data
         else:
             _copy_at(into, at, data, len(data))
-        return
+        return False
     if type(event) is ReadHole:
         assert op.into is not None
         _copy_at(op.into, base + event.offset, b"", event.length)
-        return
+        return False
     if event.error:
         code = event.error
         said = f": {event.message}" if event.message else ""
         _set_error(op, OSError(code, f"NBD server {link.uri.where}: "
                                f"{os.strerror(code)}{said}"))
     op.remaining -= 1
-    if op.remaining == 0:
-        if op.flush_after and op.error is None:
-            link.flush_after(op)
-        else:
-            op.finish()
+    if op.remaining:
+        return False
+    if op.flush_after and op.error is None:
+        return True
+    op.finish()
+    return False
 
 
 class NbdBackend(Backend):
@@ -554,7 +629,7 @@ class NbdBackend(Backend):
     def _sync(self, op: _SyncOp, pieces: Sequence[tuple[int, int, int, int, int]],
               payload: Sequence[memoryview] | None = None) -> None:
         self._link.submit(op, pieces, payload)
-        op.wait()
+        self._link.wait(op)
 
     # ---------------------------------------------------------------- the Backend calls
 
@@ -562,7 +637,7 @@ class NbdBackend(Backend):
         total = sum(len(buf) for buf in buffers)
         op = _SyncOp(buffers)
         self.transfer(op, False, buffers, offset, total, 0)
-        op.wait()
+        self._link.wait(op)
         return total
 
     def pwritev(self, buffers: Sequence[memoryview], offset: int, *, fua: bool = False) -> int:
@@ -571,7 +646,7 @@ class NbdBackend(Backend):
         flags, flush_after = self._write_mode(fua)
         op = _SyncOp(None, flush_after)
         self.transfer(op, True, buffers, offset, total, flags)
-        op.wait()
+        self._link.wait(op)
         return total
 
     def flush(self) -> None:
@@ -639,24 +714,35 @@ class NbdBackend(Backend):
 
 class NbdQueue:
     """One queue's reads and writes as NBD requests on the backend's connection (an
-    ``Offloader``): sent from the queue's thread, answered by the reader thread through
-    ``done`` and ``event_fd``."""
+    ``Offloader``), sent and answered on the queue's thread: its loop sleeps on
+    ``wait_fd``, an epoll set of the socket and ``event_fd`` (written when another thread
+    read this queue's answers), and ``has_done`` reads the socket."""
 
     def __init__(self, backend: NbdBackend) -> None:
         self._backend = backend
+        self._link = backend._link
         self._done: collections.deque[tuple[Token, BaseException | None]] = (
             collections.deque())
         self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll = select.epoll()
+        self._epoll.register(self.event_fd, select.EPOLLIN)
+        self.wait_fd = self._epoll.fileno()
+        self._link.watch(self._epoll)
         self.in_flight = 0
+        self._owner = -1
+        """The queue's thread (its answers land without a wakeup)."""
+        self._signalled = False
         self._lock = threading.Lock()
 
     def land(self, answer: tuple[Token, BaseException | None]) -> None:
-        """An answer from the reader thread (or at once, for a request not sent); the
-        eventfd is written for the first answer after a take only."""
+        """An answer, read on any thread; another thread wakes the queue's (once per
+        take)."""
         with self._lock:
             done = self._done
             done.append(answer)
-            if len(done) == 1 and self.event_fd >= 0:
+            if (not self._signalled and self.event_fd >= 0
+                    and threading.get_ident() != self._owner):
+                self._signalled = True
                 os.eventfd_write(self.event_fd, 1)
 
     def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None:
@@ -667,6 +753,7 @@ class NbdQueue:
                 token: Token) -> None:
         """Send the read or write of several buffers (one NBD request, split only above
         the export's maximum payload)."""
+        self._owner = threading.get_ident()
         self.in_flight += 1
         backend = self._backend
         flags, flush_after = backend._write_mode(False) if write else (0, False)
@@ -679,7 +766,11 @@ class NbdQueue:
 
     @property
     def has_done(self) -> bool:
-        """Whether answers are waiting to be taken."""
+        """Whether answers are waiting to be taken (the socket is read first: also when
+        nothing is in flight, so that a server hanging up is seen, and the epoll set that
+        woke the loop for it is quiet again)."""
+        if not self._done:
+            self._link.pump()
         return bool(self._done)
 
     seen_done = has_done
@@ -688,11 +779,18 @@ class NbdQueue:
         """The answers so far: ``(token, None)`` or ``(token, StorageError)``."""
         with self._lock:
             done, self._done = self._done, collections.deque()
+            if self._signalled:
+                self._signalled = False
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.event_fd)
         self.in_flight -= len(done)
         return list(done)
 
     def close(self) -> None:
-        """Release the eventfd (the queue's loop took every answer: nothing in flight)."""
+        """Release the epoll set and the eventfd (the queue's loop took every answer:
+        nothing is in flight)."""
+        self._link.unwatch(self._epoll)
+        self._epoll.close()
         with self._lock:
             fd, self.event_fd = self.event_fd, -1
         if fd >= 0:
