@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 from device_helpers import Driver, start
 
-from peers.nbd import NbdkitMemory, QemuNbd
+from peers.nbd import Nbdkit, NbdkitMemory, QemuNbd
 from peers.plugin import NbdServerFactory
 from peers.process import eventually
 from virtblk.device.blk import BlkDevice
 from virtblk.device.nbd import NbdBackend
 from virtblk.device.options import DeviceOptions
 from virtblk.nbd.client import NbdError
+from virtblk.nbd.wire import TransmissionFlag
 from virtblk.spec import DiscardSegment, Feature, RequestType, Status, has_feature
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 
@@ -179,6 +180,46 @@ def test_write_through_writes_are_fua(nbd_server: NbdServerFactory, memory: Memo
         "Write id=1 offset=0x0 count=0x1000 fua=1 ...",
         "Zero id=2 offset=0x1000 count=0x1000 trim=0 fua=1 fast=0 ...",
     ]
+
+
+def test_write_through_without_fua_writes_then_flushes(
+    nbd_server: NbdServerFactory, memory: Memory, tmp_path: Path,
+) -> None:
+    """An export that takes FLUSH but not FUA (nbdkit's eval plugin over a file, saying
+    so): a write-through write is answered after a FLUSH that followed it."""
+    store = tmp_path / "store.raw"
+    store.write_bytes(bytes(MiB))
+    plugin = ["eval", f"get_size=echo {MiB}", "can_write=exit 0", "can_flush=exit 0",
+              "flush=exit 0", "can_fua=echo none",
+              f"pread=dd if={store} skip=$4 count=$3 iflag=skip_bytes,count_bytes "
+              "status=none",
+              f"pwrite=dd of={store} seek=$4 conv=notrunc oflag=seek_bytes status=none"]
+    server = nbd_server(Nbdkit, plugin, log_requests=True)
+    assert isinstance(server, Nbdkit)
+    with serving(server.uri, memory, device={"writeback": False}) as (_, backend, drv):
+        assert not backend.export.can(TransmissionFlag.SEND_FUA)
+        assert run(drv, write(8, pattern(1, 4096))) == [(Status.OK, b"")]
+        assert store.read_bytes()[4096:8192] == pattern(1, 4096)
+    assert server.requests() == ["Write id=1 offset=0x1000 count=0x1000 fua=0 ...",
+                                 "Flush id=2 ..."]
+
+
+def test_a_burst_that_fills_the_socket_both_ways(
+    nbd_server: NbdServerFactory, image: Path, memory: Memory,
+) -> None:
+    """12 writes and 12 reads of 256 KiB at once (6 MiB each way, the socket holds a few
+    hundred KiB): the sender reads replies while the socket is full, so neither end
+    waits for the other for ever."""
+    server = nbd_server(QemuNbd, image)
+    before = image.read_bytes()
+    chunk = 256 * 1024
+    with serving(server.uri, memory) as (_, _, drv):
+        requests = [write(i * chunk // SECTOR, pattern(i, chunk)) for i in range(12)]
+        requests += [read((12 + i) * chunk // SECTOR, chunk) for i in range(12)]
+        assert run(drv, *requests, timeout=30) == [(Status.OK, b"")] * 12 + [
+            (Status.OK, before[(12 + i) * chunk:(13 + i) * chunk]) for i in range(12)]
+    on_disk = image.read_bytes()
+    assert all(on_disk[i * chunk:(i + 1) * chunk] == pattern(i, chunk) for i in range(12))
 
 
 def test_large_requests_are_split_at_the_server_s_maximum(

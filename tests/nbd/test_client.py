@@ -19,6 +19,7 @@ from virtblk.nbd.client import (
     ClientConnection,
     ClientHandshake,
     Done,
+    Event,
     Export,
     HandshakeError,
     NotNbdError,
@@ -282,9 +283,9 @@ def none_chunk(cookie: int) -> bytes:
     return chunk(cookie, ChunkType.NONE, b"", True)
 
 
-def events(conn: ClientConnection, data: bytes = b"") -> list[object]:
+def events(conn: ClientConnection, data: bytes = b"") -> list[Event]:
     conn.receive_data(data)
-    out = []
+    out: list[Event] = []
     while (event := conn.next_event()) is not None:
         out.append(event)
     return out

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from peers.process import accepts, kill_group, wait_ready
 
@@ -185,8 +186,9 @@ class QemuNbd(NbdServer):
         return [*argv, str(self.image)]
 
 
-class NbdkitMemory(NbdServer):
-    """``nbdkit memory SIZE``: a RAM disk that takes many clients.
+class Nbdkit(NbdServer):
+    """``nbdkit PLUGIN ARGS...`` (``plugin`` is both): e.g. ``eval`` with shell snippets,
+    for a server that advertises what a test needs.
 
     ``filters`` are nbdkit filters and ``params`` their ``KEY=VALUE`` parameters
     (``nozero`` with ``zeromode=none`` hides WRITE_ZEROES, ``blocksize-policy`` with
@@ -197,12 +199,13 @@ class NbdkitMemory(NbdServer):
 
     program = "nbdkit"
 
-    def __init__(self, size: int, socket_path: str | os.PathLike[str] | None = None, *,
+    def __init__(self, plugin: Sequence[str],
+                 socket_path: str | os.PathLike[str] | None = None, *,
                  tcp: bool = False, read_only: bool = False, filters: Sequence[str] = (),
                  params: Sequence[str] = (), log_requests: bool = False,
                  options: Sequence[str] = ()) -> None:
         super().__init__(socket_path, tcp=tcp)
-        self.size = size
+        self.plugin = list(plugin)
         self.read_only = read_only
         self.filters = [*(["log"] if log_requests else []), *filters]
         self.params = [*([f"logfile={self.request_log}"] if log_requests else []), *params]
@@ -234,4 +237,13 @@ class NbdkitMemory(NbdServer):
         else:
             argv += ["--ipaddr", "127.0.0.1", "--port", str(self.port)]
         argv += [*self.options, *(f"--filter={name}" for name in self.filters)]
-        return [*argv, "memory", str(self.size), *self.params]
+        return [*argv, *self.plugin, *self.params]
+
+
+class NbdkitMemory(Nbdkit):
+    """``nbdkit memory SIZE``: a RAM disk that takes many clients."""
+
+    def __init__(self, size: int, socket_path: str | os.PathLike[str] | None = None,
+                 **options: Any) -> None:
+        super().__init__(["memory", str(size)], socket_path, **options)
+        self.size = size

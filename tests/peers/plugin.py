@@ -307,7 +307,8 @@ def nbd_server(sock_dir: Path) -> Iterator[NbdServerFactory]:
     """Start NBD servers (peers/nbd.py); each is stopped when the test ends.
 
     ``nbd_server(QemuNbd, image, tcp=.., export=.., read_only=.., shared=..)`` or
-    ``nbd_server(NbdkitMemory, size, tcp=.., read_only=..)`` returns the started server,
+    ``nbd_server(NbdkitMemory, size, tcp=.., read_only=.., filters=.., log_requests=..)``
+    (or ``Nbdkit``, a plugin and its arguments) returns the started server,
     on a Unix socket in a fresh short directory unless ``tcp=True``."""
     servers: list[NbdServer] = []
 
