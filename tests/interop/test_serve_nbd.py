@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from interop.serve_process import ServeProcess, run_virtblk
-from peers.nbd import NbdkitMemory, NbdServer, QemuNbd
+from peers.nbd import NbdkitMemory, QemuNbd
 from peers.plugin import NbdServerFactory
 from peers.process import eventually, process_group
 from virtblk import Disk
@@ -160,12 +160,6 @@ def test_read_only_option_on_a_writable_export(
             disk.pwrite(bytes(4096), 0)
 
 
-def _restart(server: NbdServer) -> None:
-    server.kill()
-    time.sleep(0.3)
-    server.start()
-
-
 def test_a_restarted_qemu_nbd_is_served_again(
     serve_nbd: ServeNbd, nbd_server: NbdServerFactory, image: Path,
 ) -> None:
@@ -267,3 +261,34 @@ def test_embedded_device_errors_reach_the_caller(nbd_server: NbdServerFactory,
     with Disk.embedded(backend="nbd", path=server.uri, mode="thread") as disk:
         assert disk.serial == "disk"
         assert disk.pread(512, 0) == image.read_bytes()[:512]
+
+
+def test_a_server_s_minimum_block_is_the_logical_block_size(
+    serve_nbd: ServeNbd, nbd_server: NbdServerFactory,
+) -> None:
+    server = nbd_server(NbdkitMemory, SIZE, filters=["blocksize-policy"],
+                        params=["blocksize-minimum=4096", "blocksize-error-policy=error"])
+    with serve_nbd(server.uri) as dev, Disk.connect(dev.socket_path) as disk:
+        assert disk.logical_block_size == 4096
+        data = os.urandom(8192)
+        disk.pwrite(data, 4096)
+        assert disk.pread(8192, 4096) == data
+
+
+def test_a_server_restarted_with_a_larger_export_grows_the_disk(
+    serve_nbd: ServeNbd, nbd_server: NbdServerFactory,
+) -> None:
+    """The device follows the size the new connection reports (the driver gets a config
+    change), as it follows ``rbd resize``."""
+    server = nbd_server(NbdkitMemory, SIZE)
+    assert isinstance(server, NbdkitMemory)
+    seen: list[tuple[int, int]] = []
+    with serve_nbd(server.uri) as dev, Disk.connect(dev.socket_path) as disk:
+        disk.on_resize(lambda old, new: seen.append((old, new)))
+        server.kill()
+        server.plugin[1] = str(2 * SIZE)
+        server.start()
+        assert eventually(lambda: disk.size == 2 * SIZE, 20.0, interval=0.2), dev.output
+        assert (SIZE, 2 * SIZE) in seen
+        disk.pwrite(b"\x5a" * 4096, 2 * SIZE - 4096)
+        assert disk.pread(4096, 2 * SIZE - 4096) == b"\x5a" * 4096

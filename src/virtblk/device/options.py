@@ -161,6 +161,9 @@ class DeviceOptions:
             # A worker process may spin; a thread would hold the other queues' GIL.
             settings["poll_us"] = DEFAULT_POLL_US if workers == "process" else 0
         backend = self.make_backend()
+        if isinstance(backend, NbdBackend) and settings["blk_size"] < backend.export.min_block:
+            # The server refuses smaller requests: the guest must not make them.
+            settings["blk_size"] = backend.export.min_block
         try:
             return BlkDevice(
                 backend,
