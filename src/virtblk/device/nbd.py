@@ -174,7 +174,8 @@ class _Link:
     ``_lock`` guards the protocol state (the client, the cookie table, which connection
     is current); ``_send_lock`` keeps one request's bytes together on the wire;
     ``_read_lock`` makes one thread at a time the reader.  None is held while waiting for
-    the server."""
+    a reply; a sender that finds the socket full holds ``_send_lock`` while it waits for
+    room, reading replies meanwhile."""
 
     def __init__(self, uri: NbdUri, connect_timeout: float) -> None:
         self.uri = uri
