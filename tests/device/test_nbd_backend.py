@@ -119,6 +119,27 @@ def test_reads_and_writes_land_in_the_file(
         assert run(drv, read(8, 512)) == [(Status.OK, pattern(2, 512))]
 
 
+def test_holes_of_a_sparse_file_read_as_zeros(
+    nbd_server: NbdServerFactory, memory: Memory, tmp_path: Path,
+) -> None:
+    """qemu-nbd answers a read over a sparse file with OFFSET_HOLE chunks around the data
+    (structured replies): the guest's buffer gets zeros there, over stale bytes."""
+    sparse = tmp_path / "sparse.raw"
+    with sparse.open("wb") as f:
+        f.truncate(SIZE)
+        f.seek(MiB + 4096)
+        f.write(pattern(7, 4096))
+    server = nbd_server(QemuNbd, sparse)
+    with serving(server.uri, memory) as (_, _, drv):
+        drv.submit(0, RequestType.IN, MiB // SECTOR, in_len=2 * MiB)
+        drv.memory.view(drv.data[0], 2 * MiB)[:] = b"\xee" * (2 * MiB)  # stale bytes
+        drv.kick_device()
+        drv.wait(1)
+        assert drv.status_of(0) == Status.OK
+        assert drv.data_of(0, 2 * MiB) == bytes(4096) + pattern(7, 4096) + bytes(
+            2 * MiB - 8192)
+
+
 def test_a_burst_of_32_is_in_flight_on_one_connection(
     nbd_server: NbdServerFactory, image: Path, memory: Memory,
 ) -> None:
