@@ -28,6 +28,7 @@ import enum
 
 from virtblk.nbd.wire import (
     CLIENT_FLAGS,
+    CLISERV_MAGIC,
     ERROR_CHUNK,
     EXPORT_NAME_REPLY,
     IHAVEOPT,
@@ -57,9 +58,6 @@ from virtblk.nbd.wire import (
     OptionReply,
     TransmissionFlag,
 )
-
-OLDSTYLE_MAGIC = 0x00420281861253
-"""What an oldstyle server sends after ``NBDMAGIC`` (instead of ``IHAVEOPT``)."""
 
 DEFAULT_MAX_PAYLOAD = 1 << 25
 """proto.md: without ``NBD_INFO_BLOCK_SIZE``, reads and writes of up to 32 MiB."""
@@ -213,7 +211,7 @@ class ClientHandshake:
         if head is None:
             return False
         magic, style, flags = SERVER_GREETING.unpack(head)
-        assert magic == NBDMAGIC and style != OLDSTYLE_MAGIC  # _peek_greeting judged them
+        assert magic == NBDMAGIC and style != CLISERV_MAGIC  # _peek_greeting judged them
         if style != IHAVEOPT:
             raise NotNbdError(f"the server's handshake magic is {style:#x}, neither newstyle "
                               "nor oldstyle NBD")
@@ -243,7 +241,7 @@ class ClientHandshake:
         if len(buf) >= 8 and int.from_bytes(buf[:8], "big") != NBDMAGIC:
             raise NotNbdError(f"the server's first bytes are {bytes(buf[:8])!r}, not "
                               "NBDMAGIC: not an NBD server")
-        if len(buf) >= 16 and int.from_bytes(buf[8:16], "big") == OLDSTYLE_MAGIC:
+        if len(buf) >= 16 and int.from_bytes(buf[8:16], "big") == CLISERV_MAGIC:
             raise NotNbdError("the server speaks the oldstyle handshake (one export, no "
                               "names), which virtblk does not")
         return self._take(SERVER_GREETING.size)
