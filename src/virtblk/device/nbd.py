@@ -1,9 +1,10 @@
 """A disk whose data lives on an NBD server (``qemu-nbd``, ``nbdkit``...): ``serve --nbd URI``.
 
 One NBD connection carries every queue's requests, many in flight at once, and has no
-thread of its own: the queue's thread encodes a request (``virtblk.nbd.client``, sans-IO)
-and sends it, header and guest buffers in one ``sendmsg``, and the queue's thread reads the
-replies too, copying read data straight into the guest's buffers.  Its loop sleeps on an
+thread of its own: the queue's thread encodes the requests of a batch
+(``virtblk.nbd.client``, sans-IO) and sends them, headers and guest buffers, in one
+``sendmsg``, and the queue's thread reads the replies too, copying read data straight
+into the guest's buffers.  Its loop sleeps on an
 epoll set of the socket and its own eventfd (:class:`NbdQueue`'s ``wait_fd``); whichever
 thread reads the socket (one at a time) answers every request it finds, handing another
 queue's answers to that queue's deque and eventfd.  At depth 1 this is what keeps a
@@ -358,8 +359,11 @@ class _Link:
                     total -= sent
                     sent = 0
             flushes += self.drain()
+            fd = sock.fileno()
+            if fd < 0:  # the drain found the connection lost, and closed it
+                raise OSError(errno.EPIPE, "the connection was lost")
             poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLOUT)
+            poller.register(fd, select.POLLIN | select.POLLOUT)
             poller.poll(1000)
 
     # ---------------------------------------------------------------- replies
