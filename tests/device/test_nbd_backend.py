@@ -159,6 +159,50 @@ def test_a_burst_of_32_is_in_flight_on_one_connection(
                for i in range(32))
 
 
+def test_two_queues_at_once_on_one_connection(
+    nbd_server: NbdServerFactory, image: Path, memory: Memory,
+) -> None:
+    """Both queues' threads send and read on the one connection at the same time: each
+    gets its own answers, whichever thread read them (qemu-nbd takes one client)."""
+    before = image.read_bytes()
+    server = nbd_server(QemuNbd, image)
+    with contextlib.ExitStack() as stack:
+        backend = NbdBackend(server.uri)
+        stack.callback(backend.close)
+        drivers = [Driver(*memory, event_idx=True) for _ in range(2)]
+        for drv in drivers:
+            stack.callback(drv.close)
+        dev = BlkDevice(backend, num_queues=2)
+        stack.callback(dev.close)
+        for index, drv in enumerate(drivers):
+            start(dev, index, drv, event_idx=True)
+        for round_ in range(6):
+            for q, drv in enumerate(drivers):
+                for i in range(16):
+                    sector = (q * 16 + i) * 64 + round_ * 8
+                    if (i + round_) % 2:
+                        drv.submit(i, RequestType.OUT, sector, out=pattern(round_ + i, 4096))
+                    else:
+                        drv.submit(i, RequestType.IN, sector, in_len=4096)
+            for drv in drivers:  # both queues busy at once
+                drv.kick_device()
+            for q, drv in enumerate(drivers):
+                drv.wait(16)
+                for i in range(16):
+                    assert drv.status_of(i) == Status.OK
+                    if not (i + round_) % 2:
+                        offset = ((q * 16 + i) * 64 + round_ * 8) * SECTOR
+                        assert drv.data_of(i, 4096) == before[offset:offset + 4096]
+                drv.data.clear()
+    on_disk = image.read_bytes()
+    for round_ in range(6):
+        for q in range(2):
+            for i in range(16):
+                if (i + round_) % 2:
+                    offset = ((q * 16 + i) * 64 + round_ * 8) * SECTOR
+                    assert on_disk[offset:offset + 4096] == pattern(round_ + i, 4096)
+
+
 def test_every_request_type_as_the_server_receives_it(
     nbd_server: NbdServerFactory, memory: Memory,
 ) -> None:
