@@ -136,7 +136,7 @@ class AsyncDisk:
     async def embedded(
         cls,
         size: int = 64 << 20,
-        backend: Literal["memory", "null", "file", "rbd"] = "memory",
+        backend: Literal["memory", "null", "file", "rbd", "nbd"] = "memory",
         path: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> Self:

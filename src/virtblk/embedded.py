@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from virtblk.device.control import ControlServer, notification_counters, send_command
 from virtblk.device.options import BackendKind, BlkSettings, DeviceOptions
 from virtblk.device.rbd import RbdError
+from virtblk.nbd.client import NbdError
 from virtblk.util import process_cpu_seconds
 
 if TYPE_CHECKING:
@@ -189,7 +190,9 @@ def open_embedded(
     settings = BlkSettings.from_dict(
         {**device_options, "fua": True} if experimental_fua else device_options)
     embedded = start_embedded(
-        DeviceOptions(backend=backend, size=size, path=path, read_only=read_only,
+        # An NBD server tells the size (Disk.embedded's default size is not one given).
+        DeviceOptions(backend=backend, size=None if backend == "nbd" else size, path=path,
+                      read_only=read_only,
                       num_queues=num_queues, queue_size=queue_size, device=settings,
                       zoned=zoned, ceph_conf=ceph_conf, ceph_id=ceph_id,
                       rbd_op_timeout=rbd_op_timeout),
@@ -240,7 +243,7 @@ def _raise_build_error(report: bytes) -> None:
     if "errno" in error:
         raise OSError(error["errno"], error["strerror"], error["filename"])
     kinds: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError,
-                                         "RbdError": RbdError}
+                                         "RbdError": RbdError, "NbdError": NbdError}
     raise kinds.get(error["type"], RuntimeError)(error["message"])
 
 

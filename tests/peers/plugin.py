@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from .ceph import POOL, CephCluster, CephError
 from .guest import GuestError, GuestKernel, prepare_guest_kernel
 from .leftovers import SESSION_ENV, Leftover, descendants, kill, tagged_processes
+from .nbd import NbdServer
 from .qsd import QemuStorageDaemon, short_socket_dir
 
 #: Tests with these markers exercise a real peer; not running them is a failure.  So is
@@ -296,3 +297,28 @@ def guest_kernel() -> GuestKernel:
         return prepare_guest_kernel()
     except (GuestError, OSError) as error:
         pytest.fail(f"cannot prepare the Linux guest kernel: {error}", pytrace=False)
+
+
+NbdServerFactory = Callable[..., NbdServer]
+
+
+@pytest.fixture
+def nbd_server(sock_dir: Path) -> Iterator[NbdServerFactory]:
+    """Start NBD servers (peers/nbd.py); each is stopped when the test ends.
+
+    ``nbd_server(QemuNbd, image, tcp=.., export=.., read_only=.., shared=..)`` or
+    ``nbd_server(NbdkitMemory, size, tcp=.., read_only=.., filters=.., log_requests=..)``
+    (or ``Nbdkit``, a plugin and its arguments) returns the started server,
+    on a Unix socket in a fresh short directory unless ``tcp=True``."""
+    servers: list[NbdServer] = []
+
+    def start(kind: Callable[..., NbdServer], *args: Any, tcp: bool = False,
+              **options: Any) -> NbdServer:
+        path = None if tcp else sock_dir / f"nbd-{len(servers)}.sock"
+        server = kind(*args, socket_path=path, tcp=tcp, **options)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(servers):
+        server.close()

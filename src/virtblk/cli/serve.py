@@ -30,6 +30,10 @@ log = logging.getLogger("virtblk.serve")
 @click.option("--rbd", "rbd_image", metavar="POOL/IMAGE",
               help="Serve a Ceph RBD image (POOL/[NAMESPACE/]IMAGE[@SNAP]; a snapshot is "
                    "served read-only). Needs Debian's python3-rados and python3-rbd.")
+@click.option("--nbd", "nbd_uri", metavar="URI",
+              help="Serve an NBD export: nbd://HOST[:PORT]/EXPORT or "
+                   "nbd+unix:///EXPORT?socket=PATH (no TLS). One connection, all queues "
+                   "on threads; a lost server answers IOERR and is dialled again.")
 @click.option("--ceph-conf", type=click.Path(dir_okay=False),
               help="With --rbd: the cluster's ceph.conf (default: /etc/ceph/ceph.conf).")
 @click.option("--ceph-id", metavar="NAME",
@@ -105,6 +109,7 @@ def serve(
     memory_size: int | None,
     null_size: int | None,
     rbd_image: str | None,
+    nbd_uri: str | None,
     ceph_conf: str | None,
     ceph_id: str | None,
     rbd_op_timeout: float | None,
@@ -143,18 +148,20 @@ def serve(
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
-    Exactly one of --file, --memory, --null, --rbd.  One worker per queue; a frontend
+    Exactly one of --file, --memory, --null, --rbd, --nbd.  One worker per queue; a frontend
     that disconnects leaves the server ready for the next.
     """
     from virtblk.device.control import ControlServer
     from virtblk.device.options import BlkSettings, DeviceOptions
     from virtblk.device.rbd import RbdError  # plain Python: the bindings load on use
+    from virtblk.nbd.client import NbdError
     from virtblk.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, WITHOUT_INFLIGHT
     from virtblk.vhost_user.server import VhostUserServer
 
-    chosen = [x for x in (file_path, memory_size, null_size, rbd_image) if x is not None]
+    chosen = [x for x in (file_path, memory_size, null_size, rbd_image, nbd_uri)
+              if x is not None]
     if len(chosen) != 1:
-        raise click.UsageError("give exactly one of --file, --memory, --null, --rbd")
+        raise click.UsageError("give exactly one of --file, --memory, --null, --rbd, --nbd")
     if rbd_image is None:
         for option, value in (("--ceph-conf", ceph_conf), ("--ceph-id", ceph_id),
                               ("--rbd-op-timeout", rbd_op_timeout)):
@@ -162,7 +169,7 @@ def serve(
                 raise click.UsageError(f"{option} goes with --rbd")
     if size is not None and file_path is None and rbd_image is None:
         raise click.UsageError("--size goes with --file or --rbd (--memory and --null "
-                               "take their size)")
+                               "take their size, --nbd the server's)")
     if zoned and workers == "process":
         raise click.UsageError("--zoned serves its queues from threads (--workers thread)")
     if zoned and memory_size is None:
@@ -194,11 +201,13 @@ def serve(
         )
         backend: BackendKind = ("file" if file_path is not None
                                 else "rbd" if rbd_image is not None
+                                else "nbd" if nbd_uri is not None
                                 else "memory" if memory_size is not None else "null")
         opts = DeviceOptions(
             backend=backend,
-            size={"file": size, "rbd": size, "memory": memory_size, "null": null_size}[backend],
-            path=file_path if rbd_image is None else rbd_image,
+            size={"file": size, "rbd": size, "nbd": size, "memory": memory_size,
+                  "null": null_size}[backend],
+            path={"rbd": rbd_image, "nbd": nbd_uri}.get(backend, file_path),
             ceph_conf=ceph_conf,
             ceph_id=ceph_id,
             rbd_op_timeout=rbd_op_timeout,
@@ -215,8 +224,9 @@ def serve(
         raise click.UsageError(str(exc)) from exc
     try:
         device = opts.build()
-    except (OSError, ValueError, RbdError) as exc:
-        # RbdError: the cluster, pool, image or permission, or the bindings are missing.
+    except (OSError, ValueError, RbdError, NbdError) as exc:
+        # RbdError: the cluster, pool, image or permission, or the bindings are missing;
+        # NbdError: the NBD server cannot be reached, has no such export, wants TLS...
         raise click.ClickException(str(exc)) from exc
     try:
         server = VhostUserServer(

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -85,6 +86,32 @@ does not answer; it is a daemon thread, and left behind then)."""
 _STOP_WAIT = 60.0
 """How long stats() waits for a queue's stop: a stop ends within a worker's reply timeout
 (30 s), after which the worker is killed and replaced."""
+
+
+class _FailureLog:
+    """Storage failures of offloaded requests, at most one line a second: an outage fails
+    every request (30 000 a second against an NBD server that is down), and a line for
+    each would flood the log."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._quiet = 0
+        self._lock = threading.Lock()
+
+    def error(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._quiet += 1
+                return
+            quiet, self._quiet = self._quiet, 0
+            self._next = now + self._interval
+        more = f" (and {quiet} more failures since the last line)" if quiet else ""
+        log.error(message + more, *args)
+
+
+_storage_failures = _FailureLog()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -738,7 +765,7 @@ class BlkDevice:
         name = "IN" if item.second_writable else "OUT"
         stats.requests[name] = stats.requests.get(name, 0) + 1
         stats.ioerr += 1
-        log.error("%s failed: %s", name, exc.strerror or exc)
+        _storage_failures.error("%s failed: %s", name, exc.strerror or exc)
         view[item.third] = _IOERR
         return 1
 

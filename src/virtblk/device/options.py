@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
 from virtblk.device.blk import BlkDevice
+from virtblk.device.nbd import NbdBackend, nbd_serial
 from virtblk.device.rbd import RbdBackend, parse_image_spec  # Ceph's bindings load on use
 from virtblk.device.settings import (
     ZONED_WORKERS_ERROR,
@@ -31,7 +32,7 @@ from virtblk.spec import VIRTIO_BLK_ID_BYTES
 
 __all__ = ["DEFAULT_POLL_US", "BackendKind", "BlkSettings", "DeviceOptions"]
 
-BackendKind = Literal["memory", "null", "file", "rbd"]
+BackendKind = Literal["memory", "null", "file", "rbd", "nbd"]
 
 DEFAULT_POLL_US = 128.0
 """How long a queue worker process polls an empty ring before sleeping, unless told:
@@ -45,13 +46,14 @@ class DeviceOptions:
     """A backend (``memory`` / ``null`` need ``size``; ``file`` needs ``path``, and creates
     the image with ``size`` when it does not exist; ``rbd`` needs the image as ``path``,
     ``POOL/[NAMESPACE/]IMAGE[@SNAP]``, and creates it with ``size`` when it does not
-    exist) plus :class:`BlkDevice` settings."""
+    exist; ``nbd`` needs the export's URI as ``path``, the server tells the size) plus
+    :class:`BlkDevice` settings."""
 
     backend: BackendKind = "memory"
     size: int | None = None
     path: str | os.PathLike[str] | None = None
-    """The image file, or the RBD image's spec. Text once given (a path-like is turned
-    into its text)."""
+    """The image file, the RBD image's spec, or the NBD export's URI. Text once given (a
+    path-like is turned into its text)."""
     read_only: bool = False
     num_queues: int = 1
     queue_size: int = 256
@@ -61,9 +63,10 @@ class DeviceOptions:
     keyword arguments (``zone_size``, ``max_open_zones``...); None for a regular disk."""
     workers: Literal["thread", "process"] | None = None
     """Where queues are served: None picks a process per queue, except for zoned disks
-    (their zone state lives in one process, so their queues are threads) and RBD disks of
+    (their zone state lives in one process, so their queues are threads), RBD disks of
     several queues (one librbd client for all of them: a client per process would pass the
-    image's exclusive lock back and forth at every write from another queue)."""
+    image's exclusive lock back and forth at every write from another queue) and NBD disks
+    (one connection carries all queues; ``process`` is refused for them)."""
     ceph_conf: str | None = None
     """RBD: the cluster's ``ceph.conf`` (None: librados' search, ``/etc/ceph/ceph.conf``)."""
     ceph_id: str | None = None
@@ -98,6 +101,16 @@ class DeviceOptions:
                 raise ValueError(f"the rbd backend's size must be > 0, got {self.size}")
             if self.rbd_op_timeout is not None and self.rbd_op_timeout <= 0:
                 raise ValueError(f"rbd_op_timeout must be > 0, got {self.rbd_op_timeout}")
+        elif self.backend == "nbd":
+            if not self.path:
+                raise ValueError("the nbd backend needs an export's URI "
+                                 "(nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+            nbd_serial(os.fspath(self.path))  # judges the URI
+            if self.size is not None:
+                raise ValueError("the nbd backend takes its size from the server, not size")
+            if self.workers == "process":
+                raise ValueError("the nbd backend serves its queues from threads: one NBD "
+                                 "connection carries them all (workers='thread')")
         elif self.size is None or self.size <= 0:
             raise ValueError(f"the {self.backend} backend needs a size > 0")
         if self.backend != "rbd":
@@ -115,10 +128,13 @@ class DeviceOptions:
 
     def make_backend(self) -> Backend:
         """Open or create the storage (``virtblk.device.rbd.RbdError`` when an RBD image
-        cannot be opened)."""
+        cannot be opened, ``virtblk.nbd.client.NbdError`` when an NBD export cannot)."""
         if self.backend == "file":
             assert self.path is not None  # _check_values saw to both
             return FileBackend(self.path, read_only=self.read_only, create_size=self.size)
+        if self.backend == "nbd":
+            assert self.path is not None
+            return NbdBackend(os.fspath(self.path), read_only=self.read_only)
         if self.backend == "rbd":
             assert self.path is not None
             return RbdBackend(os.fspath(self.path), conf=self.ceph_conf, client_id=self.ceph_id,
@@ -134,15 +150,20 @@ class DeviceOptions:
     def build(self) -> BlkDevice:
         """The device over a new backend."""
         workers = self.workers or (
-            "thread" if self.zoned is not None or (self.backend == "rbd" and self.num_queues > 1)
-            else "process")
+            "thread" if self.zoned is not None or self.backend == "nbd"
+            or (self.backend == "rbd" and self.num_queues > 1) else "process")
         settings = self.device.as_kwargs()
         if self.backend == "rbd" and not settings["serial"]:
             settings["serial"] = rbd_serial(os.fspath(self.path or ""))
+        if self.backend == "nbd" and not settings["serial"]:
+            settings["serial"] = nbd_serial(os.fspath(self.path or ""))
         if settings["poll_us"] is None:
             # A worker process may spin; a thread would hold the other queues' GIL.
             settings["poll_us"] = DEFAULT_POLL_US if workers == "process" else 0
         backend = self.make_backend()
+        if isinstance(backend, NbdBackend) and settings["blk_size"] < backend.export.min_block:
+            # The server refuses smaller requests: the guest must not make them.
+            settings["blk_size"] = backend.export.min_block
         try:
             return BlkDevice(
                 backend,

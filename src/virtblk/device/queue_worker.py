@@ -146,7 +146,10 @@ class Offloader(Protocol):
 
     def submit(self, write: bool, buf: memoryview, offset: int, token: Token) -> None: ...
     # An offloader may also take a read or write of several buffers in one call:
-    # ``submitv(write, buffers, offset, token)`` (the device looks for it).
+    # ``submitv(write, buffers, offset, token)`` (the device looks for it).  It may name
+    # another descriptor for the loop to sleep on, ``wait_fd`` (an epoll set over its own
+    # socket and its eventfd: the answers are read on the queue's thread), which its
+    # ``has_done`` and ``take`` then clear; the loop reads ``event_fd`` only without one.
     def flush(self) -> None: ...
     @property
     def has_done(self) -> bool: ...
@@ -254,6 +257,11 @@ class QueueServer:
         # never lets the loop return to the poll() that watches the stop eventfd.
         self._stopping = False
         self._pool = offloader
+        # What the loop sleeps on for the offloader's answers; an eventfd is read to clear it.
+        self._pool_fd = getattr(offloader, "wait_fd", None)
+        self._pool_eventfd = self._pool_fd is None and offloader is not None
+        if self._pool_fd is None and offloader is not None:
+            self._pool_fd = offloader.event_fd
 
     def stop(self) -> None:
         """Ask ``run`` to return (it wakes up if asleep)."""
@@ -273,8 +281,8 @@ class QueueServer:
         poller = select.poll()
         poller.register(self._stop_fd, select.POLLIN)
         poller.register(self.kick_fd, select.POLLIN)
-        if self._pool is not None:
-            poller.register(self._pool.event_fd, select.POLLIN)
+        if self._pool_fd is not None:
+            poller.register(self._pool_fd, select.POLLIN)
         vq = self.vq
         poll = self.poll
         clock = time.perf_counter_ns
@@ -332,13 +340,15 @@ class QueueServer:
         pool = self._pool
         if pool is None:
             return
+        assert self._pool_fd is not None
         waiter = select.poll()
-        waiter.register(pool.event_fd, select.POLLIN)
+        waiter.register(self._pool_fd, select.POLLIN)
         while pool.in_flight:
             if not pool.has_done:
                 waiter.poll()
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(pool.event_fd)
+            if self._pool_eventfd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(pool.event_fd)
             self._publish_offloaded()
 
     def _spin(self, deadline: int) -> bool:
@@ -369,9 +379,10 @@ class QueueServer:
             for fd, mask in events:
                 if fd == self._stop_fd:
                     return False
-                if self._pool is not None and fd == self._pool.event_fd:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(fd)
+                if fd == self._pool_fd:
+                    if self._pool_eventfd:
+                        with contextlib.suppress(BlockingIOError):
+                            os.eventfd_read(fd)
                     kicked = True
                     continue
                 if mask & (select.POLLNVAL | select.POLLERR | select.POLLHUP):

@@ -187,7 +187,7 @@ class Disk:
     def embedded(
         cls,
         size: int = 64 << 20,
-        backend: Literal["memory", "null", "file", "rbd"] = "memory",
+        backend: Literal["memory", "null", "file", "rbd", "nbd"] = "memory",
         path: str | os.PathLike[str] | None = None,
         *,
         mode: Literal["process", "thread"] = "process",
@@ -218,6 +218,10 @@ class Disk:
         unanswered that long (IOERR) instead of waiting. It needs Ceph's Python bindings
         (Debian's ``python3-rados`` and ``python3-rbd``); an image that cannot be opened
         raises ``virtblk.device.rbd.RbdError`` with the reason.
+
+        ``backend="nbd"`` serves an NBD export, ``path="nbd://HOST[:PORT]/EXPORT"`` or
+        ``"nbd+unix:///EXPORT?socket=PATH"``, whose server tells the size (``size`` is not
+        used); one that cannot be reached raises ``virtblk.nbd.client.NbdError``.
         """
         # The composition lives in virtblk.embedded, which knows the device; imported
         # here, when called, so that the driver's modules import nothing of it.

@@ -14,6 +14,9 @@ NBDMAGIC = 0x4E42444D41474943
 """``"NBDMAGIC"``: the first eight bytes a server sends."""
 IHAVEOPT = 0x49484156454F5054
 """``"IHAVEOPT"``: newstyle negotiation; also the magic of every option request."""
+CLISERV_MAGIC = 0x00420281861253
+"""What an oldstyle server sends after ``NBDMAGIC`` (where a newstyle one sends
+``IHAVEOPT``)."""
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
