@@ -198,7 +198,8 @@ def test_a_job_without_time_based_does_what_fio_does(tmp_path: Path) -> None:
     target.write_bytes(b"\0" * (1 << 20))
     fio = subprocess.run(["fio", "--output-format=json", f"--filename={target}",
                           _job_file(tmp_path, AMOUNTS)],
-                         capture_output=True, text=True, timeout=120, check=True)
+                         capture_output=True, text=True, timeout=120, check=True,
+                         cwd=tmp_path)  # fio leaves its verify state file in its cwd
     theirs = [(j["jobname"], j["read"]["total_ios"], j["write"]["total_ios"])
               for j in json.loads(fio.stdout)["jobs"]]
     result = run_virtblk("bench", _job_file(tmp_path, AMOUNTS), "--backend", "memory",
