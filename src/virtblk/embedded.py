@@ -178,6 +178,7 @@ def open_embedded(
     ceph_conf: str | None = None,
     ceph_id: str | None = None,
     rbd_op_timeout: float | None = None,
+    packed: bool | None = None,
     **device_options: Any,
 ) -> DiskT:
     """Start our own device and connect a ``disk_class`` (``Disk``) to it: what
@@ -203,6 +204,7 @@ def open_embedded(
             queue_depth=queue_depth,
             experimental_fua=experimental_fua,
             on_close=embedded.stop,
+            packed=packed,
         )
     except BaseException:
         embedded.stop()
