@@ -214,6 +214,7 @@ class Disk:
         ceph_id: str | None = None,
         rbd_op_timeout: float | None = None,
         packed: bool | None = None,
+        offer_packed: bool = True,
         **device_options: Any,
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
@@ -223,7 +224,9 @@ class Disk:
         host-managed zoned disk (``ZonedMemoryBackend`` arguments). An unknown or mistyped
         option raises TypeError here, before the device starts.  ``experimental_fua``
         makes both ends use VIRTIO_BLK_F_OUT_FUA.  ``request_timeout`` and ``packed`` are
-        :meth:`connect`'s.  The device stops when the disk is closed.
+        :meth:`connect`'s; ``offer_packed=False`` makes the device hide the packed ring
+        (the device setting ``packed``, which the driver's option of that name shadows).
+        The device stops when the disk is closed.
 
         ``backend="rbd"`` serves a Ceph RBD image, ``path="POOL/IMAGE"`` (created with
         ``size`` when missing, else its own size), from the cluster ``ceph_conf`` names as
@@ -241,7 +244,7 @@ class Disk:
             queue_size=queue_size, queue_depth=queue_depth,
             experimental_fua=experimental_fua, read_only=read_only, zoned=zoned,
             ceph_conf=ceph_conf, ceph_id=ceph_id, rbd_op_timeout=rbd_op_timeout,
-            packed=packed, **device_options)
+            packed=packed, offer_packed=offer_packed, **device_options)
         if request_timeout is not None:
             try:
                 disk.device.set_request_timeout(request_timeout)
