@@ -111,9 +111,9 @@ def test_a_packed_disk_refuses_a_device_that_comes_back_without_packed(
         with Disk.connect(str(sock), reconnect_timeout=20.0) as disk:
             assert disk.ring == "packed"
             first.kill()
-            with ServeProcess(sock, ["--file", str(image), "--no-packed"]):
-                with pytest.raises(NegotiationError, match="RING_PACKED"):
-                    disk.pread(4096, 0)
+            with (ServeProcess(sock, ["--file", str(image), "--no-packed"]),
+                  pytest.raises(NegotiationError, match="RING_PACKED")):
+                disk.pread(4096, 0)
     finally:
         first.stop()
 

@@ -9,13 +9,14 @@ device that met a driver error: it may set DEVICE_NEEDS_RESET).
 
 from __future__ import annotations
 
+import time
+
 from virtblk.errors import DeviceGoneError
 from virtblk.spec import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VRING_DESC_F_NEXT, Feature, Status
 from virtblk.tools.check.framework import Finding, Skip, Unexpected, check, failed, passed
 from virtblk.tools.check.packed_ring import DATA_SIZE, QUEUE_SIZE, RawPackedRing
 from virtblk.tools.check.session import Context
 from virtblk.vhost_user.errors import VhostUserError
-from virtblk.virtio.packed_layout import AVAIL_USED
 
 PACKED_WRAP = "2.8 Packed Virtqueues: wrap counters, available and used descriptors"
 PACKED_ID = "2.8 Packed Virtqueues: buffer id"
@@ -71,12 +72,17 @@ def wrap_bits(ctx: Context) -> Finding:
                            (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED, "AVAIL=1 USED=1")):
             ring.avail_pos, ring.avail_wrap = 0, True
             head = ring.read_request(0, head_bits=bits)
+            written = bytes(ring.desc[head * 16 : head * 16 + 16])
             ring.kick()
-            if ring.wait_used(_QUIET) is not None or ring.flags(head) & AVAIL_USED != bits:
-                return failed(f"the device consumed a head with {what} on wrap counter 1",
-                              "it is not available: left alone")
+            time.sleep(_QUIET)
+            # Not ``wait_used``: AVAIL=1 USED=1 is what a used descriptor looks like.  A
+            # device that took the head would have written its status or the descriptor.
             if ring.status_byte != 0xFF:
-                return failed(f"the device executed a head with {what}", "left alone")
+                return failed(f"the device executed a head with {what} on wrap counter 1",
+                              "it is not available: left alone")
+            if bytes(ring.desc[head * 16 : head * 16 + 16]) != written:
+                return failed(f"the device wrote over a head with {what} on wrap counter 1",
+                              "it is not available: left alone")
         ring.avail_pos, ring.avail_wrap = 0, True
         problem = _valid_read(ring, 0, ctx.timeout)
     if problem is not None:
