@@ -103,12 +103,30 @@ def test_packed_disk_survives_sigkills_of_virtblk_serve(sock_dir: Path, image: P
             server[0].stop()
 
 
+def test_reconnecting_disks_keep_the_device_s_resubmission_unless_told(
+        sock_dir: Path, image: Path) -> None:
+    """``packed=None`` with ``reconnect_timeout`` on a device offering the in-flight buffer
+    stays split (the buffer's packed layout is unknown to the driver), ``packed=True``
+    goes packed and resubmits itself; without the buffer None goes packed."""
+    sock = sock_dir / "vb.sock"
+    with ServeProcess(sock, ["--file", str(image)]):
+        with Disk.connect(str(sock), reconnect_timeout=5.0) as disk:
+            assert disk.ring == "split" and disk.device.device_resubmits
+        with Disk.connect(str(sock), reconnect_timeout=5.0, packed=True) as disk:
+            assert disk.ring == "packed" and not disk.device.device_resubmits
+        with Disk.connect(str(sock)) as disk:
+            assert disk.ring == "packed"
+    with ServeProcess(sock, ["--file", str(image), "--no-inflight"]), Disk.connect(
+            str(sock), reconnect_timeout=5.0) as disk:
+        assert disk.ring == "packed" and not disk.device.device_resubmits
+
+
 def test_a_packed_disk_refuses_a_device_that_comes_back_without_packed(
         sock_dir: Path, image: Path) -> None:
     sock = sock_dir / "vb.sock"
     first = ServeProcess(sock, ["--file", str(image)]).start()
     try:
-        with Disk.connect(str(sock), reconnect_timeout=20.0) as disk:
+        with Disk.connect(str(sock), reconnect_timeout=20.0, packed=True) as disk:
             assert disk.ring == "packed"
             first.kill()
             with (ServeProcess(sock, ["--file", str(image), "--no-packed"]),

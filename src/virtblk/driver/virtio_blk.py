@@ -295,16 +295,20 @@ class VirtioBlk:
             raise NegotiationError(
                 "device does not offer VIRTIO_F_VERSION_1; legacy devices are not supported"
             )
-        self._choose_ring()
         self.protocol_features = 0
         if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
+            offered_protocol = fe.get_protocol_features()
+            inflight = 1 << ProtocolFeature.INFLIGHT_SHMFD
+            self._choose_ring(self._redial is not None and bool(offered_protocol & inflight))
             wanted = PROTOCOL_FEATURES
             if self._redial is not None and not self.packed:
                 # A device that keeps its in-flight requests in a buffer we hand back
                 # resubmits them itself after a restart (vhost-user "Inflight I/O tracking").
-                wanted |= 1 << ProtocolFeature.INFLIGHT_SHMFD
-            self.protocol_features = fe.get_protocol_features() & wanted
+                wanted |= inflight
+            self.protocol_features = offered_protocol & wanted
             fe.set_protocol_features(self.protocol_features)
+        else:
+            self._choose_ring(False)
         if not self._has_protocol(ProtocolFeature.CONFIG):
             raise NegotiationError(
                 "device cannot expose its config space (no VHOST_USER_PROTOCOL_F_CONFIG): "
@@ -324,21 +328,26 @@ class VirtioBlk:
             self._backend_channel = fe.open_backend_channel(self._on_config_change)
             self._backend_channel.start()
 
-    def _choose_ring(self) -> None:
+    def _choose_ring(self, inflight_offered: bool) -> None:
         """Decide the ring layout from what the device offers and what ``packed`` asked
         for, before anything depends on it.  Once decided it is fixed: a reconnect to a
         device that no longer offers the packed ring is refused (``_renegotiate``), and a
         disk that went split stays split (the rings were laid out for it).
 
-        A packed disk does not ask for the in-flight buffer: its layout is the split
-        ring's (vhost-user's QueueRegionSplit), so after a reconnect the driver resubmits
-        (``salvage``) instead of the device."""
+        A packed disk does not ask for the in-flight buffer: the driver knows only its
+        split layout (vhost-user's QueueRegionSplit), so after a reconnect the driver
+        resubmits (``salvage``) instead of the device.  Hence ``packed=None`` keeps the
+        split ring on a disk that reconnects (``inflight_offered``: a redial and a device
+        offering the buffer), rather than give the device's resubmission up unasked."""
         offered = has_feature(self.offered_features, Feature.RING_PACKED)
         if self._packed and not offered:
             raise NegotiationError(
                 "packed=True, but the device does not offer VIRTIO_F_RING_PACKED "
                 "(connect with packed=None to fall back to the split ring)")
-        self.packed = offered and self._packed is not False
+        if self._packed is None:
+            self.packed = offered and not inflight_offered
+        else:
+            self.packed = self._packed
         if not self.packed:
             self._wanted &= ~Feature.RING_PACKED.mask
 
