@@ -257,3 +257,26 @@ def test_packed_rings_record_nothing_in_the_inflight_buffer(
             get_base(conn)
     said = [r.message for r in caplog.records if "in-flight" in r.message]
     assert len(said) == 1 and "cannot resubmit" in said[0]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (0, False),  # zeroed: fresh (or used in lap 0: cannot be told)
+    (packed_layout.avail_bits(True), False),  # the first request of a fresh ring
+    (packed_layout.used_bits(True), True),  # answered in lap 1
+    (packed_layout.avail_bits(False), True),  # made available in lap 0
+])  # fmt: skip
+def test_a_used_ring_started_at_its_initial_position_is_reported(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion,
+    caplog: pytest.LogCaptureFixture, flags: int, said: bool,
+) -> None:
+    """What QEMU 7.2 does after a backend crash on a packed ring: it sends the initial
+    base again.  Where the first descriptor shows the ring went round already, the log
+    says this queue cannot resume (the ring is still started: the frontend decides)."""
+    negotiate(conn, region)
+    addrs = packed_layout.allocate(BufferAllocator(region), 64)
+    region.view[addrs.desc + 14 : addrs.desc + 16].cast("H")[0] = flags
+    with caplog.at_level(logging.ERROR, "virtblk.vhost_user.backend"):
+        os.close(start(conn, addrs, FRESH))
+    assert isinstance(device.running[0][0], PackedDeviceVirtqueue)
+    errors = [r.message for r in caplog.records if r.levelno == logging.ERROR]
+    assert bool(errors) == said and all("will not resume" in e for e in errors)
