@@ -9,19 +9,26 @@ carrying one writer's requests, and O_DIRECT reads of data the host put in the i
 before the guest booted match it.  Both kinds of queue workers (threads, processes) are
 run.  ``serve --no-packed`` hides the feature: the same guest, packed=on in QEMU, falls
 back to the split ring (bit 34 '0') and works the same.
+
+A restart of ``virtblk serve`` under a packed-ring guest is NOT survived yet: QEMU 7.2
+keeps no packed ring position across a backend crash (it sends the initial base again),
+and our in-flight buffer has only the split layout, so the new device cannot know where
+the ring is.  The last test pins down what happens instead: the new device says so in its
+log, and stays up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from interop.serve_process import ServeProcess
-from peers.guest import run_guest
+from peers.guest import run_guest, start_guest
 from virtblk.device.control import send_command
 
 pytestmark = pytest.mark.guest
@@ -130,3 +137,40 @@ def test_no_packed_falls_back_to_split(serve: Serve, image: Path) -> None:
     assert features[RING_PACKED_BIT] == "0", features
     config = send_command(control, "get-config")
     assert "RING_PACKED" not in config["features_offered"]
+
+
+WRITER = """
+i=0
+while [ $i -lt 1000 ]; do
+    dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=$i oflag=direct 2>/dev/null
+    echo "W $i"
+    i=$((i + 1))
+    sleep 0.2
+done
+"""
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def test_a_restart_under_a_packed_guest_is_reported(sock_dir: Path, image: Path) -> None:
+    """The guest writes (packed ring, QEMU reconnect=1); ``virtblk serve`` is stopped and a
+    new one started on the same socket: QEMU reconnects and starts the ring at its initial
+    position, and the new device logs that this queue cannot resume (the guest's I/O on it
+    stalls: the known limit, until the in-flight buffer has a packed layout)."""
+    args = ["--file", str(image), "--workers", "thread"]
+    with start_guest(WRITER, disks=[str(sock_dir / "vb.sock")], device_options=["packed=on"],
+                     reconnect=1) as guest:
+        with ServeProcess(sock_dir / "vb.sock", args):
+            _wait_for(lambda: "W 5\n" in guest.console(), 120, "sixth write from the guest")
+        with ServeProcess(sock_dir / "vb.sock", args) as second:
+            _wait_for(lambda: "will not resume" in second.output, 60,
+                      "report of the lost ring position")
+            assert "ring 0: the frontend starts a packed ring at its initial position" in (
+                second.output)
+            assert second.process is not None and second.process.poll() is None  # still up

@@ -270,7 +270,7 @@ def test_a_used_ring_started_at_its_initial_position_is_reported(
     caplog: pytest.LogCaptureFixture, flags: int, said: bool,
 ) -> None:
     """What QEMU 7.2 does after a backend crash on a packed ring: it sends the initial
-    base again.  Where the first descriptor shows the ring went round already, the log
+    base again.  Where the first descriptor shows the ring was used already, the log
     says this queue cannot resume (the ring is still started: the frontend decides)."""
     negotiate(conn, region)
     addrs = packed_layout.allocate(BufferAllocator(region), 64)

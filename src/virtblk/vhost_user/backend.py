@@ -741,10 +741,10 @@ class BackendConnection:
             raise ProtocolError(f"ring {index}: {exc}") from exc
         if base == _FRESH_PACKED and _used_before(self.memory.view(addrs.desc, 16)):
             log.error("ring %d: the frontend starts a packed ring at its initial position, but "
-                      "its first descriptor has been through a lap already: a device "
-                      "restarted under a running driver (QEMU 7.2 keeps no packed ring "
-                      "position across a backend crash, and the in-flight buffer has no "
-                      "packed layout here); this queue will not resume", index)
+                      "its first descriptor was used already: a device restarted under a "
+                      "running driver (QEMU 7.2 keeps no packed ring position across a "
+                      "backend crash, and the in-flight buffer has no packed layout here); "
+                      "this queue will not resume", index)
         return vq
 
     def _recover(
