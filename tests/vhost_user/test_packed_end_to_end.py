@@ -26,6 +26,7 @@ import pytest
 
 from virtblk.device.backends import MemoryBackend
 from virtblk.device.blk import BlkDevice
+from virtblk.device.control import handle_request
 from virtblk.spec import (
     VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_USED,
@@ -212,6 +213,7 @@ def test_io_on_two_packed_queues_over_many_laps(
             assert q.wait(1) == {0: 4097} and q.data_of(0, 4096) == pattern(q.index, n)
     stats = device.stats()
     assert stats["ring"] == "packed"
+    assert handle_request(device, {"command": "get-config"})["ring"] == "packed"
     assert stats["requests"] == {"OUT": 2 * 2 * rounds, "IN": 2 * rounds + 4}
     assert stats["malformed"] == stats["chain_errors"] == 0
 
