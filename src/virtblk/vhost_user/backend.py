@@ -242,6 +242,18 @@ def _replace(held: OwnedFd | None, new: OwnedFd | None) -> OwnedFd | None:
     return None if new is None else OwnedFd(new.take())
 
 
+_FRESH_PACKED = packed_layout.PackedRingBase(0, True, 0, True)
+"""Where a packed ring starts after a reset: position 0, both wrap counters 1."""
+
+
+def _used_before(descriptor: memoryview) -> bool:
+    """Whether a packed ring's first descriptor shows the ring is not fresh: marked used
+    in lap 1, or made available in lap 0 (a fresh ring's descriptors are zero, or the first
+    made available in lap 1; zero flags cannot tell a fresh ring from one used in lap 0)."""
+    flags = descriptor.cast("H")[packed_layout.FLAGS_SLOT] & packed_layout.AVAIL_USED
+    return flags in (packed_layout.used_bits(True), packed_layout.avail_bits(False))
+
+
 class BackendConnection:
     """One frontend session over ``device``.
 
@@ -600,7 +612,7 @@ class BackendConnection:
         if ring.base is not None:
             return ring.base
         if self.packed:
-            return packed_layout.encode_vring_base(packed_layout.PackedRingBase(0, True, 0, True))
+            return packed_layout.encode_vring_base(_FRESH_PACKED)
         return 0
 
     def _set_vring_addr(self, message: SetVringAddr) -> None:
@@ -723,10 +735,17 @@ class BackendConnection:
                         "cannot resubmit them")
         try:
             base = packed_layout.decode_vring_base(self._ring_base(ring))
-            return PackedDeviceVirtqueue(self.memory, addrs, event_idx=self.event_idx,
-                                         **base._asdict())
+            vq = PackedDeviceVirtqueue(self.memory, addrs, event_idx=self.event_idx,
+                                       **base._asdict())
         except (ValueError, RingError) as exc:
             raise ProtocolError(f"ring {index}: {exc}") from exc
+        if base == _FRESH_PACKED and _used_before(self.memory.view(addrs.desc, 16)):
+            log.error("ring %d: the frontend starts a packed ring at its initial position, but "
+                      "its first descriptor was used already: a device restarted under a "
+                      "running driver (QEMU 7.2 keeps no packed ring position across a "
+                      "backend crash, and the in-flight buffer has no packed layout here); "
+                      "this queue will not resume", index)
+        return vq
 
     def _recover(
         self, index: int, addrs: VringAddrs, used_idx: int
