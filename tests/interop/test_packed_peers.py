@@ -9,6 +9,7 @@ buffer's layout is the split ring's); ``virtblk info`` and ``bench`` say which r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from interop.serve_process import ServeProcess, run_virtblk
 from interop.test_reconnect import BLOCK, BLOCKS, Load, kill_and_restart, read_image
 from peers.plugin import QsdFactory
 from virtblk import Disk
+from virtblk.aio import AsyncDisk
 from virtblk.errors import NegotiationError
 
 pytestmark = [
@@ -50,6 +52,19 @@ def test_virtblk_serve_gives_packed_unless_told_otherwise(
                 disk.flush()
                 assert disk.pread(len(data), MiB) == data
         assert image.read_bytes()[MiB : MiB + len(data)] == data
+
+
+def test_async_disk_connect_takes_the_ring_option(sock_dir: Path, image: Path) -> None:
+    async def ring(sock: Path, packed: bool | None) -> str:
+        async with await AsyncDisk.connect(sock, packed=packed) as adisk:
+            await adisk.write(b"\3" * 4096, 0)
+            assert await adisk.read(4096, 0) == b"\3" * 4096
+            return adisk.ring
+
+    sock = sock_dir / "vb.sock"
+    with ServeProcess(sock, ["--file", str(image)]):
+        assert asyncio.run(ring(sock, None)) == "packed"
+        assert asyncio.run(ring(sock, False)) == "split"
 
 
 def test_virtblk_serve_no_packed_refuses_packed_true(sock_dir: Path, image: Path) -> None:
