@@ -156,6 +156,11 @@ class AsyncDisk:
         return self._bs
 
     @property
+    def ring(self) -> str:
+        """The virtqueue layout in use, ``"packed"`` or ``"split"`` (``Disk.ring``)."""
+        return self.disk.ring
+
+    @property
     def read_only(self) -> bool:
         """Whether the device refuses writes."""
         return self.disk.read_only

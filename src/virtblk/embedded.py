@@ -179,6 +179,8 @@ def open_embedded(
     ceph_conf: str | None = None,
     ceph_id: str | None = None,
     rbd_op_timeout: float | None = None,
+    packed: bool | None = None,
+    offer_packed: bool = True,
     **device_options: Any,
 ) -> DiskT:
     """Start our own device and connect a ``disk_class`` (``Disk``) to it: what
@@ -187,6 +189,9 @@ def open_embedded(
 
     ``device_options`` become :class:`BlkSettings` here, in the caller's process: a
     misspelled or mistyped option raises TypeError naming it before any device starts."""
+    # ``packed`` is the driver's choice (as for ``Disk.connect``); the device's setting of
+    # that name, whether it offers the packed ring, comes in as ``offer_packed``.
+    device_options = {**device_options, "packed": offer_packed}
     settings = BlkSettings.from_dict(
         {**device_options, "fua": True} if experimental_fua else device_options)
     embedded = start_embedded(
@@ -206,6 +211,7 @@ def open_embedded(
             queue_depth=queue_depth,
             experimental_fua=experimental_fua,
             on_close=embedded.stop,
+            packed=packed,
         )
     except BaseException:
         embedded.stop()

@@ -28,7 +28,7 @@ from virtblk.device.request import BlkRequest
 from virtblk.errors import DeviceGoneError
 from virtblk.spec import Lifetime, RequestType, Status
 from virtblk.tools.check import CHECKS, Outcome, Report, run_checks
-from virtblk.tools.check.runner import ordered_checks
+from virtblk.tools.check.runner import ordered_checks, ring_checks
 from virtblk.vhost_user.server import VhostUserServer
 
 MiB = 1 << 20
@@ -88,9 +88,17 @@ def test_our_device_passes_everything_it_offers(sock_dir: Path) -> None:
     with serving(sock_dir / "own.sock", device):
         report = run_checks(sock_dir / "own.sock", timeout=10)
     assert not report.failed, [r for r in report.results if r.outcome is Outcome.FAIL]
-    assert outcomes(report, Outcome.WARN) == OUR_WARNINGS
+    # The request checks ran over both rings, with the same findings.
+    assert outcomes(report, Outcome.WARN) == OUR_WARNINGS | {f"packed.{i}" for i in OUR_WARNINGS}
     # Skipped: only what this device does not offer.
-    assert outcomes(report, Outcome.SKIP) == {"io.read-only"}
+    assert outcomes(report, Outcome.SKIP) == {"io.read-only", "packed.io.read-only"}
+    for ring_check in ring_checks():
+        assert report.result(ring_check.id).outcome is report.result(
+            ring_check.id.removeprefix("packed.")).outcome
+    # The hostile packed rings: left alone, or answered, and the device served on.
+    assert "left alone" in report.result("packed.wrap-bits").detail
+    assert "same ring served" in report.result("packed.id-range").detail
+    assert "answered with length 0" in report.result("packed.endless-chain").detail
     assert "'virtblk-check'" in report.result("io.get-id").detail
     assert "pre_eol_info 1" in report.result("io.get-lifetime").detail
     assert report.result("malformed.bad-address").outcome is Outcome.PASS
@@ -131,8 +139,30 @@ def test_only_selects_checks_by_prefix(sock_dir: Path) -> None:
     with serving(sock_dir / "own.sock", BlkDevice(MemoryBackend(SIZE))):
         report = run_checks(sock_dir / "own.sock", only=["range."], timeout=10)
     ids = [r.id for r in report.results]
-    assert ids and all(i.startswith("range.") for i in ids)
+    # ``range.`` selects the range checks over both rings.
+    assert ids and all(i.removeprefix("packed.").startswith("range.") for i in ids)
+    assert {i for i in ids if i.startswith("packed.")} == {f"packed.{i}" for i in ids
+                                                           if not i.startswith("packed.")}
     assert outcomes(report, Outcome.PASS) == set(ids)
+
+
+def test_only_packed_selects_the_packed_runs_and_the_hostile_rings(sock_dir: Path) -> None:
+    with serving(sock_dir / "own.sock", BlkDevice(MemoryBackend(SIZE))):
+        report = run_checks(sock_dir / "own.sock", only=["packed."], timeout=10)
+    ids = [r.id for r in report.results]
+    assert all(i.startswith("packed.") for i in ids)
+    assert {"packed.wrap-bits", "packed.id-range", "packed.endless-chain",
+            "packed.io.round-trip"} <= set(ids)
+    assert not report.failed
+
+
+def test_a_device_hiding_packed_skips_the_packed_checks(sock_dir: Path) -> None:
+    with serving(sock_dir / "own.sock", BlkDevice(MemoryBackend(SIZE), packed=False)):
+        report = run_checks(sock_dir / "own.sock", only=["packed.", "io.read"], timeout=10)
+    assert report.result("io.read").outcome is Outcome.PASS
+    packed = [r for r in report.results if r.id.startswith("packed.")]
+    assert packed and all(r.outcome is Outcome.SKIP and r.detail == "RING_PACKED not offered"
+                          for r in packed)
 
 
 # ---------------------------------------------------------------------------- broken devices
@@ -184,6 +214,9 @@ def test_a_broken_rule_fails_its_check(sock_dir: Path, fault: str, check_ids: se
     with serving(sock_dir / "bad.sock", device):
         report = run_checks(sock_dir / "bad.sock", timeout=10)
     assert report.failed
+    # A request check fails over both rings (the device offers the packed one).
+    ring_ids = {c.id.removeprefix("packed.") for c in ring_checks()}
+    check_ids = check_ids | {f"packed.{i}" for i in check_ids & ring_ids}
     assert outcomes(report, Outcome.FAIL) == check_ids
     for check_id in check_ids:
         assert "expected" in report.result(check_id).detail
@@ -220,7 +253,8 @@ def test_default_output_fits_80_columns_with_the_failures_explained(sock_dir: Pa
     assert "request type 0x7e answered OK; expected UNSUPP" in explained
     assert "5.2.6 Device Operation" in explained
     named = [line.split()[1] for line in result.stdout.splitlines() if line[:4] in marks]
-    assert named == [c.id for c in ordered_checks()]  # a line each, in run order
+    # A line each, in run order: the split ring's run, then the packed ring's.
+    assert named == [c.id for c in ordered_checks()] + [c.id for c in ring_checks()]
     # A passing check's finding is not shown.
     assert "ID '" not in result.output and "5.2.4 Device configuration" not in result.output
 
@@ -269,8 +303,14 @@ connection on a descriptor outside memory."""
 
 
 def _check_qsd(qsd_factory: QsdFactory, **options: Any) -> Report:
+    """A run against the daemon: it offers no packed ring, so every packed check (the
+    request checks' second run and the hostile rings) is skipped, saying so."""
     daemon = qsd_factory(**options)
-    return run_checks(str(daemon.socket_path), timeout=10)
+    report = run_checks(str(daemon.socket_path), timeout=10)
+    packed = [r for r in report.results if r.id.startswith("packed.")]
+    assert len(packed) == len(ring_checks()) + 3
+    assert {(r.outcome, r.detail) for r in packed} == {(Outcome.SKIP, "RING_PACKED not offered")}
+    return report
 
 
 @pytest.mark.interop
@@ -323,5 +363,6 @@ def test_checks_run_group_by_group_in_the_specs_order() -> None:
     registration order is the order ``virtblk.tools.check.checks`` imports its modules."""
     groups = [c.id.split(".")[0] for c in ordered_checks()]
     order = list(dict.fromkeys(groups))
-    assert order == ["vu", "config", "flush", "io", "limits", "range", "unsupp", "malformed"]
+    assert order == ["vu", "config", "flush", "io", "limits", "range", "unsupp", "malformed",
+                     "packed"]
     assert groups == sorted(groups, key=order.index)  # each group in one run

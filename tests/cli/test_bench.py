@@ -443,17 +443,20 @@ def test_bs_larger_than_one_request(sock_dir: Path) -> None:
 
 
 # -- notifications per I/O ----------------------------------------------------------------------
-def test_notifications_are_counted_on_both_ends() -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_notifications_are_counted_on_both_ends(ring: str) -> None:
     """Each end counts its own notifications; with the embedded device both ends are ours,
-    so what one sent is what the other was woken by."""
-    data = bench_json("--iodepth", "1", "--device-poll-us", "0")
+    so what one sent is what the other was woken by, over either ring."""
+    data = bench_json("--iodepth", "1", "--device-poll-us", "0", f"--{ring}")
+    assert data["virtblk"]["ring"] == ring
     n = data["virtblk"]["notifications_per_io"]
     ios = data["jobs"][0]["read"]["total_ios"]
     assert ios > 0
     # Depth 1, no polling on either end: the driver sleeps for most I/Os, so most need an
-    # interrupt, and the device sleeps between them, so most need a kick (not all: a
-    # request that arrives before the device asked to be kicked again needs none).
-    assert n["driver_interrupts"] > 0.5 and n["driver_kicks"] > 0.5, n
+    # interrupt, and the device sleeps between them, so many need a kick (not all: a
+    # request that arrives before the device asked to be kicked again needs none: 0.46
+    # kicks per I/O were seen over the packed ring on a loaded machine).
+    assert n["driver_interrupts"] > 0.5 and n["driver_kicks"] > 0.3, n
     # What one end sent, the other saw; a wakeup may take two notifications at once.
     assert n["driver_interrupts"] <= n["device_notifications"] + 2 / ios, n
     assert n["device_notifications"] - n["driver_interrupts"] < 0.1, n

@@ -1,4 +1,5 @@
-"""Random sequences of writes, reads and flushes through a Disk match a bytearray model."""
+"""Random sequences of writes, reads and flushes through a Disk match a bytearray model,
+over the packed ring (our device's default), the split ring and a packed ring of 4."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class DiskModel(RuleBasedStateMachine):
     """The disk must behave exactly like a bytearray of the same size."""
 
     backend = "memory"
+    packed: bool | None = None  # our device offers the packed ring: None takes it
+    queue_size = 256
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,7 +31,9 @@ class DiskModel(RuleBasedStateMachine):
         if self.backend == "file":
             path = str(Path(self.tmp.name) / "img")
             Path(path).write_bytes(bytes(SIZE))
-        self.disk = Disk.embedded(size=SIZE, backend=self.backend, path=path, mode="thread")
+        self.disk = Disk.embedded(size=SIZE, backend=self.backend, path=path, mode="thread",
+                                  packed=self.packed, queue_size=self.queue_size)
+        assert self.disk.ring == ("split" if self.packed is False else "packed")
         self.model = bytearray(SIZE)
 
     extent = st.integers(0, SECTORS - 1).flatmap(
@@ -83,7 +88,23 @@ class FileDiskModel(DiskModel):
     backend = "file"
 
 
+class SplitDiskModel(DiskModel):
+    packed = False
+
+
+class SmallPackedRingDiskModel(DiskModel):
+    """A packed ring of 4: the wrap counters flip every few requests."""
+
+    packed = True
+    queue_size = 4
+
+
 TestMemoryDiskModel = DiskModel.TestCase
 TestMemoryDiskModel.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
 TestFileDiskModel = FileDiskModel.TestCase
 TestFileDiskModel.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+TestSplitDiskModel = SplitDiskModel.TestCase
+TestSplitDiskModel.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+TestSmallPackedRingDiskModel = SmallPackedRingDiskModel.TestCase
+TestSmallPackedRingDiskModel.settings = settings(max_examples=25, stateful_step_count=20,
+                                                 deadline=None)

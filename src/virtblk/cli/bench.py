@@ -153,6 +153,11 @@ _SHOWN_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
     help="With SOCKET: keep running across a device restart, dialling it again for up to "
     "this many seconds (Disk.connect's reconnect_timeout); the result counts reconnects.",
 )  # fmt: skip
+@click.option(
+    "--packed/--split", "packed", default=None,
+    help="Virtqueue layout: --packed requires VIRTIO_F_RING_PACKED, --split keeps the split "
+    "ring [default: packed when the device offers it].",
+)  # fmt: skip
 @click.pass_context
 def bench(
     ctx: click.Context,
@@ -189,6 +194,7 @@ def bench(
     device_control: str | None,
     device_poll_us: float | None,
     reconnect_timeout: float | None,
+    packed: bool | None,
 ) -> None:
     """Measure IOPS, bandwidth, completion latency and CPU per I/O, fio-style.
 
@@ -282,7 +288,7 @@ def bench(
     for run in runs:
         result, target = _run_one(
             run, socket_path, queue_size, backend, device_size, file_path, device_pid,
-            device_poll_us, reconnect_timeout, device_control,
+            device_poll_us, reconnect_timeout, device_control, packed,
             live=output_format == "normal" and sys.stderr.isatty(),
             label=f"job '{run.name}': " if job_file is not None else "",
         )  # fmt: skip
@@ -321,6 +327,7 @@ def _run_one(
     device_poll_us: float | None,
     reconnect_timeout: float | None,
     device_control: str | None,
+    packed: bool | None,
     *,
     live: bool,
     label: str,
@@ -335,7 +342,7 @@ def _run_one(
     with ExitStack() as stack:
         disk, device_cpu, target = _open(
             stack, socket_path, cfg.numjobs, queue_size, backend, device_size, file_path,
-            device_pid, device_poll_us, reconnect_timeout,
+            device_pid, device_poll_us, reconnect_timeout, packed,
         )  # fmt: skip
         counters: DeviceCounters | None = None
         if disk.embedded_device is not None:
@@ -407,6 +414,7 @@ def _open(
     device_pid: int | None,
     device_poll_us: float | None,
     reconnect_timeout: float | None = None,
+    packed: bool | None = None,
 ) -> tuple[Disk, Callable[[], float] | None, str]:
     """Connect (or start the embedded device) with one hardware queue per job."""
     from virtblk.driver.disk import Disk
@@ -415,23 +423,27 @@ def _open(
     device_cpu: Callable[[], float] | None = None
     if socket_path is None:
         extra: dict[str, Any] = {} if device_poll_us is None else {"poll_us": device_poll_us}
-        disk = stack.enter_context(
-            Disk.embedded(
-                size=device_size,
-                backend=backend,  # type: ignore[arg-type]
-                path=file_path,
-                num_queues=numjobs,
-                queue_size=queue_size,
-                **extra,
+        try:
+            disk = stack.enter_context(
+                Disk.embedded(
+                    size=device_size,
+                    backend=backend,  # type: ignore[arg-type]
+                    path=file_path,
+                    num_queues=numjobs,
+                    queue_size=queue_size,
+                    packed=packed,
+                    **extra,
+                )
             )
-        )
+        except NegotiationError as exc:  # --packed, and the device does not offer it
+            raise click.ClickException(f"embedded device: {exc}") from exc
         assert disk.embedded_device is not None
         device_cpu = disk.embedded_device.cpu_seconds
         return disk, device_cpu, f"embedded {backend} device, {human_size(disk.size)}"
     try:
         disk = stack.enter_context(
             Disk.connect(socket_path, num_queues=numjobs, queue_size=queue_size,
-                         reconnect_timeout=reconnect_timeout)
+                         reconnect_timeout=reconnect_timeout, packed=packed)
         )
     except NegotiationError as exc:
         if numjobs > 1:
@@ -497,7 +509,7 @@ def _headline(r: BenchResult, target: str) -> str:
         words.append(f"rwmixread={c.rwmixread}")
     if c.path != "bio":
         words.append(f"path={c.path}")
-    return " ".join(words) + f" on {target}"
+    return " ".join(words) + f" on {target}, {r.ring} ring"
 
 
 def _direction(name: str, d: DirectionStats, elapsed: float) -> list[str]:

@@ -46,6 +46,7 @@ def describe(disk: Disk) -> dict[str, Any]:
         "device_max_queues": dev.device_max_queues,
         "queue_size": dev.queue_size,
         "queue_depth": dev.queues[0].depth if dev.queues else 0,
+        "ring": disk.ring,
         "features_offered": _names(dev.offered_features),
         "features_negotiated": _names(dev.features),
         "protocol_features": protocol_feature_names(dev.protocol_features),
@@ -79,14 +80,20 @@ def _zoned(disk: Disk) -> dict[str, Any] | None:
 @click.argument("socket_path", metavar="SOCKET")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait.")
-def info(socket_path: str, as_json: bool, timeout: float) -> None:
+@click.option(
+    "--packed/--split", "packed", default=None,
+    help="Virtqueue layout: --packed requires VIRTIO_F_RING_PACKED, --split keeps the split "
+    "ring [default: packed when the device offers it].",
+)  # fmt: skip
+def info(socket_path: str, as_json: bool, timeout: float, packed: bool | None) -> None:
     """Show a device's features, capacity, limits, serial, cache mode, topology and queues."""
     from virtblk.driver.disk import Disk
+    from virtblk.errors import NegotiationError
 
     try:
-        with Disk.connect(socket_path, timeout=timeout) as disk:
+        with Disk.connect(socket_path, timeout=timeout, packed=packed) as disk:
             data = describe(disk)
-    except OSError as exc:
+    except (OSError, NegotiationError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -31,7 +31,12 @@ from typing import Any, Protocol
 from virtblk.errors import STATUS_TIMED_OUT, DeviceGoneError, status_error
 from virtblk.spec import ZONE_REPORT_HEADER, RequestHeader, RequestType, Status
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
+from virtblk.virtio.packed_driver import PackedDriverVirtqueue
 from virtblk.virtio.split_driver import DeviceProtocolError, DriverVirtqueue, QueueFull
+
+DriverRing = DriverVirtqueue | PackedDriverVirtqueue
+"""The driver's end of either ring layout: the two share one interface, so a queue does not
+care which it drives (``VirtioBlk`` picks one at negotiation)."""
 
 Segments = Sequence[tuple[int, int]]
 """Buffers in guest memory as ``(guest physical address, length)`` pairs."""
@@ -76,7 +81,7 @@ class RingControl(Protocol):
         """Stop ring ``index`` on the device (GET_VRING_BASE): once this returns, the device
         touches neither the ring nor the buffers of the chains it still held."""
 
-    def start_ring(self, index: int, depth: int) -> DriverVirtqueue:
+    def start_ring(self, index: int, depth: int) -> DriverRing:
         """A fresh ring for queue ``index``, announced to the device."""
 
     def ring_lost(self, index: int, exc: BaseException) -> None:
@@ -172,7 +177,7 @@ class HardwareQueue:
     def __init__(
         self,
         index: int,
-        vq: DriverVirtqueue,
+        vq: DriverRing,
         memory: GuestMemory,
         allocator: BufferAllocator,
         *,
@@ -753,7 +758,7 @@ class HardwareQueue:
             # From here until thaw the ring memory is rebuilt under us: reap nothing.
             self._stopped = True
 
-    def thaw(self, vq: DriverVirtqueue) -> None:
+    def thaw(self, vq: DriverRing) -> None:
         """Resume on ``vq`` (a fresh ring after a device reset) and send what was parked."""
         with self.cond:
             self.vq = vq
@@ -777,7 +782,7 @@ class HardwareQueue:
             self.cond.notify_all()
         self._wake_owner()
 
-    def salvage(self) -> DriverVirtqueue:
+    def salvage(self) -> DriverRing:
         """Complete what the dead device published in the used ring, then take every
         request still on the ring off it and park it ahead of those that waited, in the
         order it was first submitted: ``resume`` on a fresh ring sends them again.
@@ -814,7 +819,7 @@ class HardwareQueue:
             self.stats_resubmitted += len(outstanding)
             return self.vq
 
-    def resume(self, vq: DriverVirtqueue, hangup_fd: int | None) -> None:
+    def resume(self, vq: DriverRing, hangup_fd: int | None) -> None:
         """The device is back: serve ``vq`` (a fresh ring after ``salvage``, or the same
         one, which the device resubmits from its in-flight buffer), watch ``hangup_fd``
         (the new connection) and send what was parked."""

@@ -28,6 +28,7 @@ from virtblk.driver.virtio_blk import (
     CACHE_TYPES,
     Geometry,
     Limits,
+    RingKind,
     Topology,
     VirtioBlk,
     cache_type_index,
@@ -87,8 +88,16 @@ class Disk:
         experimental_fua: bool = False,
         reconnect_timeout: float | None = None,
         request_timeout: float | None = None,
+        packed: bool | None = None,
     ) -> Self:
         """Connect to a vhost-user-blk device listening on ``socket_path``.
+
+        ``packed`` picks the virtqueue layout: None (the default) uses the packed ring
+        when the device offers VIRTIO_F_RING_PACKED and the split ring otherwise (also
+        with ``reconnect_timeout`` on a device that offers the in-flight buffer, whose
+        packed layout the driver does not have: the device's own resubmission is kept),
+        True requires the packed ring (``NegotiationError`` naming RING_PACKED when the device
+        does not offer it), False keeps the split ring.  :attr:`ring` says which it got.
 
         ``num_queues=None`` takes as many queues as the device offers, at most one per CPU
         (as Linux does).  ``queue_depth`` overrides the seed's rule (fill the ring; half of
@@ -120,6 +129,7 @@ class Disk:
             redial=lambda: unixsock.connect(socket_path, timeout),
             reconnect_timeout=reconnect_timeout,
             request_timeout=request_timeout,
+            packed=packed,
         )
 
     @classmethod
@@ -134,6 +144,7 @@ class Disk:
         experimental_fua: bool = False,
         on_close: Callable[[], None] | None = None,
         request_timeout: float | None = None,
+        packed: bool | None = None,
     ) -> Self:
         """Drive the device on an already-connected vhost-user socket (takes ownership).
 
@@ -149,6 +160,7 @@ class Disk:
             experimental_fua=experimental_fua,
             on_close=on_close,
             request_timeout=request_timeout,
+            packed=packed,
         )
 
     @classmethod
@@ -165,6 +177,7 @@ class Disk:
         request_timeout: float | None = None,
         redial: Callable[[], socket.socket] | None = None,
         reconnect_timeout: float | None = None,
+        packed: bool | None = None,
     ) -> Self:
         """``connect`` and ``from_socket`` both: probe the device on ``sock``; ``redial``
         gives a new socket to the same device (``connect`` only)."""
@@ -180,6 +193,7 @@ class Disk:
             redial=redial,
             reconnect_timeout=reconnect_timeout,
             request_timeout=request_timeout,
+            packed=packed,
         )
         return cls(dev, on_close=on_close)
 
@@ -201,6 +215,8 @@ class Disk:
         ceph_conf: str | None = None,
         ceph_id: str | None = None,
         rbd_op_timeout: float | None = None,
+        packed: bool | None = None,
+        offer_packed: bool = True,
         **device_options: Any,
     ) -> Self:
         """Start our own device (a child process by default) and connect to it.
@@ -209,8 +225,10 @@ class Disk:
         (``serial``, ``blk_size``, ``seg_max``, ``writeback``...); ``zoned`` makes a
         host-managed zoned disk (``ZonedMemoryBackend`` arguments). An unknown or mistyped
         option raises TypeError here, before the device starts.  ``experimental_fua``
-        makes both ends use VIRTIO_BLK_F_OUT_FUA.  ``request_timeout`` is
-        :meth:`connect`'s.  The device stops when the disk is closed.
+        makes both ends use VIRTIO_BLK_F_OUT_FUA.  ``request_timeout`` and ``packed`` are
+        :meth:`connect`'s; ``offer_packed=False`` makes the device hide the packed ring
+        (the device setting ``packed``, which the driver's option of that name shadows).
+        The device stops when the disk is closed.
 
         ``backend="rbd"`` serves a Ceph RBD image, ``path="POOL/IMAGE"`` (created with
         ``size`` when missing, else its own size), from the cluster ``ceph_conf`` names as
@@ -232,7 +250,7 @@ class Disk:
             queue_size=queue_size, queue_depth=queue_depth,
             experimental_fua=experimental_fua, read_only=read_only, zoned=zoned,
             ceph_conf=ceph_conf, ceph_id=ceph_id, rbd_op_timeout=rbd_op_timeout,
-            **device_options)
+            packed=packed, offer_packed=offer_packed, **device_options)
         if request_timeout is not None:
             try:
                 disk.device.set_request_timeout(request_timeout)
@@ -272,6 +290,12 @@ class Disk:
     def features(self) -> list[str]:
         """Negotiated feature names."""
         return feature_names(self._dev.features)
+
+    @property
+    def ring(self) -> RingKind:
+        """The virtqueue layout in use, ``"packed"`` or ``"split"`` (``connect``'s
+        ``packed``)."""
+        return self._dev.ring
 
     @property
     def num_queues(self) -> int:

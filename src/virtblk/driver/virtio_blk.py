@@ -17,9 +17,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
-from virtblk.driver.blkmq import HardwareQueue
+from virtblk.driver.blkmq import DriverRing, HardwareQueue
 from virtblk.driver.zoned import driver_features as zoned_driver_features
 from virtblk.errors import DeviceGoneError, FeatureNotNegotiatedError, NegotiationError
 from virtblk.spec import (
@@ -33,8 +33,11 @@ from virtblk.spec import (
 from virtblk.vhost_user.errors import PeerGoneError, VhostUserError
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
+from virtblk.virtio import packed_layout
 from virtblk.virtio.inflight import queue_region_size
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
+from virtblk.virtio.packed_driver import PackedDriverVirtqueue
+from virtblk.virtio.packed_layout import PackedRingBase, encode_vring_base
 from virtblk.virtio.split_driver import DriverVirtqueue
 from virtblk.virtio.split_layout import VringAddrs
 
@@ -61,7 +64,15 @@ DRIVER_FEATURES = (
     | Feature.BLK_LIFETIME.mask
     | Feature.BLK_ZONED.mask
 )
-"""Every feature this driver implements.  OUT_FUA is experimental and opt-in."""
+"""Every feature this driver implements but the ring layout.  OUT_FUA is experimental and
+opt-in; RING_PACKED is asked for by ``packed`` (see ``VirtioBlk``)."""
+
+FRESH_PACKED_BASE = encode_vring_base(PackedRingBase(0, True, 0, True))
+"""SET_VRING_BASE for a fresh packed ring (0x80008000): both positions 0, both wrap
+counters 1, as the spec starts them."""
+
+RingKind = Literal["split", "packed"]
+"""Which virtqueue layout a disk's rings use."""
 
 PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ)
@@ -203,9 +214,14 @@ class VirtioBlk:
         redial: Redial | None = None,
         reconnect_timeout: float | None = None,
         request_timeout: float | None = None,
+        packed: bool | None = None,
     ) -> None:
-        """``redial`` and ``reconnect_timeout`` together make a lost device (its socket
-        hung up) be dialled again until the timeout passes, and the requests it had not
+        """``packed`` chooses the ring layout: None takes VIRTIO_F_RING_PACKED when the
+        device offers it, True requires it (NegotiationError when not offered), False
+        keeps the split ring.
+
+        ``redial`` and ``reconnect_timeout`` together make a lost device (its socket hung
+        up) be dialled again until the timeout passes, and the requests it had not
         completed resubmitted (see ``_reconnect``); without them, a lost device fails every
         request with ``DeviceGoneError``.  ``request_timeout`` (seconds, None: forever)
         bounds how long the device may keep a request (:meth:`HardwareQueue.expire`);
@@ -230,9 +246,14 @@ class VirtioBlk:
         # ``exclude_features`` leaves offered features unnegotiated (conformance checks
         # send requests whose feature the device offered but we did not accept).
         self._wanted = (DRIVER_FEATURES | extra_features) & ~exclude_features
+        self._packed = packed
+        if packed is not False:
+            self._wanted |= Feature.RING_PACKED.mask
         self._backend_channel: BackendChannel | None = None
         self.queues: list[HardwareQueue] = []
         self._vrings: list[tuple[VringAddrs, int, int]] = []  # ring memory, kick, call
+        self.packed = False
+        """True when the rings are packed (VIRTIO_F_RING_PACKED negotiated)."""
         self.frozen = False
         self._redial = redial if reconnect_timeout is not None else None
         self.reconnect_timeout = reconnect_timeout
@@ -276,13 +297,18 @@ class VirtioBlk:
             )
         self.protocol_features = 0
         if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
+            offered_protocol = fe.get_protocol_features()
+            inflight = 1 << ProtocolFeature.INFLIGHT_SHMFD
+            self._choose_ring(self._redial is not None and bool(offered_protocol & inflight))
             wanted = PROTOCOL_FEATURES
-            if self._redial is not None:
+            if self._redial is not None and not self.packed:
                 # A device that keeps its in-flight requests in a buffer we hand back
                 # resubmits them itself after a restart (vhost-user "Inflight I/O tracking").
-                wanted |= 1 << ProtocolFeature.INFLIGHT_SHMFD
-            self.protocol_features = fe.get_protocol_features() & wanted
+                wanted |= inflight
+            self.protocol_features = offered_protocol & wanted
             fe.set_protocol_features(self.protocol_features)
+        else:
+            self._choose_ring(False)
         if not self._has_protocol(ProtocolFeature.CONFIG):
             raise NegotiationError(
                 "device cannot expose its config space (no VHOST_USER_PROTOCOL_F_CONFIG): "
@@ -301,6 +327,46 @@ class VirtioBlk:
         if self._has_protocol(ProtocolFeature.BACKEND_REQ):
             self._backend_channel = fe.open_backend_channel(self._on_config_change)
             self._backend_channel.start()
+
+    def _choose_ring(self, inflight_offered: bool) -> None:
+        """Decide the ring layout from what the device offers and what ``packed`` asked
+        for, before anything depends on it.  Once decided it is fixed: a reconnect to a
+        device that no longer offers the packed ring is refused (``_renegotiate``), and a
+        disk that went split stays split (the rings were laid out for it).
+
+        A packed disk does not ask for the in-flight buffer: the driver knows only its
+        split layout (vhost-user's QueueRegionSplit), so after a reconnect the driver
+        resubmits (``salvage``) instead of the device.  Hence ``packed=None`` keeps the
+        split ring on a disk that reconnects (``inflight_offered``: a redial and a device
+        offering the buffer), rather than give the device's resubmission up unasked."""
+        offered = has_feature(self.offered_features, Feature.RING_PACKED)
+        if self._packed and not offered:
+            raise NegotiationError(
+                "packed=True, but the device does not offer VIRTIO_F_RING_PACKED "
+                "(connect with packed=None to fall back to the split ring)")
+        if self._packed is None:
+            self.packed = offered and not inflight_offered
+        else:
+            self.packed = self._packed
+        if not self.packed:
+            self._wanted &= ~Feature.RING_PACKED.mask
+
+    @property
+    def ring(self) -> RingKind:
+        """The virtqueue layout in use: ``"packed"`` or ``"split"``."""
+        return "packed" if self.packed else "split"
+
+    def _allocate_ring(self) -> VringAddrs:
+        """Ring memory for one queue in the negotiated layout (caller holds
+        ``alloc_lock`` once the disk runs)."""
+        if self.packed:
+            return packed_layout.allocate(self.allocator, self.queue_size)
+        return VringAddrs.allocate(self.allocator, self.queue_size)
+
+    @property
+    def _fresh_base(self) -> int:
+        """SET_VRING_BASE for a fresh ring of the negotiated layout."""
+        return FRESH_PACKED_BASE if self.packed else 0
 
     def _validate_config(self, c: BlkConfig) -> BlkConfig:
         """Refuse a config space no block device can have, as Linux's probe does, rather
@@ -379,7 +445,7 @@ class VirtioBlk:
         self.frontend.set_mem_table([self.region])
         depth = self._depth()
         for index in range(self._num_vqs()):
-            addrs = VringAddrs.allocate(self.allocator, self.queue_size)
+            addrs = self._allocate_ring()
             kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._fds.append(kick)
             call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -403,21 +469,22 @@ class VirtioBlk:
             if self._redial is not None:
                 self.queues[-1].on_lost = self._on_lost
 
-    def _setup_vring(self, index: int, depth: int) -> DriverVirtqueue:
+    def _setup_vring(self, index: int, depth: int) -> DriverRing:
         """A fresh (zeroed) ring for queue ``index``, announced to the device."""
         vq = self._new_vq(index, depth)
         try:
-            self._announce_vring(self.frontend, index, 0)
+            self._announce_vring(self.frontend, index, self._fresh_base)
         except BaseException:
             vq.close()
             raise
         return vq
 
-    def _new_vq(self, index: int, depth: int) -> DriverVirtqueue:
+    def _new_vq(self, index: int, depth: int) -> DriverRing:
         """A fresh (zeroed) ring for queue ``index``, not yet announced."""
         addrs, _kick, _call = self._vrings[index]
+        ring = PackedDriverVirtqueue if self.packed else DriverVirtqueue
         with self.alloc_lock:
-            return DriverVirtqueue(
+            return ring(
                 self.memory,
                 addrs,
                 event_idx=self.has(Feature.RING_EVENT_IDX),
@@ -428,8 +495,9 @@ class VirtioBlk:
             )
 
     def _announce_vring(self, fe: VhostUserFrontend, index: int, base: int) -> None:
-        """Tell the device where ring ``index`` is, that it starts at avail index
-        ``base``, its eventfds, and enable it."""
+        """Tell the device where ring ``index`` is, that it starts at ``base`` (a split
+        ring's avail index, a packed ring's positions and wrap counters, see
+        ``packed_layout.encode_vring_base``), its eventfds, and enable it."""
         addrs, kick, call = self._vrings[index]
         uva_offset = self.region.user_addr - self.region.guest_phys_addr
         fe.set_vring_num(index, self.queue_size)
@@ -455,7 +523,7 @@ class VirtioBlk:
         device that does not answer within the reply timeout raises ``ReplyTimeoutError``."""
         self.frontend.get_vring_base(index)
 
-    def start_ring(self, index: int, depth: int) -> DriverVirtqueue:
+    def start_ring(self, index: int, depth: int) -> DriverRing:
         """A fresh ring for queue ``index`` (as ``restore`` sets one up), its region of
         the in-flight buffer emptied first (``_clear_inflight``)."""
         self._clear_inflight(index)
@@ -714,7 +782,7 @@ class VirtioBlk:
         """Renegotiate on ``sock`` as the first connection did, check the device agrees,
         re-register memory and rings, and resume every queue (under ``_lock``)."""
         fe = VhostUserFrontend(sock, timeout=self.frontend.timeout)
-        vqs: list[DriverVirtqueue] = []
+        vqs: list[DriverRing] = []
         try:
             self._renegotiate(fe)
             channel = None
@@ -728,7 +796,7 @@ class VirtioBlk:
                         self._announce_vring(fe, index, self._used_idx(index))
                         continue
                     vqs.append(self._new_vq(index, q.depth))
-                    self._announce_vring(fe, index, 0)
+                    self._announce_vring(fe, index, self._fresh_base)
             except BaseException:
                 if channel is not None:
                     channel.close()
@@ -792,12 +860,14 @@ class VirtioBlk:
         """Give ring ``index`` fresh memory (the old ring's is freed by its owner)."""
         _addrs, kick, call = self._vrings[index]
         with self.alloc_lock:
-            addrs = VringAddrs.allocate(self.allocator, self.queue_size)
+            addrs = self._allocate_ring()
         self._vrings[index] = (addrs, kick, call)
 
     def _used_idx(self, index: int) -> int:
         """The used idx of ring ``index`` as it is in ring memory (the second u16 of the
-        used ring, ``struct virtq_used``): what the device finished publishing."""
+        used ring, ``struct virtq_used``): what the device finished publishing.  Split
+        rings only: a packed disk never has the device resubmit (``_choose_ring``)."""
+        assert not self.packed, "a packed ring has no used idx in memory"
         addrs, _kick, _call = self._vrings[index]
         return int(self.memory.view(addrs.used + 2, 2).cast("H")[0])  # one 16-bit load
 

@@ -691,7 +691,8 @@ class SetVringNum(_StateRequest):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SetVringBase(_StateRequest):
-    """Ring ``index`` resumes at avail index ``num``."""
+    """Ring ``index`` resumes at avail index ``num``; for a packed ring ``num`` is 32 bits,
+    both positions and wrap counters (``packed_layout.encode_vring_base``)."""
 
     CODE: ClassVar[int] = Request.SET_VRING_BASE
 
@@ -977,7 +978,8 @@ class GetStatusReply(_U64Reply):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GetVringBaseReply(Message):
-    """Ring ``index`` stopped; the next avail index is ``num``."""
+    """Ring ``index`` stopped; the next avail index is ``num`` (a packed ring's 32-bit
+    base, as SET_VRING_BASE carries it)."""
 
     CODE: ClassVar[int] = Request.GET_VRING_BASE
     IS_REPLY: ClassVar[bool] = True

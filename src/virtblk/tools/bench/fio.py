@@ -91,6 +91,7 @@ def _run_json(
         "ioengine": c.ioengine,
         "path": c.path,
         "numjobs": c.numjobs,
+        "ring": result.ring,
         "driver_cpu_s": round(result.driver_cpu, 6),
         "device_cpu_s": None if result.device_cpu is None else round(result.device_cpu, 6),
         "driver_cpu_us_per_io": round(result.driver_cpu_per_io_us, 3),

@@ -73,6 +73,8 @@ class BenchResult:
     reconnects: int = 0
     """How many times the disk reached its device again during the run (``Disk.reconnects``,
     with ``--reconnect-timeout``)."""
+    ring: str = "split"
+    """The virtqueue layout the disk ran on (``Disk.ring``): ``"split"`` or ``"packed"``."""
     timestamp: float = dataclasses.field(default_factory=time.time)
 
     def notifications_per_io(self) -> dict[str, float | None]:

@@ -133,7 +133,7 @@ def run_bench(
         with contextlib.suppress(BufferError):
             shared.close()
     return BenchResult(config=cfg, jobs=jobs, device_cpu=dev_cpu, device_counters=counted,
-                       reconnects=disk.reconnects - reconnects0)
+                       reconnects=disk.reconnects - reconnects0, ring=disk.ring)
 
 
 class _Monitor:

@@ -58,11 +58,14 @@ class Reply:
 
 
 class Session:
-    """One connection with negotiated features and one request queue."""
+    """One connection with negotiated features and one request queue on a ring of the
+    layout ``packed`` asks for (the driver's rule: False split, True packed)."""
 
-    def __init__(self, path: str, *, timeout: float, queue_size: int, withheld: int = 0) -> None:
+    def __init__(self, path: str, *, timeout: float, queue_size: int, withheld: int = 0,
+                 packed: bool = False) -> None:
         self.withheld = withheld
         self.timeout = timeout
+        self.packed = packed
         sock = _connect(path, timeout)
         self.dev = VirtioBlk(
             sock,
@@ -70,6 +73,7 @@ class Session:
             num_queues=1,
             queue_size=queue_size,
             reply_timeout=timeout,
+            packed=packed,
         )
         self.queue = self.dev.queues[0]
 
@@ -218,16 +222,21 @@ class Context:
         self._gone: str | None = None
         self.reconnects = 0
         self.negotiation = negotiate(path, timeout)
+        self.packed = False
+        """The ring layout request checks run over: the runner runs them over the split
+        ring, then again over the packed ring when the device offers it."""
 
     # -- connections -------------------------------------------------------------------
     def session(self, withheld: int = 0) -> Session:
-        """A live session with ``withheld`` features left out; reconnects when needed.
+        """A live session with ``withheld`` features left out, on a ring of the layout
+        ``packed`` says; reconnects when needed.
 
         Devices serve one frontend at a time, so the previous session is closed first; the
         device may still be tearing it down, hence the retries.
         """
         current = self._session
-        if current is not None and (current.broken or current.withheld != withheld):
+        if current is not None and (current.broken or current.withheld != withheld
+                                    or current.packed != self.packed):
             self.drop_session()
         if self._session is None and self._gone is not None:
             raise Unexpected(self._gone)
@@ -240,6 +249,7 @@ class Context:
                         timeout=self.timeout,
                         queue_size=self.queue_size,
                         withheld=withheld,
+                        packed=self.packed,
                     )
                     break
                 except (DeviceGoneError, VhostUserError) as exc:

@@ -14,4 +14,5 @@ from virtblk.tools.check.checks import limits  # noqa: F401
 from virtblk.tools.check.checks import out_of_range  # noqa: F401
 from virtblk.tools.check.checks import unsupported  # noqa: F401
 from virtblk.tools.check.checks import malformed  # noqa: F401
+from virtblk.tools.check.checks import packed  # noqa: F401
 # isort: on
