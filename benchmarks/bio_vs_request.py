@@ -95,13 +95,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     rows: list[dict[str, object]] = []
-    with Disk.embedded(SIZE, backend="null", mode="process") as disk:
+    with Disk.embedded(SIZE, backend="null", mode="process", packed=False) as disk:
         dev = disk.embedded_device
         assert dev is not None
         rows += run_device("virtblk (embedded null)", disk, dev.cpu_seconds, args.runtime,
                            args.depth)
     with tempfile.TemporaryDirectory(prefix="vb") as tmp, \
-            qemu_storage_daemon(Path(tmp)) as (sock, pid), Disk.connect(sock) as disk:
+            qemu_storage_daemon(Path(tmp)) as (sock, pid), Disk.connect(sock, packed=False) as disk:
         rows += run_device("qemu-storage-daemon (null-co)", disk,
                            lambda: process_cpu_seconds(pid), args.runtime, args.depth)
     print_table(rows)

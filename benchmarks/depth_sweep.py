@@ -35,7 +35,7 @@ DEVICES = ("qemu-storage-daemon", "virtblk")
 
 def measure(sock: str, pid: int, depth: int, numjobs: int, runtime: float) -> dict[str, Any]:
     """One run of our driver against the device on ``sock``, on a fresh connection."""
-    with Disk.connect(sock, num_queues=numjobs, queue_size=256) as disk:
+    with Disk.connect(sock, num_queues=numjobs, queue_size=256, packed=False) as disk:
         cfg = BenchConfig(rw="randread", bs=4096, iodepth=depth, runtime=runtime,
                           numjobs=numjobs, ioengine="queue")  # fmt: skip
         result = run_bench(disk, cfg, device_cpu=lambda: process_cpu_seconds(pid))

@@ -126,11 +126,12 @@ def main() -> int:
             if depth == 1:
                 add("fio psync direct=1", run_fio(image, rw, 1, "psync", True, args.runtime))
                 add("fio psync buffered", run_fio(image, rw, 1, "psync", False, args.runtime))
-            with Disk.embedded(size=size, backend="file", path=str(image)) as disk:
+            with Disk.embedded(size=size, backend="file", path=str(image), packed=False) as disk:
                 assert disk.embedded_device is not None
                 add("virtblk bench, our device",
                     run_ours(disk, rw, depth, args.runtime, disk.embedded_device.cpu_seconds))
-            with qsd_file(image, tmp) as (sock, pid), Disk.connect(sock, num_queues=1) as disk:
+            with qsd_file(image, tmp) as (sock, pid), \
+                    Disk.connect(sock, num_queues=1, packed=False) as disk:
                 add("virtblk bench, qemu-storage-daemon",
                     run_ours(disk, rw, depth, args.runtime, lambda: process_cpu_seconds(pid)))
 

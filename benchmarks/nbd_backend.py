@@ -76,7 +76,7 @@ def bench(sock: str, pids: tuple[int, int], rw: str, depth: int,
                       ioengine="queue")  # fmt: skip
     device, server = pids
     before = process_cpu_seconds(server)
-    with Disk.connect(sock, num_queues=1) as disk:
+    with Disk.connect(sock, num_queues=1, packed=False) as disk:
         disk.cache_mode = "write back"
         result = run_bench(disk, cfg, device_cpu=lambda: process_cpu_seconds(device))
     row: dict[str, Any] = result.summary()

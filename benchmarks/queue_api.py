@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     results: list[dict[str, Any]] = []
-    with Disk.embedded(size=SIZE, backend="null", mode="process") as disk:
+    with Disk.embedded(size=SIZE, backend="null", mode="process", packed=False) as disk:
         for depth in depths:
             for mode, poll, poll_us in MODES:
                 results.append(run_one(disk, mode=mode, poll=poll, poll_us=poll_us,

@@ -14,7 +14,9 @@ qemu-storage-daemon (qsd), 4 KiB random reads, as ratios measured side by side.
 Every configuration runs ``--repeat`` times with the two devices alternating, each device
 in its own process and its CPU read from /proc (worker processes included); the ratios
 are computed per repetition and their median is reported, with the notifications per I/O
-both ends counted.  ``--json FILE`` writes the whole record.
+both ends counted.  Both devices are driven over the split ring (``packed=False``):
+qemu-storage-daemon has no other, and a ratio compares devices, not ring layouts
+(``benchmarks/packed_vs_split.py`` does that).  ``--json FILE`` writes the whole record.
 
     python benchmarks/ratios.py [--runtime 3] [--repeat 3] [--sections driver,device,...]
 """
@@ -79,7 +81,7 @@ def measure(
     if control is not None:
         path = control
         counters = lambda: notification_counters(path)  # noqa: E731
-    with Disk.connect(sock, num_queues=cfg.numjobs) as disk:
+    with Disk.connect(sock, num_queues=cfg.numjobs, packed=False) as disk:
         result = run_bench(disk, cfg, device_cpu=lambda: process_cpu_seconds(pid),
                            device_counters=counters)  # fmt: skip
     row: dict[str, Any] = result.summary()

@@ -103,7 +103,7 @@ def bench(sock: str, pid: int, rw: str, depth: int, runtime: float) -> dict[str,
     """One ``virtblk bench`` run (a fresh connection, write-back) on the device at ``sock``."""
     cfg = BenchConfig(rw=rw, bs=4096, iodepth=depth, runtime=runtime,  # type: ignore[arg-type]
                       ioengine="queue")  # fmt: skip
-    with Disk.connect(sock, num_queues=1) as disk:
+    with Disk.connect(sock, num_queues=1, packed=False) as disk:
         disk.cache_mode = "write back"
         result = run_bench(disk, cfg, device_cpu=lambda: process_cpu_seconds(pid))
     row: dict[str, Any] = result.summary()

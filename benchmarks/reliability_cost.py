@@ -44,7 +44,7 @@ def ours(tmp: Path, name: str, *args: str) -> Iterator[tuple[str, int]]:
 
 def measure(sock: str, pid: int, cfg: BenchConfig, **options: Any) -> dict[str, Any]:
     """One bench run of our driver (connected with ``options``) against ``sock``."""
-    with Disk.connect(sock, num_queues=1, **options) as disk:
+    with Disk.connect(sock, num_queues=1, **options, packed=False) as disk:
         result = run_bench(disk, cfg, device_cpu=lambda: process_cpu_seconds(pid))
     row: dict[str, Any] = result.summary()
     if row["errors"]:
