@@ -35,7 +35,8 @@ def test_version() -> None:
     ("command", "options"),
     [
         ("serve", ["--socket", "--file", "--memory", "--null", "--read-only", "--num-queues",
-                   "--serial", "--blk-size", "--poll-us", "--workers", "--aio", "--io-threads"]),
+                   "--serial", "--blk-size", "--poll-us", "--workers", "--aio", "--io-threads",
+                   "--no-packed"]),
         ("bench", ["--rw", "--bs", "--iodepth", "--runtime", "--output-format", "--backend",
                    "--iodepth_batch_complete_min", "--poll-us", "--device-poll-us",
                    "--device-control", "--keep-cb-while-draining"]),

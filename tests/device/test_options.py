@@ -43,7 +43,7 @@ def _not_defaults() -> DeviceOptions:
         discard_sector_alignment=16, max_write_zeroes_sectors=4096, max_write_zeroes_seg=2,
         max_secure_erase_sectors=1024, max_secure_erase_seg=3,
         secure_erase_sector_alignment=32, writeback=False, lifetime=Lifetime(1, 2, 3),
-        fua=True, poll_us=12.5, io_threads=7, aio="threads",
+        fua=True, poll_us=12.5, io_threads=7, aio="threads", packed=False,
     )
     defaults = BlkSettings()
     for field in dataclasses.fields(BlkSettings):

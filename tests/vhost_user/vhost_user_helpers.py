@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from virtblk.spec import BlkConfig, Feature
 from virtblk.vhost_user.messages import MemRegion
 from virtblk.virtio.memory import MemoryRegion
+from virtblk.virtio.packed_device import PackedDeviceVirtqueue
 from virtblk.virtio.split_device import DeviceVirtqueue
+
+Ring = DeviceVirtqueue | PackedDeviceVirtqueue
 
 DEVICE_FEATURES = (
     Feature.VERSION_1.mask
@@ -35,7 +38,7 @@ class RecordingDevice:
         default_factory=lambda: bytearray(BlkConfig(capacity=2048, num_queues=2).pack())
     )
     acked: int | None = None
-    running: dict[int, tuple[DeviceVirtqueue, int, int]] = field(default_factory=dict)
+    running: dict[int, tuple[Ring, int, int]] = field(default_factory=dict)
     log: list[tuple[str, int]] = field(default_factory=list)
     resets: int = 0
 
@@ -50,7 +53,7 @@ class RecordingDevice:
     def set_features(self, features: int) -> None:
         self.acked = features
 
-    def start_queue(self, index: int, vq: DeviceVirtqueue, kick_fd: int, call_fd: int) -> None:
+    def start_queue(self, index: int, vq: Ring, kick_fd: int, call_fd: int) -> None:
         assert index not in self.running, f"queue {index} started twice"
         self.running[index] = (vq, kick_fd, call_fd)
         self.log.append(("start", index))
@@ -58,7 +61,7 @@ class RecordingDevice:
     def stop_queue(self, index: int) -> int:
         vq, _kick, _call = self.running.pop(index)
         self.log.append(("stop", index))
-        return vq.last_avail_idx
+        return vq.vring_base
 
     def reset(self) -> None:
         self.running.clear()

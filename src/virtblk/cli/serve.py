@@ -103,6 +103,9 @@ log = logging.getLogger("virtblk.serve")
               help="Offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: requests in flight are "
               "recorded in a buffer the frontend keeps, and a device restarted on the same "
               "socket resubmits them. --no-inflight hides it (as qemu-storage-daemon 7.2).")
+@click.option("--packed/--no-packed", default=True, show_default=True,
+              help="Offer VIRTIO_F_RING_PACKED (the driver chooses packed or split rings). "
+              "--no-packed hides it: every driver uses split rings.")
 def serve(
     socket_path: str,
     file_path: str | None,
@@ -145,6 +148,7 @@ def serve(
     workers: str | None,
     accept_unsealed_memory: bool,
     inflight: bool,
+    packed: bool,
 ) -> None:
     """Serve one backend over vhost-user until SIGTERM or SIGINT.
 
@@ -197,6 +201,7 @@ def serve(
             poll_us=poll_us,
             io_threads=io_threads,
             aio=aio,  # type: ignore[arg-type]
+            packed=packed,
             **limits,
         )
         backend: BackendKind = ("file" if file_path is not None

@@ -34,6 +34,7 @@ from virtblk.device.queue_worker import (
     QueueServer,
     QueueStats,
     QueueWorker,
+    Ring,
     StorageError,
     Token,
 )
@@ -63,7 +64,8 @@ from virtblk.spec import (
     feature_names,
     has_feature,
 )
-from virtblk.virtio.split_device import ChainError, DescriptorChain, DeviceVirtqueue, Triple
+from virtblk.virtio.packed_device import PackedDeviceVirtqueue
+from virtblk.virtio.split_device import ChainError, DescriptorChain, Triple
 
 log = logging.getLogger("virtblk.device")
 
@@ -156,6 +158,7 @@ class BlkDevice:
         poll_us: float = 0,
         io_threads: int = 32,
         aio: Literal["native", "threads"] = "native",
+        packed: bool = True,
         workers: Literal["thread", "process"] = "thread",
     ) -> None:
         """``workers="process"`` serves each queue from a process of its own
@@ -178,7 +181,7 @@ class BlkDevice:
             max_secure_erase_seg=max_secure_erase_seg,
             secure_erase_sector_alignment=secure_erase_sector_alignment,
             writeback=writeback, lifetime=lifetime, fua=fua, poll_us=poll_us,
-            io_threads=io_threads, aio=aio)
+            io_threads=io_threads, aio=aio, packed=packed)
         """The settings other than the storage and the queues, as given."""
         check_queues(num_queues, queue_size)
         serial_bytes = self.settings.serial.encode("ascii")
@@ -205,6 +208,8 @@ class BlkDevice:
             else default_alignment)
         self.lifetime = lifetime
         self.fua = fua
+        self.packed = packed
+        """Offer VIRTIO_F_RING_PACKED (the frontend then chooses the ring kind)."""
         self.poll_ns = int(poll_us * 1000)
         """How long a queue worker may poll an empty ring before it sleeps (0: never)."""
         self.io_threads = io_threads if backend.blocking else 0
@@ -237,7 +242,7 @@ class BlkDevice:
         # ours for a change made outside.
         self._resize_lock = threading.Lock()
         self._procs: list[WorkerProcess] | None = None
-        self._remote: dict[int, DeviceVirtqueue] = {}  # queues running in worker processes
+        self._remote: dict[int, Ring] = {}  # queues running in worker processes
         self._watcher: _WorkerWatcher | None = None
         self._stats = [QueueStats() for _ in range(num_queues)]
         self._workers: dict[int, QueueWorker] = {}
@@ -306,6 +311,8 @@ class BlkDevice:
             offered.append(Feature.BLK_GEOMETRY)
         if self.fua:
             offered.append(Feature.BLK_OUT_FUA)
+        if self.packed:
+            offered.append(Feature.RING_PACKED)
         bits = 0
         for feature in offered:
             bits |= feature.mask
@@ -317,6 +324,13 @@ class BlkDevice:
     def negotiated_features(self) -> int | None:
         """What the driver accepted, or None before ``set_features``."""
         return self._negotiated
+
+    @property
+    def ring_kind(self) -> Literal["split", "packed"] | None:
+        """The virtqueue layout the driver chose (None before ``set_features``)."""
+        if self._negotiated is None:
+            return None
+        return "packed" if has_feature(self._negotiated, Feature.RING_PACKED) else "split"
 
     def set_features(self, features: int) -> None:
         """Record the driver's features; refuse bits we never offered."""
@@ -591,6 +605,7 @@ class BlkDevice:
             for name, count in list(q.requests.items()):
                 requests[name] = requests.get(name, 0) + count
         return {
+            "ring": self.ring_kind,
             "requests": requests,
             "bytes_read": sum(q.bytes_read for q in self._stats),
             "bytes_written": sum(q.bytes_written for q in self._stats),
@@ -935,8 +950,9 @@ class BlkDevice:
 
     # ------------------------------------------------------------------ queues
 
-    def start_queue(self, index: int, vq: DeviceVirtqueue, kick_fd: int, call_fd: int) -> None:
-        """Serve ``vq`` in a new thread. The fds stay owned by the caller."""
+    def start_queue(self, index: int, vq: Ring, kick_fd: int, call_fd: int) -> None:
+        """Serve ``vq`` (a split or packed ring) in a new thread, or in the queue's
+        worker process. The fds stay owned by the caller."""
         if not 0 <= index < self.num_queues:
             raise ValueError(f"queue {index} does not exist (num_queues {self.num_queues})")
         with self._workers_lock:
@@ -994,7 +1010,8 @@ class BlkDevice:
                       backend.write_from)
 
     def stop_queue(self, index: int) -> int:
-        """Stop serving queue ``index``; returns the next avail index to resume from."""
+        """Stop serving queue ``index``; returns where to resume from, the ring's
+        ``vring_base`` (a split ring's next avail index, a packed ring's 32-bit base)."""
         with self._workers_lock:
             worker = self._workers.pop(index, None)
             remote = self._remote.pop(index, None)
@@ -1011,9 +1028,9 @@ class BlkDevice:
             raise ValueError(f"queue {index} is not running")
         worker.stop()
         self._vectored.pop(index, None)
-        return worker.vq.last_avail_idx
+        return worker.vq.vring_base
 
-    def _stop_remote(self, index: int, vq: DeviceVirtqueue) -> int:
+    def _stop_remote(self, index: int, vq: Ring) -> int:
         assert self._procs is not None
         proc = self._procs[index]
         self._stats[index].running = False
@@ -1028,6 +1045,10 @@ class BlkDevice:
             if hook is not None:
                 hook(f"queue {index}'s worker process failed: {exc}")
             self._replace_worker(index)
+            if isinstance(vq, PackedDeviceVirtqueue):
+                # A packed ring keeps no index in memory: where it started is all we know
+                # (the frontend is being dropped anyway).
+                return vq.vring_base
             return vq.used_idx_in_memory()
         self._take_stats(index, proc.last_stats)
         return last_avail

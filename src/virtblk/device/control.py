@@ -144,6 +144,7 @@ def _get_config(device: BlkDevice, request: dict[str, Any]) -> dict[str, Any]:
         "config": dataclasses.asdict(BlkConfig.unpack(device.config())),
         "features_offered": feature_names(device.features),
         "features_negotiated": None if negotiated is None else feature_names(negotiated),
+        "ring": device.ring_kind,
     }
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from virtblk.virtio.packed_device import PackedDeviceVirtqueue
 from virtblk.virtio.polling import AdaptivePoll
 from virtblk.virtio.split_device import (
     ChainError,
@@ -37,6 +38,9 @@ from virtblk.virtio.split_device import (
 )
 
 log = logging.getLogger("virtblk.device")
+
+Ring = DeviceVirtqueue | PackedDeviceVirtqueue
+"""A queue the device serves: split or packed, one interface (``pop_batch``, ``add_used``...)."""
 
 _ONE = (1).to_bytes(8, "little")
 """An eventfd increment: what a call (interrupt) notification writes."""
@@ -239,7 +243,7 @@ class QueueServer:
     """
 
     def __init__(
-        self, device: BatchExecutor, index: int, vq: DeviceVirtqueue, kick_fd: int,
+        self, device: BatchExecutor, index: int, vq: Ring, kick_fd: int,
         call_fd: int, stats: QueueStats, *, poll_ns: int = 0,
         offloader: Offloader | None = None,
     ) -> None:
@@ -503,7 +507,7 @@ class QueueWorker(threading.Thread):
         self.server = server
 
     @property
-    def vq(self) -> DeviceVirtqueue:
+    def vq(self) -> Ring:
         """The queue being served."""
         return self.server.vq
 

@@ -56,6 +56,8 @@ class BlkSettings:
     threads (a :class:`BlkDevice` is given a number)."""
     io_threads: int = 32
     aio: Literal["native", "threads"] = "native"
+    packed: bool = True
+    """Offer VIRTIO_F_RING_PACKED; False hides it, so every driver uses split rings."""
 
     def __post_init__(self) -> None:
         serial: object = self.serial

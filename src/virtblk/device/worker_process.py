@@ -13,10 +13,12 @@ The messages (parent to worker, each answered):
 
 * ``init``: the device's settings and its storage (with fds; an RBD image's worker
   connects to the cluster itself), once;
-* ``start``: a ring to serve (memory regions, addresses, indices, eventfds, features and
-  the device state; with vhost-user INFLIGHT_SHMFD, the in-flight buffer's memfd, where
-  the queue's journal lies in it, its counter and the heads still to resubmit);
-* ``stop``: stop serving; answers the next avail index and the queue's counters;
+* ``start``: a ring to serve (memory regions, addresses, eventfds, features and the
+  device state; for a split ring its indices and, with vhost-user INFLIGHT_SHMFD, the
+  in-flight buffer's memfd, where the queue's journal lies in it, its counter and the
+  heads still to resubmit; for a packed ring its 32-bit ``vring_base``);
+* ``stop``: stop serving; answers the ring's ``vring_base`` (a split ring's next avail
+  index, a packed ring's positions and wrap counters) and the queue's counters;
 * ``stats``: the queue's counters;
 * ``state``: the size, read-only flag or cache mode changed (a shrink is followed here
   before the main process truncates the memory disk);
@@ -41,9 +43,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBackend
+from virtblk.device.queue_worker import Ring
 from virtblk.device.rbd import RbdBackend
 from virtblk.virtio.inflight import InflightJournal
 from virtblk.virtio.memory import GuestMemory, MemoryRegion
+from virtblk.virtio.packed_device import PackedDeviceVirtqueue
+from virtblk.virtio.packed_layout import decode_vring_base
 from virtblk.virtio.split_device import DeviceVirtqueue
 from virtblk.virtio.split_layout import VringAddrs
 
@@ -209,10 +214,11 @@ class WorkerProcess:
         return f"queue {self.index} worker (pid {self.pid}) exited {how}"
 
     def start(
-        self, vq: DeviceVirtqueue, kick_fd: int, call_fd: int, state: dict[str, Any],
+        self, vq: Ring, kick_fd: int, call_fd: int, state: dict[str, Any],
         poll_ns: int,
     ) -> None:
-        """Serve ``vq`` (its memory and ring as the main process mapped them)."""
+        """Serve ``vq``, a split or packed ring (its memory and ring as the main process
+        mapped them)."""
         regions = vq.memory.regions
         a = vq.addrs
         fds = [r.fd for r in regions] + [kick_fd] + ([call_fd] if call_fd >= 0 else [])
@@ -233,7 +239,8 @@ class WorkerProcess:
                         for r in regions],
             "ring": (a.num, a.desc, a.avail, a.used),
             "event_idx": vq.event_idx,
-            "last_avail": vq.last_avail_idx,
+            "packed": isinstance(vq, PackedDeviceVirtqueue),
+            "vring_base": vq.vring_base,
             "used_idx": vq.used_idx,
             "max_indirect": vq.max_indirect,
             "call": call_fd >= 0,
@@ -243,10 +250,10 @@ class WorkerProcess:
         }, fds)
 
     def stop(self) -> int:
-        """Stop serving; the next avail index to resume from."""
+        """Stop serving; the ring's ``vring_base``, where to resume from."""
         reply = self._call({"op": "stop"})
         self.last_stats = reply["stats"]
-        return int(reply["last_avail"])
+        return int(reply["vring_base"])
 
     def stats(self) -> dict[str, Any]:
         """The queue's counters now."""
@@ -303,10 +310,10 @@ def _serve(sock: socket.socket) -> None:
                     running = True
                     reply: dict[str, Any] = {"ok": True}
                 elif op == "stop":
-                    last_avail = device.stop_queue(index) if running else 0
+                    vring_base = device.stop_queue(index) if running else 0
                     running = False
                     memory, ring_fds, inflight = _release(memory, ring_fds, inflight)
-                    reply = {"last_avail": last_avail, "stats": device.queue_stats(index)}
+                    reply = {"vring_base": vring_base, "stats": device.queue_stats(index)}
                 elif op == "stats":
                     reply = {"stats": device.queue_stats(index)}
                 elif op == "state":
@@ -375,13 +382,20 @@ def _start(
                                          guest_phys_addr=0, user_addr=0)
             journal = InflightJournal.in_region(buffer, spec["offset"], addrs.num,
                                                 counter=spec["counter"])
-        vq = DeviceVirtqueue(memory, addrs,
-                             event_idx=message["event_idx"],
-                             last_avail_idx=message["last_avail"],
-                             used_idx=message["used_idx"],
-                             max_indirect=message["max_indirect"],
-                             inflight=journal,
-                             resubmit=spec["resubmit"] if spec is not None else ())
+        vq: Ring
+        if message["packed"]:
+            # The main process checked the base when it built the ring.
+            vq = PackedDeviceVirtqueue(memory, addrs, event_idx=message["event_idx"],
+                                       max_indirect=message["max_indirect"],
+                                       **decode_vring_base(message["vring_base"])._asdict())
+        else:
+            vq = DeviceVirtqueue(memory, addrs,
+                                 event_idx=message["event_idx"],
+                                 last_avail_idx=message["vring_base"],
+                                 used_idx=message["used_idx"],
+                                 max_indirect=message["max_indirect"],
+                                 inflight=journal,
+                                 resubmit=spec["resubmit"] if spec is not None else ())
         device.apply_state(message["state"])
         device.poll_ns = message["poll_ns"]
         device.start_queue(index, vq, kick, call)

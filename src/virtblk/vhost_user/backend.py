@@ -13,8 +13,17 @@ start when VHOST_USER_F_PROTOCOL_FEATURES was not acked, else only after
 SET_VRING_ENABLE(1).  The device runs the ring while it is started and enabled; for a
 block device "started but disabled" (process without side effects) means "not serving".
 
+Packed rings: when VIRTIO_F_RING_PACKED is acked, every ring is packed (VIRTIO 1.1+ 2.8):
+its three areas, sizes and queue size rule are ``packed_layout``'s, SET/GET_VRING_BASE
+carry QEMU's 32-bit base (avail position and wrap counter in bits 0-15, used position and
+wrap counter in 16-31) and the device is given a ``PackedDeviceVirtqueue``.  The in-flight
+buffer's layout is the split ring's only, so a packed ring records nothing in it: a
+device restarted under a packed-ring driver cannot resubmit what was in flight, and
+resumes where the frontend's SET_VRING_BASE says (QEMU 7.2 keeps no packed ring position
+of its own after a backend crash: it sends the last base it knew).
+
 Errors: every check the spec allows us is made (ring index below ``num_queues``, ring size
-as ``split_layout.check_queue_size`` allows, ring addresses inside the memory table, memory
+as the ring layout's ``check_queue_size`` allows, ring addresses inside the memory table, memory
 regions not overlapping and not more than GET_MAX_MEM_SLOTS, ring/memory requests only
 after SET_OWNER as the kernel's vhost requires, features that were offered).  A bad message is
 answered if an answer is due (a NACK when REPLY_ACK asked for one) and then reported as a
@@ -90,10 +99,12 @@ from virtblk.vhost_user.messages import (
     SetVringNum,
     protocol_feature_names,
 )
+from virtblk.virtio import packed_layout, split_layout
 from virtblk.virtio.inflight import InflightError, InflightJournal, queue_region_size
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from virtblk.virtio.packed_device import PackedDeviceVirtqueue
 from virtblk.virtio.split_device import DeviceVirtqueue, RingError
-from virtblk.virtio.split_layout import RING_AREAS, VringAddrs, check_queue_size, ring_sizes
+from virtblk.virtio.split_layout import VringAddrs
 
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
@@ -129,10 +140,12 @@ DEFAULT_MAX_MEM_SLOTS = 32
 class VhostUserDevice(Protocol):
     """What a device model offers the vhost-user backend (``BlkDevice`` implements it).
 
-    ``features`` includes VHOST_USER_F_PROTOCOL_FEATURES.  ``start_queue`` serves ``vq``
-    (kicks arrive on ``kick_fd``; ``call_fd`` is -1 when the frontend polls instead of
-    taking notifications); the fds stay owned by the connection.  ``stop_queue`` stops
-    serving and returns the next avail index.  ``config_changed`` is installed by the
+    ``features`` includes VHOST_USER_F_PROTOCOL_FEATURES.  ``start_queue`` serves ``vq``,
+    a split or (VIRTIO_F_RING_PACKED acked) a packed ring (kicks arrive on ``kick_fd``;
+    ``call_fd`` is -1 when the frontend polls instead of taking notifications); the fds
+    stay owned by the connection.  ``stop_queue`` stops serving and returns the ring's
+    ``vring_base``: the next avail index of a split ring, the 32-bit packed base of a
+    packed one (``packed_layout.encode_vring_base``).  ``config_changed`` is installed by the
     connection: the device calls it when its config space changed by itself.  ``failed``
     too: the device calls it (from any thread) when it can no longer serve this frontend
     correctly (a queue's worker died with requests in hand); the connection then ends.
@@ -146,7 +159,8 @@ class VhostUserDevice(Protocol):
     def config(self) -> bytes: ...
     def set_config(self, offset: int, data: bytes) -> None: ...
     def set_features(self, features: int) -> None: ...
-    def start_queue(self, index: int, vq: DeviceVirtqueue, kick_fd: int, call_fd: int) -> None: ...
+    def start_queue(self, index: int, vq: DeviceVirtqueue | PackedDeviceVirtqueue,
+                    kick_fd: int, call_fd: int) -> None: ...
     def stop_queue(self, index: int) -> int: ...
     def reset(self) -> None: ...
 
@@ -186,7 +200,7 @@ class _Vring:
     """What the frontend told us about one ring (addresses are frontend user addresses)."""
 
     num: int = 0
-    base: int = 0
+    base: int | None = None  # None: never set (a split ring's 0, a packed ring's fresh base)
     desc_uva: int | None = None
     avail_uva: int | None = None
     used_uva: int | None = None
@@ -226,6 +240,18 @@ def _replace(held: OwnedFd | None, new: OwnedFd | None) -> OwnedFd | None:
     if held is not None:
         held.close()
     return None if new is None else OwnedFd(new.take())
+
+
+_FRESH_PACKED = packed_layout.PackedRingBase(0, True, 0, True)
+"""Where a packed ring starts after a reset: position 0, both wrap counters 1."""
+
+
+def _used_before(descriptor: memoryview) -> bool:
+    """Whether a packed ring's first descriptor shows the ring is not fresh: marked used
+    in lap 1, or made available in lap 0 (a fresh ring's descriptors are zero, or the first
+    made available in lap 1; zero flags cannot tell a fresh ring from one used in lap 0)."""
+    flags = descriptor.cast("H")[packed_layout.FLAGS_SLOT] & packed_layout.AVAIL_USED
+    return flags in (packed_layout.used_bits(True), packed_layout.avail_bits(False))
 
 
 class BackendConnection:
@@ -268,6 +294,7 @@ class BackendConnection:
         """The buffer GET_INFLIGHT_FD made (until SET_INFLIGHT_FD hands one over)."""
         self.inflight: _Inflight | None = None
         """The buffer SET_INFLIGHT_FD handed over, mapped: rings record requests in it."""
+        self._packed_inflight_said = False
         self.resubmitted = [0] * device.num_queues
         """Requests each ring resubmitted from the in-flight buffer (this session)."""
         self.wakeup: Callable[[], None] = lambda: None
@@ -438,6 +465,26 @@ class BackendConnection:
         self.protocol_features = features
 
     @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was acked: every ring is a packed ring."""
+        return self.acked_features is not None and has_feature(
+            self.acked_features, Feature.RING_PACKED
+        )
+
+    @property
+    def _may_be_packed(self) -> bool:
+        """Rings may be packed: VIRTIO_F_RING_PACKED was acked, or, before SET_FEATURES
+        (QEMU sends it first, other frontends need not), it is offered.  What is judged by
+        this is judged again when a ring starts, against what was acked."""
+        if self.acked_features is not None:
+            return self.packed
+        return has_feature(self.device.features, Feature.RING_PACKED)
+
+    def _check_queue_size(self, num: int) -> None:
+        """ValueError unless ``num`` is a queue size the ring kind allows."""
+        (packed_layout if self._may_be_packed else split_layout).check_queue_size(num)
+
+    @property
     def event_idx(self) -> bool:
         """VIRTIO_F_RING_EVENT_IDX was acked."""
         return self.acked_features is not None and has_feature(
@@ -544,17 +591,29 @@ class BackendConnection:
         ring = self._ring(index, "SET_VRING_NUM")
         self._not_running(index, ring, "SET_VRING_NUM")
         try:
-            check_queue_size(num)
+            self._check_queue_size(num)
         except ValueError as exc:
             raise ProtocolError(f"SET_VRING_NUM: ring {index}: {exc}") from exc
         ring.num = num
 
     def _set_vring_base(self, index: int, base: int) -> None:
+        """A split ring's base is its next avail index (16 bits); a packed ring's is 32
+        bits (``packed_layout.decode_vring_base``), checked against the ring when it
+        starts."""
         ring = self._ring(index, "SET_VRING_BASE")
         self._not_running(index, ring, "SET_VRING_BASE")
-        if base > 0xFFFF:
+        if base > 0xFFFF and not self._may_be_packed:
             raise ProtocolError(f"SET_VRING_BASE: ring {index} base {base} is not a 16-bit index")
         ring.base = base
+
+    def _ring_base(self, ring: _Vring) -> int:
+        """What SET_VRING_BASE said, or where a fresh ring starts: index 0 of a split
+        ring, position 0 with both wrap counters 1 of a packed one."""
+        if ring.base is not None:
+            return ring.base
+        if self.packed:
+            return packed_layout.encode_vring_base(_FRESH_PACKED)
+        return 0
 
     def _set_vring_addr(self, message: SetVringAddr) -> None:
         ring = self._ring(message.index, "SET_VRING_ADDR")
@@ -566,11 +625,15 @@ class BackendConnection:
         ring.desc_uva, ring.avail_uva, ring.used_uva = uvas
 
     def _translate(self, index: int, num: int, desc: int, avail: int, used: int) -> VringAddrs:
-        """Ring user addresses -> guest addresses; the whole of each area must be mapped."""
+        """Ring user addresses -> guest addresses; the whole of each area must be mapped
+        (the areas and their sizes are the negotiated ring kind's)."""
         assert self.memory is not None
         gpas: list[int] = []
-        for (name, align), uva, length in zip(RING_AREAS, (desc, avail, used), ring_sizes(num),
-                                              strict=True):
+        if self.packed:
+            areas, sizes = packed_layout.RING_AREAS, packed_layout.ring_sizes(num)
+        else:
+            areas, sizes = split_layout.RING_AREAS, split_layout.ring_sizes(num)
+        for (name, align), uva, length in zip(areas, (desc, avail, used), sizes, strict=True):
             try:
                 gpa = self.memory.user_to_guest(uva, length)
             except GuestMemoryError as exc:
@@ -611,7 +674,7 @@ class BackendConnection:
         ring.started = False
         close_all((ring.kick_fd, ring.call_fd))
         ring.kick_fd = ring.call_fd = None
-        return ring.base
+        return self._ring_base(ring)
 
     def _maybe_start(self, index: int) -> None:
         """Start the device on ring ``index`` if it is started, enabled and complete."""
@@ -626,13 +689,28 @@ class BackendConnection:
             )
         assert ring.avail_uva is not None and ring.used_uva is not None
         assert ring.kick_fd is not None
+        try:
+            self._check_queue_size(ring.num)  # SET_VRING_NUM may have come before SET_FEATURES
+        except ValueError as exc:
+            raise ProtocolError(f"ring {index}: {exc}") from exc
         addrs = self._translate(index, ring.num, ring.desc_uva, ring.avail_uva, ring.used_uva)
+        vq = self._packed_ring(index, addrs) if self.packed else self._split_ring(index, addrs)
+        call_fd = -1 if ring.call_fd is None else ring.call_fd.fileno()
+        try:
+            self.device.start_queue(index, vq, ring.kick_fd.fileno(), call_fd)
+        except ValueError as exc:
+            raise ProtocolError(f"ring {index}: the device refused to start it: {exc}") from exc
+        ring.running = True
+
+    def _split_ring(self, index: int, addrs: VringAddrs) -> DeviceVirtqueue:
+        """Ring ``index`` as a split ring, where the in-flight buffer or the base says."""
+        assert self.memory is not None
         # The used index lives in guest memory: read it (one aligned 16-bit load) so a
         # restarted ring continues where the device left off.
         used_idx = int(self.memory.view(addrs.used + 2, 2).cast("H")[0])
         journal, last_avail, resubmit = self._recover(index, addrs, used_idx)
         try:
-            vq = DeviceVirtqueue(
+            return DeviceVirtqueue(
                 self.memory,
                 addrs,
                 event_idx=self.event_idx,
@@ -643,12 +721,31 @@ class BackendConnection:
             )
         except RingError as exc:
             raise ProtocolError(f"ring {index}: {exc}") from exc
-        call_fd = -1 if ring.call_fd is None else ring.call_fd.fileno()
+
+    def _packed_ring(self, index: int, addrs: VringAddrs) -> PackedDeviceVirtqueue:
+        """Ring ``index`` as a packed ring at the positions and wrap counters of its base
+        (a packed ring has no index in memory to read them from).  Nothing is recorded in
+        the in-flight buffer: its layout here is the split ring's."""
+        assert self.memory is not None
+        ring = self.vrings[index]
+        if self.inflight is not None and not self._packed_inflight_said:
+            self._packed_inflight_said = True
+            log.warning("packed rings: requests in flight are not recorded in the in-flight "
+                        "buffer (only its split layout is implemented); a restarted device "
+                        "cannot resubmit them")
         try:
-            self.device.start_queue(index, vq, ring.kick_fd.fileno(), call_fd)
-        except ValueError as exc:
-            raise ProtocolError(f"ring {index}: the device refused to start it: {exc}") from exc
-        ring.running = True
+            base = packed_layout.decode_vring_base(self._ring_base(ring))
+            vq = PackedDeviceVirtqueue(self.memory, addrs, event_idx=self.event_idx,
+                                       **base._asdict())
+        except (ValueError, RingError) as exc:
+            raise ProtocolError(f"ring {index}: {exc}") from exc
+        if base == _FRESH_PACKED and _used_before(self.memory.view(addrs.desc, 16)):
+            log.error("ring %d: the frontend starts a packed ring at its initial position, but "
+                      "its first descriptor was used already: a device restarted under a "
+                      "running driver (QEMU 7.2 keeps no packed ring position across a "
+                      "backend crash, and the in-flight buffer has no packed layout here); "
+                      "this queue will not resume", index)
+        return vq
 
     def _recover(
         self, index: int, addrs: VringAddrs, used_idx: int
@@ -662,13 +759,14 @@ class BackendConnection:
         SET_VRING_BASE said (QEMU sends the used idx after a backend crash).
         """
         ring = self.vrings[index]
+        base = self._ring_base(ring)
         inflight = self.inflight
         if inflight is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
-            return None, ring.base, ()
+            return None, base, ()
         if index >= inflight.num_queues:
             log.warning("ring %d has no region in the in-flight buffer (%d queues): not "
                         "tracked", index, inflight.num_queues)
-            return None, ring.base, ()
+            return None, base, ()
         if ring.num != inflight.queue_size:
             raise ProtocolError(
                 f"ring {index} has {ring.num} entries, the in-flight buffer was made for "
@@ -681,7 +779,7 @@ class BackendConnection:
         except InflightError as exc:
             raise ProtocolError(f"ring {index}: in-flight buffer refused: {exc}") from exc
         if recovery.last_avail is None:
-            return journal, ring.base, ()
+            return journal, base, ()
         if recovery.settled:
             log.info("queue %d: %d requests answered before the restart settled in the "
                      "in-flight buffer", index, recovery.settled)
@@ -689,9 +787,9 @@ class BackendConnection:
             log.info("queue %d: resubmitting %d in-flight requests", index,
                      len(recovery.resubmit))
             self.resubmitted[index] += len(recovery.resubmit)
-        if recovery.last_avail != ring.base:
+        if recovery.last_avail != base:
             log.debug("queue %d: next avail index %d from the in-flight buffer (frontend "
-                      "said %d)", index, recovery.last_avail, ring.base)
+                      "said %d)", index, recovery.last_avail, base)
         return journal, recovery.last_avail, recovery.resubmit
 
     def _stop_ring(self, index: int) -> bool:
@@ -757,7 +855,7 @@ class BackendConnection:
             )
         size = message.queue_size
         try:
-            check_queue_size(size)
+            self._check_queue_size(size)
         except ValueError as exc:
             raise ProtocolError(f"GET_INFLIGHT_FD: {exc}") from exc
         mmap_size = message.num_queues * inflight_queue_size(size)
@@ -788,7 +886,7 @@ class BackendConnection:
                 f"{len(self.vrings)}"
             )
         try:
-            check_queue_size(message.queue_size)
+            self._check_queue_size(message.queue_size)
         except ValueError as exc:
             raise ProtocolError(f"SET_INFLIGHT_FD: {exc}") from exc
         needed = message.num_queues * inflight_queue_size(message.queue_size)

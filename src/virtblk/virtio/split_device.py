@@ -245,6 +245,12 @@ class DeviceVirtqueue:
         """The used index including entries not yet flushed."""
         return self._used_shadow
 
+    @property
+    def vring_base(self) -> int:
+        """What vhost-user GET_VRING_BASE answers for a split ring: the next avail index
+        (``PackedDeviceVirtqueue.vring_base`` is the packed ring's)."""
+        return self._last_avail
+
     def used_idx_in_memory(self) -> int:
         """The used index as published in guest memory (where a ring served by someone
         else, who can no longer say, got to)."""

@@ -1,0 +1,282 @@
+"""The backend with VIRTIO_F_RING_PACKED acked, fed messages directly over a recording
+device: the packed ring's sizes, areas and 32-bit base (QEMU's layout: avail position and
+wrap counter in bits 0-15, used position and wrap counter in 16-31), and a ring served by a
+real ``PackedDriverVirtqueue`` stopped and started again where it was."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+from vhost_user_helpers import GUEST_SIZE, GUEST_UVA, RecordingDevice, describe
+
+from virtblk.spec import Feature
+from virtblk.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, BackendConnection
+from virtblk.vhost_user.errors import ProtocolError
+from virtblk.vhost_user.fd import OwnedFd
+from virtblk.vhost_user.messages import (
+    GetFeatures,
+    GetInflightFd,
+    GetInflightFdReply,
+    GetVringBase,
+    GetVringBaseReply,
+    SetFeatures,
+    SetInflightFd,
+    SetMemTable,
+    SetOwner,
+    SetProtocolFeatures,
+    SetVringAddr,
+    SetVringBase,
+    SetVringEnable,
+    SetVringKick,
+    SetVringNum,
+)
+from virtblk.virtio import packed_layout
+from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
+from virtblk.virtio.packed_device import PackedDeviceVirtqueue
+from virtblk.virtio.packed_driver import PackedDriverVirtqueue
+from virtblk.virtio.packed_layout import PackedRingBase, decode_vring_base, encode_vring_base
+from virtblk.virtio.split_device import DeviceVirtqueue
+from virtblk.virtio.split_layout import VringAddrs
+
+SPLIT = (Feature.VERSION_1.mask | Feature.RING_EVENT_IDX.mask
+         | Feature.VHOST_USER_PROTOCOL_FEATURES.mask)
+PACKED = SPLIT | Feature.RING_PACKED.mask
+FRESH = 0x8000_8000  # position 0 with wrap counter 1, avail and used
+
+
+@pytest.fixture
+def device() -> RecordingDevice:
+    """A recording device that offers packed rings."""
+    return RecordingDevice(features=PACKED)
+
+
+@pytest.fixture
+def conn(device: RecordingDevice) -> Iterator[BackendConnection]:
+    c = BackendConnection(device)
+    yield c
+    c.close()
+
+
+def negotiate(conn: BackendConnection, region: MemoryRegion, features: int = PACKED) -> None:
+    assert conn.handle(GetFeatures()).value == PACKED  # type: ignore[union-attr]
+    conn.handle(SetProtocolFeatures(DEFAULT_PROTOCOL_FEATURES))
+    conn.handle(SetOwner())
+    conn.handle(SetFeatures(features))
+    conn.handle(SetMemTable((describe(region),), (OwnedFd.dup(region.fd),)))
+
+
+def uva(gpa: int) -> int:
+    return GUEST_UVA + gpa
+
+
+def start(conn: BackendConnection, addrs: VringAddrs, base: int | None = None) -> int:
+    """Ring 0 at ``addrs`` (guest addresses), its base if given, kick and enable: started.
+    Returns the frontend's kick eventfd."""
+    conn.handle(SetVringNum(0, addrs.num))
+    if base is not None:
+        conn.handle(SetVringBase(0, base))
+    conn.handle(SetVringAddr(0, uva(addrs.desc), uva(addrs.used), uva(addrs.avail)))
+    kick = os.eventfd(0)
+    conn.handle(SetVringKick(0, OwnedFd.dup(kick)))
+    conn.handle(SetVringEnable(0, True))
+    return kick
+
+
+def get_base(conn: BackendConnection) -> int:
+    reply = conn.handle(GetVringBase(0))
+    assert isinstance(reply, GetVringBaseReply)
+    return reply.num
+
+
+@pytest.mark.parametrize("num", [0, 1, 3, 100, 32768, 32769, 65536])
+def test_queue_sizes_follow_the_packed_layouts_rule(
+    conn: BackendConnection, region: MemoryRegion, num: int
+) -> None:
+    """Any size up to 2^15, a power of two or not: packed_layout's rule and reason."""
+    negotiate(conn, region)
+    try:
+        packed_layout.check_queue_size(num)
+    except ValueError as exc:
+        with pytest.raises(ProtocolError) as info:
+            conn.handle(SetVringNum(0, num))
+        assert str(info.value) == f"SET_VRING_NUM: ring 0: {exc}"
+    else:
+        conn.handle(SetVringNum(0, num))
+
+
+def test_split_rings_keep_the_split_rule_when_packed_is_offered_but_not_acked(
+    conn: BackendConnection, region: MemoryRegion
+) -> None:
+    negotiate(conn, region, SPLIT)
+    with pytest.raises(ProtocolError, match="must be a power of two"):
+        conn.handle(SetVringNum(0, 100))
+    with pytest.raises(ProtocolError, match="base 2147516416 is not a 16-bit index"):
+        conn.handle(SetVringBase(0, FRESH))
+
+
+def test_a_fresh_ring_starts_at_position_0_with_both_wrap_counters_set(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion
+) -> None:
+    """A frontend that sends no SET_VRING_BASE gets the ring VIRTIO's reset describes."""
+    negotiate(conn, region)
+    addrs = packed_layout.allocate(BufferAllocator(region), 100)  # not a power of two
+    os.close(start(conn, addrs))
+    vq = device.running[0][0]
+    assert isinstance(vq, PackedDeviceVirtqueue)
+    assert (vq.num, vq.addrs, vq.event_idx) == (100, addrs, True)
+    assert vq.vring_base == FRESH
+    assert get_base(conn) == FRESH
+    assert device.log == [("start", 0), ("stop", 0)]
+
+
+def test_the_base_sets_both_positions_and_wrap_counters(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion
+) -> None:
+    negotiate(conn, region)
+    addrs = packed_layout.allocate(BufferAllocator(region), 100)
+    base = encode_vring_base(PackedRingBase(7, False, 95, True))  # 12 in flight, across a lap
+    os.close(start(conn, addrs, base))
+    vq = device.running[0][0]
+    assert isinstance(vq, PackedDeviceVirtqueue)
+    assert (vq.last_avail_idx, vq.avail_wrap_counter, vq.used_idx, vq.used_wrap_counter) == (
+        7, False, 95, True)
+    assert get_base(conn) == base
+
+
+@pytest.mark.parametrize("base, reason", [
+    (encode_vring_base(PackedRingBase(100, True, 0, True)), "ring positions 100, 0"),
+    (encode_vring_base(PackedRingBase(0, True, 5, True)), "not within a lap behind"),
+])  # fmt: skip
+def test_an_impossible_base_is_refused_when_the_ring_starts(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion, base: int,
+    reason: str,
+) -> None:
+    negotiate(conn, region)
+    addrs = packed_layout.allocate(BufferAllocator(region), 100)
+    kick = os.eventfd(0)
+    try:
+        with pytest.raises(ProtocolError, match=f"ring 0: .*{reason}"):
+            os.close(start(conn, addrs, base))
+    finally:
+        os.close(kick)
+    assert device.running == {}
+
+
+def test_ring_areas_are_translated_with_the_packed_sizes(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion
+) -> None:
+    """A packed ring's areas are 16 * num, 4 and 4 bytes: at the very end of guest memory
+    they fit (a split ring's would not), one byte further they do not."""
+    negotiate(conn, region)
+    num = 64
+    desc = GUEST_SIZE - 16 * num - 16
+    fits = VringAddrs(num, desc, GUEST_SIZE - 8, GUEST_SIZE - 4)
+    os.close(start(conn, fits))
+    assert device.running[0][0].addrs == fits
+    get_base(conn)
+    with pytest.raises(ProtocolError, match="ring 0 device event suppression"):
+        conn.handle(SetVringAddr(0, uva(desc), uva(GUEST_SIZE - 2), uva(GUEST_SIZE - 8)))
+    with pytest.raises(ProtocolError, match=r"ring 0 descriptor ring .* is not 16-aligned"):
+        conn.handle(SetVringAddr(0, uva(desc + 8), uva(GUEST_SIZE - 4), uva(GUEST_SIZE - 8)))
+
+
+def test_split_rings_when_packed_is_not_acked(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion
+) -> None:
+    negotiate(conn, region, SPLIT)
+    os.close(start(conn, VringAddrs(64, 0x0, 0x1000, 0x2000), 3))
+    vq = device.running[0][0]
+    assert isinstance(vq, DeviceVirtqueue) and vq.last_avail_idx == 3
+    assert get_base(conn) == 3
+
+
+def test_a_served_ring_resumes_where_it_stopped(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion
+) -> None:
+    """A real driver and the device's ring, stopped (GET_VRING_BASE) and started again
+    (SET_VRING_BASE with what it answered) after every three requests of two descriptors
+    on a ring of seven:
+    the positions and wrap counters go round the ring many times, and every request is
+    answered exactly once with its own id."""
+    negotiate(conn, region)
+    allocator = BufferAllocator(region)
+    num = 7
+    addrs = packed_layout.allocate(allocator, num)
+    memory = GuestMemory([region])
+    driver = PackedDriverVirtqueue(memory, addrs, event_idx=True, indirect=False,
+                                   allocator=allocator, max_chain=2, max_tokens=num)
+    buffers = [allocator.alloc(64) for _ in range(num)]
+    base: int | None = None
+    done = 0
+    for round_ in range(12):
+        os.close(start(conn, addrs, base))
+        vq = device.running[0][0]
+        assert isinstance(vq, PackedDeviceVirtqueue)
+        for k in range(3):
+            token = (round_ * 3 + k) % num
+            driver.add([(buffers[token], 16)], [(buffers[token] + 16, 48)], token)
+        driver.kick_prepare()
+        _, items = vq.pop_batch(8)
+        assert len(items) == 3
+        used: list[int] = []
+        for item in items:
+            assert not isinstance(item, Exception)
+            used += [item.head, 48]
+        vq.add_used_batch(used)
+        vq.flush_used()
+        assert sorted(driver.get_used()) == sorted(
+            ((round_ * 3 + k) % num, 48) for k in range(3))
+        done += 3
+        base = get_base(conn)
+        position, lap = 2 * done % num, 2 * done // num
+        assert decode_vring_base(base) == PackedRingBase(position, lap % 2 == 0,
+                                                         position, lap % 2 == 0)
+    assert done == 36  # ten laps and a bit
+
+
+def test_packed_rings_record_nothing_in_the_inflight_buffer(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The in-flight buffer's layout is the split ring's: a packed ring is started without a
+    journal, and the log says once that a restart cannot resubmit."""
+    negotiate(conn, region)
+    reply = conn.handle(GetInflightFd(1, 128))
+    assert isinstance(reply, GetInflightFdReply) and reply.fd is not None
+    with reply:
+        conn.handle(SetInflightFd(reply.mmap_size, 0, 1, 128, OwnedFd.dup(reply.fd.fileno())))
+    addrs = packed_layout.allocate(BufferAllocator(region), 128)
+    with caplog.at_level(logging.WARNING, "virtblk.vhost_user.backend"):
+        for _ in range(2):
+            os.close(start(conn, addrs))
+            vq = device.running[0][0]
+            assert isinstance(vq, PackedDeviceVirtqueue) and vq.inflight is None
+            get_base(conn)
+    said = [r.message for r in caplog.records if "in-flight" in r.message]
+    assert len(said) == 1 and "cannot resubmit" in said[0]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (0, False),  # zeroed: fresh (or used in lap 0: cannot be told)
+    (packed_layout.avail_bits(True), False),  # the first request of a fresh ring
+    (packed_layout.used_bits(True), True),  # answered in lap 1
+    (packed_layout.avail_bits(False), True),  # made available in lap 0
+])  # fmt: skip
+def test_a_used_ring_started_at_its_initial_position_is_reported(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion,
+    caplog: pytest.LogCaptureFixture, flags: int, said: bool,
+) -> None:
+    """What QEMU 7.2 does after a backend crash on a packed ring: it sends the initial
+    base again.  Where the first descriptor shows the ring was used already, the log
+    says this queue cannot resume (the ring is still started: the frontend decides)."""
+    negotiate(conn, region)
+    addrs = packed_layout.allocate(BufferAllocator(region), 64)
+    region.view[addrs.desc + 14 : addrs.desc + 16].cast("H")[0] = flags
+    with caplog.at_level(logging.ERROR, "virtblk.vhost_user.backend"):
+        os.close(start(conn, addrs, FRESH))
+    assert isinstance(device.running[0][0], PackedDeviceVirtqueue)
+    errors = [r.message for r in caplog.records if r.levelno == logging.ERROR]
+    assert bool(errors) == said and all("will not resume" in e for e in errors)
