@@ -410,19 +410,29 @@ class PackedInflightJournal:
 
     def _last_batch(self, chains: dict[int, list[int]], free_head: int,
                     old_free_head: int) -> list[int]:
-        """The heads ``link`` pushed on the free list since the last settle: from
-        ``free_head``, chain by chain, to ``old_free_head``."""
+        """The heads ``link`` pushed on the free list since the last settle that are still
+        flagged: from ``free_head``, chain by chain (a head's ``last``, then its ``next``),
+        to ``old_free_head``.  Heads a settle already cleared are passed over (their
+        ``last`` still says where their chain ends)."""
+        num = self.num
         heads: list[int] = []
         seen: set[int] = set()
         node = free_head
         while node != old_free_head:
-            if node not in chains or node in seen:
+            if node >= num or node in seen:
                 raise InflightError(
-                    f"last batch list reaches entry {node}, which is not a chain in flight "
-                    f"(or is reached twice), before the old free head {old_free_head}")
-            heads.append(node)
+                    f"last batch list reaches entry {node} (outside the table, or a second "
+                    f"time) before the old free head {old_free_head}")
             seen.add(node)
-            node = int(self._nexts[chains[node][-1]])
+            if node in chains:
+                heads.append(node)
+                last = chains[node][-1]
+            else:
+                last = int(self._lasts[node])
+                if last >= num:
+                    raise InflightError(f"last batch list: entry {node} says its chain "
+                                        f"ends at entry {last}, outside the table")
+            node = int(self._nexts[last])
         return heads
 
     def _write_free_list(self) -> None:
