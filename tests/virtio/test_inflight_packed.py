@@ -30,11 +30,12 @@ from virtq_helpers import Guest
 
 from virtblk.spec import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from virtblk.virtio import inflight_packed, packed_device, packed_layout
-from virtblk.virtio.inflight import InflightError
+from virtblk.virtio.inflight import InflightError, queue_region_size
 from virtblk.virtio.inflight_packed import (
     PackedInflightJournal,
     PackedRecovery,
     RecoveredChain,
+    inflight_region_size,
     packed_queue_region_size,
 )
 from virtblk.virtio.packed_device import PackedChainError, PackedDeviceVirtqueue
@@ -64,6 +65,8 @@ def dpdk_size(queue_size: int) -> int:
 @pytest.mark.parametrize("num", [1, 2, 3, 4, 7, 128, 256, 1024, 32768])
 def test_region_size_is_what_dpdk_allocates(num: int) -> None:
     assert packed_queue_region_size(num) == dpdk_size(num)
+    assert inflight_region_size(num, packed=True) == dpdk_size(num)
+    assert inflight_region_size(num, packed=False) == queue_region_size(num)
     assert HEADER.size == 22 and DESC_STATE.size == 32
 
 
@@ -489,6 +492,7 @@ def test_a_taken_over_journal_continues_where_recovery_left_it(setup: Setup) -> 
                                **recovery.base._asdict(), inflight=taken,
                                resubmit=recovery.resubmit)
     assert vq.resubmit_pending == [0, 1, 2] and vq.avail_pending() and vq.avail_backlog() == 3
+    assert vq.resubmit_chains == list(recovery.resubmit)
     assert drain(vq, batch=False) == [0, 1, 2]
     vq.add_used_batch([1, 0, 0, 0])
     vq.flush_used()

@@ -42,7 +42,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
-from virtblk.virtio.inflight import INFLIGHT_VERSION, MAX_COUNTER, InflightError, region_bytes
+from virtblk.virtio.inflight import (
+    INFLIGHT_VERSION,
+    MAX_COUNTER,
+    InflightError,
+    queue_region_size,
+    region_bytes,
+)
 from virtblk.virtio.memory import MemoryRegion
 from virtblk.virtio.packed_layout import AVAIL_USED, FLAGS_SLOT, PackedRingBase, avail_bits
 
@@ -50,6 +56,7 @@ __all__ = [
     "PackedInflightJournal",
     "PackedRecovery",
     "RecoveredChain",
+    "inflight_region_size",
     "packed_queue_region_size",
 ]
 
@@ -71,6 +78,14 @@ def packed_queue_region_size(queue_size: int) -> int:
     DescStatePacked per ring descriptor, rounded up to 64 (DPDK's
     ``get_pervq_shm_size_packed`` gives the same)."""
     return region_bytes(_HEADER, _DESC_STATE, queue_size)
+
+
+def inflight_region_size(queue_size: int, *, packed: bool) -> int:
+    """Bytes of one queue's region in the layout the negotiated ring uses: what a backend
+    multiplies by the queue count for GET_INFLIGHT_FD's ``mmap_size`` (QEMU sends
+    SET_FEATURES first so the backend knows; it allocates nothing itself, it maps what
+    the backend returns) and what SET_INFLIGHT_FD's buffer must hold."""
+    return packed_queue_region_size(queue_size) if packed else queue_region_size(queue_size)
 
 
 class RecoveredChain(NamedTuple):

@@ -227,6 +227,12 @@ class PackedDeviceVirtqueue:
         return [chain.id for chain in self._resubmit]
 
     @property
+    def resubmit_chains(self) -> list[RecoveredChain]:
+        """The recovered chains not served yet, whole (a copy): what a queue served by
+        another process must be given, with the journal's counter, to take over."""
+        return list(self._resubmit)
+
+    @property
     def broken(self) -> bool:
         """True after a RingError: the queue serves nothing until it is recreated."""
         return self._broken is not None
