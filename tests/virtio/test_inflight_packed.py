@@ -475,6 +475,12 @@ def test_a_half_initialised_buffer_is_initialised_again(setup: Setup) -> None:
     assert HEADER.unpack_from(setup.buffer) == (0, 1, 4, 0, 0, 1, 1, 0, 0)
 
 
+def test_a_fresh_buffer_for_a_base_outside_the_ring_is_refused_untouched(setup: Setup) -> None:
+    with pytest.raises(InflightError, match="used position 4 is not in a ring of 4"):
+        setup.journal().recover(setup.ring, PackedRingBase(0, True, 4, True))
+    assert setup.buffer == bytes(len(setup.buffer))
+
+
 def test_a_taken_over_journal_continues_where_recovery_left_it(setup: Setup) -> None:
     """What a worker process does: recover in one journal, serve with another over the
     same bytes, given the counter and the chains in flight."""

@@ -232,8 +232,8 @@ class PackedInflightJournal:
         entries = free[-count:]
         entries.reverse()
         del free[-count:]
-        addrs, lens, dflags, ids, nexts = self._addrs, self._lens, self._dflags, self._ids, \
-            self._nexts
+        addrs, lens, dflags, ids = self._addrs, self._lens, self._dflags, self._ids
+        nexts = self._nexts
         prev = -1
         for entry, (addr, length, flags) in zip(entries, descs, strict=True):
             addrs[entry] = addr
@@ -316,6 +316,9 @@ class PackedInflightJournal:
         b = self._b
         version = int(h[_VERSION_H])
         if version == 0:
+            if base.used_idx >= num:
+                raise InflightError(f"ring base used position {base.used_idx} is not in a "
+                                    f"ring of {num}")
             self._initialise(base)
             return PackedRecovery(True, None, (), 0)
         if version != INFLIGHT_VERSION:
