@@ -172,4 +172,4 @@ def test_a_restart_under_a_packed_guest_resumes(sock_dir: Path, image: Path) -> 
         with ServeProcess(sock_dir / "vb.sock", args) as second:
             _wait_for(lambda: guest.console().count("\nW ") >= before + 10, 60,
                       "ten more writes from the guest after the restart")
-        assert "will not resume" not in second.output
+            assert "will not resume" not in second.output
