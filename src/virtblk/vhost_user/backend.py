@@ -774,10 +774,10 @@ class BackendConnection:
                 f"ring {index} has {ring.num} entries, the in-flight buffer was made for "
                 f"queues of {inflight.queue_size}")
         if inflight.packed != self.packed:
-            kind = "packed" if self.packed else "split"
             raise ProtocolError(
-                f"ring {index} is a {kind} ring, the in-flight buffer was laid out for "
-                f"{inflight.layout} rings (the features acked changed after SET_INFLIGHT_FD)")
+                f"ring {index} is a {'packed' if self.packed else 'split'} ring, the "
+                f"in-flight buffer was laid out for {inflight.layout} rings (the features "
+                "acked changed after SET_INFLIGHT_FD)")
         return inflight
 
     def _recover_packed(
@@ -798,7 +798,7 @@ class BackendConnection:
         inflight = self._inflight_for(index, ring)
         if inflight is None:
             self._check_resumable(index, addrs, base, "the frontend gave no in-flight "
-                                  "buffer (INFLIGHT_SHMFD) to resume it from")
+                                  "buffer (INFLIGHT_SHMFD) region for it to resume from")
             return None, base, ()
         journal = inflight.packed_journal(index)
         try:
