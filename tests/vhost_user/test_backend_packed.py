@@ -5,9 +5,12 @@ real ``PackedDriverVirtqueue`` stopped and started again where it was."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import mmap
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from vhost_user_helpers import GUEST_SIZE, GUEST_UVA, RecordingDevice, describe
@@ -34,11 +37,13 @@ from virtblk.vhost_user.messages import (
     SetVringNum,
 )
 from virtblk.virtio import packed_layout
+from virtblk.virtio.inflight import queue_region_size
+from virtblk.virtio.inflight_packed import packed_queue_region_size
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
 from virtblk.virtio.packed_device import PackedDeviceVirtqueue
 from virtblk.virtio.packed_driver import PackedDriverVirtqueue
 from virtblk.virtio.packed_layout import PackedRingBase, decode_vring_base, encode_vring_base
-from virtblk.virtio.split_device import DeviceVirtqueue
+from virtblk.virtio.split_device import ChainError, DescriptorChain, DeviceVirtqueue, Triple
 from virtblk.virtio.split_layout import VringAddrs
 
 SPLIT = (Feature.VERSION_1.mask | Feature.RING_EVENT_IDX.mask
@@ -237,26 +242,167 @@ def test_a_served_ring_resumes_where_it_stopped(
     assert done == 36  # ten laps and a bit
 
 
-def test_packed_rings_record_nothing_in_the_inflight_buffer(
-    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The in-flight buffer's layout is the split ring's: a packed ring is started without a
-    journal, and the log says once that a restart cannot resubmit."""
-    negotiate(conn, region)
-    reply = conn.handle(GetInflightFd(1, 128))
+def inflight_buffer(conn: BackendConnection, num: int, num_queues: int = 1) -> tuple[int, int]:
+    """GET_INFLIGHT_FD's buffer as the frontend keeps it (its fd, its size), handed back
+    with SET_INFLIGHT_FD."""
+    reply = conn.handle(GetInflightFd(num_queues, num))
     assert isinstance(reply, GetInflightFdReply) and reply.fd is not None
     with reply:
-        conn.handle(SetInflightFd(reply.mmap_size, 0, 1, 128, OwnedFd.dup(reply.fd.fileno())))
-    addrs = packed_layout.allocate(BufferAllocator(region), 128)
-    with caplog.at_level(logging.WARNING, "virtblk.vhost_user.backend"):
-        for _ in range(2):
+        fd = os.dup(reply.fd.fileno())
+    conn.handle(SetInflightFd(reply.mmap_size, 0, num_queues, num, OwnedFd.dup(fd)))
+    return fd, reply.mmap_size
+
+
+@pytest.mark.parametrize("features, per_queue", [
+    (PACKED, packed_queue_region_size),
+    (SPLIT, queue_region_size),
+])  # fmt: skip
+def test_the_inflight_buffer_is_sized_for_the_rings_acked(
+    conn: BackendConnection, region: MemoryRegion, features: int,
+    per_queue: Callable[[int], int],
+) -> None:
+    """QEMU sends SET_FEATURES before GET_INFLIGHT_FD and maps the size we answer: 32
+    bytes per descriptor for packed rings (DPDK's size), 16 for split ones."""
+    negotiate(conn, region, features)
+    reply = conn.handle(GetInflightFd(2, 128))
+    assert isinstance(reply, GetInflightFdReply) and reply.fd is not None
+    with reply:
+        assert reply.mmap_size == 2 * per_queue(128) == os.fstat(reply.fd.fileno()).st_size
+    assert packed_queue_region_size(128) == 4160  # 32 + 32 * 128, rounded up to 64
+
+
+def test_a_split_sized_buffer_is_refused_for_packed_rings(
+    conn: BackendConnection, region: MemoryRegion
+) -> None:
+    negotiate(conn, region)
+    fd = os.memfd_create("split-sized", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 2 * queue_region_size(128))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        with pytest.raises(ProtocolError, match=r"buffer of 4224 bytes, 8320 needed for 2 "
+                                                r"queues of 128 \(packed layout\)"):
+            conn.handle(SetInflightFd(2 * queue_region_size(128), 0, 2, 128, OwnedFd.dup(fd)))
+        assert conn.inflight is None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("first, then, message", [
+    (PACKED, SPLIT, "ring 0 is a split ring, the in-flight buffer was laid out for packed"),
+    (SPLIT, PACKED, "ring 0 is a packed ring, the in-flight buffer was laid out for split"),
+])  # fmt: skip
+def test_a_buffer_laid_out_for_the_other_ring_kind_is_refused(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion, first: int,
+    then: int, message: str,
+) -> None:
+    """Nothing in the buffer says its layout: it is the one of the rings acked when it was
+    handed over, and a ring of the other kind (SET_FEATURES again) does not start on it."""
+    negotiate(conn, region, first)
+    fd, _ = inflight_buffer(conn, 64)
+    conn.handle(SetFeatures(then))
+    allocate = packed_layout.allocate if then == PACKED else VringAddrs.allocate
+    addrs = allocate(BufferAllocator(region), 64)
+    try:
+        with pytest.raises(ProtocolError, match=message):
             os.close(start(conn, addrs))
-            vq = device.running[0][0]
-            assert isinstance(vq, PackedDeviceVirtqueue) and vq.inflight is None
-            get_base(conn)
-    said = [r.message for r in caplog.records if "in-flight" in r.message]
-    assert len(said) == 1 and "cannot resubmit" in said[0]
+        assert device.running == {}
+    finally:
+        os.close(fd)
+
+
+def heads(items: Sequence[Triple | DescriptorChain | ChainError]) -> list[int]:
+    """The buffer ids of chains popped, none of them malformed."""
+    assert not any(isinstance(item, ChainError) for item in items), items
+    return [item.head for item in items if not isinstance(item, ChainError)]
+
+
+def test_a_restarted_device_resubmits_what_the_packed_journal_holds(
+    device: RecordingDevice, region: MemoryRegion, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A device pops five requests on a lapped ring of 11 and answers two (out of order),
+    then is killed.  The next one is handed the same buffer and the base QEMU 7.2 sends
+    after a crash, the initial one: it resumes at the journal's positions, resubmits the
+    three requests still in flight oldest first, and every request is answered once."""
+    memory = GuestMemory([region])
+    allocator = BufferAllocator(region)
+    num = 11
+    addrs = packed_layout.allocate(allocator, num)
+    driver = PackedDriverVirtqueue(memory, addrs, event_idx=True, indirect=False,
+                                   allocator=allocator, max_chain=2, max_tokens=num)
+    buffers = [allocator.alloc(64) for _ in range(num)]
+
+    def offer(tokens: range) -> None:
+        for token in tokens:
+            driver.add([(buffers[token], 16)], [(buffers[token] + 16, 48)], token)
+        driver.kick_prepare()
+
+    first = BackendConnection(device)
+    negotiate(first, region)
+    fd, size = inflight_buffer(first, num)
+    try:
+        os.close(start(first, addrs))
+        vq = device.running[0][0]
+        assert isinstance(vq, PackedDeviceVirtqueue) and vq.inflight is not None
+        offer(range(3))  # a first lap's worth, answered: the positions move on
+        _, items = vq.pop_batch(num)
+        vq.add_used_batch([n for head in heads(items) for n in (head, 48)])
+        vq.flush_used()
+        assert sorted(driver.get_used()) == [(0, 48), (1, 48), (2, 48)]
+        offer(range(5))  # 10 descriptors more: past the end of the ring
+        _, items = vq.pop_batch(num)
+        ids = heads(items)  # tokens 0 to 4
+        assert len(set(ids)) == 5
+        vq.add_used_batch([ids[3], 48, ids[1], 48])
+        vq.flush_used()
+        assert sorted(driver.get_used()) == [(1, 48), (3, 48)]
+        died_at = vq.vring_base
+        first.close()  # killed: nothing more reaches the ring
+
+        second = BackendConnection(device)
+        negotiate(second, region)
+        second.handle(SetInflightFd(size, 0, 1, num, OwnedFd.dup(fd)))
+        with caplog.at_level(logging.INFO, "virtblk.vhost_user.backend"):
+            os.close(start(second, addrs, FRESH))
+        vq = device.running[0][0]
+        assert isinstance(vq, PackedDeviceVirtqueue)
+        assert vq.resubmit_pending == [ids[0], ids[2], ids[4]]
+        assert vq.vring_base == died_at != FRESH
+        assert second.resubmitted == [3, 0]
+        assert "queue 0: resubmitting 3 in-flight requests" in caplog.text
+        assert "will not resume" not in caplog.text
+        _, items = vq.pop_batch(num)
+        assert heads(items) == [ids[0], ids[2], ids[4]]
+        vq.add_used_batch([n for head in heads(items) for n in (head, 48)])
+        vq.flush_used()
+        assert sorted(driver.get_used()) == [(0, 48), (2, 48), (4, 48)]
+        offer(range(5, 7))  # and the ring goes on
+        _, items = vq.pop_batch(num)
+        assert len(items) == 2 and not any(isinstance(i, Exception) for i in items)
+        assert second.handle(GetVringBase(0)) is not None
+        second.close()
+    finally:
+        os.close(fd)
+        driver.close()
+
+
+def test_a_hostile_packed_journal_refuses_the_ring_untouched(
+    conn: BackendConnection, device: RecordingDevice, region: MemoryRegion
+) -> None:
+    negotiate(conn, region)
+    fd, size = inflight_buffer(conn, 64)
+    with mmap.mmap(fd, size) as buf:
+        struct.pack_into("<QHH", buf, 0, 0, 1, 64)  # version 1, 64 entries
+        buf[32 + 32 * 3] = 7  # entry 3's in-flight flag
+        before = bytes(buf)
+        addrs = packed_layout.allocate(BufferAllocator(region), 64)
+        try:
+            with pytest.raises(ProtocolError) as info:
+                os.close(start(conn, addrs))
+            assert str(info.value) == ("ring 0: in-flight buffer refused: entry 3 has "
+                                       "in-flight flag 7, not 0 or 1")
+            assert bytes(buf) == before and device.running == {}
+        finally:
+            os.close(fd)
 
 
 @pytest.mark.parametrize("flags, said", [
@@ -270,8 +416,9 @@ def test_a_used_ring_started_at_its_initial_position_is_reported(
     caplog: pytest.LogCaptureFixture, flags: int, said: bool,
 ) -> None:
     """What QEMU 7.2 does after a backend crash on a packed ring: it sends the initial
-    base again.  Where the first descriptor shows the ring was used already, the log
-    says this queue cannot resume (the ring is still started: the frontend decides)."""
+    base again.  Without an in-flight buffer (here none was handed over) nothing says where
+    the ring is: where the first descriptor shows the ring was used already, the log says
+    this queue cannot resume and why (the ring is still started: the frontend decides)."""
     negotiate(conn, region)
     addrs = packed_layout.allocate(BufferAllocator(region), 64)
     region.view[addrs.desc + 14 : addrs.desc + 16].cast("H")[0] = flags
@@ -279,4 +426,5 @@ def test_a_used_ring_started_at_its_initial_position_is_reported(
         os.close(start(conn, addrs, FRESH))
     assert isinstance(device.running[0][0], PackedDeviceVirtqueue)
     errors = [r.message for r in caplog.records if r.levelno == logging.ERROR]
-    assert bool(errors) == said and all("will not resume" in e for e in errors)
+    assert bool(errors) == said and all("will not resume" in e and "no in-flight buffer" in e
+                                        for e in errors)

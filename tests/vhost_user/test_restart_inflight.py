@@ -9,6 +9,12 @@ first device (``holding_device.py``) hangs inside the first write while it answe
 others: at the kill the used idx is past the one request in flight, which only the
 buffer remembers (starting from the used idx, a device would serve the last write a
 second time, an answer the driver refuses, and the first never).
+
+Over a packed ring too: there QEMU 7.2 sends the initial base (0x80008000) after a crash,
+having no ring position of its own, and the journal's packed layout is all that says where
+the ring was and which chains (their descriptors overwritten in the ring by the used ones
+the dead device wrote after them) are owed.  The successor runs thread or process workers
+(a process worker takes the recovered chains over).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from peers.process import accepts, kill_group, wait_ready
 from virtblk.spec import Feature, RequestHeader, RequestType, Status
 from virtblk.vhost_user.frontend import VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
+from virtblk.virtio import packed_layout
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
+from virtblk.virtio.packed_driver import PackedDriverVirtqueue
 from virtblk.virtio.split_driver import DriverVirtqueue
 from virtblk.virtio.split_layout import VringAddrs
 
@@ -35,6 +43,7 @@ NUM = 64
 HOLD_SECTOR = 16
 WRITES = (HOLD_SECTOR, 0, 8, 24)  # sectors; one request each, 4 KiB: the first is held
 MiB = 1 << 20
+FRESH_PACKED = 0x8000_8000  # position 0, both wrap counters 1: a packed ring's initial base
 
 
 def pattern(sector: int) -> bytes:
@@ -42,15 +51,23 @@ def pattern(sector: int) -> bytes:
 
 
 class RingFrontend:
-    """One queue driven by hand over a vhost-user connection that may be replaced."""
+    """One queue, split or packed, driven by hand over a vhost-user connection that may be
+    replaced."""
 
-    def __init__(self) -> None:
+    def __init__(self, packed: bool = False) -> None:
+        self.packed = packed
         self.region = MemoryRegion.create(4 * MiB, guest_phys_addr=0)
         self.memory = GuestMemory([self.region])
         self.alloc = BufferAllocator(self.region)
-        self.addrs = VringAddrs.allocate(self.alloc, NUM)
-        self.vq = DriverVirtqueue(self.memory, self.addrs, event_idx=False, indirect=True,
-                                  allocator=self.alloc, max_chain=8)
+        self.vq: DriverVirtqueue | PackedDriverVirtqueue
+        if packed:
+            self.addrs = packed_layout.allocate(self.alloc, NUM)
+            self.vq = PackedDriverVirtqueue(self.memory, self.addrs, event_idx=False,
+                                            indirect=True, allocator=self.alloc, max_chain=8)
+        else:
+            self.addrs = VringAddrs.allocate(self.alloc, NUM)
+            self.vq = DriverVirtqueue(self.memory, self.addrs, event_idx=False, indirect=True,
+                                      allocator=self.alloc, max_chain=8)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.status: dict[int, int] = {}
@@ -59,7 +76,8 @@ class RingFrontend:
 
     def connect(self, path: Path) -> None:
         """QEMU 7.2's order: features, [GET_INFLIGHT_FD the first time], SET_INFLIGHT_FD,
-        memory, then the ring with base = the used idx in ring memory, enable last."""
+        memory, then the ring with base = the used idx in ring memory (a packed ring: the
+        initial base, all QEMU knows after a crash), enable last."""
         if self.frontend is not None:
             self.frontend.close()
         fe = self.frontend = VhostUserFrontend.connect(str(path))
@@ -68,7 +86,8 @@ class RingFrontend:
         assert offered & ProtocolFeature.INFLIGHT_SHMFD.mask
         fe.set_protocol_features(offered)
         fe.set_owner()
-        fe.set_features(Feature.VERSION_1.mask | Feature.VHOST_USER_PROTOCOL_FEATURES.mask)
+        features = Feature.VERSION_1.mask | Feature.VHOST_USER_PROTOCOL_FEATURES.mask
+        fe.set_features(features | (Feature.RING_PACKED.mask if self.packed else 0))
         if self.inflight is None:
             reply = fe.get_inflight_fd(1, NUM)
             assert reply.fd is not None
@@ -78,8 +97,10 @@ class RingFrontend:
         fe.set_mem_table([self.region])
         uva = self.region.user_addr - self.region.guest_phys_addr
         fe.set_vring_num(0, NUM)
-        used_idx = self.memory.view(self.addrs.used + 2, 2).cast("H")[0]
-        fe.set_vring_base(0, used_idx)
+        if self.packed:
+            fe.set_vring_base(0, FRESH_PACKED)
+        else:
+            fe.set_vring_base(0, self.memory.view(self.addrs.used + 2, 2).cast("H")[0])
         fe.set_vring_addr(0, uva + self.addrs.desc, uva + self.addrs.used,
                           uva + self.addrs.avail)
         fe.set_vring_call(0, self.call)
@@ -122,8 +143,9 @@ class RingFrontend:
 
 
 @pytest.fixture
-def ring() -> Iterator[RingFrontend]:
-    r = RingFrontend()
+def ring(request: pytest.FixtureRequest) -> Iterator[RingFrontend]:
+    """The frontend's ring: split unless the test is parametrized with ``ring="packed"``."""
+    r = RingFrontend(packed=getattr(request, "param", "split") == "packed")
     yield r
     r.close()
 
@@ -138,8 +160,13 @@ def start_holding_device(path: Path, image: Path, marker: Path) -> subprocess.Po
     return process
 
 
+@pytest.mark.parametrize(("ring", "workers"), [
+    ("split", "thread"),
+    ("packed", "thread"),
+    ("packed", "process"),
+], indirect=["ring"])  # fmt: skip
 def test_a_sigkilled_device_s_requests_are_resubmitted_by_its_successor(
-    ring: RingFrontend, sock_dir: Path, tmp_path: Path
+    ring: RingFrontend, sock_dir: Path, tmp_path: Path, workers: str
 ) -> None:
     path = sock_dir / "blk.sock"
     image = tmp_path / "disk.img"
@@ -159,7 +186,7 @@ def test_a_sigkilled_device_s_requests_are_resubmitted_by_its_successor(
     assert ring.vq.get_used() == []  # the held write was not answered
     assert path.exists()  # the dead device's socket file is left behind
 
-    serve = ServeProcess(path, ["--file", str(image), "--workers", "thread"])
+    serve = ServeProcess(path, ["--file", str(image), "--workers", workers])
     serve.argv[1:1] = ["--log-level", "info"]  # virtblk --log-level info serve ...
     with serve:
         ring.connect(path)
@@ -171,6 +198,7 @@ def test_a_sigkilled_device_s_requests_are_resubmitted_by_its_successor(
         ring.kick_device()
         assert ring.wait(1) == {len(WRITES): 1}
         assert "queue 0: resubmitting 1 in-flight requests" in serve.output
+        assert "will not resume" not in serve.output
     data = image.read_bytes()
     for sector in (*WRITES, 40):
         assert data[sector * 512 : sector * 512 + 4096] == pattern(sector), sector

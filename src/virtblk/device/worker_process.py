@@ -14,9 +14,10 @@ The messages (parent to worker, each answered):
 * ``init``: the device's settings and its storage (with fds; an RBD image's worker
   connects to the cluster itself), once;
 * ``start``: a ring to serve (memory regions, addresses, eventfds, features and the
-  device state; for a split ring its indices and, with vhost-user INFLIGHT_SHMFD, the
-  in-flight buffer's memfd, where the queue's journal lies in it, its counter and the
-  heads still to resubmit; for a packed ring its 32-bit ``vring_base``);
+  device state; for a split ring its indices, for a packed ring its 32-bit
+  ``vring_base``; with vhost-user INFLIGHT_SHMFD, the in-flight buffer's memfd, where the
+  queue's journal lies in it, its counter and what is still to resubmit: a split ring's
+  heads, a packed ring's chains whole, as the main process recovered them);
 * ``stop``: stop serving; answers the ring's ``vring_base`` (a split ring's next avail
   index, a packed ring's positions and wrap counters) and the queue's counters;
 * ``stats``: the queue's counters;
@@ -46,6 +47,7 @@ from virtblk.device.backends import Backend, FileBackend, MemoryBackend, NullBac
 from virtblk.device.queue_worker import Ring
 from virtblk.device.rbd import RbdBackend
 from virtblk.virtio.inflight import InflightJournal
+from virtblk.virtio.inflight_packed import PackedInflightJournal
 from virtblk.virtio.memory import GuestMemory, MemoryRegion
 from virtblk.virtio.packed_device import PackedDeviceVirtqueue
 from virtblk.virtio.packed_layout import decode_vring_base
@@ -229,9 +231,11 @@ class WorkerProcess:
                 raise WorkerError(f"queue {self.index}: its in-flight journal is not in a "
                                   "buffer another process can map")
             buf = journal.region
+            resubmit: list[Any] = (vq.resubmit_chains if isinstance(vq, PackedDeviceVirtqueue)
+                                   else vq.resubmit_pending)
             inflight = {"size": buf.size, "mmap_offset": buf.mmap_offset,
                         "offset": journal.offset, "counter": journal.counter,
-                        "resubmit": vq.resubmit_pending}
+                        "resubmit": resubmit}
             fds.append(buf.fd)
         self._call({
             "op": "start",
@@ -373,29 +377,33 @@ def _start(
                 region.close()
                 raise
         addrs = VringAddrs(*message["ring"])
-        journal: InflightJournal | None = None
+        journal_at, counter, resubmit = ((spec["offset"], spec["counter"], spec["resubmit"])
+                                         if spec is not None else (0, 0, []))
         if spec is not None:
             # The main process checked the buffer (size, seals) and recovered from it; we
             # take over its journal where it left it.
             fd, buffer_fd = buffer_fd, -1
             buffer = MemoryRegion.map_fd(fd, size=spec["size"], mmap_offset=spec["mmap_offset"],
                                          guest_phys_addr=0, user_addr=0)
-            journal = InflightJournal.in_region(buffer, spec["offset"], addrs.num,
-                                                counter=spec["counter"])
         vq: Ring
         if message["packed"]:
             # The main process checked the base when it built the ring.
+            packed_journal = None if buffer is None else PackedInflightJournal.in_region(
+                buffer, journal_at, addrs.num, counter=counter, in_flight=resubmit)
             vq = PackedDeviceVirtqueue(memory, addrs, event_idx=message["event_idx"],
                                        max_indirect=message["max_indirect"],
+                                       inflight=packed_journal, resubmit=resubmit,
                                        **decode_vring_base(message["vring_base"])._asdict())
         else:
+            journal = None if buffer is None else InflightJournal.in_region(
+                buffer, journal_at, addrs.num, counter=counter)
             vq = DeviceVirtqueue(memory, addrs,
                                  event_idx=message["event_idx"],
                                  last_avail_idx=message["vring_base"],
                                  used_idx=message["used_idx"],
                                  max_indirect=message["max_indirect"],
                                  inflight=journal,
-                                 resubmit=spec["resubmit"] if spec is not None else ())
+                                 resubmit=resubmit)
         device.apply_state(message["state"])
         device.poll_ns = message["poll_ns"]
         device.start_queue(index, vq, kick, call)

@@ -17,10 +17,11 @@ Packed rings: when VIRTIO_F_RING_PACKED is acked, every ring is packed (VIRTIO 1
 its three areas, sizes and queue size rule are ``packed_layout``'s, SET/GET_VRING_BASE
 carry QEMU's 32-bit base (avail position and wrap counter in bits 0-15, used position and
 wrap counter in 16-31) and the device is given a ``PackedDeviceVirtqueue``.  The in-flight
-buffer's layout is the split ring's only, so a packed ring records nothing in it: a
-device restarted under a packed-ring driver cannot resubmit what was in flight, and
-resumes where the frontend's SET_VRING_BASE says (QEMU 7.2 keeps no packed ring position
-of its own after a backend crash: it sends the last base it knew).
+buffer is laid out for the rings SET_FEATURES acked when GET_INFLIGHT_FD makes it (QEMU
+sends SET_FEATURES first) and checked for them by SET_INFLIGHT_FD: a packed ring records
+its chains whole (``inflight_packed``), and a restarted ring resumes where that journal
+says, whatever SET_VRING_BASE said (QEMU 7.2 keeps no packed ring position of its own
+across a backend crash: it sends the base it last started the ring with).
 
 Errors: every check the spec allows us is made (ring index below ``num_queues``, ring size
 as the ring layout's ``check_queue_size`` allows, ring addresses inside the memory table, memory
@@ -101,6 +102,11 @@ from virtblk.vhost_user.messages import (
 )
 from virtblk.virtio import packed_layout, split_layout
 from virtblk.virtio.inflight import InflightError, InflightJournal, queue_region_size
+from virtblk.virtio.inflight_packed import (
+    PackedInflightJournal,
+    RecoveredChain,
+    inflight_region_size,
+)
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.packed_device import PackedDeviceVirtqueue
 from virtblk.virtio.split_device import DeviceVirtqueue, RingError
@@ -183,16 +189,31 @@ def inflight_queue_size(queue_size: int) -> int:
 
 @dataclasses.dataclass
 class _Inflight:
-    """The in-flight buffer SET_INFLIGHT_FD handed over: one region per queue."""
+    """The in-flight buffer SET_INFLIGHT_FD handed over: one region per queue, in the
+    layout of the rings acked then (``packed``); nothing in the buffer says which."""
 
     region: MemoryRegion
     num_queues: int
     queue_size: int
+    packed: bool
+
+    @property
+    def layout(self) -> str:
+        """The ring kind the buffer is laid out for, as the errors name it."""
+        return "packed" if self.packed else "split"
+
+    def _offset(self, index: int) -> int:
+        return index * inflight_region_size(self.queue_size, packed=self.packed)
 
     def journal(self, index: int) -> InflightJournal:
-        """Queue ``index``'s region (the caller checked the index and the ring size)."""
-        offset = index * inflight_queue_size(self.queue_size)
-        return InflightJournal.in_region(self.region, offset, self.queue_size)
+        """Queue ``index``'s split region (the caller checked the index, the ring size
+        and the layout)."""
+        return InflightJournal.in_region(self.region, self._offset(index), self.queue_size)
+
+    def packed_journal(self, index: int) -> PackedInflightJournal:
+        """Queue ``index``'s packed region (the caller checked as for ``journal``)."""
+        return PackedInflightJournal.in_region(self.region, self._offset(index),
+                                               self.queue_size)
 
 
 @dataclasses.dataclass
@@ -294,7 +315,6 @@ class BackendConnection:
         """The buffer GET_INFLIGHT_FD made (until SET_INFLIGHT_FD hands one over)."""
         self.inflight: _Inflight | None = None
         """The buffer SET_INFLIGHT_FD handed over, mapped: rings record requests in it."""
-        self._packed_inflight_said = False
         self.resubmitted = [0] * device.num_queues
         """Requests each ring resubmitted from the in-flight buffer (this session)."""
         self.wakeup: Callable[[], None] = lambda: None
@@ -723,29 +743,99 @@ class BackendConnection:
             raise ProtocolError(f"ring {index}: {exc}") from exc
 
     def _packed_ring(self, index: int, addrs: VringAddrs) -> PackedDeviceVirtqueue:
-        """Ring ``index`` as a packed ring at the positions and wrap counters of its base
-        (a packed ring has no index in memory to read them from).  Nothing is recorded in
-        the in-flight buffer: its layout here is the split ring's."""
+        """Ring ``index`` as a packed ring, where its journal in the in-flight buffer or
+        (without one) its base says: a packed ring has no index in memory to read."""
+        assert self.memory is not None
+        try:
+            base = packed_layout.decode_vring_base(self._ring_base(self.vrings[index]))
+        except ValueError as exc:
+            raise ProtocolError(f"ring {index}: {exc}") from exc
+        journal, base, resubmit = self._recover_packed(index, addrs, base)
+        try:
+            return PackedDeviceVirtqueue(self.memory, addrs, event_idx=self.event_idx,
+                                         inflight=journal, resubmit=resubmit,
+                                         **base._asdict())
+        except RingError as exc:
+            raise ProtocolError(f"ring {index}: {exc}") from exc
+
+    def _inflight_for(self, index: int, ring: _Vring) -> _Inflight | None:
+        """The in-flight buffer ring ``index`` records in, checked against the ring: None
+        when there is none (or no region for this ring); ProtocolError when the buffer
+        was made for another ring size or the other ring layout."""
+        inflight = self.inflight
+        if inflight is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+            return None
+        if index >= inflight.num_queues:
+            log.warning("ring %d has no region in the in-flight buffer (%d queues): not "
+                        "tracked", index, inflight.num_queues)
+            return None
+        if ring.num != inflight.queue_size:
+            raise ProtocolError(
+                f"ring {index} has {ring.num} entries, the in-flight buffer was made for "
+                f"queues of {inflight.queue_size}")
+        if inflight.packed != self.packed:
+            raise ProtocolError(
+                f"ring {index} is a {'packed' if self.packed else 'split'} ring, the "
+                f"in-flight buffer was laid out for {inflight.layout} rings (the features "
+                "acked changed after SET_INFLIGHT_FD)")
+        return inflight
+
+    def _recover_packed(
+        self, index: int, addrs: VringAddrs, base: packed_layout.PackedRingBase
+    ) -> tuple[PackedInflightJournal | None, packed_layout.PackedRingBase,
+               tuple[RecoveredChain, ...]]:
+        """Ring ``index``'s packed journal, where to resume and the chains to resubmit
+        (``PackedInflightJournal.recover``).
+
+        Run at every start.  The journal's positions win over ``base``: after a backend
+        crash QEMU 7.2 sends the base it last started the ring with (for a first start,
+        the initial one), and nothing in a packed ring's memory says where the device
+        was.  Without a journal, a ring started at its initial position whose first
+        descriptor was used already cannot be resumed, and the log says so.
+        """
         assert self.memory is not None
         ring = self.vrings[index]
-        if self.inflight is not None and not self._packed_inflight_said:
-            self._packed_inflight_said = True
-            log.warning("packed rings: requests in flight are not recorded in the in-flight "
-                        "buffer (only its split layout is implemented); a restarted device "
-                        "cannot resubmit them")
+        inflight = self._inflight_for(index, ring)
+        if inflight is None:
+            self._check_resumable(index, addrs, base, "the frontend gave no in-flight "
+                                  "buffer (INFLIGHT_SHMFD) region for it to resume from")
+            return None, base, ()
+        journal = inflight.packed_journal(index)
         try:
-            base = packed_layout.decode_vring_base(self._ring_base(ring))
-            vq = PackedDeviceVirtqueue(self.memory, addrs, event_idx=self.event_idx,
-                                       **base._asdict())
-        except (ValueError, RingError) as exc:
-            raise ProtocolError(f"ring {index}: {exc}") from exc
+            recovery = journal.recover(self.memory.view(addrs.desc, 16 * addrs.num), base)
+        except InflightError as exc:
+            raise ProtocolError(f"ring {index}: in-flight buffer refused: {exc}") from exc
+        if recovery.base is None:
+            self._check_resumable(index, addrs, base, "the in-flight buffer it gave is "
+                                  "new and holds no position")
+            return journal, base, ()
+        self._log_recovery(index, recovery.settled, len(recovery.resubmit))
+        if recovery.base != base:
+            log.debug("queue %d: packed ring base %#x from the in-flight buffer (frontend "
+                      "said %#x)", index, packed_layout.encode_vring_base(recovery.base),
+                      packed_layout.encode_vring_base(base))
+        return journal, recovery.base, recovery.resubmit
+
+    def _check_resumable(self, index: int, addrs: VringAddrs,
+                         base: packed_layout.PackedRingBase, why: str) -> None:
+        """Log an error when a packed ring is started at its initial position while its
+        first descriptor shows it was used: a device restarted under a running driver
+        with nothing to tell it where the ring is (the ring still starts: the frontend
+        decides what to do with a queue that does not answer)."""
+        assert self.memory is not None
         if base == _FRESH_PACKED and _used_before(self.memory.view(addrs.desc, 16)):
-            log.error("ring %d: the frontend starts a packed ring at its initial position, but "
-                      "its first descriptor was used already: a device restarted under a "
-                      "running driver (QEMU 7.2 keeps no packed ring position across a "
-                      "backend crash, and the in-flight buffer has no packed layout here); "
-                      "this queue will not resume", index)
-        return vq
+            log.error("ring %d: the frontend starts a packed ring at its initial position, "
+                      "but its first descriptor was used already: a device restarted under "
+                      "a running driver, and %s; this queue will not resume", index, why)
+
+    def _log_recovery(self, index: int, settled: int, resubmit: int) -> None:
+        """Say what a ring's recovery from the in-flight buffer found, and count it."""
+        if settled:
+            log.info("queue %d: %d requests answered before the restart settled in the "
+                     "in-flight buffer", index, settled)
+        if resubmit:
+            log.info("queue %d: resubmitting %d in-flight requests", index, resubmit)
+            self.resubmitted[index] += resubmit
 
     def _recover(
         self, index: int, addrs: VringAddrs, used_idx: int
@@ -760,17 +850,9 @@ class BackendConnection:
         """
         ring = self.vrings[index]
         base = self._ring_base(ring)
-        inflight = self.inflight
-        if inflight is None or not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+        inflight = self._inflight_for(index, ring)
+        if inflight is None:
             return None, base, ()
-        if index >= inflight.num_queues:
-            log.warning("ring %d has no region in the in-flight buffer (%d queues): not "
-                        "tracked", index, inflight.num_queues)
-            return None, base, ()
-        if ring.num != inflight.queue_size:
-            raise ProtocolError(
-                f"ring {index} has {ring.num} entries, the in-flight buffer was made for "
-                f"queues of {inflight.queue_size}")
         assert self.memory is not None
         avail_idx = int(self.memory.view(addrs.avail + 2, 2).cast("H")[0])
         journal = inflight.journal(index)
@@ -780,13 +862,7 @@ class BackendConnection:
             raise ProtocolError(f"ring {index}: in-flight buffer refused: {exc}") from exc
         if recovery.last_avail is None:
             return journal, base, ()
-        if recovery.settled:
-            log.info("queue %d: %d requests answered before the restart settled in the "
-                     "in-flight buffer", index, recovery.settled)
-        if recovery.resubmit:
-            log.info("queue %d: resubmitting %d in-flight requests", index,
-                     len(recovery.resubmit))
-            self.resubmitted[index] += len(recovery.resubmit)
+        self._log_recovery(index, recovery.settled, len(recovery.resubmit))
         if recovery.last_avail != base:
             log.debug("queue %d: next avail index %d from the in-flight buffer (frontend "
                       "said %d)", index, recovery.last_avail, base)
@@ -844,21 +920,26 @@ class BackendConnection:
             return _NACK
         return None
 
-    def _get_inflight_fd(self, message: GetInflightFd) -> Message:
-        """A zeroed memfd laid out for split queues, sealed so nobody can shrink it under
-        a device that maps it (as libvhost-user seals its own).  We keep it, but record
-        requests only in what SET_INFLIGHT_FD hands over (QEMU sends this one back)."""
-        if not 1 <= message.num_queues <= len(self.vrings):
+    def _check_inflight_queues(self, what: str, num_queues: int, queue_size: int) -> None:
+        """GET/SET_INFLIGHT_FD's queue count must fit the device, its queue size the
+        rule of the ring layout acked."""
+        if not 1 <= num_queues <= len(self.vrings):
             raise ProtocolError(
-                f"GET_INFLIGHT_FD for {message.num_queues} queues; the device has "
-                f"{len(self.vrings)}"
-            )
-        size = message.queue_size
+                f"{what} for {num_queues} queues; the device has {len(self.vrings)}")
         try:
-            self._check_queue_size(size)
+            (packed_layout if self.packed else split_layout).check_queue_size(queue_size)
         except ValueError as exc:
-            raise ProtocolError(f"GET_INFLIGHT_FD: {exc}") from exc
-        mmap_size = message.num_queues * inflight_queue_size(size)
+            raise ProtocolError(f"{what}: {exc}") from exc
+
+    def _get_inflight_fd(self, message: GetInflightFd) -> Message:
+        """A zeroed memfd laid out for the rings SET_FEATURES acked (split ones when it
+        has not come, as DPDK decides; QEMU sends it first), sealed so nobody can shrink
+        it under a device that maps it (as libvhost-user seals its own).  We keep it, but
+        record requests only in what SET_INFLIGHT_FD hands over (QEMU sends this one
+        back, mapped at the size we answer)."""
+        size = message.queue_size
+        self._check_inflight_queues("GET_INFLIGHT_FD", message.num_queues, size)
+        mmap_size = message.num_queues * inflight_region_size(size, packed=self.packed)
         flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
         with OwnedFd(os.memfd_create("virtblk-inflight", flags)) as fd:
             os.ftruncate(fd.fileno(), mmap_size)
@@ -875,25 +956,20 @@ class BackendConnection:
         recover from it when they start (``_recover``).
 
         Hostile until checked: the queue count and size must fit the device, the buffer
-        must hold a region per queue, lie inside its file and (unless the user accepted
-        unsealed memory) be sealed against shrinking, since a truncate under our mapping
-        would kill the device with SIGBUS.  Running rings stop and start again around the
-        change, so they move to the new buffer.
+        must hold a region per queue in the layout of the rings acked (it is that layout
+        from now on: a ring of the other kind refuses it), lie inside its file and (unless
+        the user accepted unsealed memory) be sealed against shrinking, since a truncate
+        under our mapping would kill the device with SIGBUS.  Running rings stop and start
+        again around the change, so they move to the new buffer.
         """
-        if not 1 <= message.num_queues <= len(self.vrings):
-            raise ProtocolError(
-                f"SET_INFLIGHT_FD for {message.num_queues} queues; the device has "
-                f"{len(self.vrings)}"
-            )
-        try:
-            self._check_queue_size(message.queue_size)
-        except ValueError as exc:
-            raise ProtocolError(f"SET_INFLIGHT_FD: {exc}") from exc
-        needed = message.num_queues * inflight_queue_size(message.queue_size)
+        packed = self.packed
+        self._check_inflight_queues("SET_INFLIGHT_FD", message.num_queues, message.queue_size)
+        needed = message.num_queues * inflight_region_size(message.queue_size, packed=packed)
         if message.mmap_size < needed:
             raise ProtocolError(
                 f"SET_INFLIGHT_FD: buffer of {message.mmap_size} bytes, {needed} needed for "
-                f"{message.num_queues} queues of {message.queue_size}"
+                f"{message.num_queues} queues of {message.queue_size} "
+                f"({'packed' if packed else 'split'} layout)"
             )
         try:
             region = MemoryRegion.map_fd(
@@ -904,7 +980,7 @@ class BackendConnection:
             raise ProtocolError(f"SET_INFLIGHT_FD: {exc}") from exc
         paused = self._pause_running()
         self._drop_inflight()
-        self.inflight = _Inflight(region, message.num_queues, message.queue_size)
+        self.inflight = _Inflight(region, message.num_queues, message.queue_size, packed)
         self._resume(paused)
 
     def _drop_inflight(self) -> None:

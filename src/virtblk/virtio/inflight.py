@@ -32,10 +32,12 @@ from virtblk.virtio.split_layout import U16, VirtqueueError
 
 __all__ = [
     "INFLIGHT_VERSION",
+    "MAX_COUNTER",
     "InflightError",
     "InflightJournal",
     "Recovery",
     "queue_region_size",
+    "region_bytes",
 ]
 
 INFLIGHT_VERSION: Final = 1
@@ -48,15 +50,20 @@ _VERSION_H: Final = 4
 _DESC_NUM_H: Final = 5
 _LAST_BATCH_HEAD_H: Final = 6
 _USED_IDX_H: Final = 7
-_MAX_COUNTER: Final = 1 << 63
+MAX_COUNTER: Final = 1 << 63
 """Counters at or past this make no sense (ours count requests from 0): refused."""
 
 
-def queue_region_size(queue_size: int) -> int:
-    """Bytes of one split queue's region: header and one DescStateSplit per entry,
-    rounded up to 64 (libvhost-user and QEMU round the same way)."""
-    raw = _HEADER + _DESC_STATE * queue_size
+def region_bytes(header: int, entry: int, queue_size: int) -> int:
+    """Bytes of one queue's region of either layout: its header and one descriptor state
+    per entry, rounded up to 64 (libvhost-user, DPDK and QEMU round the same way)."""
+    raw = header + entry * queue_size
     return (raw + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def queue_region_size(queue_size: int) -> int:
+    """Bytes of one split queue's region: header and one DescStateSplit per entry."""
+    return region_bytes(_HEADER, _DESC_STATE, queue_size)
 
 
 class InflightError(VirtqueueError):
@@ -225,7 +232,7 @@ class InflightJournal:
         counters = {head: int(self._counters[head]) for head in heads}
         if len(set(counters.values())) != len(heads):
             raise InflightError("two requests in flight have the same counter")
-        if any(counter >= _MAX_COUNTER for counter in counters.values()):
+        if any(counter >= MAX_COUNTER for counter in counters.values()):
             raise InflightError("a request in flight has a counter past 2^63")
         # Checked: now settle the last batch (flags first, then the used idx, so a crash
         # here leaves the same work to the next recovery).

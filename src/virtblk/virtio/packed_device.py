@@ -15,6 +15,7 @@ ring that can no longer be served raises ``RingError``.  The layout is in
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 from virtblk.spec import (
@@ -26,6 +27,7 @@ from virtblk.spec import (
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
 )
+from virtblk.virtio.inflight_packed import PackedInflightJournal, RecoveredChain
 from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from virtblk.virtio.packed_layout import (
     AVAIL_USED,
@@ -61,17 +63,21 @@ class PackedChainError(ChainError):
 
     ``head`` is the chain's buffer id, to answer with ``add_used(err.head, 0)``; None when
     the id cannot be answered (outside the queue, or already in flight).  ``position`` is
-    where the chain starts in the ring.
+    where the chain starts in the ring; None for a chain resubmitted from the in-flight
+    journal (its ring slots are long overwritten; positions in ``reason`` then count
+    descriptors within the chain).
     """
 
-    def __init__(self, head: int | None, position: int, reason: str) -> None:
+    def __init__(self, head: int | None, position: int | None, reason: str) -> None:
         self.head = head
         self.reason = reason
         self.position = position
         what = "an id that cannot be answered" if head is None else f"buffer id {head}"
+        where = ("resubmitted chain" if position is None
+                 else f"chain at ring position {position}")
         # Not ChainError's message ("chain at head N"): a packed chain has a position and an
         # id, and the reader needs both.
-        VirtqueueError.__init__(self, f"chain at ring position {position} ({what}): {reason}")
+        VirtqueueError.__init__(self, f"{where} ({what}): {reason}")
 
 
 class _Malformed(Exception):
@@ -95,8 +101,14 @@ class PackedDeviceVirtqueue:
     Each chain popped holds its buffer id until answered; ``add_used`` writes the used
     descriptor but for its flags, ``flush_used`` stores the flags, the batch's first last,
     so the driver sees the batch whole.  ``max_indirect`` bounds an indirect table's
-    entries (default: the queue size).  There is no in-flight journal for packed rings
-    yet (``inflight`` is None).  Not thread-safe: one worker thread owns a queue.
+    entries (default: the queue size).
+
+    With an ``inflight`` journal (vhost-user INFLIGHT_SHMFD, ``inflight_packed``), every
+    chain popped is recorded whole, and answered ones are linked before ``flush_used``
+    stores the flags that publish them and settled after, so a device started after this
+    one was killed knows what to resubmit; ``resubmit`` are the chains such a recovery
+    found (with its positions), served before any new descriptor, oldest first.
+    Not thread-safe: one worker thread owns a queue.
     """
 
     def __init__(
@@ -110,10 +122,15 @@ class PackedDeviceVirtqueue:
         used_idx: int = 0,
         used_wrap_counter: bool = True,
         max_indirect: int | None = None,
+        inflight: PackedInflightJournal | None = None,
+        resubmit: Sequence[RecoveredChain] = (),
     ) -> None:
         """Attach to a ring the driver set up; raises RingError if it is not in memory or
-        the positions are impossible (the used position must be at most a lap behind)."""
+        the positions are impossible (the used position must be at most a lap behind),
+        or the journal and the chains to resubmit do not fit the ring."""
         num = addrs.num
+        if inflight is not None and inflight.num != num:
+            raise RingError(f"in-flight journal for {inflight.num} entries, ring of {num}")
         try:
             sizes = ring_sizes(num)
         except ValueError as exc:
@@ -132,6 +149,9 @@ class PackedDeviceVirtqueue:
             raise RingError(
                 f"used position {used_idx} (wrap {int(used_wrap_counter)}) is not within a "
                 f"lap behind avail position {last_avail_idx} (wrap {int(avail_wrap_counter)})")
+        if sum(len(chain.descs) for chain in resubmit) > outstanding:
+            raise RingError(f"chains to resubmit hold more descriptors than the "
+                            f"{outstanding} between the used and avail positions")
         try:
             self._desc, driver, device = (memory.view(addr, size)
                                           for addr, size in zip(starts, sizes, strict=True))
@@ -141,7 +161,10 @@ class PackedDeviceVirtqueue:
         self.num = num
         self.event_idx = event_idx
         self.max_indirect = num if max_indirect is None else max_indirect
-        self.inflight: None = None  # no in-flight journal for packed rings yet
+        self.inflight = inflight
+        self._resubmit = list(resubmit)
+        self._entries = [0] * num  # per buffer id in flight: its head entry in the journal
+        self._pending_heads: list[int] = []  # journal heads of used descriptors not flushed
         self._memory = memory
         self._region: _Region = _NO_REGION
         self._desc_h = self._desc.cast("H")
@@ -200,8 +223,14 @@ class PackedDeviceVirtqueue:
 
     @property
     def resubmit_pending(self) -> list[int]:
-        """Buffers recovered from an in-flight journal: none, packed rings have none yet."""
-        return []
+        """Buffer ids recovered from the in-flight journal and not served yet."""
+        return [chain.id for chain in self._resubmit]
+
+    @property
+    def resubmit_chains(self) -> list[RecoveredChain]:
+        """The recovered chains not served yet, whole (a copy): what a queue served by
+        another process must be given, with the journal's counter, to take over."""
+        return list(self._resubmit)
 
     @property
     def broken(self) -> bool:
@@ -209,19 +238,22 @@ class PackedDeviceVirtqueue:
         return self._broken is not None
 
     def avail_pending(self) -> bool:
-        """True when the next descriptor is available (one 16-bit load: what a polling
-        worker spins on)."""
+        """True when the next descriptor is available, or a recovered chain waits (one
+        16-bit load: what a polling worker spins on)."""
+        if self._resubmit:
+            return True
         flags = self._desc_h[(self._avail_pos << 3) + 7]
         return flags & AVAIL_USED == avail_bits(self._avail_wrap)
 
     def avail_backlog(self) -> int:
         """How many chains are available in a row from the next descriptor (descriptors
-        without NEXT in that run; at most the queue size)."""
+        without NEXT in that run; at most the queue size), and the chains still to
+        resubmit."""
         desc_h = self._desc_h
         num = self.num
         pos = self._avail_pos
         pattern = avail_bits(self._avail_wrap)
-        chains = 0
+        chains = len(self._resubmit)
         for _ in range(num):
             flags = desc_h[(pos << 3) + 7]
             if flags & AVAIL_USED != pattern:
@@ -245,6 +277,8 @@ class PackedDeviceVirtqueue:
         """
         if self._broken is not None:
             raise RingError(f"queue is broken: {self._broken}")
+        if self._resubmit:
+            return self._take_resubmitted()
         start = (self._avail_pos, self._avail_wrap)
         try:
             return self._take()
@@ -269,6 +303,15 @@ class PackedDeviceVirtqueue:
         base, end, view, _ = self._region_for_batch()
         items: list[Triple | DescriptorChain | ChainError] = []
         append = items.append
+        if self._resubmit:  # in flight already: served alone, as the split ring does
+            while self._resubmit and len(items) < limit:
+                try:
+                    append(self._take_resubmitted())
+                except ChainError as exc:
+                    append(exc)
+            return view, items
+        journal = self.inflight
+        entries = self._entries
         num = self.num
         desc = self._desc
         desc_h = self._desc_h
@@ -298,6 +341,8 @@ class PackedDeviceVirtqueue:
                             and base <= a0 and a0 + l0 <= end and base <= a1
                             and a1 + l1 <= end and base <= a2 and a2 + l2 <= end):
                         ndescs[bid] = 1
+                        if journal is not None:
+                            entries[bid] = journal.mark(bid, ((addr, 48, flags),))
                         room -= 1
                         append(new_triple(triple, (bid, a0 - base, l0, a1 - base, l1,
                                                    f1 == write, a2 - base, l2)))
@@ -394,17 +439,43 @@ class PackedDeviceVirtqueue:
         self._avail_pos = pos
         self._avail_wrap = wrap
         self._outstanding += count
+        # Consumed: recorded whole, even malformed or unanswerable, so a recovery resumes
+        # after it and finds it again as it is found now.
+        journal = self.inflight
+        head = 0 if journal is None else journal.mark(bid, [e[:3] for e in entries])
+        return self._claim(bid, count, entries, head, start, reason)
+
+    def _take_resubmitted(self) -> DescriptorChain:
+        """The oldest chain recovered from the in-flight journal, checked again as the
+        driver wrote it (its descriptors come from the journal: the ring slots are
+        overwritten), or its ``PackedChainError``."""
+        chain = self._resubmit.pop(0)
+        entries = [(addr, length, flags, i) for i, (addr, length, flags)
+                   in enumerate(chain.descs)]
+        # A chain that ran off the available descriptors (or never ended) was consumed
+        # as far as it reached, its last descriptor still saying NEXT: refused again.
+        reason = ("chain ends on a descriptor with NEXT (it ran off the available "
+                  "descriptors)" if entries[-1][2] & VRING_DESC_F_NEXT else "")
+        return self._claim(chain.id, len(entries), entries, chain.entry, None, reason)
+
+    def _claim(self, bid: int, count: int, entries: list[tuple[int, int, int, int]],
+               head: int, start: int | None, reason: str = "") -> DescriptorChain:
+        """Check a consumed chain's buffers, then take its buffer id in flight (``head``:
+        its journal entry); raises ``PackedChainError`` for a malformed chain or an id
+        that cannot be answered."""
         chain: DescriptorChain | None = None
         if not reason:
             try:
                 chain = self._buffers(entries)
             except _Malformed as exc:
                 reason = str(exc)
+        num = self.num
         if bid >= num or self._ndescs[bid]:
             why = (f"buffer id {bid} is outside the queue (size {num})" if bid >= num
                    else f"buffer id {bid} is already in flight")
             raise PackedChainError(None, start, f"{why}; {reason}" if reason else why)
         self._ndescs[bid] = count
+        self._entries[bid] = head
         if chain is None:
             raise PackedChainError(bid, start, reason)
         chain.head = bid
@@ -495,6 +566,9 @@ class PackedDeviceVirtqueue:
             raise ValueError(f"buffer ids {ids} answer one buffer twice")
         if min(lengths) < 0 or max(lengths) > _U32:
             raise ValueError(f"used lengths {lengths} are not all 32-bit values")
+        if self.inflight is not None:
+            entries = self._entries  # taken now: an id answered can be popped again
+            self._pending_heads += [entries[bid] for bid in ids]
         desc_h = self._desc_h
         desc_i = self._desc_i
         pending = self._pending_used
@@ -526,12 +600,18 @@ class PackedDeviceVirtqueue:
         pending = self._pending_used
         if not pending:
             return
+        journal = self.inflight
+        if journal is not None:  # recorded as answered before the driver can see it
+            journal.link(self._pending_heads, self._used_pos, self._used_wrap)
+            self._pending_heads.clear()
         desc_h = self._desc_h
         for k in range(2, len(pending), 2):
             desc_h[pending[k]] = pending[k + 1]
         self._barrier()
         desc_h[pending[0]] = pending[1]
         pending.clear()
+        if journal is not None:
+            journal.settle()
         self._since_signal += self._unflushed
         self._unflushed = 0
         self._published_pos = self._used_pos
