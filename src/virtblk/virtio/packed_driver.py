@@ -118,6 +118,8 @@ class PackedDriverVirtqueue:
         (``slot`` indexes ``_desc_h``), flattened."""
         self._num_added = 0  # descriptors added since the last kick
         self._broken: str | None = None
+        self._event: int | None = None
+        """The ``off_wrap`` an ``enable_cb`` armed and no completion has passed yet."""
 
         self._table_stride = VRING_DESC_SIZE * max_chain
         self._table_limit = min(max_chain, num)  # the spec bounds chains by the queue size
@@ -497,6 +499,8 @@ class PackedDriverVirtqueue:
         self._last_used = pos
         self._used_wrap = wrap
         self._num_free += freed
+        if self._event is not None and freed and need_event(self._event, pos, wrap, freed, num):
+            self._disarm()
         self._in_flight -= len(done)
         if reason:
             self._broken = reason
@@ -534,6 +538,15 @@ class PackedDriverVirtqueue:
 
     def disable_cb(self) -> None:
         """Ask the device not to interrupt (a hint: it may still do so)."""
+        self._event = None
+        self._driver_h[EVENT_FLAGS] = RING_EVENT_FLAGS_DISABLE
+
+    def _disarm(self) -> None:
+        """Make an event ``get_used`` took the completion of one-shot, as the split ring's
+        ``used_event`` is: a packed event position names a slot, not an index, so left
+        armed it would interrupt again every second lap (when the device's wrap counter
+        matches it again) while the driver drains without sleeping."""
+        self._event = None
         self._driver_h[EVENT_FLAGS] = RING_EVENT_FLAGS_DISABLE
 
     def enable_cb(self, delay: int = 0) -> bool:
@@ -545,8 +558,12 @@ class PackedDriverVirtqueue:
         see the request: the caller must drain again.  The event is a ring position, and a
         completion's used descriptor moves the position by its chain's length, so the
         position asked for assumes the shortest chain in flight: the interrupt may come
-        early, never late.  Without EVENT_IDX ``delay`` cannot be expressed: any pending
-        completion returns False.
+        early, never late.  The event is one-shot, as the split ring's ``used_event`` is:
+        ``get_used`` disarms it once it takes the completion at it, and a False return
+        leaves nothing armed, so a driver that drains without sleeping is not interrupted
+        (tests/virtio/test_packed_notifications.py plays both rings step for step).
+        Without EVENT_IDX ``delay`` cannot be expressed: any pending completion returns
+        False.
         """
         if not self.event_idx:
             self._driver_h[EVENT_FLAGS] = RING_EVENT_FLAGS_ENABLE
@@ -554,17 +571,22 @@ class PackedDriverVirtqueue:
             return not self.pending()
         num = self.num
         seen, pos, wrap = self._scan_used(self._last_used, self._used_wrap, delay + 1)
+        if seen > delay:
+            # As the split ring's event, which would now lie behind the completions:
+            # nothing armed, the caller drains (arming the next slot here would interrupt
+            # a driver that is not going to sleep).
+            self._disarm()
+            return False
         step = 1 if self.indirect else min((n for n in self._ndescs if n), default=1)
         ahead = min(max(0, delay - seen) * step, num - 1)
         event, event_wrap = pos + ahead, wrap
         if event >= num:
             event -= num
             event_wrap = not wrap
-        self._driver_h[EVENT_OFF_WRAP] = encode_off_wrap(event, event_wrap)
+        self._event = encode_off_wrap(event, event_wrap)
+        self._driver_h[EVENT_OFF_WRAP] = self._event
         self._driver_h[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
         self._barrier()  # the device must see the event before we look at the ring again
-        if seen > delay:
-            return False
         more, end, end_wrap = self._scan_used(pos, wrap, delay - seen + 1)
         if seen + more > delay:
             return False
