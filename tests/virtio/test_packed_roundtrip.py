@@ -431,7 +431,8 @@ def public_names(cls: type) -> set[str]:
         (DeviceVirtqueue, PackedDeviceVirtqueue,
          # resubmit_chains: a recovered packed chain is more than a head (its descriptors
          # come from the in-flight journal), and a worker process must be handed them.
-         {"avail_wrap_counter", "used_wrap_counter", "vring_base", "resubmit_chains"},
+         # (``vring_base`` is on both: GET_VRING_BASE's answer, 16 bits or 32.)
+         {"avail_wrap_counter", "used_wrap_counter", "resubmit_chains"},
          # The used position of a packed ring cannot be read back from its memory: a used
          # descriptor does not say how many descriptors its chain held.
          {"used_idx_in_memory"}),
