@@ -27,8 +27,9 @@ from virtblk.spec import (
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
 )
+from virtblk.virtio.device_common import NO_REGION, DeviceQueueBase, Region
 from virtblk.virtio.inflight_packed import PackedInflightJournal, RecoveredChain
-from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from virtblk.virtio.memory import GuestMemory, GuestMemoryError
 from virtblk.virtio.packed_layout import (
     AVAIL_USED,
     EVENT_FLAGS,
@@ -54,8 +55,6 @@ _U32: Final = 0xFFFF_FFFF
 _new_triple = tuple.__new__
 """Builds a Triple from a tuple without the generated ``__new__``'s call (the hot path)."""
 
-_Region = tuple[int, int, memoryview, "MemoryRegion | None"]
-_NO_REGION: _Region = (0, -1, memoryview(b""), None)
 
 
 class PackedChainError(ChainError):
@@ -91,7 +90,7 @@ def _check_total(total: int) -> None:
         raise _Malformed(f"descriptor lengths sum to {total}, past 2^32 - 1")
 
 
-class PackedDeviceVirtqueue:
+class PackedDeviceVirtqueue(DeviceQueueBase):
     """The device's end of a packed virtqueue; the interface of ``DeviceVirtqueue``.
 
     The ring's state is two positions with their wrap counters: the next descriptor to
@@ -166,7 +165,7 @@ class PackedDeviceVirtqueue:
         self._entries = [0] * num  # per buffer id in flight: its head entry in the journal
         self._pending_heads: list[int] = []  # journal heads of used descriptors not flushed
         self._memory = memory
-        self._region: _Region = _NO_REGION
+        self._region: Region = NO_REGION
         self._desc_h = self._desc.cast("H")
         self._desc_i = self._desc.cast("I")
         self._driver_h = driver.cast("H")  # the driver's: when it wants an interrupt
@@ -189,11 +188,6 @@ class PackedDeviceVirtqueue:
         self._arm_kicks()
 
     # -- state
-
-    @property
-    def memory(self) -> GuestMemory:
-        """The guest memory the ring and buffers live in."""
-        return self._memory
 
     @property
     def last_avail_idx(self) -> int:
@@ -231,11 +225,6 @@ class PackedDeviceVirtqueue:
         """The recovered chains not served yet, whole (a copy): what a queue served by
         another process must be given, with the journal's counter, to take over."""
         return list(self._resubmit)
-
-    @property
-    def broken(self) -> bool:
-        """True after a RingError: the queue serves nothing until it is recreated."""
-        return self._broken is not None
 
     def avail_pending(self) -> bool:
         """True when the next descriptor is available, or a recovered chain waits (one
@@ -378,20 +367,6 @@ class PackedDeviceVirtqueue:
         """With EVENT_IDX and kicks wanted, ask for a kick at the next descriptor."""
         if self.event_idx and self._notify_enabled:
             self._device_h[EVENT_OFF_WRAP] = encode_off_wrap(self._avail_pos, self._avail_wrap)
-
-    def _region_for_batch(self) -> _Region:
-        """The region the fast path tries, checked once per batch against the memory
-        table (a region the frontend removed must not be used any more)."""
-        region = self._region
-        regions = self._memory.regions
-        if region[3] is None or region[3] not in regions:
-            if not regions:
-                region = _NO_REGION
-            else:
-                biggest = max(regions, key=lambda r: r.size)
-                region = (biggest.guest_phys_addr, biggest.end, biggest.view, biggest)
-            self._region = region
-        return region
 
     def _take(self) -> DescriptorChain | None:
         """Consume the chain at the next position and check it: the careful walk, which

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import NoReturn
 
 from virtblk.spec import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     VIRTQ_DESC_F_AVAIL,
-    VRING_DESC_ALIGN,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
-    VRING_DESC_SIZE,
 )
+from virtblk.virtio.driver_common import DeviceProtocolError, DriverQueueBase, QueueFull
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 from virtblk.virtio.packed_layout import (
     AVAIL_USED,
@@ -38,16 +36,12 @@ from virtblk.virtio.packed_layout import (
     need_event,
     ring_sizes,
 )
-from virtblk.virtio.split_driver import DeviceProtocolError, QueueFull
 from virtblk.virtio.split_layout import TABLE_STRUCTS, Barrier, VringAddrs, table_struct
 
 __all__ = ["DeviceProtocolError", "PackedDriverVirtqueue", "QueueFull"]
 
-_Prepared = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], int, int]
-"""A token's prepared chain: (out, in, table entries or 0 for a direct chain, writable bytes)."""
 
-
-class PackedDriverVirtqueue:
+class PackedDriverVirtqueue(DriverQueueBase):
     """The driver's end of a packed virtqueue; the interface of ``DriverVirtqueue``.
 
     Requests are identified by a caller-chosen ``token`` in ``range(max_tokens)``; each
@@ -77,20 +71,9 @@ class PackedDriverVirtqueue:
         """Set up shadow state; ``max_tokens`` defaults to the queue size."""
         num = addrs.num
         check_queue_size(num)
-        if max_chain < 1:
-            raise ValueError(f"max_chain {max_chain} must be at least 1")
-        if max_tokens is None:
-            max_tokens = num
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+        self._init_tokens(addrs, event_idx=event_idx, indirect=indirect, allocator=allocator,
+                          max_chain=max_chain, max_tokens=max_tokens)
         desc_size, driver_size, device_size = ring_sizes(num)
-        self.addrs = addrs
-        self.num = num
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.max_chain = max_chain
-        self.max_tokens = max_tokens
-        self._allocator = allocator
         self._desc = memory.view(addrs.desc, desc_size)
         driver = memory.view(addrs.avail, driver_size)
         device = memory.view(addrs.used, device_size)
@@ -107,8 +90,6 @@ class PackedDriverVirtqueue:
         self._token_of_id: list[int] = [-1] * num
         self._ndescs: list[int] = [0] * num  # ring descriptors each id's chain holds
         self._writable: list[int] = [0] * num
-        self._token_busy = bytearray(max_tokens)
-        self._in_flight = 0
         self._next_avail = 0
         self._avail_wrap = True
         self._last_used = 0
@@ -117,18 +98,9 @@ class PackedDriverVirtqueue:
         """Chains added since the last kick: ``slot, flags, id`` of each first descriptor
         (``slot`` indexes ``_desc_h``), flattened."""
         self._num_added = 0  # descriptors added since the last kick
-        self._broken: str | None = None
         self._event: int | None = None
         """The ``off_wrap`` an ``enable_cb`` armed and no completion has passed yet."""
-
-        self._table_stride = VRING_DESC_SIZE * max_chain
-        self._table_limit = min(max_chain, num)  # the spec bounds chains by the queue size
-        self._prepared: list[_Prepared | None] = [None] * max_tokens
-        self._tables_base = 0  # gpa of token 0's indirect table
-        self._tables = memoryview(b"")
-        if indirect:
-            self._tables_base = allocator.alloc(self._table_stride * max_tokens, VRING_DESC_ALIGN)
-            self._tables = memory.view(self._tables_base, self._table_stride * max_tokens)
+        self._init_tables(memory)
 
     # -- state
 
@@ -136,16 +108,6 @@ class PackedDriverVirtqueue:
     def num_free(self) -> int:
         """Free descriptors in the ring."""
         return self._num_free
-
-    @property
-    def in_flight(self) -> int:
-        """Chains added and not yet returned by ``get_used`` (nor detached)."""
-        return self._in_flight
-
-    @property
-    def broken(self) -> bool:
-        """True once the device broke the protocol; ``add`` then refuses."""
-        return self._broken is not None
 
     # -- submission
 
@@ -273,49 +235,7 @@ class PackedDriverVirtqueue:
             self._avail_wrap = not self._avail_wrap
         self._next_avail = pos
 
-    # -- prepared chains: a chain written once and submitted many times
-
-    def prepare(
-        self, token: int, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]]
-    ) -> None:
-        """Make ``out`` then ``in_`` the chain ``token`` carries on each ``add_prepared``
-        (``DriverVirtqueue.prepare``): with indirect descriptors it is written into the
-        token's table here, and submitting it later writes one ring descriptor.  Raises
-        ValueError for a token in flight, a chain no ``add`` would accept or an address
-        out of range."""
-        if not 0 <= token < self.max_tokens or self._token_busy[token]:
-            self._reject_token(token)
-        out = tuple(out)
-        in_ = tuple(in_)
-        cached = self._prepared[token]
-        if cached is not None and cached[0] == out and cached[1] == in_:
-            return
-        self._prepared[token] = None
-        count = len(out) + len(in_)
-        if not count:
-            raise ValueError("a chain needs at least one buffer")
-        if not self.indirect or count == 1:
-            if count > self.num:
-                raise ValueError(f"chain of {count} buffers exceeds the queue size {self.num}")
-            written = sum(length for _, length in in_)
-            self._prepared[token] = (out, in_, 0, written)  # direct: ``add`` at submit
-            return
-        if count > self._table_limit:
-            raise ValueError(
-                f"chain of {count} buffers exceeds max_chain {self.max_chain} "
-                f"or the queue size {self.num}"
-            )
-        try:
-            written = self._write_table(token, out, in_, count)
-        except struct.error as exc:
-            raise ValueError(f"buffer address or length out of range: {exc}") from exc
-        self._prepared[token] = (out, in_, count, written)
-
-    def add_prepared(self, token: int) -> None:
-        """Queue the chain ``prepare`` gave ``token`` (not visible before ``kick_prepare``);
-        raises ``QueueFull`` when no descriptor is free (nothing changes then)."""
-        if not self.add_prepared_batch((token,)):
-            raise QueueFull("no free descriptor")
+    # -- prepared chains (``prepare``, ``add_prepared``: ``DriverQueueBase``)
 
     def add_prepared_batch(self, tokens: Sequence[int]) -> int:
         """Queue the prepared chains of ``tokens`` in order, as far as descriptors go;
@@ -387,13 +307,6 @@ class PackedDriverVirtqueue:
         self._in_flight += added
         self._num_free -= added
         self._num_added += added
-
-    def _reject_token(self, token: int) -> NoReturn:
-        if self._broken is not None:
-            raise DeviceProtocolError(f"queue is broken: {self._broken}")
-        if not 0 <= token < self.max_tokens:
-            raise ValueError(f"token {token} outside 0..{self.max_tokens - 1}")
-        raise ValueError(f"token {token} is already in flight")
 
     def kick_prepare(self) -> bool:
         """Make everything added so far available; True if the device asked to be notified.
@@ -619,10 +532,6 @@ class PackedDriverVirtqueue:
     def close(self) -> None:
         """Give the indirect tables back to the allocator and let go of the ring memory (it
         belongs to the caller).  Idempotent; a closed ring is used no more."""
-        self._prepared = [None] * self.max_tokens
-        if self.indirect and self._tables:
-            self._tables.release()
-            self._tables = memoryview(b"")
-            self._allocator.free(self._tables_base)
+        self._release_tables()
         for view in (self._desc_h, self._desc_i, self._driver_h, self._device_h, self._desc):
             view.release()

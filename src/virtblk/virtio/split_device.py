@@ -25,8 +25,9 @@ from virtblk.spec import (
     VRING_USED_F_NO_NOTIFY,
     vring_need_event,
 )
+from virtblk.virtio.device_common import NO_REGION, DeviceQueueBase, Region
 from virtblk.virtio.inflight import InflightJournal
-from virtblk.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from virtblk.virtio.memory import GuestMemory, GuestMemoryError
 from virtblk.virtio.split_layout import (
     DESC,
     NEXT_WRITE,
@@ -127,8 +128,6 @@ buffer lies inside ``view``, which maps guest-physical ``base``: buffer ``i`` is
 ``view[table[4*i] - base :][: table[4*i + 1]]``.  Device-readable entries come first.
 """
 
-_Region = tuple[int, int, memoryview, "MemoryRegion | None"]
-_NO_REGION: _Region = (0, -1, memoryview(b""), None)
 
 
 def _chain_of(flat: _FlatChain) -> DescriptorChain:
@@ -152,7 +151,7 @@ def _chain_of(flat: _FlatChain) -> DescriptorChain:
     return DescriptorChain(head, readable, writable, readable_len, writable_len)
 
 
-class DeviceVirtqueue:
+class DeviceVirtqueue(DeviceQueueBase):
     """The device's end of a split virtqueue, like rust-vmm's ``virtio-queue``.
 
     ``pop`` returns validated chains; ``add_used`` writes completions that only become
@@ -206,7 +205,7 @@ class DeviceVirtqueue:
         self.event_idx = event_idx
         self.max_indirect = num if max_indirect is None else max_indirect
         self._max_indirect_bytes = VRING_DESC_SIZE * self.max_indirect
-        self._region: _Region = _NO_REGION
+        self._region: Region = NO_REGION
         self._memory = memory
         self._mask = num - 1
         self._avail_h = avail.cast("H")
@@ -231,11 +230,6 @@ class DeviceVirtqueue:
         return list(self._resubmit)
 
     @property
-    def memory(self) -> GuestMemory:
-        """The guest memory the rings and buffers live in."""
-        return self._memory
-
-    @property
     def last_avail_idx(self) -> int:
         """The next avail index to pop (vhost-user GET_VRING_BASE)."""
         return self._last_avail
@@ -255,11 +249,6 @@ class DeviceVirtqueue:
         """The used index as published in guest memory (where a ring served by someone
         else, who can no longer say, got to)."""
         return int(self._used_h[1])
-
-    @property
-    def broken(self) -> bool:
-        """True after a RingError: the queue serves nothing until it is recreated."""
-        return self._broken is not None
 
     def avail_backlog(self) -> int:
         """How many chains the driver published that are not popped yet (never more than
@@ -331,21 +320,7 @@ class DeviceVirtqueue:
             return self._walk_careful(head)
         return _chain_of(flat)
 
-    def _region_for_batch(self) -> _Region:
-        """The region the fast path tries first, checked once per batch against the
-        memory table (a region the frontend removed must not be used any more)."""
-        region = self._region
-        regions = self._memory.regions
-        if region[3] is None or region[3] not in regions:
-            if not regions:
-                region = _NO_REGION
-            else:
-                biggest = max(regions, key=lambda r: r.size)
-                region = (biggest.guest_phys_addr, biggest.end, biggest.view, biggest)
-            self._region = region
-        return region
-
-    def _flat(self, head: int, region: _Region) -> _FlatChain | None:
+    def _flat(self, head: int, region: Region) -> _FlatChain | None:
         """The chain at ``head`` as a :data:`_FlatChain`, or None when it is not the common
         shape (then ``_walk_careful`` decides, and names any error).
 

@@ -11,10 +11,8 @@ import struct
 from collections.abc import Sequence
 from typing import NoReturn
 
-from virtblk.errors import DeviceFaultError
 from virtblk.spec import (
     VRING_AVAIL_F_NO_INTERRUPT,
-    VRING_DESC_ALIGN,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -23,6 +21,7 @@ from virtblk.spec import (
     VRING_USED_F_NO_NOTIFY,
     vring_need_event,
 )
+from virtblk.virtio.driver_common import DeviceProtocolError, DriverQueueBase, QueueFull
 from virtblk.virtio.memory import BufferAllocator, GuestMemory
 from virtblk.virtio.split_layout import (
     DESC,
@@ -30,7 +29,6 @@ from virtblk.virtio.split_layout import (
     TABLE_STRUCTS,
     U16,
     Barrier,
-    VirtqueueError,
     VringAddrs,
     avail_event_slot,
     check_queue_size,
@@ -42,26 +40,7 @@ from virtblk.virtio.split_layout import (
 __all__ = ["DeviceProtocolError", "DriverVirtqueue", "QueueFull"]
 
 
-class DeviceProtocolError(DeviceFaultError, VirtqueueError):
-    """The device broke the used-ring protocol; the driver queue is now broken.
-
-    A ``virtblk.errors.DeviceFaultError`` (``OSError``, errno ``EIO``), so a ``Disk`` caller
-    catches it with the rest of the documented hierarchy, and still a ``VirtqueueError``.
-
-    ``completed`` holds the valid ``(token, written_len)`` completions that the same
-    ``get_used`` call read before the bad entry: the caller still owns completing them.
-    """
-
-    def __init__(self, message: str, completed: list[tuple[int, int]] | None = None) -> None:
-        super().__init__(message)
-        self.completed: list[tuple[int, int]] = completed or []
-
-
-class QueueFull(VirtqueueError):
-    """Not enough free descriptors for the chain; complete something and retry."""
-
-
-class DriverVirtqueue:
+class DriverVirtqueue(DriverQueueBase):
     """The driver's end of a split virtqueue, like Linux ``virtio_ring.c``.
 
     Requests are identified by a caller-chosen ``token`` in ``range(max_tokens)`` (a
@@ -91,21 +70,10 @@ class DriverVirtqueue:
         """Set up shadow state; ``max_tokens`` defaults to the queue size."""
         num = addrs.num
         check_queue_size(num)
-        if max_chain < 1:
-            raise ValueError(f"max_chain {max_chain} must be at least 1")
-        if max_tokens is None:
-            max_tokens = num
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens {max_tokens} must be at least 1")
+        self._init_tokens(addrs, event_idx=event_idx, indirect=indirect, allocator=allocator,
+                          max_chain=max_chain, max_tokens=max_tokens)
         desc_size, avail_size, used_size = ring_sizes(num)
-        self.addrs = addrs
-        self.num = num
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.max_chain = max_chain
-        self.max_tokens = max_tokens
         self._mask = num - 1
-        self._allocator = allocator
         self._desc = memory.view(addrs.desc, desc_size)
         avail = memory.view(addrs.avail, avail_size)
         used = memory.view(addrs.used, used_size)
@@ -122,24 +90,10 @@ class DriverVirtqueue:
         self._token_of_head: list[int] = [-1] * num
         self._writable_of_head: list[int] = [0] * num
         self._chain_of_head: list[list[int] | None] = [None] * num
-        self._token_busy = bytearray(max_tokens)
-        self._in_flight = 0
         self._avail_shadow = 0
         self._num_added = 0
         self._last_used = 0
-        self._broken: str | None = None
-
-        self._table_stride = VRING_DESC_SIZE * max_chain
-        # The spec bounds every chain, indirect ones included, by the queue size.
-        self._table_limit = min(max_chain, num)
-        self._prepared: list[tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...],
-                                   int, int] | None] = [None] * max_tokens
-        """Per token: (out, in, table entries or 0 for a direct chain, writable bytes)."""
-        self._tables_base = 0  # gpa of token 0's indirect table
-        self._tables = memoryview(b"")
-        if indirect:
-            self._tables_base = allocator.alloc(self._table_stride * max_tokens, VRING_DESC_ALIGN)
-            self._tables = memory.view(self._tables_base, self._table_stride * max_tokens)
+        self._init_tables(memory)
 
     # -- state
 
@@ -147,16 +101,6 @@ class DriverVirtqueue:
     def num_free(self) -> int:
         """Free descriptors in the ring."""
         return len(self._free)
-
-    @property
-    def in_flight(self) -> int:
-        """Chains added and not yet returned by ``get_used`` (nor detached)."""
-        return self._in_flight
-
-    @property
-    def broken(self) -> bool:
-        """True once the device broke the protocol; ``add`` then refuses."""
-        return self._broken is not None
 
     # -- submission
 
@@ -270,54 +214,7 @@ class DriverVirtqueue:
         self._chain_of_head[head] = descs if count > 1 else None
         return head, written
 
-    # -- prepared chains: a chain written once and submitted many times
-
-    def prepare(
-        self, token: int, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]]
-    ) -> None:
-        """Make ``out`` (device-readable) then ``in_`` (device-writable) the chain that
-        ``token`` carries on each ``add_prepared`` from now on.
-
-        With indirect descriptors the chain is written into the token's own table here, so
-        submitting it later writes one ring descriptor and one avail entry, whatever its
-        length (what a blk-mq tag with a fixed header and status needs).  Preparing the
-        chain already prepared costs one comparison.  The bytes the buffers hold (a header,
-        the data) stay the caller's to change between submissions.  Raises ValueError for
-        a token in flight, a chain that no ``add`` would accept or an address out of range.
-        """
-        if not 0 <= token < self.max_tokens or self._token_busy[token]:
-            self._reject_token(token)
-        out = tuple(out)
-        in_ = tuple(in_)
-        cached = self._prepared[token]
-        if cached is not None and cached[0] == out and cached[1] == in_:
-            return
-        self._prepared[token] = None
-        count = len(out) + len(in_)
-        if not count:
-            raise ValueError("a chain needs at least one buffer")
-        if not self.indirect or count == 1:
-            if count > self.num:
-                raise ValueError(f"chain of {count} buffers exceeds the queue size {self.num}")
-            written = sum(length for _, length in in_)
-            self._prepared[token] = (out, in_, 0, written)  # direct: ``add`` at submit
-            return
-        if count > self._table_limit:
-            raise ValueError(
-                f"chain of {count} buffers exceeds max_chain {self.max_chain} "
-                f"or the queue size {self.num}"
-            )
-        try:
-            written = self._write_table(token, out, in_, count)
-        except struct.error as exc:
-            raise ValueError(f"buffer address or length out of range: {exc}") from exc
-        self._prepared[token] = (out, in_, count, written)
-
-    def add_prepared(self, token: int) -> None:
-        """Queue the chain ``prepare`` gave ``token`` (not visible before ``kick_prepare``);
-        raises ``QueueFull`` when no descriptor is free (nothing changes then)."""
-        if not self.add_prepared_batch((token,)):
-            raise QueueFull("no free descriptor")
+    # -- prepared chains (``prepare``, ``add_prepared``: ``DriverQueueBase``)
 
     def add_prepared_batch(self, tokens: Sequence[int]) -> int:
         """Queue the prepared chains of ``tokens`` in order, as far as descriptors go;
@@ -376,13 +273,6 @@ class DriverVirtqueue:
             self._in_flight += added
             self._num_added += added
         return added + direct
-
-    def _reject_token(self, token: int) -> NoReturn:
-        if self._broken is not None:
-            raise DeviceProtocolError(f"queue is broken: {self._broken}")
-        if not 0 <= token < self.max_tokens:
-            raise ValueError(f"token {token} outside 0..{self.max_tokens - 1}")
-        raise ValueError(f"token {token} is already in flight")
 
     def kick_prepare(self) -> bool:
         """Publish everything added so far; True if the device asked to be notified."""
@@ -518,10 +408,6 @@ class DriverVirtqueue:
         """Give the indirect tables back to the allocator and let go of the ring memory (it
         belongs to the caller): a live view would keep the whole guest memory mapped, and
         its fd open, after the disk is closed.  Idempotent; a closed ring is used no more."""
-        self._prepared = [None] * self.max_tokens
-        if self.indirect and self._tables:
-            self._tables.release()
-            self._tables = memoryview(b"")
-            self._allocator.free(self._tables_base)
+        self._release_tables()
         for view in (self._desc, self._avail_h, self._used_h, self._used_i):
             view.release()
