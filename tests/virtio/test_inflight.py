@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import functools
 import struct
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtq_helpers import Guest, RawRing
+from virtq_helpers import Guest, RawRing, crash_points
 
+from virtblk.virtio import device_common, split_device
 from virtblk.virtio import inflight as inflight_module
-from virtblk.virtio import split_device
 from virtblk.virtio.inflight import InflightError, InflightJournal, queue_region_size
 from virtblk.virtio.split_device import (
     ChainError,
@@ -88,29 +85,8 @@ def setup() -> Iterator[Setup]:
     s.close()
 
 
-_TRACED = {split_device.__file__, inflight_module.__file__}
-
-
-@contextmanager
-def crash_points(take: Callable[[], None]) -> Iterator[None]:
-    """Call ``take`` before every line (and at every return) the queue code runs."""
-
-    def local(frame: FrameType, event: str, arg: Any) -> Any:
-        if event in ("line", "return"):
-            take()
-        return local
-
-    def calls(frame: FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code.co_filename in _TRACED:
-            return local
-        return None
-
-    old = sys.gettrace()
-    sys.settrace(calls)
-    try:
-        yield
-    finally:
-        sys.settrace(old)
+# The queue's code, the shared base of both device rings included.
+_TRACED = {split_device.__file__, inflight_module.__file__, device_common.__file__}
 
 
 class Driver:
@@ -208,7 +184,7 @@ def play(setup: Setup, steps: list[Step], check_every_point: bool = True) -> int
             continue
         shots: list[tuple[bytes, bytes]] = []
         before, reaped = dict(driver.position), driver.used
-        with crash_points(functools.partial(take_snapshot, setup, shots)):
+        with crash_points(functools.partial(take_snapshot, setup, shots), _TRACED):
             if kind == "pop":
                 _, items = vq.pop_batch(arg)
                 popped += heads_of(items)

@@ -17,19 +17,17 @@ from __future__ import annotations
 import functools
 import random
 import struct
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from types import FrameType
+from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtq_helpers import Guest
+from virtq_helpers import Guest, crash_points
 
 from virtblk.spec import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
-from virtblk.virtio import inflight_packed, packed_device, packed_layout
+from virtblk.virtio import device_common, inflight_packed, packed_device, packed_layout
 from virtblk.virtio.inflight import InflightError, queue_region_size
 from virtblk.virtio.inflight_packed import (
     PackedInflightJournal,
@@ -200,29 +198,8 @@ class Driver:
         return ids
 
 
-_TRACED = {packed_device.__file__, inflight_packed.__file__}
-
-
-@contextmanager
-def crash_points(take: Callable[[], None]) -> Iterator[None]:
-    """Call ``take`` before every line (and at every return) the queue code runs."""
-
-    def local(frame: FrameType, event: str, arg: Any) -> Any:
-        if event in ("line", "return"):
-            take()
-        return local
-
-    def calls(frame: FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code.co_filename in _TRACED:
-            return local
-        return None
-
-    old = sys.gettrace()
-    sys.settrace(calls)
-    try:
-        yield
-    finally:
-        sys.settrace(old)
+# The queue's code, the shared base of both device rings included.
+_TRACED = {packed_device.__file__, inflight_packed.__file__, device_common.__file__}
 
 
 def ids_of(items: list[Triple | DescriptorChain | ChainError]) -> list[int]:
@@ -293,7 +270,7 @@ def play(setup: Setup, steps: list[Step], check_every_point: bool = True) -> int
             continue
         shots: list[tuple[bytes, bytes]] = []
         take = functools.partial(lambda got: got.append(setup.snapshot()), shots)
-        with crash_points(take) if check_every_point else nullcontext():
+        with crash_points(take, _TRACED) if check_every_point else nullcontext():
             if kind == "pop":
                 if arg == 1:
                     chain = vq.pop()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import struct
+import sys
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
 from virtblk.virtio.split_layout import VringAddrs
@@ -104,3 +109,27 @@ class RawRing:
     @avail_event.setter
     def avail_event(self, value: int) -> None:
         self.used[2 + 4 * self.addrs.num] = value
+
+
+@contextmanager
+def crash_points(take: Callable[[], None], traced: Collection[str]) -> Iterator[None]:
+    """Call ``take`` before every line (and at every return) that code in the ``traced``
+    files runs: each call is a point where the process could die (the in-flight tests
+    copy ring and buffer there and recover a fresh device from each copy)."""
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        if event in ("line", "return"):
+            take()
+        return local
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename in traced:
+            return local
+        return None
+
+    old = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        yield
+    finally:
+        sys.settrace(old)
