@@ -48,7 +48,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from virtblk.device.backends import Backend
+from virtblk.device.backends import Backend, scatter
 from virtblk.device.queue_worker import Offloader, StorageError, Token
 from virtblk.nbd.client import (
     ClientConnection,
@@ -98,28 +98,6 @@ def nbd_serial(uri: str) -> str:
     name = parsed.export or (os.path.basename(parsed.socket) if parsed.socket
                              else f"{parsed.host}:{parsed.port}")
     return name.encode("ascii", "replace").decode("ascii")[-VIRTIO_BLK_ID_BYTES:]
-
-
-def _copy_at(buffers: Sequence[memoryview], at: int, data: bytes | memoryview,
-             length: int) -> None:
-    """Write ``data`` (or, when it is empty, ``length`` zeros) ``at`` bytes into the
-    buffers taken end to end."""
-    view = memoryview(data) if data else None
-    for buf in buffers:
-        n = len(buf)
-        if at >= n:
-            at -= n
-            continue
-        take = min(n - at, length)
-        if view is None:
-            buf[at:at + take] = bytes(take)
-        else:
-            buf[at:at + take] = view[:take]
-            view = view[take:]
-        length -= take
-        at = 0
-        if not length:
-            return
 
 
 class _Op:
@@ -566,11 +544,11 @@ def _deliver(link: _Link, event: Any, op: _Op, base: int) -> bool:
         if len(into) == 1:
             into[0][at:at + len(data)] = data
         else:
-            _copy_at(into, at, data, len(data))
+            scatter(data, _slice(into, at, len(data)))
         return False
     if type(event) is ReadHole:
         assert op.into is not None
-        _copy_at(op.into, base + event.offset, b"", event.length)
+        scatter(b"", _slice(op.into, base + event.offset, event.length))  # zeros
         return False
     if event.error:
         code = event.error
