@@ -3,8 +3,9 @@
 
 ``packed=None`` takes packed from our device and falls back to split on the daemon;
 ``packed=True`` is refused by the daemon with a NegotiationError naming RING_PACKED; a
-packed disk survives restarts of ``virtblk serve`` (the driver resubmits: the in-flight
-buffer's layout is the split ring's); ``virtblk info`` and ``bench`` say which ring ran.
+packed disk survives restarts of ``virtblk serve`` (the device resubmits from the in-flight
+buffer's packed layout, or, without it, the driver); ``virtblk info`` and ``bench`` say
+which ring ran.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from interop.serve_process import ServeProcess, run_virtblk
-from interop.test_reconnect import BLOCK, BLOCKS, Load, kill_and_restart, read_image
+from interop.test_reconnect import (
+    BLOCK,
+    BLOCKS,
+    Load,
+    check_resubmitter,
+    inflight_args,
+    kill_and_restart,
+    read_image,
+    report,
+)
 from peers.plugin import QsdFactory
 from virtblk import Disk
 from virtblk.aio import AsyncDisk
@@ -92,45 +103,70 @@ def test_qemu_storage_daemon_falls_back_to_split(qsd_factory: QsdFactory, image:
     assert image.read_bytes()[2 * MiB : 2 * MiB + len(data)] == data
 
 
-def test_packed_disk_survives_sigkills_of_virtblk_serve(sock_dir: Path, image: Path) -> None:
-    """A packed disk asks for no in-flight buffer (its layout is split-only): after each
-    SIGKILL the driver takes its requests off the old packed ring and resubmits them on a
-    fresh one; every acknowledged write is there at the end."""
+@pytest.mark.parametrize(("workers", "inflight"), [
+    ("process", True), ("thread", True), ("process", False),
+], ids=["device-resubmits-process", "device-resubmits-thread", "driver-resubmits"])
+def test_packed_disk_survives_sigkills_of_virtblk_serve(
+        sock_dir: Path, image: Path, workers: str, inflight: bool) -> None:
+    """A packed disk with ``reconnect_timeout`` hands the device the in-flight buffer (its
+    packed layout): after each SIGKILL the same packed ring is announced to the restarted
+    device, which resubmits what its journal holds in flight (its log says how many, and
+    over 10 kills under this load some kill lands with requests in flight).  Without the
+    buffer (``--no-inflight``) the driver takes its requests off the old ring and resubmits
+    them on a fresh one.  Either way every acknowledged write is there at the end."""
     sock = sock_dir / "vb.sock"
-    args = ["--file", str(image)]
-    server = [ServeProcess(sock, args).start()]
+    args = ["--file", str(image), "--workers", workers, *inflight_args(inflight)]
+    logs: list[str] = []
+
+    def start() -> ServeProcess:
+        serve = ServeProcess(sock, args)
+        serve.argv[1:1] = ["--log-level", "info"]  # virtblk --log-level info serve ...
+        return serve.start()
+
+    server = [start()]
+
+    def kill() -> None:
+        server[0].kill()
+        logs.append(server[0].output)
 
     def restart() -> None:
-        server[0] = ServeProcess(sock, args).start()
+        server[0] = start()
 
     try:
         with Disk.connect(str(sock), reconnect_timeout=60.0, packed=True) as disk:
-            assert disk.ring == "packed" and not disk.device.device_resubmits
+            assert disk.ring == "packed"
             with Load(disk) as load:
-                kill_and_restart(load, 10, lambda: server[0].kill(), restart)
+                kill_and_restart(load, 10, kill, restart)
             assert not load.errors, f"the caller saw errors: {load.errors!r}"
             assert disk.reconnects == 10 and disk.ring == "packed"
+            check_resubmitter(disk, inflight)
             load.verify(lambda b: disk.pread(BLOCK, b * BLOCK), "read from the device")
+            report(disk, load)
+        logs.append(server[0].output)
         load.verify(read_image(image), "in the image file")
+        said = "".join(logs)
+        resubmitted = sum(int(n) for n in re.findall(r"resubmitting (\d+) in-flight", said))
+        if inflight:
+            assert resubmitted > 0, f"the device never resubmitted: {said[-2000:]}"
+        else:
+            assert resubmitted == 0
         assert BLOCKS
     finally:
         if server[0].process is not None:
             server[0].stop()
 
 
-def test_reconnecting_disks_keep_the_device_s_resubmission_unless_told(
-        sock_dir: Path, image: Path) -> None:
-    """``packed=None`` with ``reconnect_timeout`` on a device offering the in-flight buffer
-    stays split (the buffer's packed layout is unknown to the driver), ``packed=True``
-    goes packed and resubmits itself; without the buffer None goes packed."""
+def test_reconnecting_disks_pick_the_ring_as_any_other(sock_dir: Path, image: Path) -> None:
+    """``reconnect_timeout`` plays no part in the ring: ``packed=None`` goes packed on our
+    device and asks for the in-flight buffer on it as on the split ring (the device
+    resubmits); without the buffer (``--no-inflight``) the driver resubmits."""
     sock = sock_dir / "vb.sock"
     with ServeProcess(sock, ["--file", str(image)]):
-        with Disk.connect(str(sock), reconnect_timeout=5.0) as disk:
-            assert disk.ring == "split" and disk.device.device_resubmits
-        with Disk.connect(str(sock), reconnect_timeout=5.0, packed=True) as disk:
-            assert disk.ring == "packed" and not disk.device.device_resubmits
+        for packed, ring in ((None, "packed"), (True, "packed"), (False, "split")):
+            with Disk.connect(str(sock), reconnect_timeout=5.0, packed=packed) as disk:
+                assert disk.ring == ring and disk.device.device_resubmits
         with Disk.connect(str(sock)) as disk:
-            assert disk.ring == "packed"
+            assert disk.ring == "packed" and not disk.device.device_resubmits
     with ServeProcess(sock, ["--file", str(image), "--no-inflight"]), Disk.connect(
             str(sock), reconnect_timeout=5.0) as disk:
         assert disk.ring == "packed" and not disk.device.device_resubmits

@@ -173,10 +173,14 @@ def check_resubmitter(disk: Disk, inflight: bool) -> None:
         assert sum(q.stats_resubmitted for q in disk.device.queues) == 0
 
 
-@INFLIGHT
+@pytest.mark.parametrize(("inflight", "packed", "kills"), [
+    (True, None, 100), (False, None, 100), (True, False, 20),
+], ids=["device-resubmits", "driver-resubmits", "device-resubmits-split"])
 def test_disk_survives_100_sigkills_of_virtblk_serve(
-    sock_dir: Path, image: Path, inflight: bool
+    sock_dir: Path, image: Path, inflight: bool, packed: bool | None, kills: int
 ) -> None:
+    """The default ring (packed, which our device offers) takes the 100 kills; the split
+    ring, with the device resubmitting, fewer."""
     sock = sock_dir / "vb.sock"
     args = ["--file", str(image), *inflight_args(inflight)]
     server = [ServeProcess(sock, args).start()]
@@ -185,16 +189,19 @@ def test_disk_survives_100_sigkills_of_virtblk_serve(
         server[0] = ServeProcess(sock, args).start()
 
     try:
-        with Disk.connect(str(sock), reconnect_timeout=RECONNECT_TIMEOUT) as disk:
+        with Disk.connect(str(sock), reconnect_timeout=RECONNECT_TIMEOUT,
+                          packed=packed) as disk:
+            assert disk.ring == ("split" if packed is False else "packed")
             with Load(disk) as load:
-                kill_and_restart(load, 100, lambda: server[0].kill(), restart)
+                kill_and_restart(load, kills, lambda: server[0].kill(), restart)
             assert not load.errors, f"the caller saw errors: {load.errors!r}"
-            assert disk.reconnects == 100
+            assert disk.reconnects == kills
             check_resubmitter(disk, inflight)
             load.verify(lambda b: disk.pread(BLOCK, b * BLOCK), "read from the device")
             report(disk, load)
         written = load.verify(read_image(image), "in the image file")
-        assert written > BLOCKS // 2
+        # 100 kills' load writes most blocks; fewer kills, fewer writes.
+        assert written > (BLOCKS // 2 if kills == 100 else 0)
     finally:
         if server[0].process is not None:
             server[0].stop()

@@ -93,9 +93,8 @@ class Disk:
         """Connect to a vhost-user-blk device listening on ``socket_path``.
 
         ``packed`` picks the virtqueue layout: None (the default) uses the packed ring
-        when the device offers VIRTIO_F_RING_PACKED and the split ring otherwise (also
-        with ``reconnect_timeout`` on a device that offers the in-flight buffer, whose
-        packed layout the driver does not have: the device's own resubmission is kept),
+        when the device offers VIRTIO_F_RING_PACKED and the split ring otherwise (with
+        ``reconnect_timeout``, the in-flight buffer the device offers is used on either ring),
         True requires the packed ring (``NegotiationError`` naming RING_PACKED when the device
         does not offer it), False keeps the split ring.  :attr:`ring` says which it got.
 

@@ -34,7 +34,7 @@ from virtblk.vhost_user.errors import PeerGoneError, VhostUserError
 from virtblk.vhost_user.frontend import BackendChannel, VhostUserFrontend
 from virtblk.vhost_user.messages import ProtocolFeature
 from virtblk.virtio import packed_layout
-from virtblk.virtio.inflight import queue_region_size
+from virtblk.virtio.inflight_packed import inflight_region_size
 from virtblk.virtio.memory import BufferAllocator, GuestMemory, MemoryRegion
 from virtblk.virtio.packed_driver import PackedDriverVirtqueue
 from virtblk.virtio.packed_layout import PackedRingBase, encode_vring_base
@@ -298,17 +298,18 @@ class VirtioBlk:
         self.protocol_features = 0
         if has_feature(self.offered_features, Feature.VHOST_USER_PROTOCOL_FEATURES):
             offered_protocol = fe.get_protocol_features()
-            inflight = 1 << ProtocolFeature.INFLIGHT_SHMFD
-            self._choose_ring(self._redial is not None and bool(offered_protocol & inflight))
+            self._choose_ring()
             wanted = PROTOCOL_FEATURES
-            if self._redial is not None and not self.packed:
+            if self._redial is not None:
                 # A device that keeps its in-flight requests in a buffer we hand back
-                # resubmits them itself after a restart (vhost-user "Inflight I/O tracking").
-                wanted |= inflight
+                # resubmits them itself after a restart (vhost-user "Inflight I/O tracking"),
+                # on either ring: the device lays the buffer out for the ring acked (SET_FEATURES
+                # comes before GET_INFLIGHT_FD, in ``_start_queues``).
+                wanted |= 1 << ProtocolFeature.INFLIGHT_SHMFD
             self.protocol_features = offered_protocol & wanted
             fe.set_protocol_features(self.protocol_features)
         else:
-            self._choose_ring(False)
+            self._choose_ring()
         if not self._has_protocol(ProtocolFeature.CONFIG):
             raise NegotiationError(
                 "device cannot expose its config space (no VHOST_USER_PROTOCOL_F_CONFIG): "
@@ -328,24 +329,19 @@ class VirtioBlk:
             self._backend_channel = fe.open_backend_channel(self._on_config_change)
             self._backend_channel.start()
 
-    def _choose_ring(self, inflight_offered: bool) -> None:
+    def _choose_ring(self) -> None:
         """Decide the ring layout from what the device offers and what ``packed`` asked
         for, before anything depends on it.  Once decided it is fixed: a reconnect to a
         device that no longer offers the packed ring is refused (``_renegotiate``), and a
-        disk that went split stays split (the rings were laid out for it).
-
-        A packed disk does not ask for the in-flight buffer: the driver knows only its
-        split layout (vhost-user's QueueRegionSplit), so after a reconnect the driver
-        resubmits (``salvage``) instead of the device.  Hence ``packed=None`` keeps the
-        split ring on a disk that reconnects (``inflight_offered``: a redial and a device
-        offering the buffer), rather than give the device's resubmission up unasked."""
+        disk that went split stays split (the rings were laid out for it).  Whether the
+        disk reconnects plays no part: the in-flight buffer has a layout for either ring."""
         offered = has_feature(self.offered_features, Feature.RING_PACKED)
         if self._packed and not offered:
             raise NegotiationError(
                 "packed=True, but the device does not offer VIRTIO_F_RING_PACKED "
                 "(connect with packed=None to fall back to the split ring)")
         if self._packed is None:
-            self.packed = offered and not inflight_offered
+            self.packed = offered
         else:
             self.packed = self._packed
         if not self.packed:
@@ -546,7 +542,7 @@ class VirtioBlk:
         if index is None:
             start, length = offset, size
         else:
-            length = queue_region_size(self.queue_size)
+            length = inflight_region_size(self.queue_size, packed=self.packed)
             start = offset + index * length
         os.pwrite(fd, bytes(length), start)
 
@@ -793,7 +789,7 @@ class VirtioBlk:
                 fe.set_mem_table([self.region])
                 for index, q in enumerate(self.queues):
                     if device_resubmits:
-                        self._announce_vring(fe, index, self._used_idx(index))
+                        self._announce_vring(fe, index, self._resume_base(index))
                         continue
                     vqs.append(self._new_vq(index, q.depth))
                     self._announce_vring(fe, index, self._fresh_base)
@@ -863,11 +859,23 @@ class VirtioBlk:
             addrs = self._allocate_ring()
         self._vrings[index] = (addrs, kick, call)
 
-    def _used_idx(self, index: int) -> int:
-        """The used idx of ring ``index`` as it is in ring memory (the second u16 of the
-        used ring, ``struct virtq_used``): what the device finished publishing.  Split
-        rings only: a packed disk never has the device resubmit (``_choose_ring``)."""
-        assert not self.packed, "a packed ring has no used idx in memory"
+    def _resume_base(self, index: int) -> int:
+        """SET_VRING_BASE for ring ``index`` kept as it is for a device that resubmits.
+
+        A split ring's is its used idx as it is in ring memory (the second u16 of the used
+        ring, ``struct virtq_used``): what the device finished publishing, where it goes on.
+        A packed ring has no index in memory: its base is the position after the last used
+        element the driver reaped, as avail and used position both (what QEMU does for a
+        backend that died: ``virtio_queue_packed_restore_last_avail_idx``).  The device's
+        in-flight journal says where it really was and wins (vhost-user "Inflight I/O
+        tracking"); the base only has to be a valid position for the ring."""
+        if self.packed:
+            vq = self.queues[index].vq
+            assert isinstance(vq, PackedDriverVirtqueue)
+            # The ring keeps where it reaps next to itself (no public accessor in
+            # ``virtio.packed_driver`` yet): read, never written, here.
+            position, wrap = vq._last_used, vq._used_wrap
+            return encode_vring_base(PackedRingBase(position, wrap, position, wrap))
         addrs, _kick, _call = self._vrings[index]
         return int(self.memory.view(addrs.used + 2, 2).cast("H")[0])  # one 16-bit load
 
