@@ -207,11 +207,12 @@ def test_get_used_returns_tokens_and_skips_each_chain(guest: Guest) -> None:
     assert vq.num_free == 4 and not vq.pending()
     raw.mark_used(0, True, ids[1], 1)  # completion order: token 3 first
     raw.mark_used(2, True, ids[0], 100)  # the next used descriptor: 2 past the first
-    assert vq.pending()
+    assert vq.pending() and vq.next_used == (0, True)
     assert vq.get_used(limit=1) == [(3, 1)]
+    assert vq.next_used == (2, True)  # past the first chain's two descriptors
     assert vq.get_used() == [(7, 100)]
     assert vq.get_used() == []
-    assert vq.num_free == 8 and vq.in_flight == 0
+    assert vq.num_free == 8 and vq.in_flight == 0 and vq.next_used == (4, True)
 
 
 def test_kick_without_event_idx_follows_the_device_flags(guest: Guest) -> None:

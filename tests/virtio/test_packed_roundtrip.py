@@ -427,7 +427,8 @@ def public_names(cls: type) -> set[str]:
 @pytest.mark.parametrize(
     ("split", "packed", "packed_only", "split_only"),
     [
-        (DriverVirtqueue, PackedDriverVirtqueue, set(), set()),
+        # next_used: a packed ring's base after a reconnect (a split ring's is in memory).
+        (DriverVirtqueue, PackedDriverVirtqueue, {"next_used"}, set()),
         (DeviceVirtqueue, PackedDeviceVirtqueue,
          # resubmit_chains: a recovered packed chain is more than a head (its descriptors
          # come from the in-flight journal), and a worker process must be handed them.

@@ -872,9 +872,7 @@ class VirtioBlk:
         if self.packed:
             vq = self.queues[index].vq
             assert isinstance(vq, PackedDriverVirtqueue)
-            # The ring keeps where it reaps next to itself (no public accessor in
-            # ``virtio.packed_driver`` yet): read, never written, here.
-            position, wrap = vq._last_used, vq._used_wrap
+            position, wrap = vq.next_used
             return encode_vring_base(PackedRingBase(position, wrap, position, wrap))
         addrs, _kick, _call = self._vrings[index]
         return int(self.memory.view(addrs.used + 2, 2).cast("H")[0])  # one 16-bit load

@@ -109,6 +109,13 @@ class PackedDriverVirtqueue(DriverQueueBase):
         """Free descriptors in the ring."""
         return self._num_free
 
+    @property
+    def next_used(self) -> tuple[int, bool]:
+        """The position the driver reaps next and its used wrap counter.  A packed ring has
+        no used index in memory, so this is what a reconnecting driver announces as the
+        ring's base (the device's in-flight journal, when it has one, says the rest)."""
+        return self._last_used, self._used_wrap
+
     # -- submission
 
     def add(
