@@ -301,10 +301,12 @@ def test_queue_handle_request_times_out_and_the_queue_serves_again(poll: bool) -
 @pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
 def test_queue_handle_on_a_device_that_does_not_stop_the_ring(poll: bool) -> None:
     with faulty_disk(slow_sector=LOST, disk_options={
-            "request_timeout": 0.5, "timeout": 0.5}) as (disk, _device, _), \
+            "request_timeout": 0.5, "timeout": 0.5}) as (disk, device, _), \
             QueueHandle(disk, poll=poll) as q:
         buf = disk.buffer(BS)
         q.read(LOST * 512, buf, "held")
+        assert q.do_io(0) == []  # submitted; the device must hold it before the reset,
+        assert device.holding.wait(30)  # or the ring would stop (a loaded machine's race)
         [held] = q.do_io(1, timeout=30)
         assert held.user_data == "held" and held.ret == -errno.ETIMEDOUT
         q.read(0, buf, "next")
